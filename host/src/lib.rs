@@ -1,0 +1,17 @@
+//! signalbox: a PostgreSQL routing service whose routing decisions come from
+//! hot-reloadable, sandboxed WebAssembly policies.
+//!
+//! Modules, one concern each:
+//! - [`config`]: the TOML configuration;
+//! - [`policy`]: the wasm policy runtime (engine, instances, reload);
+//! - [`route`]: routing inputs, built-in routing and the guardrails;
+//! - [`router`]: one statement's full decision (policy + guardrails + metrics);
+//! - [`sql`]: SQL text handling (routing hints);
+//! - [`cli`]: the `signalbox` command line.
+
+pub mod cli;
+pub mod config;
+pub mod policy;
+pub mod route;
+pub mod router;
+pub mod sql;

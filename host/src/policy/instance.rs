@@ -1,0 +1,473 @@
+//! One sandboxed policy instance: a wasmtime `Store` (single-threaded) with the
+//! host side of the contract, its memory cap and per-call deadline. Callers
+//! own an instance exclusively for the duration of a call; see
+//! [`super::loaded`] for how instances are pooled and recycled.
+
+use std::sync::Arc;
+
+use wasmtime::component::HasSelf;
+use wasmtime::{ResourceLimiter, Store, Trap};
+
+use super::abi::v0_1::signalbox::policy::{host, types as wit};
+use super::abi::v0_1::{Policy as PolicyBindings, PolicyPre};
+use super::kv::{self, KvStore};
+use crate::route::{Role, RouteInput, StatementKind, Target, TxState};
+
+/// The most SQL text a policy can read; longer statements are cut (on a char
+/// boundary) — `statement-info.sql-len` still tells the full length.
+pub const SQL_CAP: usize = 8 * 1024;
+/// Log lines a policy may write per call; more are dropped (and counted).
+const LOG_LINES_PER_CALL: u32 = 16;
+/// Longest reason accepted in a decision (it becomes a metrics label).
+pub const MAX_REASON: usize = 64;
+/// Longest reject message accepted.
+pub const MAX_REJECT: usize = 1024;
+
+/// Why a call did not produce a usable decision.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum CallFailure {
+    #[error("policy trapped: {0}")]
+    Trap(String),
+    #[error("policy exceeded its time limit")]
+    Timeout,
+    #[error("policy exceeded its memory limit")]
+    OutOfMemory,
+    #[error("policy returned an invalid decision: {0}")]
+    Invalid(String),
+    #[error("cannot instantiate policy: {0}")]
+    Instantiate(String),
+}
+
+impl CallFailure {
+    /// Metrics label.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            CallFailure::Trap(_) => "trap",
+            CallFailure::Timeout => "timeout",
+            CallFailure::OutOfMemory => "out_of_memory",
+            CallFailure::Invalid(_) => "invalid",
+            CallFailure::Instantiate(_) => "instantiate",
+        }
+    }
+}
+
+/// Overrides used by fixtures and the CLI to make a call deterministic.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Determinism {
+    pub random: Option<u64>,
+    pub now_ms: Option<u64>,
+}
+
+/// Host state living inside each `Store`.
+pub struct HostState {
+    input: Option<RouteInput>,
+    kv: Arc<KvStore>,
+    name: Arc<str>,
+    memory_cap: usize,
+    memory_exceeded: bool,
+    rng: fastrand::Rng,
+    pub(crate) determinism: Determinism,
+    logs_this_call: u32,
+    /// When set, log lines are captured here instead of going to `tracing`.
+    pub(crate) captured_logs: Option<Vec<(String, String)>>,
+}
+
+impl HostState {
+    pub fn new(name: Arc<str>, kv: Arc<KvStore>, memory_cap: usize) -> Self {
+        Self {
+            input: None,
+            kv,
+            name,
+            memory_cap,
+            memory_exceeded: false,
+            rng: fastrand::Rng::new(),
+            determinism: Determinism::default(),
+            logs_this_call: 0,
+            captured_logs: None,
+        }
+    }
+
+    fn now(&self) -> u64 {
+        self.determinism.now_ms.unwrap_or_else(kv::now_ms)
+    }
+}
+
+impl ResourceLimiter for HostState {
+    fn memory_growing(
+        &mut self,
+        _current: usize,
+        desired: usize,
+        _maximum: Option<usize>,
+    ) -> wasmtime::Result<bool> {
+        if desired > self.memory_cap {
+            self.memory_exceeded = true;
+            return Ok(false);
+        }
+        Ok(true)
+    }
+
+    fn table_growing(
+        &mut self,
+        _current: usize,
+        desired: usize,
+        _maximum: Option<usize>,
+    ) -> wasmtime::Result<bool> {
+        Ok(desired <= 100_000)
+    }
+}
+
+impl wit::Host for HostState {}
+
+fn pairs(p: &[(String, String)]) -> Vec<(String, String)> {
+    p.to_vec()
+}
+
+impl host::Host for HostState {
+    fn log(&mut self, level: wit::Level, message: String) {
+        self.logs_this_call += 1;
+        if self.logs_this_call > LOG_LINES_PER_CALL {
+            return;
+        }
+        let level_name = match level {
+            wit::Level::Trace => "trace",
+            wit::Level::Debug => "debug",
+            wit::Level::Info => "info",
+            wit::Level::Warn => "warn",
+            wit::Level::Error => "error",
+        };
+        if let Some(logs) = self.captured_logs.as_mut() {
+            logs.push((level_name.to_owned(), message));
+            return;
+        }
+        let policy = &*self.name;
+        match level {
+            wit::Level::Trace => tracing::trace!(policy, "{message}"),
+            wit::Level::Debug => tracing::debug!(policy, "{message}"),
+            wit::Level::Info => tracing::info!(policy, "{message}"),
+            wit::Level::Warn => tracing::warn!(policy, "{message}"),
+            wit::Level::Error => tracing::error!(policy, "{message}"),
+        }
+    }
+
+    fn now_ms(&mut self) -> u64 {
+        self.now()
+    }
+
+    fn random(&mut self) -> u64 {
+        self.determinism.random.unwrap_or_else(|| self.rng.u64(..))
+    }
+
+    fn kv_get(&mut self, key: String) -> Option<String> {
+        self.kv.get(&key, self.now())
+    }
+
+    fn kv_set(&mut self, key: String, value: String, ttl_ms: Option<u64>) {
+        if !self.kv.set(&key, &value, ttl_ms, self.now()) {
+            tracing::warn!(
+                policy = &*self.name,
+                key,
+                "policy kv-set refused: entry too large or store full"
+            );
+        }
+    }
+
+    fn kv_delete(&mut self, key: String) {
+        self.kv.delete(&key);
+    }
+
+    fn statement_sql(&mut self) -> String {
+        let Some(input) = &self.input else {
+            return String::new();
+        };
+        let sql = &*input.statement.sql;
+        let mut end = sql.len().min(SQL_CAP);
+        while !sql.is_char_boundary(end) {
+            end -= 1;
+        }
+        sql[..end].to_owned()
+    }
+
+    fn statement_tables(&mut self) -> Vec<String> {
+        self.input
+            .as_ref()
+            .map(|i| i.statement.tables.clone())
+            .unwrap_or_default()
+    }
+
+    fn statement_functions(&mut self) -> Vec<String> {
+        self.input
+            .as_ref()
+            .map(|i| i.statement.functions.clone())
+            .unwrap_or_default()
+    }
+
+    fn statement_hints(&mut self) -> Vec<(String, String)> {
+        self.input
+            .as_ref()
+            .map(|i| pairs(&i.statement.hints))
+            .unwrap_or_default()
+    }
+
+    fn session_user(&mut self) -> String {
+        self.input
+            .as_ref()
+            .map(|i| i.session.user.clone())
+            .unwrap_or_default()
+    }
+
+    fn session_database(&mut self) -> String {
+        self.input
+            .as_ref()
+            .map(|i| i.session.database.clone())
+            .unwrap_or_default()
+    }
+
+    fn session_application_name(&mut self) -> String {
+        self.input
+            .as_ref()
+            .map(|i| i.session.application_name.clone())
+            .unwrap_or_default()
+    }
+
+    fn session_client_addr(&mut self) -> String {
+        self.input
+            .as_ref()
+            .map(|i| i.session.client_addr.clone())
+            .unwrap_or_default()
+    }
+
+    fn session_attributes(&mut self) -> Vec<(String, String)> {
+        self.input
+            .as_ref()
+            .map(|i| pairs(&i.session.attributes))
+            .unwrap_or_default()
+    }
+
+    fn backends(&mut self) -> Vec<wit::BackendState> {
+        let Some(input) = &self.input else {
+            return Vec::new();
+        };
+        let cluster = &input.cluster;
+        cluster
+            .states
+            .iter()
+            .enumerate()
+            .map(|(i, s)| wit::BackendState {
+                id: i as u32,
+                role: match s.role {
+                    Role::Primary => wit::Role::Primary,
+                    Role::Replica => wit::Role::Replica,
+                    Role::Unknown => wit::Role::Unknown,
+                },
+                healthy: s.healthy,
+                lag_ms: s.lag_ms,
+                lag_bytes: s.lag_bytes,
+                replayed_last_write: cluster.replayed(i as u32, &input.session),
+                in_flight: s.in_flight,
+                idle: s.idle,
+                latency_us: s.latency_us,
+            })
+            .collect()
+    }
+
+    fn cluster_generation(&mut self) -> u64 {
+        self.input
+            .as_ref()
+            .map(|i| i.cluster.generation)
+            .unwrap_or(0)
+    }
+
+    fn nodes(&mut self) -> Vec<wit::NodeInfo> {
+        let Some(input) = &self.input else {
+            return Vec::new();
+        };
+        input
+            .cluster
+            .nodes
+            .iter()
+            .enumerate()
+            .map(|(i, n)| wit::NodeInfo {
+                id: i as u32,
+                name: n.name.clone(),
+                weight: n.weight,
+                tags: pairs(&n.tags),
+            })
+            .collect()
+    }
+}
+
+/// A decision as returned by a policy, validated.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PolicyDecision {
+    pub target: Target,
+    pub reason: Option<String>,
+}
+
+/// One live instance of a policy version.
+pub struct Instance {
+    store: Store<HostState>,
+    bindings: PolicyBindings,
+    deadline_ticks: u64,
+    metered: bool,
+    /// Instructions (fuel) used by the last call, on a metered engine.
+    pub last_fuel: Option<u64>,
+}
+
+const FUEL_BUDGET: u64 = u64::MAX / 4;
+
+impl Instance {
+    /// Instantiate (no `init` yet).
+    pub fn new(
+        pre: &PolicyPre<HostState>,
+        state: HostState,
+        deadline_ticks: u64,
+        metered: bool,
+    ) -> Result<Self, CallFailure> {
+        let mut store = Store::new(pre.engine(), state);
+        store.limiter(|s| s as &mut dyn ResourceLimiter);
+        store.set_epoch_deadline(deadline_ticks);
+        if metered {
+            store
+                .set_fuel(FUEL_BUDGET)
+                .map_err(|e| CallFailure::Instantiate(format!("{e:#}")))?;
+        }
+        let bindings = pre.instantiate(&mut store).map_err(|e| {
+            classify(&store, e).unwrap_or_else(|e| CallFailure::Instantiate(format!("{e:#}")))
+        })?;
+        Ok(Self {
+            store,
+            bindings,
+            deadline_ticks,
+            metered,
+            last_fuel: None,
+        })
+    }
+
+    fn arm(&mut self) {
+        self.store.set_epoch_deadline(self.deadline_ticks);
+        self.store.data_mut().logs_this_call = 0;
+        if self.metered {
+            let _ = self.store.set_fuel(FUEL_BUDGET);
+        }
+    }
+
+    fn fuel_used(&mut self) {
+        if self.metered {
+            self.last_fuel = self.store.get_fuel().ok().map(|left| FUEL_BUDGET - left);
+        }
+    }
+
+    /// Call the policy's `init(config)`. `Ok(Err(msg))` is the policy refusing.
+    pub fn init(&mut self, config: &str) -> Result<Result<(), String>, CallFailure> {
+        self.arm();
+        let result = self.bindings.call_init(&mut self.store, config);
+        self.fuel_used();
+        result.map_err(|e| self.failure(e))
+    }
+
+    /// Ask for a decision. On `Err` the instance must not be reused.
+    pub fn route(&mut self, input: &RouteInput) -> Result<PolicyDecision, CallFailure> {
+        self.arm();
+        let statement = wit::StatementInfo {
+            kind: kind_to_wit(input.statement.kind),
+            read_only: input.statement.read_only,
+            fingerprint: input.statement.fingerprint,
+            sql_len: input.statement.sql.len() as u32,
+            hint_count: input.statement.hints.len() as u32,
+        };
+        let s = &input.session;
+        let session = wit::SessionInfo {
+            id: s.id,
+            tx_state: match s.tx_state {
+                TxState::Idle => wit::TxState::Idle,
+                TxState::InTransaction => wit::TxState::InTransaction,
+                TxState::Failed => wit::TxState::Failed,
+            },
+            read_only_tx: s.read_only_tx,
+            ms_since_last_write: s.ms_since_last_write,
+        };
+        self.store.data_mut().input = Some(input.clone());
+        let result = self
+            .bindings
+            .call_route(&mut self.store, statement, session);
+        self.store.data_mut().input = None;
+        self.fuel_used();
+        let decision = result.map_err(|e| self.failure(e))?;
+        validate(decision)
+    }
+
+    fn failure(&mut self, e: wasmtime::Error) -> CallFailure {
+        classify(&self.store, e).unwrap_or_else(|e| CallFailure::Trap(format!("{e:#}")))
+    }
+
+    pub fn state_mut(&mut self) -> &mut HostState {
+        self.store.data_mut()
+    }
+}
+
+/// Map a wasmtime error to the failure kind; `Err` hands back unclassified ones.
+fn classify(store: &Store<HostState>, e: wasmtime::Error) -> Result<CallFailure, wasmtime::Error> {
+    if store.data().memory_exceeded {
+        return Ok(CallFailure::OutOfMemory);
+    }
+    match e.downcast_ref::<Trap>() {
+        Some(Trap::Interrupt) | Some(Trap::OutOfFuel) => Ok(CallFailure::Timeout),
+        _ => Err(e),
+    }
+}
+
+fn validate(d: wit::Decision) -> Result<PolicyDecision, CallFailure> {
+    if let Some(reason) = &d.reason {
+        if reason.len() > MAX_REASON || reason.chars().any(char::is_control) {
+            return Err(CallFailure::Invalid(format!(
+                "reason must be at most {MAX_REASON} printable bytes"
+            )));
+        }
+    }
+    let target = match d.target {
+        wit::Target::Primary => Target::Primary,
+        wit::Target::Replica(id) => Target::Replica(id),
+        wit::Target::AnyReplica => Target::AnyReplica,
+        wit::Target::Default => Target::Default,
+        wit::Target::Reject(message) => {
+            if message.trim().is_empty() || message.len() > MAX_REJECT {
+                return Err(CallFailure::Invalid(format!(
+                    "reject message must be 1 to {MAX_REJECT} bytes"
+                )));
+            }
+            Target::Reject(message)
+        }
+    };
+    Ok(PolicyDecision {
+        target,
+        reason: d.reason,
+    })
+}
+
+fn kind_to_wit(kind: StatementKind) -> wit::StatementKind {
+    use wit::StatementKind as W;
+    match kind {
+        StatementKind::Select => W::Select,
+        StatementKind::Insert => W::Insert,
+        StatementKind::Update => W::Update,
+        StatementKind::Delete => W::Delete,
+        StatementKind::Merge => W::Merge,
+        StatementKind::Ddl => W::Ddl,
+        StatementKind::Transaction => W::Transaction,
+        StatementKind::Session => W::Session,
+        StatementKind::Copy => W::Copy,
+        StatementKind::Call => W::Call,
+        StatementKind::Explain => W::Explain,
+        StatementKind::Show => W::Show,
+        StatementKind::Utility => W::Utility,
+    }
+}
+
+/// Register the host imports.
+pub fn linker(
+    engine: &wasmtime::Engine,
+) -> wasmtime::Result<wasmtime::component::Linker<HostState>> {
+    let mut linker = wasmtime::component::Linker::new(engine);
+    PolicyBindings::add_to_linker::<HostState, HasSelf<HostState>>(&mut linker, |s| s)?;
+    Ok(linker)
+}

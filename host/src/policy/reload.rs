@@ -1,0 +1,583 @@
+//! The live policy and how it changes: validated hot reload, the last
+//! known-good version, automatic rollback, and the file watcher.
+//!
+//! A candidate goes through every stage (read → version → compile → imports →
+//! init → smoke → fixtures) off the hot path; only then is it swapped in with
+//! one atomic pointer store. Calls already running finish on the version they
+//! started with. A candidate that fails any stage never goes live; the failure
+//! is kept for the status API. If a version that went live fails more than a
+//! configured share of its calls during its first minute, the previous version
+//! is restored automatically.
+
+use std::collections::{HashSet, VecDeque};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::mpsc::{self, RecvTimeoutError};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use arc_swap::ArcSwapOption;
+use notify::{RecommendedWatcher, RecursiveMode};
+use notify_debouncer_mini::{new_debouncer, Debouncer};
+use serde::Serialize;
+use sha2::{Digest, Sha256};
+use signalbox_policy::fixture::FixtureFile;
+
+use super::fixtures;
+use super::instance::CallFailure;
+use super::kv::{self, KvStore};
+use super::loaded::{Limits, LoadError, LoadSpec, LoadedPolicy, PolicyInfo, Stage, StatsSnapshot};
+use crate::route::{RouteInput, Target};
+
+/// What to do when the policy cannot give a decision.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Fallback {
+    /// Built-in routing (safe: reads to replicas, the rest to the primary).
+    #[default]
+    Builtin,
+    /// Everything to the primary.
+    Primary,
+    /// Refuse the statement.
+    Reject,
+}
+
+/// Automatic rollback of a new version that misbehaves.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct RollbackSettings {
+    /// How long after going live a version is watched.
+    #[serde(with = "crate::config::duration_ms")]
+    pub window: Duration,
+    /// Failed share of calls (0–1) above which it is rolled back.
+    pub max_error_rate: f64,
+    /// Calls needed before the share is judged.
+    pub min_calls: u64,
+}
+
+impl Default for RollbackSettings {
+    fn default() -> Self {
+        Self {
+            window: Duration::from_secs(60),
+            max_error_rate: 0.2,
+            min_calls: 20,
+        }
+    }
+}
+
+/// Everything the manager needs to know about the policy.
+#[derive(Clone, Debug)]
+pub struct PolicySettings {
+    pub path: PathBuf,
+    pub name: String,
+    pub config_json: String,
+    pub limits: Limits,
+    pub fallback: Fallback,
+    pub rollback: RollbackSettings,
+    /// Quiet time after a file event before reloading.
+    pub debounce: Duration,
+    /// Also re-check the file this often (catches missed events); none = never.
+    pub poll: Option<Duration>,
+}
+
+impl PolicySettings {
+    pub fn new(path: impl Into<PathBuf>) -> Self {
+        let path = path.into();
+        let name = path
+            .file_stem()
+            .map(|s| s.to_string_lossy().into_owned())
+            .unwrap_or_else(|| "policy".into());
+        Self {
+            path,
+            name,
+            config_json: "{}".into(),
+            limits: Limits::default(),
+            fallback: Fallback::Builtin,
+            rollback: RollbackSettings::default(),
+            debounce: Duration::from_millis(100),
+            poll: Some(Duration::from_secs(2)),
+        }
+    }
+}
+
+/// What a reload attempt did.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+#[serde(tag = "result", rename_all = "snake_case")]
+pub enum Outcome {
+    Activated {
+        sha256: String,
+    },
+    Unchanged {
+        sha256: String,
+    },
+    Rejected {
+        sha256: Option<String>,
+        stage: Stage,
+        message: String,
+    },
+    RolledBack {
+        from: String,
+        to: Option<String>,
+        reason: String,
+    },
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct ReloadEvent {
+    pub at_ms: u64,
+    /// `startup`, `watch`, `poll`, `signal`, `api`, `rollback`, ...
+    pub trigger: String,
+    #[serde(flatten)]
+    pub outcome: Outcome,
+}
+
+/// A policy's decision, or the fallback when it failed.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PolicyOutcome {
+    pub target: Target,
+    pub reason: Option<String>,
+    pub failure: Option<CallFailure>,
+}
+
+/// The status API's view.
+#[derive(Clone, Debug, Serialize)]
+pub struct PolicyStatus {
+    pub path: PathBuf,
+    pub active: Option<PolicyInfo>,
+    pub active_stats: Option<StatsSnapshot>,
+    /// The version a rollback would restore.
+    pub last_known_good: Option<PolicyInfo>,
+    pub last_reload: Option<ReloadEvent>,
+    pub history: Vec<ReloadEvent>,
+    pub reloads_ok: u64,
+    pub reloads_failed: u64,
+    pub rollbacks: u64,
+    pub fallbacks: FallbackCounts,
+}
+
+#[derive(Clone, Copy, Debug, Default, Serialize, PartialEq, Eq)]
+pub struct FallbackCounts {
+    pub trap: u64,
+    pub timeout: u64,
+    pub out_of_memory: u64,
+    pub invalid: u64,
+    pub instantiate: u64,
+}
+
+#[derive(Default)]
+struct FallbackCounters([AtomicU64; 5]);
+
+impl FallbackCounters {
+    fn record(&self, f: &CallFailure) {
+        let i = match f {
+            CallFailure::Trap(_) => 0,
+            CallFailure::Timeout => 1,
+            CallFailure::OutOfMemory => 2,
+            CallFailure::Invalid(_) => 3,
+            CallFailure::Instantiate(_) => 4,
+        };
+        self.0[i].fetch_add(1, Ordering::Relaxed);
+    }
+
+    fn snapshot(&self) -> FallbackCounts {
+        let g = |i: usize| self.0[i].load(Ordering::Relaxed);
+        FallbackCounts {
+            trap: g(0),
+            timeout: g(1),
+            out_of_memory: g(2),
+            invalid: g(3),
+            instantiate: g(4),
+        }
+    }
+}
+
+const HISTORY: usize = 32;
+
+#[derive(Default)]
+struct Journal {
+    history: VecDeque<ReloadEvent>,
+    reloads_ok: u64,
+    reloads_failed: u64,
+    rollbacks: u64,
+}
+
+/// Owns the live policy. Cheap to call from any number of threads.
+pub struct PolicyManager {
+    settings: PolicySettings,
+    current: ArcSwapOption<LoadedPolicy>,
+    last_good: Mutex<Option<Arc<LoadedPolicy>>>,
+    journal: Mutex<Journal>,
+    /// Hashes that failed validation or were rolled back: the watcher does
+    /// not retry them (an explicit reload does).
+    refused: Mutex<HashSet<String>>,
+    reload_lock: Mutex<()>,
+    kv: Arc<KvStore>,
+    fallbacks: FallbackCounters,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl PolicyManager {
+    /// Load the initial version; fails if it does not pass validation.
+    pub fn start(settings: PolicySettings) -> Result<Arc<Self>, LoadError> {
+        let manager = Arc::new(Self::empty(settings));
+        let event = manager.reload("startup");
+        match event.outcome {
+            Outcome::Activated { .. } => Ok(manager),
+            Outcome::Rejected { stage, message, .. } => Err(LoadError { stage, message }),
+            other => Err(LoadError::new(
+                Stage::Read,
+                format!("unexpected: {other:?}"),
+            )),
+        }
+    }
+
+    /// A manager with no live policy (built-in routing) until a reload succeeds.
+    pub fn empty(settings: PolicySettings) -> Self {
+        Self {
+            settings,
+            current: ArcSwapOption::empty(),
+            last_good: Mutex::new(None),
+            journal: Mutex::default(),
+            refused: Mutex::default(),
+            reload_lock: Mutex::new(()),
+            kv: Arc::default(),
+            fallbacks: FallbackCounters::default(),
+        }
+    }
+
+    pub fn settings(&self) -> &PolicySettings {
+        &self.settings
+    }
+
+    /// The live version, if any.
+    pub fn active(&self) -> Option<Arc<LoadedPolicy>> {
+        self.current.load_full()
+    }
+
+    /// Ask the live policy (hot path). Never fails: a policy failure yields
+    /// the configured fallback and is counted.
+    pub fn decide(&self, input: &RouteInput) -> PolicyOutcome {
+        let guard = self.current.load();
+        let Some(policy) = guard.as_ref() else {
+            return PolicyOutcome {
+                target: Target::Default,
+                reason: Some("no policy".into()),
+                failure: None,
+            };
+        };
+        match policy.call(input) {
+            Ok(d) => PolicyOutcome {
+                target: d.target,
+                reason: d.reason,
+                failure: None,
+            },
+            Err(failure) => {
+                self.fallbacks.record(&failure);
+                tracing::warn!(policy = %policy.info.name, error = %failure, "policy call failed; using fallback");
+                self.maybe_roll_back(policy);
+                PolicyOutcome {
+                    target: match self.settings.fallback {
+                        Fallback::Builtin => Target::Default,
+                        Fallback::Primary => Target::Primary,
+                        Fallback::Reject => Target::Reject(
+                            "routing policy failed and the fallback is reject".into(),
+                        ),
+                    },
+                    reason: Some(format!("fallback:{}", failure.kind())),
+                    failure: Some(failure),
+                }
+            }
+        }
+    }
+
+    fn maybe_roll_back(&self, failing: &Arc<LoadedPolicy>) {
+        let rb = &self.settings.rollback;
+        if failing.age() > rb.window {
+            return;
+        }
+        let stats = failing.stats.snapshot();
+        if stats.calls < rb.min_calls
+            || (stats.failures() as f64) <= rb.max_error_rate * stats.calls as f64
+        {
+            return;
+        }
+        let restore = lock(&self.last_good).clone();
+        // Only the first thread to notice swaps; the rest see a changed pointer.
+        let previous = self.current.compare_and_swap(failing, restore.clone());
+        let swapped = previous.as_ref().is_some_and(|p| Arc::ptr_eq(p, failing));
+        if !swapped {
+            return;
+        }
+        lock(&self.refused).insert(failing.info.sha256.clone());
+        let reason = format!(
+            "{} of {} calls failed in its first {}s",
+            stats.failures(),
+            stats.calls,
+            failing.age().as_secs()
+        );
+        tracing::error!(policy = %failing.info.name, sha256 = %failing.info.sha256, %reason, "rolled back policy version");
+        let mut journal = lock(&self.journal);
+        journal.rollbacks += 1;
+        push(
+            &mut journal,
+            "rollback",
+            Outcome::RolledBack {
+                from: failing.info.sha256.clone(),
+                to: restore.map(|r| r.info.sha256.clone()),
+                reason,
+            },
+        );
+    }
+
+    /// Reload from the configured path now (explicit: retries refused files).
+    pub fn reload(&self, trigger: &str) -> ReloadEvent {
+        self.reload_inner(trigger, true)
+    }
+
+    /// Reload only if the file changed and was not refused before.
+    pub fn reload_if_changed(&self, trigger: &str) -> Option<ReloadEvent> {
+        let bytes = std::fs::read(&self.settings.path).ok()?;
+        let hash = sha256(&bytes);
+        let current = self.current.load().as_ref().map(|p| p.info.sha256.clone());
+        if current.as_deref() == Some(hash.as_str()) || lock(&self.refused).contains(&hash) {
+            return None;
+        }
+        Some(self.reload_inner(trigger, false))
+    }
+
+    fn reload_inner(&self, trigger: &str, explicit: bool) -> ReloadEvent {
+        let _serial = lock(&self.reload_lock);
+        let outcome = self.try_activate(explicit);
+        if let Outcome::Rejected {
+            sha256: Some(h), ..
+        } = &outcome
+        {
+            lock(&self.refused).insert(h.clone());
+        }
+        let mut journal = lock(&self.journal);
+        match &outcome {
+            Outcome::Activated { sha256 } => {
+                journal.reloads_ok += 1;
+                tracing::info!(trigger, sha256, path = %self.settings.path.display(), "policy activated");
+            }
+            Outcome::Rejected { stage, message, .. } => {
+                journal.reloads_failed += 1;
+                tracing::error!(trigger, stage = stage.as_str(), %message, path = %self.settings.path.display(), "policy candidate rejected; previous version keeps serving");
+            }
+            _ => {}
+        }
+        push(&mut journal, trigger, outcome).clone()
+    }
+
+    fn try_activate(&self, explicit: bool) -> Outcome {
+        let bytes = match std::fs::read(&self.settings.path) {
+            Ok(b) => b,
+            Err(e) => {
+                return Outcome::Rejected {
+                    sha256: None,
+                    stage: Stage::Read,
+                    message: format!("{}: {e}", self.settings.path.display()),
+                }
+            }
+        };
+        let hash = sha256(&bytes);
+        let current = self.current.load_full();
+        if current.as_ref().is_some_and(|c| c.info.sha256 == hash) {
+            return Outcome::Unchanged { sha256: hash };
+        }
+        if explicit {
+            lock(&self.refused).remove(&hash);
+        }
+        let candidate = match self.validate(&bytes) {
+            Ok(c) => c,
+            Err(e) => {
+                return Outcome::Rejected {
+                    sha256: Some(hash),
+                    stage: e.stage,
+                    message: e.message,
+                }
+            }
+        };
+        *lock(&self.last_good) = current;
+        self.current.store(Some(Arc::new(candidate)));
+        Outcome::Activated { sha256: hash }
+    }
+
+    /// Every stage but the swap.
+    fn validate(&self, bytes: &[u8]) -> Result<LoadedPolicy, LoadError> {
+        let spec = LoadSpec {
+            name: self.settings.name.clone(),
+            config_json: self.settings.config_json.clone(),
+            limits: self.settings.limits.clone(),
+            kv: self.kv.clone(),
+            path: Some(self.settings.path.clone()),
+            engine: super::engine::EngineKind::Service,
+        };
+        let mut candidate = LoadedPolicy::load(bytes, spec)?;
+        for input in fixtures::smoke_inputs() {
+            if let Err(f) = candidate.call(&input) {
+                return Err(LoadError::new(
+                    Stage::Smoke,
+                    format!("`{}`: {f}", input.statement.sql),
+                ));
+            }
+        }
+        if let Some(path) = fixtures::shipped_with(&self.settings.path) {
+            check_fixtures(&candidate, &path)?;
+        }
+        candidate.reset_for_live();
+        Ok(candidate)
+    }
+
+    pub fn status(&self) -> PolicyStatus {
+        let active = self.current.load_full();
+        let journal = lock(&self.journal);
+        PolicyStatus {
+            path: self.settings.path.clone(),
+            active: active.as_ref().map(|p| p.info.clone()),
+            active_stats: active.as_ref().map(|p| p.stats.snapshot()),
+            last_known_good: lock(&self.last_good).as_ref().map(|p| p.info.clone()),
+            last_reload: journal.history.back().cloned(),
+            history: journal.history.iter().cloned().collect(),
+            reloads_ok: journal.reloads_ok,
+            reloads_failed: journal.reloads_failed,
+            rollbacks: journal.rollbacks,
+            fallbacks: self.fallbacks.snapshot(),
+        }
+    }
+
+    /// Watch the policy file and reload on change until the watcher is dropped.
+    pub fn watch(self: &Arc<Self>) -> Result<Watcher, notify::Error> {
+        Watcher::start(self.clone())
+    }
+}
+
+fn push<'a>(journal: &'a mut Journal, trigger: &str, outcome: Outcome) -> &'a ReloadEvent {
+    if journal.history.len() == HISTORY {
+        journal.history.pop_front();
+    }
+    journal.history.push_back(ReloadEvent {
+        at_ms: kv::now_ms(),
+        trigger: trigger.to_owned(),
+        outcome,
+    });
+    journal.history.back().expect("just pushed")
+}
+
+fn sha256(bytes: &[u8]) -> String {
+    hex::encode(Sha256::digest(bytes))
+}
+
+fn check_fixtures(candidate: &LoadedPolicy, path: &Path) -> Result<(), LoadError> {
+    let file = FixtureFile::load(path).map_err(|e| LoadError::new(Stage::Fixtures, e.0))?;
+    let results =
+        fixtures::run(candidate, &file).map_err(|e| LoadError::new(Stage::Fixtures, e))?;
+    let failed: Vec<String> = results
+        .into_iter()
+        .filter_map(|r| r.verdict.err())
+        .collect();
+    if failed.is_empty() {
+        return Ok(());
+    }
+    Err(LoadError::new(
+        Stage::Fixtures,
+        format!(
+            "{} of {} cases in {} failed: {}",
+            failed.len(),
+            file.cases.len(),
+            path.display(),
+            failed
+                .iter()
+                .take(3)
+                .cloned()
+                .collect::<Vec<_>>()
+                .join("; ")
+        ),
+    ))
+}
+
+/// The file watcher: a debounced directory watch plus an optional poll, on a
+/// thread of its own so compiling a candidate never blocks routing.
+pub struct Watcher {
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+    _debouncer: Debouncer<RecommendedWatcher>,
+}
+
+impl Watcher {
+    fn start(manager: Arc<PolicyManager>) -> Result<Self, notify::Error> {
+        let (tx, rx) = mpsc::channel();
+        let mut debouncer = new_debouncer(manager.settings.debounce, tx)?;
+        // Watch the directory (not the file): editors replace files by rename
+        // and Kubernetes swaps a `..data` symlink inside it. The grandparent is
+        // watched too so that swapping a symlinked directory is seen.
+        let path = &manager.settings.path;
+        let dir = path
+            .parent()
+            .filter(|p| !p.as_os_str().is_empty())
+            .unwrap_or(Path::new("."));
+        debouncer
+            .watcher()
+            .watch(dir, RecursiveMode::NonRecursive)?;
+        if let Some(grand) = dir.parent().filter(|p| !p.as_os_str().is_empty()) {
+            if let Err(e) = debouncer
+                .watcher()
+                .watch(grand, RecursiveMode::NonRecursive)
+            {
+                tracing::debug!(error = %e, dir = %grand.display(), "not watching the policy directory's parent");
+            }
+        }
+        let stop = Arc::new(AtomicBool::new(false));
+        let thread = {
+            let stop = stop.clone();
+            std::thread::Builder::new()
+                .name("signalbox-policy-watch".into())
+                .spawn(move || watch_loop(&manager, &rx, &stop))
+                .map_err(|e| notify::Error::generic(&e.to_string()))?
+        };
+        Ok(Self {
+            stop,
+            thread: Some(thread),
+            _debouncer: debouncer,
+        })
+    }
+}
+
+impl Drop for Watcher {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+fn watch_loop(
+    manager: &PolicyManager,
+    rx: &mpsc::Receiver<notify_debouncer_mini::DebounceEventResult>,
+    stop: &AtomicBool,
+) {
+    // Wake regularly to notice `stop`, and to poll when configured.
+    let tick = Duration::from_millis(100);
+    let poll_every = manager.settings.poll;
+    let mut since_poll = Duration::ZERO;
+    while !stop.load(Ordering::Relaxed) {
+        match rx.recv_timeout(tick) {
+            Ok(Ok(_events)) => {
+                manager.reload_if_changed("watch");
+            }
+            Ok(Err(e)) => tracing::warn!(error = %e, "policy watcher error"),
+            Err(RecvTimeoutError::Timeout) => {
+                since_poll += tick;
+                if poll_every.is_some_and(|p| since_poll >= p) {
+                    since_poll = Duration::ZERO;
+                    manager.reload_if_changed("poll");
+                }
+            }
+            Err(RecvTimeoutError::Disconnected) => return,
+        }
+    }
+}

@@ -1,0 +1,147 @@
+//! Routing: what the router knows when a statement arrives, and how a policy's
+//! decision becomes the node that runs it.
+//!
+//! The flow per statement is: build a [`RouteInput`] (classified statement,
+//! session, cluster view) → ask the policy ([`crate::policy`]) → pass its
+//! decision through [`guardrails::enforce`], which guarantees correctness
+//! whatever the policy said → run on the chosen node.
+
+pub mod builtin;
+pub mod guardrails;
+
+use std::sync::Arc;
+
+use serde::Serialize;
+pub use signalbox_policy::{Role, StatementKind, Target, TxState};
+
+/// Index of a node in the cluster view (also its id in the policy contract).
+pub type NodeId = u32;
+
+/// A statement as the classifier describes it.
+#[derive(Clone, Debug)]
+pub struct Statement {
+    pub kind: StatementKind,
+    /// Proven safe for a hot standby (see the classifier); false when unsure.
+    pub read_only: bool,
+    pub fingerprint: u64,
+    pub sql: Arc<str>,
+    pub tables: Vec<String>,
+    pub functions: Vec<String>,
+    pub hints: Vec<(String, String)>,
+}
+
+impl Statement {
+    pub fn new(kind: StatementKind, read_only: bool, sql: &str) -> Self {
+        Self {
+            kind,
+            read_only,
+            fingerprint: signalbox_policy::stable_hash(sql.as_bytes()),
+            sql: Arc::from(sql),
+            tables: Vec::new(),
+            functions: Vec::new(),
+            hints: Vec::new(),
+        }
+    }
+}
+
+/// The client session a statement belongs to.
+#[derive(Clone, Debug, Default)]
+pub struct Session {
+    pub id: u64,
+    pub user: String,
+    pub database: String,
+    pub application_name: String,
+    pub client_addr: String,
+    pub attributes: Vec<(String, String)>,
+    pub tx_state: TxState,
+    /// The current transaction (or the session's default) is read-only.
+    pub read_only_tx: bool,
+    pub ms_since_last_write: Option<u64>,
+    /// WAL position of the last write of this session's scope.
+    pub last_write_lsn: Option<u64>,
+    /// The node the open transaction runs on.
+    pub pinned: Option<NodeId>,
+}
+
+/// Static description of a node (changes only with configuration).
+#[derive(Clone, Debug, Serialize)]
+pub struct NodeInfo {
+    pub name: String,
+    pub weight: u32,
+    pub tags: Vec<(String, String)>,
+}
+
+/// Live state of a node, as the control plane last saw it.
+#[derive(Clone, Debug, Serialize)]
+pub struct NodeState {
+    pub role: Role,
+    pub healthy: bool,
+    pub lag_ms: Option<u32>,
+    pub lag_bytes: u64,
+    /// Last WAL position this node has replayed (or written, for the primary).
+    pub replay_lsn: u64,
+    pub in_flight: u32,
+    pub idle: u32,
+    pub latency_us: u32,
+}
+
+impl NodeState {
+    pub fn up(role: Role) -> Self {
+        Self {
+            role,
+            healthy: true,
+            lag_ms: (role == Role::Replica).then_some(0),
+            lag_bytes: 0,
+            replay_lsn: 0,
+            in_flight: 0,
+            idle: 0,
+            latency_us: 0,
+        }
+    }
+}
+
+/// The cluster as seen at one instant. Node ids index both vectors.
+#[derive(Clone, Debug)]
+pub struct ClusterView {
+    /// Bumped whenever `nodes` changes, so policies can cache it.
+    pub generation: u64,
+    pub nodes: Arc<Vec<NodeInfo>>,
+    pub states: Vec<NodeState>,
+}
+
+impl ClusterView {
+    pub fn primary(&self) -> Option<NodeId> {
+        self.states
+            .iter()
+            .position(|s| s.role == Role::Primary && s.healthy)
+            .map(|i| i as NodeId)
+    }
+
+    pub fn state(&self, id: NodeId) -> Option<&NodeState> {
+        self.states.get(id as usize)
+    }
+
+    pub fn node_name(&self, id: NodeId) -> &str {
+        self.nodes
+            .get(id as usize)
+            .map(|n| n.name.as_str())
+            .unwrap_or("?")
+    }
+
+    /// Whether node `id` has replayed `session`'s last write.
+    pub fn replayed(&self, id: NodeId, session: &Session) -> bool {
+        match (self.state(id), session.last_write_lsn) {
+            (_, None) => true,
+            (Some(s), Some(lsn)) => s.role == Role::Primary || s.replay_lsn >= lsn,
+            (None, Some(_)) => false,
+        }
+    }
+}
+
+/// Everything a routing decision reads, shared cheaply with the policy sandbox.
+#[derive(Clone, Debug)]
+pub struct RouteInput {
+    pub statement: Arc<Statement>,
+    pub session: Arc<Session>,
+    pub cluster: Arc<ClusterView>,
+}

@@ -1,0 +1,3 @@
+//! SQL text handling: routing hints in leading comments.
+
+pub mod hints;
