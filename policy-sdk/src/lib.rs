@@ -131,9 +131,9 @@ macro_rules! export {
                     session: bindings::signalbox::policy::types::SessionInfo,
                 ) -> bindings::signalbox::policy::types::Decision {
                     $crate::__private::guest::route(statement, session)
-        }
+                }
             }
-            bindings::__export_world!(__SignalboxPolicy with_types_in $crate::__private::bindings);
+    bindings::__export_world!(__SignalboxPolicy with_types_in $crate::__private::bindings);
 
             #[used]
             #[link_section = "signalbox-policy-abi"]

@@ -41,6 +41,9 @@ pub enum PolicyCommand {
         /// Output file (default: `<dir>/<crate>.wasm`).
         #[arg(long)]
         out: Option<PathBuf>,
+        /// Cargo features to enable (comma-separated).
+        #[arg(long, value_delimiter = ',')]
+        features: Vec<String>,
     },
     /// Create a new policy crate that builds and tests out of the box.
     New {
@@ -107,9 +110,14 @@ pub fn run(cmd: PolicyCommand) -> Result<ExitCode> {
             iterations,
             config,
         } => bench(&file, iterations, &config),
-        PolicyCommand::Build { dir, out } => {
+        PolicyCommand::Build { dir, out, features } => {
             let dir = dir.unwrap_or_else(|| PathBuf::from("."));
-            let built = build::build_policy(&dir, out.as_deref(), None, false)?;
+            let opts = build::BuildOptions {
+                out,
+                features,
+                ..Default::default()
+            };
+            let built = build::build_policy(&dir, &opts)?;
             println!(
                 "built {} → {} ({} bytes)",
                 built.crate_name,

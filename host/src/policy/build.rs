@@ -38,14 +38,22 @@ pub struct Built {
     pub size: usize,
 }
 
-/// Build the policy crate in `dir` and write the component to `out`
-/// (default `<dir>/<crate>.wasm`). `target_dir` overrides cargo's.
-pub fn build_policy(
-    dir: &Path,
-    out: Option<&Path>,
-    target_dir: Option<&Path>,
-    quiet: bool,
-) -> Result<Built, BuildError> {
+/// Options of [`build_policy`].
+#[derive(Clone, Debug, Default)]
+pub struct BuildOptions {
+    /// Output file (default `<dir>/<crate>.wasm`).
+    pub out: Option<PathBuf>,
+    /// Cargo target directory (default: cargo's choice).
+    pub target_dir: Option<PathBuf>,
+    /// Cargo features to enable.
+    pub features: Vec<String>,
+    /// Capture cargo's diagnostics (printed only on failure).
+    pub quiet: bool,
+}
+
+/// Build the policy crate in `dir` and write the component.
+pub fn build_policy(dir: &Path, opts: &BuildOptions) -> Result<Built, BuildError> {
+    let (out, target_dir, quiet) = (opts.out.as_deref(), opts.target_dir.as_deref(), opts.quiet);
     let manifest = dir.join("Cargo.toml");
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
     let mut cmd = Command::new(cargo);
@@ -64,6 +72,9 @@ pub fn build_policy(
         });
     if let Some(t) = target_dir {
         cmd.arg("--target-dir").arg(t);
+    }
+    if !opts.features.is_empty() {
+        cmd.arg("--features").arg(opts.features.join(","));
     }
     // Flags meant for the outer (native) build must not leak into the wasm one.
     for var in [

@@ -4,9 +4,10 @@
 //! [`super::loaded`] for how instances are pooled and recycled.
 
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use wasmtime::component::HasSelf;
-use wasmtime::{ResourceLimiter, Store, Trap};
+use wasmtime::{ResourceLimiter, Store, Trap, UpdateDeadline};
 
 use super::abi::v0_1::signalbox::policy::{host, types as wit};
 use super::abi::v0_1::{Policy as PolicyBindings, PolicyPre};
@@ -66,10 +67,14 @@ pub struct HostState {
     memory_cap: usize,
     memory_exceeded: bool,
     rng: fastrand::Rng,
-    pub(crate) determinism: Determinism,
+    pub determinism: Determinism,
     logs_this_call: u32,
+    deadline: Duration,
+    deadline_ticks: u64,
+    /// Set when the current call outlived its wall-clock deadline.
+    overtime: Option<Overtime>,
     /// When set, log lines are captured here instead of going to `tracing`.
-    pub(crate) captured_logs: Option<Vec<(String, String)>>,
+    pub captured_logs: Option<Vec<(String, String)>>,
 }
 
 impl HostState {
@@ -83,13 +88,61 @@ impl HostState {
             rng: fastrand::Rng::new(),
             determinism: Determinism::default(),
             logs_this_call: 0,
+            deadline: Duration::from_millis(2),
+            deadline_ticks: 1,
+            overtime: None,
             captured_logs: None,
+        }
+    }
+
+    /// The epoch deadline passed. The epoch is wall-clock time, so a call
+    /// that was merely preempted (busy machine) looks the same as a runaway.
+    /// Tell them apart by the thread's CPU time, read only on this slow path:
+    /// grant half a deadline more, then stop the call if it kept the CPU busy
+    /// for at least half of the extra time, or once it is far over budget.
+    fn on_deadline(&mut self) -> UpdateDeadline {
+        let step = (self.deadline_ticks / 2).max(1);
+        let now = Instant::now();
+        let cpu = thread_cpu_ns();
+        let Some(first) = self.overtime else {
+            self.overtime = Some(Overtime {
+                wall: now,
+                cpu_ns: cpu,
+            });
+            return UpdateDeadline::Continue(step);
+        };
+        let wall = now.duration_since(first.wall);
+        let busy = Duration::from_nanos(cpu.saturating_sub(first.cpu_ns));
+        if busy * 2 >= wall || wall > self.deadline * 8 {
+            UpdateDeadline::Interrupt
+        } else {
+            UpdateDeadline::Continue(step)
         }
     }
 
     fn now(&self) -> u64 {
         self.determinism.now_ms.unwrap_or_else(kv::now_ms)
     }
+}
+
+#[derive(Clone, Copy, Debug)]
+struct Overtime {
+    wall: Instant,
+    cpu_ns: u64,
+}
+
+/// CPU time consumed by the calling thread, in nanoseconds (0 if unavailable).
+fn thread_cpu_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: `ts` is a valid, writable timespec for the duration of the call.
+    let rc = unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
+    if rc != 0 {
+        return 0;
+    }
+    (ts.tv_sec as u64).saturating_mul(1_000_000_000) + ts.tv_nsec as u64
 }
 
 impl ResourceLimiter for HostState {
@@ -319,12 +372,16 @@ impl Instance {
     /// Instantiate (no `init` yet).
     pub fn new(
         pre: &PolicyPre<HostState>,
-        state: HostState,
-        deadline_ticks: u64,
+        mut state: HostState,
+        deadline: Duration,
         metered: bool,
     ) -> Result<Self, CallFailure> {
+        let deadline_ticks = super::engine::deadline_ticks(deadline);
+        state.deadline = deadline;
+        state.deadline_ticks = deadline_ticks;
         let mut store = Store::new(pre.engine(), state);
         store.limiter(|s| s as &mut dyn ResourceLimiter);
+        store.epoch_deadline_callback(|mut ctx| Ok(ctx.data_mut().on_deadline()));
         store.set_epoch_deadline(deadline_ticks);
         if metered {
             store
@@ -345,7 +402,9 @@ impl Instance {
 
     fn arm(&mut self) {
         self.store.set_epoch_deadline(self.deadline_ticks);
-        self.store.data_mut().logs_this_call = 0;
+        let state = self.store.data_mut();
+        state.logs_this_call = 0;
+        state.overtime = None;
         if self.metered {
             let _ = self.store.set_fuel(FUEL_BUDGET);
         }

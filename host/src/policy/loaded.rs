@@ -5,9 +5,10 @@
 //! and puts it back; an instance that trapped, timed out or ran out of memory
 //! is dropped instead, so the next call starts from a clean one.
 
+use std::collections::VecDeque;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use crossbeam_queue::ArrayQueue;
@@ -175,11 +176,40 @@ impl Stats {
     }
 }
 
+/// Compiled components by engine and file hash: reloading a version seen
+/// recently (a rollback, a flip-flopping deploy) skips compilation.
+fn compiled(
+    kind: EngineKind,
+    sha256: &str,
+    compile: impl FnOnce() -> wasmtime::Result<Component>,
+) -> wasmtime::Result<Component> {
+    const KEEP: usize = 16;
+    static CACHE: Mutex<VecDeque<(EngineKind, String, Component)>> = Mutex::new(VecDeque::new());
+    let lookup = |cache: &VecDeque<(EngineKind, String, Component)>| {
+        cache
+            .iter()
+            .find(|(k, h, _)| *k == kind && h == sha256)
+            .map(|(_, _, c)| c.clone())
+    };
+    if let Some(c) = lookup(&CACHE.lock().unwrap_or_else(|p| p.into_inner())) {
+        return Ok(c);
+    }
+    // Compile without holding the lock.
+    let component = compile()?;
+    let mut cache = CACHE.lock().unwrap_or_else(|p| p.into_inner());
+    if lookup(&cache).is_none() {
+        if cache.len() == KEEP {
+            cache.pop_front();
+        }
+        cache.push_back((kind, sha256.to_owned(), component.clone()));
+    }
+    Ok(component)
+}
+
 pub struct LoadedPolicy {
     pub info: PolicyInfo,
     pre: PolicyPre<HostState>,
     spec: LoadSpec,
-    deadline_ticks: u64,
     idle: ArrayQueue<Instance>,
     pub stats: Stats,
     pub(crate) went_live: Instant,
@@ -224,15 +254,18 @@ impl LoadedPolicy {
         }
         let engine = engine::engine(spec.engine)
             .map_err(|e| LoadError::new(Stage::Compile, format!("engine: {e:#}")))?;
-        let component = Component::new(&engine, &component_bytes)
-            .map_err(|e| LoadError::new(Stage::Compile, format!("{e:#}")))?;
+        let sha256 = hex::encode(Sha256::digest(bytes));
+        let component = compiled(spec.engine, &sha256, || {
+            Component::new(&engine, &component_bytes)
+        })
+        .map_err(|e| LoadError::new(Stage::Compile, format!("{e:#}")))?;
         let pre = instance::linker(&engine)
             .and_then(|l| l.instantiate_pre(&component))
             .and_then(PolicyPre::new)
             .map_err(|e| LoadError::new(Stage::Imports, format!("{e:#}")))?;
         let info = PolicyInfo {
             name: spec.name.clone(),
-            sha256: hex::encode(Sha256::digest(bytes)),
+            sha256,
             abi_version: version.to_string(),
             size_bytes: bytes.len(),
             path: spec.path.clone(),
@@ -241,7 +274,6 @@ impl LoadedPolicy {
         let policy = Self {
             info,
             pre,
-            deadline_ticks: engine::deadline_ticks(spec.limits.deadline),
             idle: ArrayQueue::new(spec.limits.max_idle_instances.max(1)),
             spec,
             stats: Stats::default(),
@@ -263,7 +295,7 @@ impl LoadedPolicy {
         );
         state.determinism = determinism;
         let metered = self.spec.engine == EngineKind::Metered;
-        let mut inst = Instance::new(&self.pre, state, self.deadline_ticks, metered)
+        let mut inst = Instance::new(&self.pre, state, self.spec.limits.deadline, metered)
             .map_err(|e| e.to_string())?;
         match inst.init(&self.spec.config_json) {
             Ok(Ok(())) => Ok(inst),
