@@ -401,7 +401,7 @@ fn guess_kind(sql: &str) -> StatementKind {
 
 fn bench(file: &Path, iterations: u32, config: &str) -> Result<ExitCode> {
     let policy = load(file, config, EngineKind::Service)?;
-    let input = realistic_input();
+    let input = fixtures::realistic_input();
     // Warm up (instance creation, caches).
     for _ in 0..1000 {
         let _ = policy.call(&input);
@@ -428,66 +428,6 @@ fn bench(file: &Path, iterations: u32, config: &str) -> Result<ExitCode> {
     println!("p99:        {} ns", pct(0.99));
     println!("max:        {} ns", pct(1.0));
     Ok(ExitCode::SUCCESS)
-}
-
-/// The "realistic" routing input used by `policy bench` and the criterion
-/// benches: 8 backends with two tags each and a ~200-character statement.
-pub fn realistic_input() -> RouteInput {
-    use crate::route::{NodeInfo, NodeState, Role};
-    let zones = ["eu-1a", "eu-1b", "eu-1c"];
-    let nodes = (0..8)
-        .map(|i| NodeInfo {
-            name: if i == 0 {
-                "primary".into()
-            } else {
-                format!("replica-{i}")
-            },
-            weight: 1 + (i % 3),
-            tags: vec![
-                ("zone".into(), zones[i as usize % 3].into()),
-                (
-                    "class".into(),
-                    if i % 2 == 0 {
-                        "r6g.xlarge"
-                    } else {
-                        "r6g.2xlarge"
-                    }
-                    .into(),
-                ),
-            ],
-        })
-        .collect();
-    let states = (0..8)
-        .map(|i| NodeState {
-            in_flight: (i * 7) % 5,
-            lag_ms: (i > 0).then_some(i * 15),
-            latency_us: 300 + i * 10,
-            ..NodeState::up(if i == 0 { Role::Primary } else { Role::Replica })
-        })
-        .collect();
-    let sql = "SELECT o.id, o.status, o.total_cents, c.email FROM orders o JOIN customers c ON c.id = o.customer_id WHERE o.tenant_id = $1 AND o.created_at > now() - interval '7 days' ORDER BY o.created_at DESC LIMIT 50";
-    let mut statement = Statement::new(StatementKind::Select, true, sql);
-    statement.tables = vec!["orders".into(), "customers".into()];
-    let session = Session {
-        id: 42,
-        user: "app".into(),
-        database: "shop".into(),
-        application_name: "checkout".into(),
-        client_addr: "10.0.0.7".into(),
-        attributes: vec![("zone".into(), "eu-1b".into())],
-        ms_since_last_write: Some(1500),
-        last_write_lsn: Some(100),
-        ..Session::default()
-    };
-    RouteInput {
-        statement: Arc::new(statement),
-        session: Arc::new(session),
-        cluster: Arc::new(ClusterView {
-            generation: 1,
-            nodes: Arc::new(nodes),
-            states,
-        }),
-    }
 }
 
 #[cfg(test)]
