@@ -7,8 +7,8 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use criterion::{criterion_group, criterion_main, Criterion};
-use signalbox::policy::fixtures::realistic_input;
 use signalbox::policy::build::{build_policy, BuildOptions};
+use signalbox::policy::fixtures::realistic_input;
 use signalbox::policy::instance::Determinism;
 use signalbox::policy::{LoadSpec, LoadedPolicy, PolicyManager, PolicySettings};
 
@@ -17,7 +17,9 @@ fn root() -> PathBuf {
 }
 
 fn built(dir: &str, key: &str, features: &[&str]) -> Vec<u8> {
-    let out = root().join("target/bench-policies").join(format!("{key}.wasm"));
+    let out = root()
+        .join("target/bench-policies")
+        .join(format!("{key}.wasm"));
     std::fs::create_dir_all(out.parent().unwrap()).unwrap();
     let opts = BuildOptions {
         out: Some(out.clone()),
@@ -81,17 +83,19 @@ fn reload(c: &mut Criterion) {
     let manager = PolicyManager::start(PolicySettings::new(&path)).unwrap();
     let mut g = c.benchmark_group("reload");
     g.sample_size(10);
+    // Criterion runs the routine more than once (warm-up, measurement): the
+    // nonce must keep counting across runs so every round is a new version.
+    let nonce = std::cell::Cell::new(0u64);
     g.bench_function("cold_compile_validate_swap", |b| {
-        let mut nonce = 0u64;
         b.iter_custom(|iters| {
             let mut total = Duration::ZERO;
             for _ in 0..iters {
                 // A distinct custom section per round: new hash, no compile cache hit.
-                nonce += 1;
+                nonce.set(nonce.get() + 1);
                 let mut v = bytes.clone();
                 signalbox::policy::abi::stamp_version(&mut v, "0.1.0");
                 v.extend_from_slice(&[0, 10, 5, b'n', b'o', b'n', b'c', b'e']);
-                v.extend_from_slice(&(nonce as u32).to_le_bytes());
+                v.extend_from_slice(&(nonce.get() as u32).to_le_bytes());
                 std::fs::write(&path, &v).unwrap();
                 let t = Instant::now();
                 let event = manager.reload("bench");

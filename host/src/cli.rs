@@ -2,6 +2,7 @@
 
 mod policy_cmd;
 mod scaffold;
+mod serve_cmd;
 
 use std::process::ExitCode;
 
@@ -20,6 +21,21 @@ struct Cli {
 
 #[derive(Subcommand, Debug)]
 enum Command {
+    /// Run the routing service.
+    Serve {
+        /// The configuration file.
+        #[arg(long, short, default_value = "signalbox.toml")]
+        config: std::path::PathBuf,
+    },
+    /// Start a throwaway primary + two replicas and signalbox in front of them.
+    Demo {
+        /// Port for clients.
+        #[arg(long, default_value_t = 6432)]
+        port: u16,
+        /// Port for the admin API.
+        #[arg(long, default_value_t = 9930)]
+        admin_port: u16,
+    },
     /// Write, inspect, try and benchmark routing policies.
     #[command(subcommand)]
     Policy(policy_cmd::PolicyCommand),
@@ -30,13 +46,15 @@ pub fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("SIGNALBOX_LOG")
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,sqlx=warn")),
         )
         .with_writer(std::io::stderr)
         .init();
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Policy(cmd) => policy_cmd::run(cmd),
+        Command::Serve { config } => serve_cmd::serve(&config),
+        Command::Demo { port, admin_port } => serve_cmd::demo(port, admin_port),
     };
     match result {
         Ok(code) => code,

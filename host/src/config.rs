@@ -1,12 +1,278 @@
 //! Configuration (TOML, strict: unknown keys are errors).
 //!
-//! This module holds the `[policy]` section; errors name the file, the key
-//! and the reason.
+//! One file describes the listener, the nodes, the pools, health checking,
+//! client authentication, the admin API and the policy. Errors name the file,
+//! the key (and line, for syntax and type errors) and the reason. Credentials
+//! are never required in the file: any string may use `${ENV_VAR}`.
 
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use serde::Deserialize;
+
+/// The whole `signalbox.toml`.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// Address clients connect to, e.g. `127.0.0.1:6432`.
+    pub listen: SocketAddr,
+    /// Admin HTTP API (`/health`, `/status`, `/metrics`, `POST /policy/reload`).
+    pub admin_listen: Option<SocketAddr>,
+    pub nodes: Vec<NodeConfig>,
+    #[serde(default)]
+    pub pool: PoolConfig,
+    #[serde(default)]
+    pub health: HealthConfig,
+    #[serde(default)]
+    pub auth: AuthConfig,
+    /// Without a policy, built-in routing applies.
+    pub policy: Option<PolicyConfig>,
+    /// Where the file was read from (relative policy paths start there).
+    #[serde(skip)]
+    pub origin: PathBuf,
+}
+
+/// Configured role of a node; `auto` asks the node (`pg_is_in_recovery()`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum NodeRole {
+    Primary,
+    Replica,
+    #[default]
+    Auto,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NodeConfig {
+    pub name: String,
+    /// `postgres://user:password@host:port/database`; the control plane logs in
+    /// with it, and its host/port are where client sessions are forwarded.
+    pub url: String,
+    #[serde(default)]
+    pub role: NodeRole,
+    #[serde(default = "one")]
+    pub weight: u32,
+    #[serde(default)]
+    pub tags: BTreeMap<String, String>,
+}
+
+fn one() -> u32 {
+    1
+}
+
+/// Pooling mode.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PoolMode {
+    /// A backend connection per transaction (or single statement).
+    #[default]
+    Transaction,
+    /// A backend connection per client session.
+    Session,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct PoolConfig {
+    /// Connections per node and (user, database).
+    pub size: usize,
+    pub checkout_timeout_ms: u64,
+    pub connect_timeout_ms: u64,
+    pub idle_timeout_s: u64,
+    pub mode: PoolMode,
+    /// Databases whose clients get session pooling.
+    pub session_databases: Vec<String>,
+    /// Users whose clients get session pooling.
+    pub session_users: Vec<String>,
+}
+
+impl Default for PoolConfig {
+    fn default() -> Self {
+        Self {
+            size: 20,
+            checkout_timeout_ms: 5000,
+            connect_timeout_ms: 5000,
+            idle_timeout_s: 300,
+            mode: PoolMode::Transaction,
+            session_databases: Vec::new(),
+            session_users: Vec::new(),
+        }
+    }
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct HealthConfig {
+    /// Probe (health, role, WAL position) every this many ms.
+    pub interval_ms: u64,
+    /// Consecutive failed probes before a node is banned.
+    pub failures_to_ban: u32,
+    pub probe_timeout_ms: u64,
+}
+
+impl Default for HealthConfig {
+    fn default() -> Self {
+        Self {
+            interval_ms: 500,
+            failures_to_ban: 2,
+            probe_timeout_ms: 2000,
+        }
+    }
+}
+
+/// How clients authenticate to signalbox.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum AuthMethod {
+    /// No password (local development).
+    #[default]
+    Trust,
+    ScramSha256,
+}
+
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AuthConfig {
+    pub method: AuthMethod,
+    pub users: Vec<UserConfig>,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UserConfig {
+    pub name: String,
+    /// The user's password: clients authenticate with it, and signalbox logs
+    /// in to the nodes as this user with it. Use `${ENV_VAR}`.
+    pub password: Option<String>,
+}
+
+impl Config {
+    /// Read, parse, interpolate `${ENV}` and check a config file.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        Self::parse(&text, path)
+    }
+
+    pub fn parse(text: &str, origin: &Path) -> Result<Self, ConfigError> {
+        let invalid = |message: String| ConfigError::Invalid {
+            path: origin.to_owned(),
+            message,
+        };
+        let mut c: Config = toml::from_str(text).map_err(|e| invalid(e.to_string()))?;
+        c.origin = origin.to_owned();
+        for (i, n) in c.nodes.iter_mut().enumerate() {
+            n.url = interpolate(&n.url).map_err(|e| invalid(format!("nodes[{i}].url: {e}")))?;
+        }
+        for (i, u) in c.auth.users.iter_mut().enumerate() {
+            if let Some(p) = &u.password {
+                u.password = Some(
+                    interpolate(p)
+                        .map_err(|e| invalid(format!("auth.users[{i}].password: {e}")))?,
+                );
+            }
+        }
+        c.check().map_err(invalid)?;
+        Ok(c)
+    }
+
+    fn check(&self) -> Result<(), String> {
+        if self.nodes.is_empty() {
+            return Err("nodes: at least one [[nodes]] entry is required".into());
+        }
+        let mut names = std::collections::HashSet::new();
+        for (i, n) in self.nodes.iter().enumerate() {
+            if !names.insert(n.name.as_str()) {
+                return Err(format!("nodes[{i}].name: duplicate node name `{}`", n.name));
+            }
+            crate::cluster::NodeAddr::parse(&n.url).map_err(|e| format!("nodes[{i}].url: {e}"))?;
+        }
+        if self
+            .nodes
+            .iter()
+            .filter(|n| n.role == NodeRole::Primary)
+            .count()
+            > 1
+        {
+            return Err("nodes: more than one node has role = \"primary\"".into());
+        }
+        if self.pool.size == 0 {
+            return Err("pool.size: must be at least 1".into());
+        }
+        if self.auth.method == AuthMethod::ScramSha256 {
+            if let Some(u) = self.auth.users.iter().find(|u| u.password.is_none()) {
+                return Err(format!(
+                    "auth.users: `{}` has no password but auth.method is scram-sha-256",
+                    u.name
+                ));
+            }
+        }
+        if let Some(p) = &self.policy {
+            p.check(&self.origin).map_err(|e| match e {
+                ConfigError::Invalid { message, .. } => message,
+                other => other.to_string(),
+            })?;
+        }
+        Ok(())
+    }
+
+    /// The directory relative paths in this file start from.
+    pub fn base_dir(&self) -> PathBuf {
+        self.origin
+            .parent()
+            .map(Path::to_path_buf)
+            .unwrap_or_else(|| PathBuf::from("."))
+    }
+
+    pub fn password_for(&self, user: &str) -> Option<&str> {
+        self.auth
+            .users
+            .iter()
+            .find(|u| u.name == user)
+            .and_then(|u| u.password.as_deref())
+    }
+
+    /// Whether a client of `user` on `database` gets session pooling.
+    pub fn session_pooling(&self, user: &str, database: &str) -> bool {
+        self.pool.mode == PoolMode::Session
+            || self.pool.session_users.iter().any(|u| u == user)
+            || self.pool.session_databases.iter().any(|d| d == database)
+    }
+}
+
+/// Replace `${NAME}` with the environment variable's value; a missing
+/// variable is an error naming it. `$${` writes a literal `${`.
+pub fn interpolate(text: &str) -> Result<String, String> {
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text;
+    while let Some(i) = rest.find('$') {
+        out.push_str(&rest[..i]);
+        let tail = &rest[i..];
+        if let Some(t) = tail.strip_prefix("$${") {
+            out.push_str("${");
+            rest = t;
+        } else if let Some(t) = tail.strip_prefix("${") {
+            let end = t
+                .find('}')
+                .ok_or_else(|| "unterminated `${` (write `$${` for a literal)".to_string())?;
+            let name = &t[..end];
+            let value = std::env::var(name)
+                .map_err(|_| format!("environment variable `{name}` is not set"))?;
+            out.push_str(&value);
+            rest = &t[end + 1..];
+        } else {
+            out.push('$');
+            rest = &tail[1..];
+        }
+    }
+    out.push_str(rest);
+    Ok(out)
+}
 
 use crate::policy::{Fallback, Limits, PolicySettings, RollbackSettings};
 
@@ -116,7 +382,7 @@ impl PolicyConfig {
         Ok(w.policy)
     }
 
-    fn check(&self, origin: &Path) -> Result<(), ConfigError> {
+    pub(crate) fn check(&self, origin: &Path) -> Result<(), ConfigError> {
         let bad = |key: &str, why: &str| ConfigError::Invalid {
             path: origin.to_owned(),
             message: format!("policy.{key}: {why}"),
@@ -175,6 +441,75 @@ pub mod duration_ms {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    const FULL: &str = r#"
+        listen = "127.0.0.1:6432"
+        admin_listen = "127.0.0.1:9930"
+        [[nodes]]
+        name = "primary"
+        url = "postgres://postgres:${SB_TEST_PW}@127.0.0.1:5433/postgres"
+        role = "primary"
+        [[nodes]]
+        name = "replica-1"
+        url = "postgres://postgres@127.0.0.1:5434/postgres"
+        tags = { zone = "eu-1a" }
+        [pool]
+        size = 5
+        session_databases = ["analytics"]
+        [auth]
+        method = "scram-sha-256"
+        [[auth.users]]
+        name = "app"
+        password = "${SB_TEST_PW}"
+    "#;
+
+    #[test]
+    fn full_config_with_env() {
+        std::env::set_var("SB_TEST_PW", "s3cret");
+        let c = Config::parse(FULL, Path::new("sb.toml")).unwrap();
+        assert_eq!(c.nodes.len(), 2);
+        assert!(c.nodes[0].url.contains(":s3cret@"));
+        assert_eq!(c.nodes[1].role, NodeRole::Auto);
+        assert_eq!(c.password_for("app"), Some("s3cret"));
+        assert!(c.session_pooling("app", "analytics"));
+        assert!(!c.session_pooling("app", "shop"));
+    }
+
+    #[test]
+    fn errors_name_file_key_and_reason() {
+        std::env::set_var("SB_TEST_PW", "x");
+        let e = Config::parse(&FULL.replace("size = 5", "sise = 5"), Path::new("sb.toml"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("sb.toml") && e.contains("sise") && e.contains("line"),
+            "{e}"
+        );
+        let e = Config::parse(
+            &FULL.replace("SB_TEST_PW}@", "SB_NOPE_PW}@"),
+            Path::new("sb.toml"),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains("nodes[0].url") && e.contains("SB_NOPE_PW"),
+            "{e}"
+        );
+        let e = Config::parse(
+            &FULL.replace("127.0.0.1:5434", "127.0.0.1:notaport"),
+            Path::new("sb.toml"),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("nodes[1].url"), "{e}");
+    }
+
+    #[test]
+    fn interpolation() {
+        std::env::set_var("SB_TEST_X", "v");
+        assert_eq!(interpolate("a${SB_TEST_X}b$${c}$d").unwrap(), "avb${c}$d");
+        assert!(interpolate("${SB_TEST_X").is_err());
+    }
 
     #[test]
     fn parses_and_maps() {

@@ -9,9 +9,15 @@
 //! - [`sql`]: SQL text handling (routing hints);
 //! - [`cli`]: the `signalbox` command line.
 
+pub mod admin;
 pub mod cli;
+pub mod cluster;
 pub mod config;
+pub mod local;
 pub mod policy;
+pub mod proxy;
 pub mod route;
 pub mod router;
+pub mod server;
 pub mod sql;
+pub mod wire;

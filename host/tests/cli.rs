@@ -44,7 +44,13 @@ fn build(dir: &Path, out: &Path) {
 #[test]
 fn scaffold_test_build_check_and_run() {
     let tmp = tempfile::tempdir().unwrap();
-    let o = signalbox(&["policy", "new", "my-router", "--dir", tmp.path().to_str().unwrap()]);
+    let o = signalbox(&[
+        "policy",
+        "new",
+        "my-router",
+        "--dir",
+        tmp.path().to_str().unwrap(),
+    ]);
     assert!(o.status.success(), "{}", text(&o));
     let crate_dir = tmp.path().join("my-router");
     for f in ["Cargo.toml", "src/lib.rs", "fixtures.toml", "README.md"] {
@@ -60,7 +66,11 @@ fn scaffold_test_build_check_and_run() {
         .output()
         .unwrap();
     assert!(t.status.success(), "{}", text(&t));
-    assert!(text(&t).contains("test result: ok. 2 passed"), "{}", text(&t));
+    assert!(
+        text(&t).contains("test result: ok. 2 passed"),
+        "{}",
+        text(&t)
+    );
 
     let wasm = tmp.path().join("my_router.wasm");
     build(&crate_dir, &wasm);
@@ -98,7 +108,11 @@ fn scaffold_test_build_check_and_run() {
         fixtures.to_str().unwrap(),
     ]);
     assert!(!r.status.success());
-    assert!(text(&r).contains("FAIL reads go to the least loaded"), "{}", text(&r));
+    assert!(
+        text(&r).contains("FAIL reads go to the least loaded"),
+        "{}",
+        text(&r)
+    );
     assert!(text(&r).contains("2 passed, 1 failed"), "{}", text(&r));
 }
 
@@ -109,19 +123,35 @@ fn sql_mode_bench_and_errors() {
     build(&root().join("policies/rw-split"), &wasm);
     let w = wasm.to_str().unwrap();
 
-    let r = signalbox(&["policy", "test", w, "--sql", "SELECT * FROM users WHERE id = 1"]);
+    let r = signalbox(&[
+        "policy",
+        "test",
+        w,
+        "--sql",
+        "SELECT * FROM users WHERE id = 1",
+    ]);
     let out = text(&r);
     assert!(r.status.success(), "{out}");
     assert!(out.contains("decision:    replica replica-1"), "{out}");
     assert!(out.contains("reason:      read"), "{out}");
     assert!(out.contains("instructions: "), "{out}");
 
-    let r = signalbox(&["policy", "test", w, "--sql", "/* signalbox: route=primary */ SELECT 1"]);
+    let r = signalbox(&[
+        "policy",
+        "test",
+        w,
+        "--sql",
+        "/* signalbox: route=primary */ SELECT 1",
+    ]);
     assert!(text(&r).contains("reason:      hint"), "{}", text(&r));
 
     // A write the policy would send anywhere still lands on the primary.
     let r = signalbox(&["policy", "test", w, "--sql", "UPDATE t SET a = 1"]);
-    assert!(text(&r).contains("after guardrails: Node(0)"), "{}", text(&r));
+    assert!(
+        text(&r).contains("after guardrails: Node(0)"),
+        "{}",
+        text(&r)
+    );
 
     let b = signalbox(&["policy", "bench", w, "--iterations", "2000"]);
     let out = text(&b);

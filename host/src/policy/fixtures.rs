@@ -198,7 +198,7 @@ pub fn smoke_inputs() -> Vec<RouteInput> {
 /// The "realistic" routing input used by `policy bench` and the criterion
 /// benches: 8 backends with two tags each and a ~200-character statement.
 pub fn realistic_input() -> RouteInput {
-        let zones = ["eu-1a", "eu-1b", "eu-1c"];
+    let zones = ["eu-1a", "eu-1b", "eu-1c"];
     let nodes = (0..8)
         .map(|i| NodeInfo {
             name: if i == 0 {
@@ -253,4 +253,3 @@ pub fn realistic_input() -> RouteInput {
         }),
     }
 }
-

@@ -98,10 +98,14 @@ impl HostState {
     /// The epoch deadline passed. The epoch is wall-clock time, so a call
     /// that was merely preempted (busy machine) looks the same as a runaway.
     /// Tell them apart by the thread's CPU time, read only on this slow path:
-    /// grant half a deadline more, then stop the call if it kept the CPU busy
-    /// for at least half of the extra time, or once it is far over budget.
+    /// from then on, check every tick and stop the call once it has kept the
+    /// CPU busy for a quarter deadline and at least half of the overtime, or
+    /// once it is far over budget whatever the reason.
+    fn now(&self) -> u64 {
+        self.determinism.now_ms.unwrap_or_else(kv::now_ms)
+    }
+
     fn on_deadline(&mut self) -> UpdateDeadline {
-        let step = (self.deadline_ticks / 2).max(1);
         let now = Instant::now();
         let cpu = thread_cpu_ns();
         let Some(first) = self.overtime else {
@@ -109,19 +113,16 @@ impl HostState {
                 wall: now,
                 cpu_ns: cpu,
             });
-            return UpdateDeadline::Continue(step);
+            return UpdateDeadline::Continue(1);
         };
         let wall = now.duration_since(first.wall);
         let busy = Duration::from_nanos(cpu.saturating_sub(first.cpu_ns));
-        if busy * 2 >= wall || wall > self.deadline * 8 {
+        let spinning = busy >= self.deadline / 4 && busy * 2 >= wall;
+        if spinning || wall > self.deadline * 8 {
             UpdateDeadline::Interrupt
         } else {
-            UpdateDeadline::Continue(step)
+            UpdateDeadline::Continue(1)
         }
-    }
-
-    fn now(&self) -> u64 {
-        self.determinism.now_ms.unwrap_or_else(kv::now_ms)
     }
 }
 

@@ -1,3 +1,4 @@
 //! SQL text handling: routing hints in leading comments.
 
+pub mod classify;
 pub mod hints;

@@ -1,0 +1,253 @@
+//! The admin HTTP API: `/health` for load balancers, `/status` (nodes, pools,
+//! the active policy and its reload history), `/metrics` (Prometheus text),
+//! and `POST /policy/reload`.
+
+use std::fmt::Write;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use axum::extract::State;
+use axum::http::{header, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde::Serialize;
+
+use crate::policy::{Outcome, PolicyManager, PolicyStatus};
+use crate::proxy::Shared;
+use crate::route::guardrails::Override;
+use crate::route::Role;
+
+#[derive(Clone)]
+struct AppState {
+    shared: Arc<Shared>,
+    policy: Arc<PolicyManager>,
+}
+
+pub fn router(shared: Arc<Shared>, policy: Arc<PolicyManager>) -> Router {
+    Router::new()
+        .route("/health", get(health))
+        .route("/status", get(status))
+        .route("/metrics", get(metrics))
+        .route("/policy/reload", post(reload))
+        .with_state(AppState { shared, policy })
+}
+
+async fn health(State(s): State<AppState>) -> Response {
+    let view = s.shared.cluster.view();
+    match view.primary() {
+        Some(_) => (StatusCode::OK, "ok\n").into_response(),
+        None => (StatusCode::SERVICE_UNAVAILABLE, "no healthy primary\n").into_response(),
+    }
+}
+
+#[derive(Serialize)]
+struct NodeStatus {
+    name: String,
+    role: Role,
+    healthy: bool,
+    lag_ms: Option<u32>,
+    lag_bytes: u64,
+    in_flight: u32,
+    idle: u32,
+    routed: u64,
+}
+
+#[derive(Serialize)]
+struct Status {
+    nodes: Vec<NodeStatus>,
+    sessions_active: u64,
+    policy: PolicyStatus,
+}
+
+async fn status(State(s): State<AppState>) -> Json<Status> {
+    let view = s.shared.cluster.view();
+    let idle = s.shared.cluster.pools.idle();
+    let nodes = view
+        .states
+        .iter()
+        .enumerate()
+        .map(|(i, st)| NodeStatus {
+            name: view.nodes[i].name.clone(),
+            role: st.role,
+            healthy: st.healthy,
+            lag_ms: st.lag_ms,
+            lag_bytes: st.lag_bytes,
+            in_flight: st.in_flight,
+            idle: idle[i],
+            routed: s.shared.metrics.routed[i].load(Ordering::Relaxed),
+        })
+        .collect();
+    Json(Status {
+        nodes,
+        sessions_active: s.shared.metrics.sessions_active.load(Ordering::Relaxed),
+        policy: s.policy.status(),
+    })
+}
+
+async fn metrics(State(s): State<AppState>) -> Response {
+    let m = &s.shared.metrics;
+    let view = s.shared.cluster.view();
+    let p = s.policy.status();
+    let mut out = String::new();
+    let mut metric = |name: &str, kind: &str, help: &str, rows: Vec<(String, u64)>| {
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+        for (labels, v) in rows {
+            let _ = writeln!(out, "{name}{labels} {v}");
+        }
+    };
+    let node = |i: usize| format!("{{node=\"{}\"}}", view.nodes[i].name);
+    metric(
+        "signalbox_sessions_active",
+        "gauge",
+        "Client sessions connected.",
+        vec![(String::new(), m.sessions_active.load(Ordering::Relaxed))],
+    );
+    metric(
+        "signalbox_sessions_total",
+        "counter",
+        "Client sessions accepted.",
+        vec![(String::new(), m.sessions_total.load(Ordering::Relaxed))],
+    );
+    metric(
+        "signalbox_routed_total",
+        "counter",
+        "Statements or transactions routed, by node.",
+        (0..view.nodes.len())
+            .map(|i| (node(i), m.routed[i].load(Ordering::Relaxed)))
+            .collect(),
+    );
+    metric(
+        "signalbox_routed_read_only_total",
+        "counter",
+        "Routed statements classified read-only.",
+        vec![(String::new(), m.routed_read_only.load(Ordering::Relaxed))],
+    );
+    metric(
+        "signalbox_rejected_total",
+        "counter",
+        "Statements rejected by the policy.",
+        vec![(String::new(), m.rejected.load(Ordering::Relaxed))],
+    );
+    metric(
+        "signalbox_cancel_requests_total",
+        "counter",
+        "Cancel requests forwarded.",
+        vec![(String::new(), m.cancels.load(Ordering::Relaxed))],
+    );
+    metric(
+        "signalbox_protocol_errors_total",
+        "counter",
+        "Connections closed for protocol violations at startup.",
+        vec![(String::new(), m.protocol_errors.load(Ordering::Relaxed))],
+    );
+    metric(
+        "signalbox_guardrail_overrides_total",
+        "counter",
+        "Policy decisions changed by the host's guardrails, by kind.",
+        Override::ALL
+            .iter()
+            .map(|k| {
+                (
+                    format!("{{kind=\"{}\"}}", k.as_str()),
+                    s.shared.router.stats.overrides(*k),
+                )
+            })
+            .collect(),
+    );
+    let f = p.fallbacks;
+    metric(
+        "signalbox_policy_fallbacks_total",
+        "counter",
+        "Policy calls that failed and used the fallback, by kind.",
+        [
+            ("trap", f.trap),
+            ("timeout", f.timeout),
+            ("out_of_memory", f.out_of_memory),
+            ("invalid", f.invalid),
+            ("instantiate", f.instantiate),
+        ]
+        .into_iter()
+        .map(|(k, v)| (format!("{{kind=\"{k}\"}}"), v))
+        .collect(),
+    );
+    metric(
+        "signalbox_policy_decisions_total",
+        "counter",
+        "Routing decisions made.",
+        vec![(
+            String::new(),
+            s.shared.router.stats.decisions.load(Ordering::Relaxed),
+        )],
+    );
+    metric(
+        "signalbox_policy_reloads_total",
+        "counter",
+        "Policy reload attempts by result.",
+        vec![
+            ("{result=\"ok\"}".into(), p.reloads_ok),
+            ("{result=\"failed\"}".into(), p.reloads_failed),
+        ],
+    );
+    metric(
+        "signalbox_policy_rollbacks_total",
+        "counter",
+        "Automatic rollbacks of a misbehaving policy version.",
+        vec![(String::new(), p.rollbacks)],
+    );
+    metric(
+        "signalbox_node_up",
+        "gauge",
+        "1 if the node answers health probes.",
+        (0..view.nodes.len())
+            .map(|i| (node(i), u64::from(view.states[i].healthy)))
+            .collect(),
+    );
+    metric(
+        "signalbox_node_primary",
+        "gauge",
+        "1 if the node reports it is a primary.",
+        (0..view.nodes.len())
+            .map(|i| (node(i), u64::from(view.states[i].role == Role::Primary)))
+            .collect(),
+    );
+    metric(
+        "signalbox_node_lag_bytes",
+        "gauge",
+        "WAL bytes the node has not replayed yet.",
+        (0..view.nodes.len())
+            .map(|i| (node(i), view.states[i].lag_bytes))
+            .collect(),
+    );
+    metric(
+        "signalbox_node_lag_ms",
+        "gauge",
+        "Replay lag in milliseconds.",
+        (0..view.nodes.len())
+            .map(|i| (node(i), u64::from(view.states[i].lag_ms.unwrap_or(0))))
+            .collect(),
+    );
+    metric(
+        "signalbox_node_in_flight",
+        "gauge",
+        "Backend connections checked out.",
+        (0..view.nodes.len())
+            .map(|i| (node(i), u64::from(view.states[i].in_flight)))
+            .collect(),
+    );
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], out).into_response()
+}
+
+async fn reload(State(s): State<AppState>) -> Response {
+    let policy = s.policy.clone();
+    match tokio::task::spawn_blocking(move || policy.reload("api")).await {
+        Ok(event) => {
+            let code = match event.outcome {
+                Outcome::Rejected { .. } => StatusCode::UNPROCESSABLE_ENTITY,
+                _ => StatusCode::OK,
+            };
+            (code, Json(event)).into_response()
+        }
+        Err(e) => (StatusCode::INTERNAL_SERVER_ERROR, e.to_string()).into_response(),
+    }
+}

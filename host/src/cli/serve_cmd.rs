@@ -1,0 +1,108 @@
+//! `signalbox serve` and `signalbox demo`.
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use anyhow::{Context, Result};
+
+use crate::config::Config;
+use crate::local::LocalCluster;
+use crate::policy::build::{build_policy, BuildOptions};
+use crate::server::Server;
+
+fn runtime() -> Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")
+}
+
+pub fn serve(path: &Path) -> Result<ExitCode> {
+    let config = Config::load(path)?;
+    runtime()?.block_on(async {
+        let mut server = Server::start(config).await?;
+        server.reload_on_sighup()?;
+        println!("signalbox listening on {}", server.addr);
+        tokio::signal::ctrl_c().await?;
+        tracing::info!("shutting down");
+        Ok(ExitCode::SUCCESS)
+    })
+}
+
+/// Where the example policies are, when running from the source tree.
+fn example_policy_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../policies/rw-split")
+}
+
+pub fn demo(port: u16, admin_port: u16) -> Result<ExitCode> {
+    println!("starting a local primary and two streaming replicas ...");
+    let cluster = LocalCluster::start(2)?;
+    let dir = cluster.dir.path().to_path_buf();
+    cluster.psql(
+        cluster.primary.port,
+        "CREATE TABLE IF NOT EXISTS greetings (id serial PRIMARY KEY, msg text NOT NULL); \
+         INSERT INTO greetings (msg) VALUES ('hello from the primary')",
+    )?;
+    let policy = if example_policy_dir().is_dir() {
+        println!("building the rw-split policy ...");
+        let out = dir.join("rw-split.wasm");
+        let opts = BuildOptions {
+            out: Some(out.clone()),
+            quiet: true,
+            ..Default::default()
+        };
+        build_policy(&example_policy_dir(), &opts)?;
+        format!("[policy]\npath = {:?}\n", out.display().to_string())
+    } else {
+        println!("(policies/ not found next to this binary: using built-in routing)");
+        String::new()
+    };
+    let mut text = format!(
+        "listen = \"127.0.0.1:{port}\"\nadmin_listen = \"127.0.0.1:{admin_port}\"\n\n{policy}\n"
+    );
+    for n in cluster.all_nodes() {
+        let role = if n.name == "primary" {
+            "primary"
+        } else {
+            "replica"
+        };
+        text.push_str(&format!(
+            "[[nodes]]\nname = \"{}\"\nurl = \"postgres://postgres@127.0.0.1:{}/postgres\"\nrole = \"{role}\"\n\n",
+            n.name, n.port
+        ));
+    }
+    let config_path = dir.join("signalbox.toml");
+    std::fs::write(&config_path, &text)?;
+    let config = Config::load(&config_path)?;
+    runtime()?.block_on(async {
+        let mut server = Server::start(config).await?;
+        server.reload_on_sighup()?;
+        println!();
+        println!(
+            "signalbox is routing on 127.0.0.1:{port}  (config: {})",
+            config_path.display()
+        );
+        println!("  connect:  psql \"postgres://postgres@127.0.0.1:{port}/postgres\"");
+        println!("  try:      SELECT inet_server_port(), pg_is_in_recovery(), * FROM greetings;");
+        println!(
+            "            INSERT INTO greetings (msg) VALUES ('hi') RETURNING inet_server_port();"
+        );
+        println!(
+            "  nodes:    {}",
+            cluster
+                .all_nodes()
+                .map(|n| format!("{}={}", n.name, n.port))
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+        println!(
+            "  admin:    curl 127.0.0.1:{admin_port}/status   curl 127.0.0.1:{admin_port}/metrics"
+        );
+        println!("Ctrl-C stops everything and removes the cluster.");
+        tokio::signal::ctrl_c().await?;
+        Ok::<_, anyhow::Error>(())
+    })?;
+    drop(cluster);
+    println!("stopped; the throwaway cluster is gone");
+    Ok(ExitCode::SUCCESS)
+}

@@ -1,0 +1,260 @@
+//! One authenticated connection to a node (the data path). Authentication
+//! (trust, cleartext, MD5, SCRAM-SHA-256) uses `postgres-protocol`; after
+//! that, messages are forwarded as raw frames.
+
+use std::collections::HashSet;
+use std::time::{Duration, Instant};
+
+use bytes::BytesMut;
+use postgres_protocol::authentication::sasl::{ChannelBinding, ScramSha256};
+use postgres_protocol::message::{backend, frontend};
+use tokio::io::AsyncWriteExt;
+use tokio::net::TcpStream;
+
+use crate::route::NodeId;
+use crate::wire::{self, Frame, WireError};
+
+/// Why a backend connection could not be made or used.
+#[derive(Debug, thiserror::Error)]
+pub enum BackendError {
+    #[error("cannot connect to node {node} ({addr}): {source}")]
+    Connect {
+        node: String,
+        addr: String,
+        source: std::io::Error,
+    },
+    #[error("timed out connecting to node {node} ({addr})")]
+    ConnectTimeout { node: String, addr: String },
+    /// PostgreSQL refused us (wrong password, unknown database, ...).
+    #[error("node {node}: {message}")]
+    Server {
+        node: String,
+        code: String,
+        message: String,
+    },
+    #[error("node {node}: {detail}")]
+    Protocol { node: String, detail: String },
+    #[error("node {node}: {source}")]
+    Wire { node: String, source: WireError },
+}
+
+impl BackendError {
+    /// The SQLSTATE a client should see for this failure.
+    pub fn sqlstate(&self) -> &str {
+        match self {
+            BackendError::Server { code, .. } => code,
+            // connection_failure / cannot_connect_now
+            _ => "08006",
+        }
+    }
+}
+
+/// What a caller needs to log in.
+#[derive(Clone, Debug)]
+pub struct LoginSpec {
+    pub node_name: String,
+    pub addr: String,
+    pub user: String,
+    pub password: Option<String>,
+    pub database: String,
+    pub connect_timeout: Duration,
+}
+
+pub struct BackendConn {
+    pub node: NodeId,
+    pub stream: TcpStream,
+    /// Bytes read past the last frame.
+    pub rbuf: BytesMut,
+    /// ParameterStatus values the server reported at startup.
+    pub params: Vec<(String, String)>,
+    /// Process id and secret, for cancel requests.
+    pub key: (i32, i32),
+    pub addr: String,
+    /// Server-side names of statements prepared on this connection.
+    pub prepared: HashSet<String>,
+    /// Fingerprint of the session state (SETs) last applied here.
+    pub state_key: u64,
+    /// A protocol error or I/O failure happened: never reuse.
+    pub broken: bool,
+    pub created: Instant,
+}
+
+impl BackendConn {
+    pub async fn connect(node: NodeId, spec: &LoginSpec) -> Result<Self, BackendError> {
+        let stream = tokio::time::timeout(spec.connect_timeout, TcpStream::connect(&spec.addr))
+            .await
+            .map_err(|_| BackendError::ConnectTimeout {
+                node: spec.node_name.clone(),
+                addr: spec.addr.clone(),
+            })?
+            .map_err(|source| BackendError::Connect {
+                node: spec.node_name.clone(),
+                addr: spec.addr.clone(),
+                source,
+            })?;
+        let _ = stream.set_nodelay(true);
+        let mut conn = Self {
+            node,
+            stream,
+            rbuf: BytesMut::with_capacity(16 * 1024),
+            params: Vec::new(),
+            key: (0, 0),
+            addr: spec.addr.clone(),
+            prepared: HashSet::new(),
+            state_key: 0,
+            broken: false,
+            created: Instant::now(),
+        };
+        tokio::time::timeout(spec.connect_timeout, conn.startup(spec))
+            .await
+            .map_err(|_| BackendError::ConnectTimeout {
+                node: spec.node_name.clone(),
+                addr: spec.addr.clone(),
+            })??;
+        Ok(conn)
+    }
+
+    async fn startup(&mut self, spec: &LoginSpec) -> Result<(), BackendError> {
+        let node = || spec.node_name.clone();
+        let proto = |detail: String| BackendError::Protocol {
+            node: spec.node_name.clone(),
+            detail,
+        };
+        let mut out = BytesMut::new();
+        let params = [
+            ("user", spec.user.as_str()),
+            ("database", spec.database.as_str()),
+            ("application_name", "signalbox"),
+            ("client_encoding", "UTF8"),
+        ];
+        frontend::startup_message(params, &mut out).map_err(|e| proto(e.to_string()))?;
+        self.send(&out, &spec.node_name).await?;
+        let password = || {
+            spec.password.clone().ok_or_else(|| BackendError::Server {
+                node: node(),
+                code: "28P01".into(),
+                message: format!(
+                    "node asks for a password for user \"{}\" and none is configured",
+                    spec.user
+                ),
+            })
+        };
+        let mut scram: Option<ScramSha256> = None;
+        loop {
+            let frame = self.next(&spec.node_name).await?;
+            let mut raw = BytesMut::new();
+            frame.encode_into(&mut raw);
+            let msg = backend::Message::parse(&mut raw)
+                .map_err(|e| proto(e.to_string()))?
+                .ok_or_else(|| proto("truncated message".into()))?;
+            let mut out = BytesMut::new();
+            match msg {
+                backend::Message::AuthenticationOk => {}
+                backend::Message::AuthenticationCleartextPassword => {
+                    frontend::password_message(password()?.as_bytes(), &mut out)
+                        .map_err(|e| proto(e.to_string()))?;
+                }
+                backend::Message::AuthenticationMd5Password(body) => {
+                    let hash = postgres_protocol::authentication::md5_hash(
+                        spec.user.as_bytes(),
+                        password()?.as_bytes(),
+                        body.salt(),
+                    );
+                    frontend::password_message(hash.as_bytes(), &mut out)
+                        .map_err(|e| proto(e.to_string()))?;
+                }
+                backend::Message::AuthenticationSasl(_) => {
+                    let s = ScramSha256::new(password()?.as_bytes(), ChannelBinding::unsupported());
+                    frontend::sasl_initial_response("SCRAM-SHA-256", s.message(), &mut out)
+                        .map_err(|e| proto(e.to_string()))?;
+                    scram = Some(s);
+                }
+                backend::Message::AuthenticationSaslContinue(body) => {
+                    let s = scram
+                        .as_mut()
+                        .ok_or_else(|| proto("unexpected SASL continue".into()))?;
+                    s.update(body.data()).map_err(|e| proto(e.to_string()))?;
+                    frontend::sasl_response(s.message(), &mut out)
+                        .map_err(|e| proto(e.to_string()))?;
+                }
+                backend::Message::AuthenticationSaslFinal(body) => {
+                    let mut s = scram
+                        .take()
+                        .ok_or_else(|| proto("unexpected SASL final".into()))?;
+                    s.finish(body.data()).map_err(|e| proto(e.to_string()))?;
+                }
+                backend::Message::ParameterStatus(body) => {
+                    let name = body.name().map_err(|e| proto(e.to_string()))?;
+                    let value = body.value().map_err(|e| proto(e.to_string()))?;
+                    self.params.push((name.to_owned(), value.to_owned()));
+                }
+                backend::Message::BackendKeyData(body) => {
+                    self.key = (body.process_id(), body.secret_key());
+                }
+                backend::Message::ReadyForQuery(_) => return Ok(()),
+                backend::Message::ErrorResponse(_) => {
+                    let (code, message) = wire::error_fields(&frame.body);
+                    return Err(BackendError::Server {
+                        node: node(),
+                        code,
+                        message,
+                    });
+                }
+                backend::Message::NoticeResponse(_) => {}
+                _ => {
+                    return Err(proto(format!(
+                        "unexpected message '{}' during startup",
+                        frame.tag as char
+                    )))
+                }
+            }
+            if !out.is_empty() {
+                self.send(&out, &spec.node_name).await?;
+            }
+        }
+    }
+
+    async fn send(&mut self, bytes: &[u8], node: &str) -> Result<(), BackendError> {
+        self.stream
+            .write_all(bytes)
+            .await
+            .map_err(|e| BackendError::Wire {
+                node: node.to_owned(),
+                source: e.into(),
+            })
+    }
+
+    async fn next(&mut self, node: &str) -> Result<Frame, BackendError> {
+        wire::read_frame(&mut self.stream, &mut self.rbuf, usize::MAX >> 1)
+            .await
+            .map_err(|source| BackendError::Wire {
+                node: node.to_owned(),
+                source,
+            })
+    }
+
+    /// Run a simple query whose results nobody sees (state replay, probes).
+    /// Returns the first error's (SQLSTATE, message), if any.
+    pub async fn execute_silently(
+        &mut self,
+        sql: &str,
+    ) -> Result<Option<(String, String)>, WireError> {
+        let mut out = BytesMut::new();
+        wire::query(&mut out, sql);
+        self.stream.write_all(&out).await?;
+        let mut error = None;
+        loop {
+            let f = wire::read_frame(&mut self.stream, &mut self.rbuf, usize::MAX >> 1).await?;
+            match f.tag {
+                b'E' if error.is_none() => error = Some(wire::error_fields(&f.body)),
+                b'Z' => {
+                    if f.body.first() != Some(&b'I') {
+                        self.broken = true;
+                    }
+                    return Ok(error);
+                }
+                _ => {}
+            }
+        }
+    }
+}

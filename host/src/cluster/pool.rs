@@ -1,0 +1,265 @@
+//! Pools of authenticated backend connections, one per (node, user,
+//! database), on `deadpool`: checkout with a timeout, size limits, recycling.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use deadpool::managed::{self, Metrics, Object, PoolError, RecycleError, RecycleResult, Timeouts};
+
+use super::backend::{BackendConn, BackendError, LoginSpec};
+use crate::route::NodeId;
+
+pub struct Manager {
+    node: NodeId,
+    spec: LoginSpec,
+    idle_timeout: Duration,
+}
+
+impl managed::Manager for Manager {
+    type Type = BackendConn;
+    type Error = BackendError;
+
+    async fn create(&self) -> Result<BackendConn, BackendError> {
+        BackendConn::connect(self.node, &self.spec).await
+    }
+
+    async fn recycle(
+        &self,
+        conn: &mut BackendConn,
+        metrics: &Metrics,
+    ) -> RecycleResult<BackendError> {
+        if conn.broken || !conn.rbuf.is_empty() {
+            return Err(RecycleError::message("connection is broken"));
+        }
+        if metrics.last_used() > self.idle_timeout {
+            return Err(RecycleError::message("idle too long"));
+        }
+        Ok(())
+    }
+}
+
+pub type Pool = managed::Pool<Manager>;
+pub type Pooled = Object<Manager>;
+
+/// Why no connection could be checked out.
+#[derive(Debug, thiserror::Error)]
+pub enum CheckoutError {
+    #[error("no connection to node {node} became free within {waited_ms} ms (pool size {size})")]
+    Exhausted {
+        node: String,
+        waited_ms: u64,
+        size: usize,
+    },
+    #[error("{0}")]
+    Backend(#[from] BackendError),
+    #[error("pool for node {0} is closed")]
+    Closed(String),
+}
+
+impl CheckoutError {
+    pub fn sqlstate(&self) -> &str {
+        match self {
+            // too_many_connections
+            CheckoutError::Exhausted { .. } => "53300",
+            CheckoutError::Backend(e) => e.sqlstate(),
+            CheckoutError::Closed(_) => "08006",
+        }
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct PoolSettings {
+    pub size: usize,
+    pub checkout_timeout: Duration,
+    pub connect_timeout: Duration,
+    pub idle_timeout: Duration,
+}
+
+/// Where and how to log in to one node.
+#[derive(Clone, Debug)]
+pub struct NodeLogin {
+    pub name: String,
+    pub addr: String,
+}
+
+/// All data-path pools, plus live per-node counters the router reads.
+pub struct Pools {
+    nodes: Vec<NodeLogin>,
+    settings: PoolSettings,
+    pools: Mutex<HashMap<(NodeId, String, String), Pool>>,
+    in_flight: Arc<[AtomicU32]>,
+}
+
+impl Pools {
+    pub fn new(nodes: Vec<NodeLogin>, settings: PoolSettings) -> Self {
+        let in_flight: Arc<[AtomicU32]> = nodes.iter().map(|_| AtomicU32::new(0)).collect();
+        Self {
+            nodes,
+            settings,
+            pools: Mutex::default(),
+            in_flight,
+        }
+    }
+
+    fn pool(&self, node: NodeId, user: &str, password: Option<&str>, database: &str) -> Pool {
+        let mut pools = self.pools.lock().unwrap_or_else(|p| p.into_inner());
+        let key = (node, user.to_owned(), database.to_owned());
+        if let Some(p) = pools.get(&key) {
+            return p.clone();
+        }
+        let login = &self.nodes[node as usize];
+        let manager = Manager {
+            node,
+            spec: LoginSpec {
+                node_name: login.name.clone(),
+                addr: login.addr.clone(),
+                user: user.to_owned(),
+                password: password.map(str::to_owned),
+                database: database.to_owned(),
+                connect_timeout: self.settings.connect_timeout,
+            },
+            idle_timeout: self.settings.idle_timeout,
+        };
+        let pool = Pool::builder(manager)
+            .max_size(self.settings.size)
+            .runtime(deadpool::Runtime::Tokio1)
+            .build()
+            .expect("a pool with a runtime and a positive size always builds");
+        pools.insert(key, pool.clone());
+        pool
+    }
+
+    /// A connection to `node` as `user` on `database`, waiting at most the
+    /// checkout timeout.
+    pub async fn checkout(
+        &self,
+        node: NodeId,
+        user: &str,
+        password: Option<&str>,
+        database: &str,
+    ) -> Result<Lease, CheckoutError> {
+        let pool = self.pool(node, user, password, database);
+        let timeouts = Timeouts {
+            wait: Some(self.settings.checkout_timeout),
+            create: Some(self.settings.connect_timeout),
+            recycle: Some(Duration::from_secs(1)),
+        };
+        let name = || self.nodes[node as usize].name.clone();
+        match pool.timeout_get(&timeouts).await {
+            Ok(conn) => {
+                self.in_flight[node as usize].fetch_add(1, Ordering::Relaxed);
+                Ok(Lease {
+                    conn: Some(conn),
+                    counters: self.in_flight.clone(),
+                    node,
+                })
+            }
+            Err(PoolError::Timeout(managed::TimeoutType::Wait)) => Err(CheckoutError::Exhausted {
+                node: name(),
+                waited_ms: self.settings.checkout_timeout.as_millis() as u64,
+                size: self.settings.size,
+            }),
+            Err(PoolError::Backend(e)) => Err(e.into()),
+            Err(PoolError::Timeout(_)) => {
+                Err(CheckoutError::Backend(BackendError::ConnectTimeout {
+                    node: name(),
+                    addr: self.nodes[node as usize].addr.clone(),
+                }))
+            }
+            Err(PoolError::Closed) => Err(CheckoutError::Closed(name())),
+            Err(e) => Err(CheckoutError::Backend(BackendError::Protocol {
+                node: name(),
+                detail: e.to_string(),
+            })),
+        }
+    }
+
+    pub fn in_flight(&self, node: NodeId) -> u32 {
+        self.in_flight[node as usize].load(Ordering::Relaxed)
+    }
+
+    /// Idle connections per node.
+    pub fn idle(&self) -> Vec<u32> {
+        let mut idle = vec![0u32; self.nodes.len()];
+        let pools = self.pools.lock().unwrap_or_else(|p| p.into_inner());
+        for ((node, _, _), p) in pools.iter() {
+            idle[*node as usize] += p.status().available as u32;
+        }
+        idle
+    }
+
+    /// Close idle connections to `database` (so `DROP DATABASE` is not
+    /// blocked by our pool) and to a node that went down.
+    pub fn drop_idle(&self, filter: impl Fn(NodeId, &str) -> bool) {
+        let pools: Vec<Pool> = {
+            let pools = self.pools.lock().unwrap_or_else(|p| p.into_inner());
+            pools
+                .iter()
+                .filter(|((n, _, db), _)| filter(*n, db))
+                .map(|(_, p)| p.clone())
+                .collect()
+        };
+        for p in pools {
+            p.retain(|_, _| false);
+        }
+    }
+
+    pub fn node_name(&self, node: NodeId) -> &str {
+        &self.nodes[node as usize].name
+    }
+}
+
+/// A checked-out connection; returning it (drop) updates the live counters.
+pub struct Lease {
+    conn: Option<Pooled>,
+    counters: Arc<[AtomicU32]>,
+    node: NodeId,
+}
+
+impl Lease {
+    pub fn node(&self) -> NodeId {
+        self.node
+    }
+
+    /// The backend's cancel key.
+    pub fn key(&self) -> (i32, i32) {
+        self.conn.as_ref().map(|c| c.key).unwrap_or_default()
+    }
+
+    /// The backend's address.
+    pub fn addr(&self) -> String {
+        self.conn
+            .as_ref()
+            .map(|c| c.addr.clone())
+            .unwrap_or_default()
+    }
+
+    pub fn conn(&mut self) -> &mut BackendConn {
+        self.conn
+            .as_mut()
+            .expect("lease holds a connection until dropped")
+    }
+
+    /// Drop the connection instead of returning it to the pool.
+    pub fn discard(mut self) {
+        if let Some(c) = self.conn.take() {
+            let _ = Object::take(c);
+        }
+    }
+}
+
+impl Drop for Lease {
+    fn drop(&mut self) {
+        self.counters[self.node as usize].fetch_sub(1, Ordering::Relaxed);
+        if let Some(c) = self.conn.take() {
+            if c.broken {
+                let _ = Object::take(c);
+            }
+        }
+    }
+}
+
+/// Shared handle.
+pub type SharedPools = Arc<Pools>;

@@ -1,0 +1,241 @@
+//! Relaying a backend's answers to the client, frame by frame, without
+//! decoding rows. A *plan* lists the responses the backend owes for what was
+//! sent; it lets the relay drop answers to messages signalbox injected (a
+//! re-`Parse` on a connection that lacked the statement), emit answers for
+//! messages it did not forward (a `Parse` the connection already had), and
+//! know when the exchange is complete.
+
+use std::collections::VecDeque;
+
+use bytes::{Buf, BytesMut};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+
+use crate::cluster::backend::BackendConn;
+use crate::wire::{self, Frame, WireError};
+
+/// One response the backend owes (or signalbox must make up).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Step {
+    /// A simple `Query`: everything up to its `ReadyForQuery`.
+    Query,
+    Parse {
+        forward: bool,
+    },
+    Bind,
+    DescribeStatement,
+    DescribePortal,
+    Execute,
+    Close,
+    Sync,
+    /// Send `ParseComplete` to the client ourselves.
+    SynthParse,
+    /// Send `CloseComplete` to the client ourselves.
+    SynthClose,
+}
+
+/// What the exchange ended with.
+#[derive(Debug, Default)]
+pub struct Outcome {
+    /// Transaction status of the last `ReadyForQuery`, if one arrived.
+    pub status: Option<u8>,
+    pub error: bool,
+    /// Tag of the last `CommandComplete`, e.g. `COMMIT`.
+    pub last_tag: Option<String>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum RelayError {
+    #[error("backend: {0}")]
+    Backend(WireError),
+    #[error("client: {0}")]
+    Client(WireError),
+}
+
+/// The client's socket halves and buffers.
+pub struct ClientIo {
+    pub read: OwnedReadHalf,
+    pub write: OwnedWriteHalf,
+    pub rbuf: BytesMut,
+    pub out: BytesMut,
+}
+
+impl ClientIo {
+    pub async fn flush(&mut self) -> Result<(), WireError> {
+        if !self.out.is_empty() {
+            self.write.write_all(&self.out).await?;
+            self.out.clear();
+        }
+        Ok(())
+    }
+
+    pub async fn next(&mut self) -> Result<Frame, WireError> {
+        wire::read_frame(&mut self.read, &mut self.rbuf, wire::MAX_CLIENT_MESSAGE).await
+    }
+}
+
+fn take_frame(buf: &mut BytesMut) -> Result<Option<Frame>, WireError> {
+    if buf.len() < 5 {
+        return Ok(None);
+    }
+    let len = i32::from_be_bytes([buf[1], buf[2], buf[3], buf[4]]);
+    if len < 4 {
+        return Err(WireError::Protocol(format!(
+            "invalid backend message length {len}"
+        )));
+    }
+    let total = len as usize + 1;
+    if buf.len() < total {
+        buf.reserve(total - buf.len());
+        return Ok(None);
+    }
+    let mut msg = buf.split_to(total);
+    let tag = msg[0];
+    msg.advance(5);
+    Ok(Some(Frame {
+        tag,
+        body: msg.freeze(),
+    }))
+}
+
+/// Relay until the plan is exhausted.
+pub async fn relay(
+    conn: &mut BackendConn,
+    client: &mut ClientIo,
+    plan: &mut VecDeque<Step>,
+) -> Result<Outcome, RelayError> {
+    let mut outcome = Outcome::default();
+    loop {
+        emit_synthetic(plan, &mut client.out);
+        if plan.is_empty() {
+            client.flush().await.map_err(RelayError::Client)?;
+            return Ok(outcome);
+        }
+        while let Some(frame) = take_frame(&mut conn.rbuf).map_err(RelayError::Backend)? {
+            emit_synthetic(plan, &mut client.out);
+            let copy_in = handle(&frame, plan, &mut outcome, &mut client.out);
+            if copy_in {
+                client.flush().await.map_err(RelayError::Client)?;
+                pump_copy_in(conn, client).await?;
+            }
+            if plan.is_empty() {
+                client.flush().await.map_err(RelayError::Client)?;
+                return Ok(outcome);
+            }
+            if client.out.len() > 64 * 1024 {
+                client.flush().await.map_err(RelayError::Client)?;
+            }
+        }
+        client.flush().await.map_err(RelayError::Client)?;
+        conn.rbuf.reserve(16 * 1024);
+        let n = conn
+            .stream
+            .read_buf(&mut conn.rbuf)
+            .await
+            .map_err(|e| RelayError::Backend(e.into()))?;
+        if n == 0 {
+            return Err(RelayError::Backend(WireError::Closed));
+        }
+    }
+}
+
+fn emit_synthetic(plan: &mut VecDeque<Step>, out: &mut BytesMut) {
+    while let Some(step) = plan.front() {
+        match step {
+            Step::SynthParse => wire::parse_complete(out),
+            Step::SynthClose => wire::close_complete(out),
+            _ => return,
+        }
+        plan.pop_front();
+    }
+}
+
+/// Process one backend frame; returns true when the backend now expects COPY
+/// data from the client.
+fn handle(
+    frame: &Frame,
+    plan: &mut VecDeque<Step>,
+    outcome: &mut Outcome,
+    out: &mut BytesMut,
+) -> bool {
+    let front = plan.front().copied();
+    let mut forward = true;
+    match frame.tag {
+        b'E' => {
+            outcome.error = true;
+            // After an error the backend skips to the next Sync; so must we.
+            while let Some(s) = plan.front() {
+                if matches!(s, Step::Sync | Step::Query) {
+                    break;
+                }
+                plan.pop_front();
+            }
+        }
+        b'Z' => {
+            outcome.status = frame.body.first().copied();
+            if matches!(front, Some(Step::Sync | Step::Query)) {
+                plan.pop_front();
+            }
+        }
+        b'1' => {
+            if let Some(Step::Parse { forward: f }) = front {
+                forward = f;
+                plan.pop_front();
+            }
+        }
+        b'2' if front == Some(Step::Bind) => {
+            plan.pop_front();
+        }
+        b'3' if front == Some(Step::Close) => {
+            plan.pop_front();
+        }
+        b'T' | b'n' if matches!(front, Some(Step::DescribeStatement | Step::DescribePortal)) => {
+            plan.pop_front();
+        }
+        b'C' | b'I' | b's' => {
+            if frame.tag == b'C' {
+                let tag = frame.body.strip_suffix(&[0]).unwrap_or(&frame.body);
+                outcome.last_tag = Some(String::from_utf8_lossy(tag).into_owned());
+            }
+            if front == Some(Step::Execute) {
+                plan.pop_front();
+            }
+        }
+        _ => {}
+    }
+    if forward {
+        frame.encode_into(out);
+    }
+    frame.tag == b'G'
+}
+
+/// Forward the client's COPY data until it ends the COPY.
+async fn pump_copy_in(conn: &mut BackendConn, client: &mut ClientIo) -> Result<(), RelayError> {
+    let mut chunk = BytesMut::with_capacity(64 * 1024);
+    loop {
+        let f = client.next().await.map_err(RelayError::Client)?;
+        match f.tag {
+            b'd' | b'c' | b'f' => {
+                f.encode_into(&mut chunk);
+                if f.tag != b'd' || chunk.len() >= 64 * 1024 {
+                    conn.stream
+                        .write_all(&chunk)
+                        .await
+                        .map_err(|e| RelayError::Backend(e.into()))?;
+                    chunk.clear();
+                }
+                if f.tag != b'd' {
+                    return Ok(());
+                }
+            }
+            // Flush and Sync are ignored during COPY IN (protocol rule).
+            b'H' | b'S' => {}
+            other => {
+                return Err(RelayError::Client(WireError::Protocol(format!(
+                    "unexpected message '{}' during COPY",
+                    other as char
+                ))))
+            }
+        }
+    }
+}

@@ -1,0 +1,843 @@
+//! One client session: startup, then every statement classified, routed
+//! through the policy and the guardrails, and run on a pooled backend
+//! connection (transaction pooling by default). Session state (SETs, startup
+//! parameters) is replayed on whatever connection the session gets; client
+//! statement names are mapped to per-SQL server names and re-prepared on
+//! demand.
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::hash::{Hash, Hasher};
+use std::sync::Arc;
+use std::time::Instant;
+
+use bytes::{Bytes, BytesMut};
+use tokio::io::AsyncWriteExt;
+use tokio::net::TcpStream;
+
+use super::relay::{self, ClientIo, Outcome, RelayError, Step};
+use super::Shared;
+use crate::cluster::pool::Lease;
+use crate::route::guardrails::Routed;
+use crate::route::{
+    NodeId, RouteInput, Session as RouteSession, Statement, StatementKind, TxState,
+};
+use crate::sql::classify::{Classified, SessionEffect};
+use crate::wire::{self, Fields, Frame, WireError};
+
+/// A statement the client prepared (extended protocol).
+#[derive(Clone, Debug)]
+struct Prepared {
+    sql: Arc<str>,
+    param_types: Bytes,
+    server_name: String,
+    class: Arc<Classified>,
+}
+
+/// Client-visible session state that must follow the session to every
+/// backend connection.
+#[derive(Clone, Debug, Default)]
+struct SessionState {
+    /// Startup parameters turned into SETs, then the client's SETs, by name.
+    sets: Vec<(String, String)>,
+    key: u64,
+}
+
+impl SessionState {
+    fn apply(&mut self, effects: &[SessionEffect], startup: &[(String, String)]) {
+        for e in effects {
+            match e {
+                SessionEffect::Set { name, sql } => {
+                    self.sets.retain(|(n, _)| n != name);
+                    self.sets.push((name.clone(), sql.clone()));
+                }
+                SessionEffect::Reset { name } => {
+                    self.sets.retain(|(n, _)| n != name);
+                    // A RESET returns to the startup value, as in PostgreSQL.
+                    if let Some(s) = startup.iter().find(|(n, _)| n == name) {
+                        self.sets.push(s.clone());
+                    }
+                }
+                SessionEffect::ResetAll => {
+                    self.sets = startup.to_vec();
+                }
+                _ => {}
+            }
+        }
+        self.rekey();
+    }
+
+    fn rekey(&mut self) {
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        self.sets.hash(&mut h);
+        // 0 means "fresh connection, nothing applied": never use it.
+        self.key = h.finish() | 1;
+    }
+
+    fn replay_sql(&self) -> String {
+        let mut sql = String::from("RESET ALL;");
+        for (_, s) in &self.sets {
+            sql.push_str(s);
+            sql.push(';');
+        }
+        sql
+    }
+}
+
+pub struct Session {
+    shared: Arc<Shared>,
+    id: u64,
+    key: (i32, i32),
+    user: String,
+    database: String,
+    client: ClientIo,
+    startup_sets: Vec<(String, String)>,
+    state: SessionState,
+    pending_effects: Vec<SessionEffect>,
+    tx: TxState,
+    read_only_tx: bool,
+    lease: Option<Lease>,
+    pin_reason: Option<&'static str>,
+    session_pooling: bool,
+    temp_tables: HashSet<String>,
+    statements: HashMap<String, Prepared>,
+    unnamed: Option<Prepared>,
+    batch: Vec<Frame>,
+    route_session: Arc<RouteSession>,
+    application_name: String,
+    startup_params: Vec<(String, String)>,
+    client_addr: String,
+    attributes: Vec<(String, String)>,
+}
+
+#[derive(Debug, thiserror::Error)]
+enum SessionError {
+    #[error("{0}")]
+    Client(WireError),
+    #[error("{0}")]
+    Backend(WireError),
+}
+
+impl From<RelayError> for SessionError {
+    fn from(e: RelayError) -> Self {
+        match e {
+            RelayError::Backend(w) => SessionError::Backend(w),
+            RelayError::Client(w) => SessionError::Client(w),
+        }
+    }
+}
+
+fn quote_literal(s: &str) -> String {
+    format!("'{}'", s.replace('\'', "''"))
+}
+
+fn quote_ident(s: &str) -> String {
+    format!("\"{}\"", s.replace('"', "\"\""))
+}
+
+/// Startup parameters that become session settings on every connection.
+fn startup_sets(params: &[(String, String)]) -> Vec<(String, String)> {
+    let mut sets = Vec::new();
+    for (k, v) in params {
+        match k.as_str() {
+            "user" | "database" | "replication" => {}
+            "options" => {
+                // `-c name=value` pairs (also `--name=value`).
+                let mut words = v.split_whitespace().peekable();
+                while let Some(w) = words.next() {
+                    let kv = if w == "-c" {
+                        words.next()
+                    } else {
+                        w.strip_prefix("-c").or_else(|| w.strip_prefix("--"))
+                    };
+                    if let Some((name, value)) = kv.and_then(|kv| kv.split_once('=')) {
+                        let name = name.replace('-', "_").to_ascii_lowercase();
+                        sets.push((
+                            name.clone(),
+                            format!("SET {} = {}", quote_ident(&name), quote_literal(value)),
+                        ));
+                    }
+                }
+            }
+            name => {
+                let name = name.to_ascii_lowercase();
+                sets.push((
+                    name.clone(),
+                    format!("SET {} = {}", quote_ident(&name), quote_literal(v)),
+                ));
+            }
+        }
+    }
+    sets
+}
+
+impl Session {
+    /// Run a session on an accepted connection until the client leaves.
+    pub async fn run(
+        shared: Arc<Shared>,
+        stream: TcpStream,
+        params: Vec<(String, String)>,
+        key: (i32, i32),
+        id: u64,
+    ) {
+        let peer = stream
+            .peer_addr()
+            .map(|a| a.ip().to_string())
+            .unwrap_or_default();
+        let (read, write) = stream.into_split();
+        let client = ClientIo {
+            read,
+            write,
+            rbuf: BytesMut::with_capacity(8 * 1024),
+            out: BytesMut::with_capacity(16 * 1024),
+        };
+        let get = |k: &str| params.iter().find(|(n, _)| n == k).map(|(_, v)| v.clone());
+        let user = get("user").unwrap_or_default();
+        let database = get("database").unwrap_or_else(|| user.clone());
+        let application_name = get("application_name").unwrap_or_default();
+        let attributes = attribute_values(&params);
+        let startup = startup_sets(&params);
+        let mut state = SessionState::default();
+        state.apply(&[SessionEffect::ResetAll], &startup);
+        let session_pooling = shared.config.session_pooling(&user, &database);
+        let mut s = Session {
+            id,
+            key,
+            user,
+            database,
+            client,
+            startup_sets: startup,
+            state,
+            pending_effects: Vec::new(),
+            tx: TxState::Idle,
+            read_only_tx: false,
+            lease: None,
+            pin_reason: None,
+            session_pooling,
+            temp_tables: HashSet::new(),
+            statements: HashMap::new(),
+            unnamed: None,
+            batch: Vec::new(),
+            route_session: Arc::default(),
+            application_name,
+            client_addr: peer,
+            attributes,
+            startup_params: params.clone(),
+            shared,
+        };
+        s.refresh_route_session();
+        if let Err(e) = s.serve().await {
+            tracing::debug!(session = s.id, error = %e, "session ended");
+        }
+        s.shared.cancel.forget(s.key);
+        if let Some(lease) = s.lease.take() {
+            // A connection mid-transaction cannot be reused.
+            if s.tx != TxState::Idle || s.pin_reason.is_some() {
+                lease.discard();
+            }
+        }
+    }
+
+    fn refresh_route_session(&mut self) {
+        self.route_session = Arc::new(RouteSession {
+            id: self.id,
+            user: self.user.clone(),
+            database: self.database.clone(),
+            application_name: self.application_name.clone(),
+            client_addr: self.client_addr.clone(),
+            attributes: self.attributes.clone(),
+            tx_state: self.tx,
+            read_only_tx: self.read_only_tx,
+            ms_since_last_write: None,
+            last_write_lsn: None,
+            pinned: self.lease.as_ref().map(Lease::node),
+        });
+    }
+
+    async fn serve(&mut self) -> Result<(), SessionError> {
+        self.startup().await?;
+        loop {
+            let frame = match self.client.next().await {
+                Ok(f) => f,
+                Err(WireError::Closed) => return Ok(()),
+                Err(WireError::Protocol(msg)) => {
+                    self.fatal("08P01", &format!("protocol violation: {msg}"))
+                        .await;
+                    return Err(SessionError::Client(WireError::Protocol(msg)));
+                }
+                Err(e) => return Err(SessionError::Client(e)),
+            };
+            match frame.tag {
+                b'Q' => {
+                    let sql = Fields::new(&frame.body).cstr().map(str::to_owned);
+                    match sql {
+                        Ok(sql) => self.simple_query(frame, &sql).await?,
+                        Err(e) => {
+                            self.fatal("08P01", &format!("protocol violation: {e}"))
+                                .await;
+                            return Err(SessionError::Client(e));
+                        }
+                    }
+                }
+                b'P' | b'B' | b'D' | b'E' | b'C' => {
+                    if self.batch.len() >= 10_000 {
+                        self.fatal(
+                            "08P01",
+                            "protocol violation: too many messages without Sync",
+                        )
+                        .await;
+                        return Ok(());
+                    }
+                    self.batch.push(frame);
+                }
+                b'H' | b'S' => {
+                    self.batch.push(frame);
+                    self.run_batch().await?;
+                }
+                b'X' => return Ok(()),
+                // CopyData/Done/Fail outside COPY are ignored, like PostgreSQL does.
+                b'd' | b'c' | b'f' => {}
+                other => {
+                    let msg = format!(
+                        "protocol violation: unexpected message type '{}'",
+                        other as char
+                    );
+                    self.fatal("08P01", &msg).await;
+                    return Ok(());
+                }
+            }
+        }
+    }
+
+    async fn fatal(&mut self, code: &str, message: &str) {
+        wire::error_response(&mut self.client.out, "FATAL", code, message);
+        let _ = self.client.flush().await;
+    }
+
+    async fn error(&mut self, code: &str, message: &str) -> Result<(), SessionError> {
+        wire::error_response(&mut self.client.out, "ERROR", code, message);
+        let status = match self.tx {
+            TxState::Idle => b'I',
+            TxState::InTransaction => b'T',
+            TxState::Failed => b'E',
+        };
+        wire::ready_for_query(&mut self.client.out, status);
+        self.client.flush().await.map_err(SessionError::Client)
+    }
+
+    /// Authenticate (trust), report server parameters, issue our cancel key.
+    async fn startup(&mut self) -> Result<(), SessionError> {
+        let view = self.shared.cluster.view();
+        let node = view.primary().or_else(|| {
+            view.states
+                .iter()
+                .position(|s| s.healthy)
+                .map(|i| i as NodeId)
+        });
+        let Some(node) = node else {
+            self.fatal("57P03", "signalbox: no healthy node to serve this session")
+                .await;
+            return Err(SessionError::Backend(WireError::Closed));
+        };
+        let lease = match self.checkout(node).await {
+            Ok(l) => l,
+            Err((code, msg)) => {
+                self.fatal(&code, &msg).await;
+                return Err(SessionError::Backend(WireError::Closed));
+            }
+        };
+        let mut lease = lease;
+        let params = lease.conn().params.clone();
+        drop(lease);
+        let out = &mut self.client.out;
+        wire::auth_ok(out);
+        for (name, value) in &params {
+            // What the client asked for at startup is what PostgreSQL would report.
+            let asked = self
+                .startup_params
+                .iter()
+                .find(|(n, _)| n.eq_ignore_ascii_case(name))
+                .map(|(_, v)| v.as_str());
+            wire::parameter_status(out, name, asked.unwrap_or(value));
+        }
+        wire::backend_key_data(out, self.key.0, self.key.1);
+        wire::ready_for_query(out, b'I');
+        self.client.flush().await.map_err(SessionError::Client)
+    }
+
+    async fn checkout(&self, node: NodeId) -> Result<Lease, (String, String)> {
+        let password = self
+            .shared
+            .config
+            .password_for(&self.user)
+            .map(str::to_owned)
+            .or_else(|| {
+                let a = &self.shared.cluster.addrs[node as usize];
+                (a.user == self.user).then(|| a.password.clone()).flatten()
+            });
+        self.shared
+            .cluster
+            .pools
+            .checkout(node, &self.user, password.as_deref(), &self.database)
+            .await
+            .map_err(|e| (e.sqlstate().to_owned(), format!("signalbox: {e}")))
+    }
+
+    /// Make the leased connection carry this session's state.
+    async fn sync_state(&mut self) -> Result<Option<(String, String)>, SessionError> {
+        let Some(lease) = self.lease.as_mut() else {
+            return Ok(None);
+        };
+        let conn = lease.conn();
+        if conn.state_key == self.state.key {
+            return Ok(None);
+        }
+        let sql = self.state.replay_sql();
+        let failed = conn
+            .execute_silently(&sql)
+            .await
+            .map_err(SessionError::Backend)?;
+        if failed.is_none() {
+            conn.state_key = self.state.key;
+        }
+        Ok(failed)
+    }
+
+    /// Decide where a statement runs and hold a connection there.
+    /// `Ok(false)` means an error was already sent to the client.
+    async fn acquire(&mut self, class: &Classified, sql: &Arc<str>) -> Result<bool, SessionError> {
+        if self.lease.is_some() {
+            return Ok(true);
+        }
+        let mut read_only = class.read_only;
+        if class.tables.iter().any(|t| self.temp_tables.contains(t)) {
+            read_only = false;
+        }
+        if self.pin_reason.is_some() || self.session_pooling {
+            // One connection for the rest of the session: it must be the primary's.
+            read_only = false;
+        }
+        let statement = Statement {
+            kind: class.kind,
+            read_only,
+            fingerprint: 0,
+            sql: sql.clone(),
+            tables: class.tables.clone(),
+            functions: class.functions.clone(),
+            hints: class.hints.clone(),
+        };
+        let input = RouteInput {
+            statement: Arc::new(statement),
+            session: self.route_session.clone(),
+            cluster: self.shared.cluster.view(),
+        };
+        let routing = self.shared.router.route(&input);
+        let node = match routing.enforced.routed {
+            Routed::Node(n) => n,
+            Routed::Reject(msg) => {
+                self.shared.metrics.rejected();
+                self.error(
+                    "42501",
+                    &format!("signalbox: statement rejected by routing policy: {msg}"),
+                )
+                .await?;
+                return Ok(false);
+            }
+            Routed::Unavailable(msg) => {
+                self.error("57P03", &format!("signalbox: {msg}")).await?;
+                return Ok(false);
+            }
+        };
+        match self.checkout(node).await {
+            Ok(lease) => {
+                self.shared.cancel.set(self.key, lease.addr(), lease.key());
+                self.lease = Some(lease);
+                self.shared.metrics.routed(node, read_only);
+            }
+            Err((code, msg)) => {
+                self.error(&code, &msg).await?;
+                return Ok(false);
+            }
+        }
+        if let Some((code, msg)) = self.sync_state().await? {
+            self.release(true);
+            self.error(
+                &code,
+                &format!("signalbox: cannot restore session settings: {msg}"),
+            )
+            .await?;
+            return Ok(false);
+        }
+        Ok(true)
+    }
+
+    /// After an exchange: keep or return the connection, track transactions
+    /// and session state.
+    fn finish(&mut self, outcome: &Outcome, effects: Vec<SessionEffect>, class_begins_ro: bool) {
+        let Some(status) = outcome.status else {
+            return; // Flush without Sync: the exchange continues.
+        };
+        let before = self.tx;
+        self.tx = match status {
+            b'T' => TxState::InTransaction,
+            b'E' => TxState::Failed,
+            _ => TxState::Idle,
+        };
+        if before == TxState::Idle && self.tx != TxState::Idle {
+            self.read_only_tx = class_begins_ro;
+        }
+        let mut effects = effects;
+        if outcome.error {
+            effects.clear();
+            if self.tx == TxState::Idle {
+                self.pending_effects.clear();
+            }
+        }
+        let mut new_state = None;
+        if self.tx == TxState::Idle {
+            let committed = outcome.last_tag.as_deref() != Some("ROLLBACK");
+            let mut all = std::mem::take(&mut self.pending_effects);
+            if !committed {
+                all.clear();
+            }
+            all.extend(effects);
+            new_state = Some(all);
+        } else {
+            self.pending_effects.extend(effects);
+        }
+        if let Some(all) = new_state {
+            for e in &all {
+                match e {
+                    SessionEffect::Pin(reason) => self.pin_reason = Some(reason),
+                    SessionEffect::TempTable(t) => {
+                        self.temp_tables.insert(t.clone());
+                        self.pin_reason = Some("temporary table");
+                    }
+                    _ => {}
+                }
+            }
+            let before = self.state.key;
+            self.state.apply(&all, &self.startup_sets);
+            if let Some(l) = self.lease.as_mut() {
+                // The connection ran the SETs itself.
+                if l.conn().state_key == before {
+                    l.conn().state_key = self.state.key;
+                }
+            }
+        }
+        if self.tx == TxState::Idle {
+            self.read_only_tx = false;
+            if self.pin_reason.is_none() && !self.session_pooling {
+                self.release(false);
+            }
+        }
+        self.refresh_route_session();
+    }
+
+    fn release(&mut self, discard: bool) {
+        if let Some(lease) = self.lease.take() {
+            self.shared.cancel.clear(self.key);
+            if discard {
+                lease.discard();
+            }
+        }
+    }
+
+    async fn simple_query(&mut self, frame: Frame, sql: &str) -> Result<(), SessionError> {
+        let class = self.shared.classifier.classify(sql);
+        if let Some(db) = &class.drops_database {
+            // Our idle connections must not block DROP DATABASE.
+            self.shared.cluster.pools.drop_idle(|_, d| d == db);
+        }
+        let sql: Arc<str> = Arc::from(sql);
+        if !self.acquire(&class, &sql).await? {
+            return Ok(());
+        }
+        let mut plan = VecDeque::from([Step::Query]);
+        let outcome = self.exchange(&frame_bytes(&frame), &mut plan).await?;
+        self.finish(&outcome, class.effects.clone(), class.begins_read_only);
+        Ok(())
+    }
+
+    /// Send `bytes` on the leased connection and relay the answers.
+    async fn exchange(
+        &mut self,
+        bytes: &[u8],
+        plan: &mut VecDeque<Step>,
+    ) -> Result<Outcome, SessionError> {
+        let started = Instant::now();
+        let lease = self.lease.as_mut().expect("exchange needs a lease");
+        let conn = lease.conn();
+        if let Err(e) = conn.stream.write_all(bytes).await {
+            conn.broken = true;
+            self.release(true);
+            self.error(
+                "08006",
+                &format!("signalbox: lost the connection to the node: {e}"),
+            )
+            .await?;
+            return Ok(Outcome::default());
+        }
+        let result = relay::relay(conn, &mut self.client, plan).await;
+        self.shared.metrics.latency(started.elapsed());
+        match result {
+            Ok(o) => Ok(o),
+            Err(RelayError::Backend(e)) => {
+                if let Some(l) = self.lease.as_mut() {
+                    l.conn().broken = true;
+                }
+                self.release(true);
+                let was = self.tx;
+                self.tx = TxState::Idle;
+                let msg = if was == TxState::Idle {
+                    format!("signalbox: lost the connection to the node: {e}")
+                } else {
+                    format!("signalbox: lost the connection to the node during a transaction (it was rolled back): {e}")
+                };
+                self.refresh_route_session();
+                self.error("08006", &msg).await?;
+                Ok(Outcome::default())
+            }
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Route and run the extended-protocol messages received up to Sync/Flush.
+    async fn run_batch(&mut self) -> Result<(), SessionError> {
+        let batch = std::mem::take(&mut self.batch);
+        // Register statements and classify what this batch prepares/executes.
+        let mut classes: Vec<Arc<Classified>> = Vec::new();
+        let mut first_sql: Option<Arc<str>> = None;
+        let mut effects = Vec::new();
+        for f in &batch {
+            match f.tag {
+                b'P' => {
+                    let mut fields = Fields::new(&f.body);
+                    let (name, sql) = match (fields.cstr(), fields.cstr()) {
+                        (Ok(n), Ok(s)) => (n.to_owned(), s.to_owned()),
+                        _ => {
+                            self.fatal("08P01", "protocol violation: malformed Parse")
+                                .await;
+                            return Err(SessionError::Client(WireError::Protocol(
+                                "malformed Parse".into(),
+                            )));
+                        }
+                    };
+                    let types = Bytes::copy_from_slice(fields.rest());
+                    let class = self.shared.classifier.classify(&sql);
+                    let p = Prepared {
+                        server_name: if name.is_empty() {
+                            String::new()
+                        } else {
+                            server_name(&sql, &types)
+                        },
+                        sql: Arc::from(sql.as_str()),
+                        param_types: types,
+                        class: class.clone(),
+                    };
+                    first_sql.get_or_insert_with(|| p.sql.clone());
+                    classes.push(class);
+                    if name.is_empty() {
+                        self.unnamed = Some(p);
+                    } else {
+                        self.statements.insert(name, p);
+                    }
+                }
+                b'B' => {
+                    let mut fields = Fields::new(&f.body);
+                    let _portal = fields.cstr();
+                    if let Ok(stmt) = fields.cstr() {
+                        let p = if stmt.is_empty() {
+                            self.unnamed.as_ref()
+                        } else {
+                            self.statements.get(stmt)
+                        };
+                        if let Some(p) = p {
+                            first_sql.get_or_insert_with(|| p.sql.clone());
+                            classes.push(p.class.clone());
+                            effects.extend(p.class.effects.iter().cloned());
+                        }
+                    }
+                }
+                _ => {}
+            }
+        }
+        let merged = merge(&classes);
+        let sql = first_sql.unwrap_or_else(|| Arc::from(""));
+        if !self.acquire(&merged, &sql).await? {
+            // The error went out; discard the rest of the batch.
+            return Ok(());
+        }
+        let (bytes, mut plan) = match self.translate(&batch) {
+            Ok(x) => x,
+            Err(e) => {
+                self.fatal("08P01", &format!("protocol violation: {e}"))
+                    .await;
+                return Err(SessionError::Client(e));
+            }
+        };
+        let outcome = self.exchange(&bytes, &mut plan).await?;
+        self.finish(&outcome, effects, merged.begins_read_only);
+        Ok(())
+    }
+
+    /// Rewrite a batch for the leased connection: map statement names,
+    /// re-prepare what the connection lacks, answer what it already has.
+    fn translate(&mut self, batch: &[Frame]) -> Result<(BytesMut, VecDeque<Step>), WireError> {
+        let mut out = BytesMut::new();
+        let mut plan = VecDeque::new();
+        let lease = self.lease.as_mut().expect("translate needs a lease");
+        let conn = lease.conn();
+        let mut unnamed_parsed = false;
+        for f in batch {
+            match f.tag {
+                b'P' => {
+                    let mut fields = Fields::new(&f.body);
+                    let name = fields.cstr()?;
+                    if name.is_empty() {
+                        unnamed_parsed = true;
+                        f.encode_into(&mut out);
+                        plan.push_back(Step::Parse { forward: true });
+                    } else if let Some(p) = self.statements.get(name) {
+                        if conn.prepared.contains(&p.server_name) {
+                            plan.push_back(Step::SynthParse);
+                        } else {
+                            wire::parse(&mut out, &p.server_name, &p.sql, &p.param_types);
+                            conn.prepared.insert(p.server_name.clone());
+                            plan.push_back(Step::Parse { forward: true });
+                        }
+                    }
+                }
+                b'B' | b'D' => {
+                    let mut fields = Fields::new(&f.body);
+                    let (is_bind, kind, stmt) = if f.tag == b'B' {
+                        let _portal = fields.cstr()?;
+                        (true, b'S', fields.cstr()?)
+                    } else {
+                        let kind = fields.u8()?;
+                        (false, kind, fields.cstr()?)
+                    };
+                    let target = if kind != b'S' {
+                        None
+                    } else if stmt.is_empty() {
+                        if !unnamed_parsed {
+                            if let Some(p) = &self.unnamed {
+                                wire::parse(&mut out, "", &p.sql, &p.param_types);
+                                plan.push_back(Step::Parse { forward: false });
+                                unnamed_parsed = true;
+                            }
+                        }
+                        None
+                    } else {
+                        self.statements.get(stmt).map(|p| {
+                            if !conn.prepared.contains(&p.server_name) {
+                                wire::parse(&mut out, &p.server_name, &p.sql, &p.param_types);
+                                conn.prepared.insert(p.server_name.clone());
+                                plan.push_back(Step::Parse { forward: false });
+                            }
+                            p.server_name.clone()
+                        })
+                    };
+                    match (is_bind, target) {
+                        (true, Some(server)) => wire::bind_renamed(&mut out, &f.body, &server)?,
+                        (false, Some(server)) => wire::describe(&mut out, b'S', &server),
+                        _ => f.encode_into(&mut out),
+                    }
+                    plan.push_back(match (is_bind, kind) {
+                        (true, _) => Step::Bind,
+                        (false, b'S') => Step::DescribeStatement,
+                        _ => Step::DescribePortal,
+                    });
+                }
+                b'C' => {
+                    let mut fields = Fields::new(&f.body);
+                    let kind = fields.u8()?;
+                    let name = fields.cstr()?;
+                    if kind == b'S' && !name.is_empty() {
+                        // Server statements are shared by SQL text: keep it
+                        // prepared for others, just forget the client's name.
+                        self.statements.remove(name);
+                        plan.push_back(Step::SynthClose);
+                    } else {
+                        f.encode_into(&mut out);
+                        plan.push_back(Step::Close);
+                    }
+                }
+                b'E' => {
+                    f.encode_into(&mut out);
+                    plan.push_back(Step::Execute);
+                }
+                b'S' => {
+                    f.encode_into(&mut out);
+                    plan.push_back(Step::Sync);
+                }
+                b'H' => f.encode_into(&mut out),
+                _ => {}
+            }
+        }
+        Ok((out, plan))
+    }
+}
+
+fn attribute_values(params: &[(String, String)]) -> Vec<(String, String)> {
+    // `-c signalbox.zone=eu-1a` in `options` becomes attribute `zone`.
+    startup_sets_raw(params)
+        .into_iter()
+        .filter_map(|(k, v)| k.strip_prefix("signalbox.").map(|a| (a.to_owned(), v)))
+        .collect()
+}
+
+fn startup_sets_raw(params: &[(String, String)]) -> Vec<(String, String)> {
+    let mut out = Vec::new();
+    for (k, v) in params {
+        if k == "options" {
+            let mut words = v.split_whitespace();
+            while let Some(w) = words.next() {
+                let kv = if w == "-c" {
+                    words.next()
+                } else {
+                    w.strip_prefix("-c").or_else(|| w.strip_prefix("--"))
+                };
+                if let Some((name, value)) = kv.and_then(|kv| kv.split_once('=')) {
+                    out.push((name.to_ascii_lowercase(), value.to_owned()));
+                }
+            }
+        } else if k.starts_with("signalbox.") {
+            out.push((k.clone(), v.clone()));
+        }
+    }
+    out
+}
+
+fn frame_bytes(f: &Frame) -> BytesMut {
+    let mut b = BytesMut::with_capacity(f.body.len() + 5);
+    f.encode_into(&mut b);
+    b
+}
+
+/// Server-side statement name: the same SQL and parameter types share one
+/// prepared statement per backend connection, whichever client prepared it.
+fn server_name(sql: &str, types: &[u8]) -> String {
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    sql.hash(&mut h);
+    types.hash(&mut h);
+    format!("sb_{:016x}", h.finish())
+}
+
+/// The verdict for a batch: read-only only if every statement is.
+fn merge(classes: &[Arc<Classified>]) -> Classified {
+    let mut it = classes.iter();
+    let Some(first) = it.next() else {
+        // Describe/Close/Sync only: harmless anywhere.
+        let mut c = crate::sql::classify::classify("");
+        c.kind = StatementKind::Utility;
+        return c;
+    };
+    let mut m = (**first).clone();
+    for c in it {
+        m.read_only &= c.read_only;
+        m.begins_read_only &= c.begins_read_only;
+        m.tables.extend(c.tables.iter().cloned());
+        m.functions.extend(c.functions.iter().cloned());
+    }
+    m
+}

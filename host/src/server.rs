@@ -1,0 +1,108 @@
+//! Assembling the service: cluster control plane, policy, router, proxy
+//! listener and admin API, started in-process. `signalbox serve`, `signalbox
+//! demo` and the end-to-end tests all start it this way.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use anyhow::{Context, Result};
+use tokio::net::TcpListener;
+use tokio::task::JoinHandle;
+
+use crate::cluster::Cluster;
+use crate::config::Config;
+use crate::policy::{PolicyManager, PolicySettings};
+use crate::proxy::{self, Shared};
+use crate::router::Router;
+
+pub struct Server {
+    pub addr: SocketAddr,
+    pub admin_addr: Option<SocketAddr>,
+    pub shared: Arc<Shared>,
+    pub policy: Arc<PolicyManager>,
+    _watcher: Option<crate::policy::reload::Watcher>,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+impl Server {
+    /// Start everything; returns once clients can connect.
+    pub async fn start(config: Config) -> Result<Server> {
+        let config = Arc::new(config);
+        let cluster = Cluster::new(&config).map_err(anyhow::Error::msg)?;
+        cluster.probe_all().await;
+        let (policy, watcher) = match &config.policy {
+            Some(p) => {
+                let settings = p.settings(&config.base_dir());
+                let watch = p.watch.enabled;
+                let manager = tokio::task::spawn_blocking(move || PolicyManager::start(settings))
+                    .await?
+                    .with_context(|| "loading the routing policy")?;
+                let watcher = if watch { Some(manager.watch()?) } else { None };
+                (manager, watcher)
+            }
+            None => (
+                Arc::new(PolicyManager::empty(PolicySettings::new(""))),
+                None,
+            ),
+        };
+        let router = Arc::new(Router::new(policy.clone()));
+        let shared = Shared::new(config.clone(), cluster.clone(), router);
+        let listener = TcpListener::bind(config.listen)
+            .await
+            .with_context(|| format!("listen: cannot bind {}", config.listen))?;
+        let addr = listener.local_addr()?;
+        let mut tasks = vec![cluster.spawn_health()];
+        let s = shared.clone();
+        tasks.push(tokio::spawn(async move {
+            if let Err(e) = proxy::serve(listener, s).await {
+                tracing::error!(error = %e, "listener failed");
+            }
+        }));
+        let admin_addr = match config.admin_listen {
+            Some(a) => {
+                let l = TcpListener::bind(a)
+                    .await
+                    .with_context(|| format!("admin_listen: cannot bind {a}"))?;
+                let admin_addr = l.local_addr()?;
+                let app = crate::admin::router(shared.clone(), policy.clone());
+                tasks.push(tokio::spawn(async move {
+                    if let Err(e) = axum::serve(l, app).await {
+                        tracing::error!(error = %e, "admin API failed");
+                    }
+                }));
+                Some(admin_addr)
+            }
+            None => None,
+        };
+        tracing::info!(%addr, admin = ?admin_addr, nodes = cluster.nodes.len(), "signalbox is serving");
+        Ok(Server {
+            addr,
+            admin_addr,
+            shared,
+            policy,
+            _watcher: watcher,
+            tasks,
+        })
+    }
+
+    /// Reload the policy on SIGHUP until the process ends.
+    pub fn reload_on_sighup(&mut self) -> Result<()> {
+        let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())?;
+        let policy = self.policy.clone();
+        self.tasks.push(tokio::spawn(async move {
+            while hup.recv().await.is_some() {
+                let p = policy.clone();
+                let _ = tokio::task::spawn_blocking(move || p.reload("signal")).await;
+            }
+        }));
+        Ok(())
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        for t in &self.tasks {
+            t.abort();
+        }
+    }
+}

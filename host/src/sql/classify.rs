@@ -1,0 +1,884 @@
+//! Statement classification with PostgreSQL's own grammar (libpg_query):
+//! may this run on a hot standby, what kind is it, and what does it do to the
+//! session. `read_only` is true only when proven; anything unparsable, any
+//! function not known to be safe, any writable CTE or locking clause at any
+//! depth makes it false. Never the other way round.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use pg_query::protobuf::{self, a_const, TransactionStmtKind, VariableSetKind};
+use pg_query::{Context, NodeEnum, NodeRef};
+
+use crate::route::StatementKind;
+use crate::sql::hints;
+
+/// What a statement does to the session beyond its result.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum SessionEffect {
+    /// `SET name ...` (not LOCAL); `sql` is the statement to replay.
+    Set { name: String, sql: String },
+    /// `RESET name` / `SET name TO DEFAULT`.
+    Reset { name: String },
+    /// `RESET ALL` / `DISCARD ALL`.
+    ResetAll,
+    /// The session must keep its backend connection from now on.
+    Pin(&'static str),
+    /// A temporary table that lives on one connection only.
+    TempTable(String),
+}
+
+/// The classifier's verdict for a whole message (all statements of it).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Classified {
+    /// Kind of the first statement.
+    pub kind: StatementKind,
+    pub read_only: bool,
+    pub statements: usize,
+    pub tables: Vec<String>,
+    pub functions: Vec<String>,
+    pub hints: Vec<(String, String)>,
+    pub effects: Vec<SessionEffect>,
+    /// `BEGIN`/`START TRANSACTION` with READ ONLY.
+    pub begins_read_only: bool,
+    /// `BEGIN`/`START TRANSACTION` (any mode).
+    pub begins: bool,
+    /// `DROP DATABASE name`.
+    pub drops_database: Option<String>,
+    /// The parser rejected the text (it will go to the primary and fail there).
+    pub parse_error: bool,
+}
+
+impl Classified {
+    fn unknown(sql: &str) -> Self {
+        Self {
+            kind: StatementKind::Utility,
+            read_only: false,
+            statements: 1,
+            tables: Vec::new(),
+            functions: Vec::new(),
+            hints: hints::parse(sql),
+            effects: Vec::new(),
+            begins_read_only: false,
+            begins: false,
+            drops_database: None,
+            parse_error: true,
+        }
+    }
+}
+
+/// Built-in functions known to neither write nor be refused by a standby.
+/// Anything else (including every user-defined function) is not read-only.
+const SAFE_FUNCTIONS: &[&str] = &[
+    // aggregates and window functions
+    "count",
+    "sum",
+    "avg",
+    "min",
+    "max",
+    "array_agg",
+    "string_agg",
+    "json_agg",
+    "jsonb_agg",
+    "json_object_agg",
+    "jsonb_object_agg",
+    "bool_and",
+    "bool_or",
+    "every",
+    "bit_and",
+    "bit_or",
+    "stddev",
+    "stddev_pop",
+    "stddev_samp",
+    "variance",
+    "var_pop",
+    "var_samp",
+    "percentile_cont",
+    "percentile_disc",
+    "mode",
+    "row_number",
+    "rank",
+    "dense_rank",
+    "percent_rank",
+    "cume_dist",
+    "ntile",
+    "lag",
+    "lead",
+    "first_value",
+    "last_value",
+    "nth_value",
+    // strings
+    "lower",
+    "upper",
+    "length",
+    "char_length",
+    "character_length",
+    "octet_length",
+    "substr",
+    "substring",
+    "concat",
+    "concat_ws",
+    "replace",
+    "trim",
+    "btrim",
+    "ltrim",
+    "rtrim",
+    "lpad",
+    "rpad",
+    "left",
+    "right",
+    "position",
+    "strpos",
+    "split_part",
+    "initcap",
+    "repeat",
+    "reverse",
+    "format",
+    "quote_ident",
+    "quote_literal",
+    "quote_nullable",
+    "md5",
+    "encode",
+    "decode",
+    "regexp_replace",
+    "regexp_match",
+    "regexp_matches",
+    "regexp_split_to_array",
+    "regexp_split_to_table",
+    "starts_with",
+    "to_hex",
+    "ascii",
+    "chr",
+    "translate",
+    "string_to_array",
+    "array_to_string",
+    "unaccent",
+    // numbers
+    "abs",
+    "ceil",
+    "ceiling",
+    "floor",
+    "round",
+    "trunc",
+    "mod",
+    "power",
+    "sqrt",
+    "exp",
+    "ln",
+    "log",
+    "sign",
+    "greatest",
+    "least",
+    "random",
+    "width_bucket",
+    "div",
+    // dates and times
+    "now",
+    "clock_timestamp",
+    "statement_timestamp",
+    "transaction_timestamp",
+    "timeofday",
+    "date_trunc",
+    "date_part",
+    "extract",
+    "age",
+    "to_char",
+    "to_date",
+    "to_timestamp",
+    "to_number",
+    "make_date",
+    "make_time",
+    "make_timestamp",
+    "make_timestamptz",
+    "make_interval",
+    "justify_days",
+    "justify_hours",
+    "justify_interval",
+    "isfinite",
+    "date_bin",
+    "timezone",
+    // arrays, json, ranges
+    "array_length",
+    "array_upper",
+    "array_lower",
+    "array_position",
+    "array_positions",
+    "array_remove",
+    "array_replace",
+    "array_append",
+    "array_prepend",
+    "array_cat",
+    "cardinality",
+    "unnest",
+    "generate_series",
+    "generate_subscripts",
+    "json_build_object",
+    "jsonb_build_object",
+    "json_build_array",
+    "jsonb_build_array",
+    "to_json",
+    "to_jsonb",
+    "row_to_json",
+    "json_array_elements",
+    "jsonb_array_elements",
+    "json_array_elements_text",
+    "jsonb_array_elements_text",
+    "json_each",
+    "jsonb_each",
+    "json_each_text",
+    "jsonb_each_text",
+    "json_object_keys",
+    "jsonb_object_keys",
+    "jsonb_set",
+    "jsonb_insert",
+    "jsonb_strip_nulls",
+    "jsonb_pretty",
+    "json_typeof",
+    "jsonb_typeof",
+    "jsonb_path_query",
+    "jsonb_path_exists",
+    "jsonb_path_match",
+    "json_extract_path",
+    "jsonb_extract_path",
+    "json_extract_path_text",
+    "jsonb_extract_path_text",
+    "jsonb_array_length",
+    "json_array_length",
+    "lower_inc",
+    "upper_inc",
+    "isempty",
+    "range_merge",
+    // misc and catalog introspection (psql, ORMs, drivers)
+    "coalesce",
+    "nullif",
+    "version",
+    "current_database",
+    "current_schema",
+    "current_schemas",
+    "current_user",
+    "session_user",
+    "current_setting",
+    "pg_is_in_recovery",
+    "pg_last_wal_replay_lsn",
+    "pg_last_xact_replay_timestamp",
+    "pg_backend_pid",
+    "pg_postmaster_start_time",
+    "pg_typeof",
+    "format_type",
+    "pg_get_userbyid",
+    "pg_get_expr",
+    "pg_get_indexdef",
+    "pg_get_constraintdef",
+    "pg_get_viewdef",
+    "pg_get_triggerdef",
+    "pg_get_functiondef",
+    "pg_get_function_arguments",
+    "pg_get_function_result",
+    "pg_get_function_identity_arguments",
+    "pg_get_serial_sequence",
+    "pg_get_partkeydef",
+    "pg_get_statisticsobjdef_columns",
+    "pg_get_ruledef",
+    "pg_table_is_visible",
+    "pg_type_is_visible",
+    "pg_function_is_visible",
+    "pg_relation_size",
+    "pg_total_relation_size",
+    "pg_table_size",
+    "pg_indexes_size",
+    "pg_database_size",
+    "pg_size_pretty",
+    "pg_encoding_to_char",
+    "obj_description",
+    "col_description",
+    "shobj_description",
+    "has_table_privilege",
+    "has_schema_privilege",
+    "has_database_privilege",
+    "has_column_privilege",
+    "has_function_privilege",
+    "pg_has_role",
+    "array_to_json",
+    "pg_collation_is_visible",
+    "pg_relation_is_publishable",
+    "pg_get_keywords",
+    "pg_char_to_encoding",
+    "gen_random_uuid",
+    "uuid_generate_v4",
+    "row",
+    "exists",
+    "to_regclass",
+    "to_regtype",
+    "pg_column_size",
+    "pg_tablespace_location",
+    "pg_get_partition_constraintdef",
+    "inet_server_port",
+    "inet_server_addr",
+    "inet_client_addr",
+    "pg_sleep",
+];
+
+fn safe_function(name: &str) -> bool {
+    let name = name.strip_prefix("pg_catalog.").unwrap_or(name);
+    SAFE_FUNCTIONS.contains(&name)
+}
+
+/// Classify a message's SQL (one or more statements).
+pub fn classify(sql: &str) -> Classified {
+    let parsed = match pg_query::parse(sql, pg_query::ParserOptions::DEFAULT) {
+        Ok(p) => p,
+        Err(_) => return Classified::unknown(sql),
+    };
+    let mut c = Classified {
+        kind: StatementKind::Utility,
+        read_only: true,
+        statements: parsed.protobuf.stmts.len(),
+        tables: parsed.tables(),
+        functions: parsed.functions(),
+        hints: hints::parse(sql),
+        effects: Vec::new(),
+        begins_read_only: false,
+        begins: false,
+        drops_database: None,
+        parse_error: false,
+    };
+    for (i, raw) in parsed.protobuf.stmts.iter().enumerate() {
+        let Some(node) = raw.stmt.as_ref().and_then(|n| n.node.as_ref()) else {
+            continue;
+        };
+        let text = statement_text(sql, raw);
+        let (kind, ro) = statement(node, text, &mut c);
+        if i == 0 {
+            c.kind = kind;
+        }
+        c.read_only &= ro;
+    }
+    if c.statements == 0 {
+        // Empty query: answered with EmptyQueryResponse anywhere.
+        c.kind = StatementKind::Select;
+    }
+    if parsed
+        .tables
+        .iter()
+        .any(|(_, ctx)| matches!(ctx, Context::DML | Context::DDL))
+    {
+        c.read_only = false;
+    }
+    for (node, _, _, _) in parsed.protobuf.nodes() {
+        if let NodeRef::SelectStmt(s) = node {
+            if !s.locking_clause.is_empty() || s.into_clause.is_some() {
+                c.read_only = false;
+            }
+        }
+    }
+    if !c
+        .functions
+        .iter()
+        .all(|f| safe_function(&f.to_ascii_lowercase()))
+    {
+        c.read_only = false;
+    }
+    c
+}
+
+fn statement_text<'a>(sql: &'a str, raw: &protobuf::RawStmt) -> &'a str {
+    let start = raw.stmt_location.max(0) as usize;
+    let end = if raw.stmt_len > 0 {
+        start + raw.stmt_len as usize
+    } else {
+        sql.len()
+    };
+    sql.get(start..end.min(sql.len())).unwrap_or(sql).trim()
+}
+
+/// Kind and read-only verdict of one statement; records session effects.
+fn statement(node: &NodeEnum, text: &str, c: &mut Classified) -> (StatementKind, bool) {
+    use StatementKind as K;
+    match node {
+        NodeEnum::SelectStmt(_) => (K::Select, true),
+        NodeEnum::InsertStmt(_) => (K::Insert, false),
+        NodeEnum::UpdateStmt(_) => (K::Update, false),
+        NodeEnum::DeleteStmt(_) => (K::Delete, false),
+        NodeEnum::MergeStmt(_) => (K::Merge, false),
+        NodeEnum::VariableShowStmt(_) => (K::Show, true),
+        NodeEnum::TransactionStmt(t) => (K::Transaction, transaction(t, c)),
+        NodeEnum::VariableSetStmt(v) => (K::Session, variable_set(v, text, c)),
+        NodeEnum::DiscardStmt(_) => {
+            c.effects.push(SessionEffect::ResetAll);
+            (K::Session, true)
+        }
+        NodeEnum::ExplainStmt(e) => {
+            let inner = e
+                .query
+                .as_ref()
+                .and_then(|q| q.node.as_ref())
+                .map(|n| statement(n, text, c).1)
+                .unwrap_or(false);
+            (K::Explain, inner)
+        }
+        NodeEnum::CopyStmt(copy) => {
+            let ro = !copy.is_from
+                && !copy.is_program
+                && copy.filename.is_empty()
+                && copy
+                    .query
+                    .as_ref()
+                    .and_then(|q| q.node.as_ref())
+                    .map(|n| statement(n, text, c).1)
+                    .unwrap_or(true);
+            (K::Copy, ro)
+        }
+        NodeEnum::CallStmt(_) => (K::Call, false),
+        NodeEnum::DeclareCursorStmt(d) => {
+            // WITH HOLD cursors outlive the transaction, on one connection.
+            const CURSOR_OPT_HOLD: i32 = 0x0020;
+            if d.options & CURSOR_OPT_HOLD != 0 {
+                c.effects.push(SessionEffect::Pin("WITH HOLD cursor"));
+                return (K::Utility, false);
+            }
+            let ro = d
+                .query
+                .as_ref()
+                .and_then(|q| q.node.as_ref())
+                .map(|n| statement(n, text, c).1)
+                .unwrap_or(false);
+            (K::Utility, ro)
+        }
+        NodeEnum::FetchStmt(_) | NodeEnum::ClosePortalStmt(_) => (K::Utility, true),
+        NodeEnum::PrepareStmt(_) | NodeEnum::ExecuteStmt(_) | NodeEnum::DeallocateStmt(_) => {
+            c.effects.push(SessionEffect::Pin("SQL-level PREPARE"));
+            (K::Utility, false)
+        }
+        NodeEnum::ListenStmt(_) => {
+            c.effects.push(SessionEffect::Pin("LISTEN"));
+            (K::Utility, false)
+        }
+        NodeEnum::CreateStmt(s) => {
+            temp_table(s.relation.as_ref(), c);
+            (K::Ddl, false)
+        }
+        NodeEnum::CreateTableAsStmt(s) => {
+            temp_table(s.into.as_ref().and_then(|i| i.rel.as_ref()), c);
+            (K::Ddl, false)
+        }
+        NodeEnum::DropdbStmt(d) => {
+            c.drops_database = Some(d.dbname.clone());
+            (K::Ddl, false)
+        }
+        n if is_ddl(n) => (K::Ddl, false),
+        _ => (K::Utility, false),
+    }
+}
+
+fn temp_table(rel: Option<&protobuf::RangeVar>, c: &mut Classified) {
+    if let Some(r) = rel.filter(|r| r.relpersistence == "t") {
+        c.effects.push(SessionEffect::TempTable(r.relname.clone()));
+    }
+}
+
+fn is_ddl(n: &NodeEnum) -> bool {
+    matches!(
+        n,
+        NodeEnum::AlterTableStmt(_)
+            | NodeEnum::DropStmt(_)
+            | NodeEnum::IndexStmt(_)
+            | NodeEnum::CreateSchemaStmt(_)
+            | NodeEnum::ViewStmt(_)
+            | NodeEnum::CreateFunctionStmt(_)
+            | NodeEnum::AlterFunctionStmt(_)
+            | NodeEnum::CreateSeqStmt(_)
+            | NodeEnum::AlterSeqStmt(_)
+            | NodeEnum::RenameStmt(_)
+            | NodeEnum::CommentStmt(_)
+            | NodeEnum::GrantStmt(_)
+            | NodeEnum::GrantRoleStmt(_)
+            | NodeEnum::CreateEnumStmt(_)
+            | NodeEnum::AlterEnumStmt(_)
+            | NodeEnum::CompositeTypeStmt(_)
+            | NodeEnum::CreateExtensionStmt(_)
+            | NodeEnum::TruncateStmt(_)
+            | NodeEnum::CreatedbStmt(_)
+            | NodeEnum::CreateRoleStmt(_)
+            | NodeEnum::AlterRoleStmt(_)
+            | NodeEnum::DropRoleStmt(_)
+            | NodeEnum::CreateTrigStmt(_)
+            | NodeEnum::RuleStmt(_)
+            | NodeEnum::CreateDomainStmt(_)
+            | NodeEnum::DefineStmt(_)
+            | NodeEnum::AlterDomainStmt(_)
+    )
+}
+
+fn const_truthy(node: Option<&protobuf::Node>) -> Option<bool> {
+    match node.and_then(|n| n.node.as_ref()) {
+        Some(NodeEnum::AConst(a)) => match &a.val {
+            Some(a_const::Val::Ival(i)) => Some(i.ival != 0),
+            Some(a_const::Val::Boolval(b)) => Some(b.boolval),
+            _ => None,
+        },
+        _ => None,
+    }
+}
+
+fn const_string(node: Option<&protobuf::Node>) -> Option<String> {
+    match node.and_then(|n| n.node.as_ref()) {
+        Some(NodeEnum::AConst(a)) => match &a.val {
+            Some(a_const::Val::Sval(s)) => Some(s.sval.to_ascii_lowercase()),
+            _ => None,
+        },
+        Some(NodeEnum::String(s)) => Some(s.sval.to_ascii_lowercase()),
+        _ => None,
+    }
+}
+
+/// BEGIN READ ONLY may run on a standby; a serializable transaction may not
+/// (hot standbys refuse SERIALIZABLE). COMMIT/ROLLBACK follow their
+/// transaction (pinned by the guardrails).
+fn transaction(t: &protobuf::TransactionStmt, c: &mut Classified) -> bool {
+    let kind = TransactionStmtKind::try_from(t.kind).unwrap_or(TransactionStmtKind::Undefined);
+    match kind {
+        TransactionStmtKind::TransStmtBegin | TransactionStmtKind::TransStmtStart => {
+            c.begins = true;
+            let mut read_only = false;
+            let mut serializable = false;
+            for opt in &t.options {
+                if let Some(NodeEnum::DefElem(d)) = opt.node.as_ref() {
+                    let arg = d.arg.as_deref();
+                    match d.defname.as_str() {
+                        "transaction_read_only" => read_only = const_truthy(arg) == Some(true),
+                        "transaction_isolation" => {
+                            serializable = const_string(arg).as_deref() == Some("serializable")
+                        }
+                        _ => {}
+                    }
+                }
+            }
+            c.begins_read_only = read_only && !serializable;
+            c.begins_read_only
+        }
+        TransactionStmtKind::TransStmtPrepare
+        | TransactionStmtKind::TransStmtCommitPrepared
+        | TransactionStmtKind::TransStmtRollbackPrepared => false,
+        _ => true,
+    }
+}
+
+/// `SET` changes the session (tracked and replayed on every connection the
+/// session uses); a standby accepts it, so it is read-only by itself.
+/// Settings a standby would refuse for later transactions pin to the primary.
+fn variable_set(v: &protobuf::VariableSetStmt, text: &str, c: &mut Classified) -> bool {
+    if v.is_local {
+        return true;
+    }
+    let name = v.name.to_ascii_lowercase();
+    match VariableSetKind::try_from(v.kind).unwrap_or(VariableSetKind::Undefined) {
+        VariableSetKind::VarResetAll => c.effects.push(SessionEffect::ResetAll),
+        VariableSetKind::VarReset | VariableSetKind::VarSetDefault => {
+            c.effects.push(SessionEffect::Reset { name })
+        }
+        VariableSetKind::VarSetValue | VariableSetKind::VarSetCurrent => {
+            if name == "default_transaction_isolation"
+                && v.args
+                    .first()
+                    .and_then(|a| const_string(Some(a)))
+                    .as_deref()
+                    == Some("serializable")
+            {
+                c.effects
+                    .push(SessionEffect::Pin("serializable default isolation"));
+            }
+            c.effects.push(SessionEffect::Set {
+                name,
+                sql: text.to_owned(),
+            })
+        }
+        // SET TRANSACTION / SET SESSION CHARACTERISTICS and friends.
+        VariableSetKind::VarSetMulti => {
+            if name == "session characteristics" {
+                c.effects
+                    .push(SessionEffect::Pin("SET SESSION CHARACTERISTICS"));
+                return false;
+            }
+        }
+        VariableSetKind::Undefined => return false,
+    }
+    true
+}
+
+/// A bounded cache of verdicts by SQL text. Statements with session effects
+/// are cached by exact text; the rest also by text with literals masked, so
+/// `... WHERE id = 1` and `... WHERE id = 2` share one parse.
+pub struct Classifier {
+    exact: Mutex<HashMap<Box<str>, Arc<Classified>>>,
+    masked: Mutex<HashMap<String, Arc<Classified>>>,
+    capacity: usize,
+}
+
+impl Default for Classifier {
+    fn default() -> Self {
+        Self::new(20_000)
+    }
+}
+
+impl Classifier {
+    pub fn new(capacity: usize) -> Self {
+        Self {
+            exact: Mutex::default(),
+            masked: Mutex::default(),
+            capacity,
+        }
+    }
+
+    pub fn classify(&self, sql: &str) -> Arc<Classified> {
+        if let Some(c) = lock(&self.exact).get(sql) {
+            return c.clone();
+        }
+        let masked = mask_literals(sql);
+        if let Some(m) = &masked {
+            if let Some(c) = lock(&self.masked).get(m) {
+                return c.clone();
+            }
+        }
+        let c = Arc::new(classify(sql));
+        let maskable = c.effects.is_empty() && c.drops_database.is_none();
+        match masked {
+            Some(m) if maskable => insert(&self.masked, m, c.clone(), self.capacity),
+            _ => insert(&self.exact, sql.into(), c.clone(), self.capacity),
+        }
+        c
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+fn insert<K: std::hash::Hash + Eq>(
+    m: &Mutex<HashMap<K, Arc<Classified>>>,
+    k: K,
+    v: Arc<Classified>,
+    capacity: usize,
+) {
+    let mut map = lock(m);
+    if map.len() >= capacity {
+        // Crude but bounded: ORMs' working sets are far smaller than this.
+        map.clear();
+    }
+    map.insert(k, v);
+}
+
+/// The text with numeric and string literals replaced by `?`; `None` when
+/// the text has a construct this cheap pass does not understand (then the
+/// caller caches by exact text instead). Comments are kept: they carry hints.
+pub fn mask_literals(sql: &str) -> Option<String> {
+    let b = sql.as_bytes();
+    let mut out = String::with_capacity(sql.len());
+    let mut i = 0;
+    let mut last = 0;
+    let ident = |c: u8| c.is_ascii_alphanumeric() || c == b'_' || c == b'$' || c >= 0x80;
+    while i < b.len() {
+        match b[i] {
+            b'\'' => {
+                // '...' with '' escapes; E'...' backslash escapes: give up.
+                if i > 0 && (b[i - 1] == b'E' || b[i - 1] == b'e') {
+                    return None;
+                }
+                let mut j = i + 1;
+                loop {
+                    match b.get(j) {
+                        None => return None,
+                        Some(b'\'') if b.get(j + 1) == Some(&b'\'') => j += 2,
+                        Some(b'\'') => break,
+                        Some(_) => j += 1,
+                    }
+                }
+                out.push_str(&sql[last..i]);
+                out.push('?');
+                i = j + 1;
+                last = i;
+            }
+            b'"' => {
+                let j = sql[i + 1..].find('"')? + i + 1;
+                i = j + 1;
+            }
+            b'$' if i + 1 < b.len()
+                && !b[i + 1].is_ascii_digit()
+                && (i == 0 || !ident(b[i - 1])) =>
+            {
+                // Dollar quoting: leave it to the exact-text cache.
+                return None;
+            }
+            b'-' if b.get(i + 1) == Some(&b'-') => {
+                i = sql[i..].find('\n').map(|n| i + n + 1).unwrap_or(b.len());
+            }
+            b'/' if b.get(i + 1) == Some(&b'*') => {
+                i = sql[i..].find("*/").map(|n| i + n + 2)?;
+            }
+            c if c.is_ascii_digit() && (i == 0 || !ident(b[i - 1])) => {
+                let mut j = i;
+                while j < b.len()
+                    && (b[j].is_ascii_digit() || b[j] == b'.' || b[j] == b'e' || b[j] == b'E')
+                {
+                    j += 1;
+                }
+                out.push_str(&sql[last..i]);
+                out.push('?');
+                i = j;
+                last = i;
+            }
+            c if ident(c) => {
+                while i < b.len() && ident(b[i]) {
+                    i += 1;
+                }
+            }
+            _ => i += 1,
+        }
+    }
+    out.push_str(&sql[last..]);
+    Some(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ro(sql: &str) -> bool {
+        classify(sql).read_only
+    }
+
+    #[test]
+    fn plain_reads_are_read_only() {
+        for sql in [
+            "SELECT 1",
+            "select * from users where id = $1",
+            "VALUES (1), (2)",
+            "TABLE users",
+            "SHOW search_path",
+            "EXPLAIN SELECT * FROM t",
+            "COPY users TO STDOUT",
+            "COPY (SELECT 1) TO STDOUT",
+            "WITH x AS (SELECT 1) SELECT * FROM x",
+            "SELECT count(*), lower(name) FROM users GROUP BY 2",
+            "SELECT pg_catalog.format_type(a.atttypid, a.atttypmod) FROM pg_catalog.pg_attribute a",
+            "BEGIN READ ONLY",
+            "START TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY",
+            "SELECT 1; SELECT 2",
+            "",
+        ] {
+            assert!(ro(sql), "{sql} should be read-only");
+        }
+    }
+
+    #[test]
+    fn writes_and_standby_refusals_are_not() {
+        for sql in [
+            "INSERT INTO t VALUES (1)",
+            "UPDATE t SET a = 1",
+            "DELETE FROM t",
+            "SELECT * FROM t FOR UPDATE",
+            "SELECT * FROM t FOR SHARE",
+            "SELECT * FROM (SELECT * FROM t FOR NO KEY UPDATE) s",
+            "WITH d AS (DELETE FROM t RETURNING *) SELECT * FROM d",
+            "WITH a AS (SELECT 1), b AS (WITH c AS (INSERT INTO t VALUES (1) RETURNING 1) SELECT * FROM c) SELECT * FROM b",
+            "SELECT * INTO t2 FROM t",
+            "SELECT nextval('s')",
+            "SELECT setval('s', 1)",
+            "SELECT pg_advisory_lock(1)",
+            "SELECT txid_current()",
+            "SELECT pg_current_wal_lsn()",
+            "SELECT my_function(1)",
+            "SELECT public.lower(name) FROM t",
+            "COPY t FROM STDIN",
+            "CREATE TABLE t (a int)",
+            "BEGIN",
+            "BEGIN ISOLATION LEVEL SERIALIZABLE READ ONLY",
+            "LISTEN chan",
+            "CALL proc()",
+            "DO $$ BEGIN PERFORM 1; END $$",
+            "SELECT 1; INSERT INTO t VALUES (1)",
+            "EXPLAIN ANALYZE DELETE FROM t",
+            "LOCK TABLE t",
+            "VACUUM t",
+            "this is not sql",
+            "PREPARE p AS SELECT 1",
+        ] {
+            assert!(!ro(sql), "{sql} should not be read-only");
+        }
+    }
+
+    #[test]
+    fn kinds_and_effects() {
+        let c = classify("SET search_path = app, public");
+        assert_eq!(c.kind, StatementKind::Session);
+        assert!(c.read_only);
+        assert_eq!(
+            c.effects,
+            vec![SessionEffect::Set {
+                name: "search_path".into(),
+                sql: "SET search_path = app, public".into()
+            }]
+        );
+        assert!(classify("SET LOCAL search_path = x").effects.is_empty());
+        assert_eq!(classify("RESET ALL").effects, vec![SessionEffect::ResetAll]);
+        assert_eq!(
+            classify("DISCARD ALL").effects,
+            vec![SessionEffect::ResetAll]
+        );
+        assert_eq!(
+            classify("RESET search_path").effects,
+            vec![SessionEffect::Reset {
+                name: "search_path".into()
+            }]
+        );
+        assert_eq!(
+            classify("CREATE TEMP TABLE tt (a int)").effects,
+            vec![SessionEffect::TempTable("tt".into())]
+        );
+        assert!(matches!(
+            classify("LISTEN x").effects[0],
+            SessionEffect::Pin(_)
+        ));
+        assert!(matches!(
+            classify("SET default_transaction_isolation = 'serializable'").effects[0],
+            SessionEffect::Pin(_)
+        ));
+        assert_eq!(
+            classify("DROP DATABASE shop").drops_database.as_deref(),
+            Some("shop")
+        );
+        let b = classify("BEGIN READ ONLY");
+        assert!(b.begins && b.begins_read_only);
+        let m = classify("SET a = 1; SET b = 2");
+        assert_eq!(m.effects.len(), 2);
+        assert_eq!(classify("UPDATE t SET a = 1").kind, StatementKind::Update);
+        assert_eq!(
+            classify("/* signalbox: route=primary */ SELECT 1").hints[0].1,
+            "primary"
+        );
+    }
+
+    #[test]
+    fn masking() {
+        assert_eq!(
+            mask_literals("SELECT abalance FROM pgbench_accounts WHERE aid = 12345").unwrap(),
+            "SELECT abalance FROM pgbench_accounts WHERE aid = ?"
+        );
+        assert_eq!(
+            mask_literals("SELECT 'it''s', t1.c2 FROM t1 WHERE x = -1.5e3 /* signalbox: a=1 */")
+                .unwrap(),
+            "SELECT ?, t1.c2 FROM t1 WHERE x = -? /* signalbox: a=1 */"
+        );
+        assert_eq!(
+            mask_literals("SELECT $1, \"a'b\" FROM t").unwrap(),
+            "SELECT $1, \"a'b\" FROM t"
+        );
+        assert!(mask_literals("SELECT $$x$$").is_none());
+        assert!(mask_literals("SELECT E'\\n'").is_none());
+        let c = Classifier::new(10);
+        let a = c.classify("SELECT * FROM t WHERE id = 1");
+        let b = c.classify("SELECT * FROM t WHERE id = 2");
+        assert!(Arc::ptr_eq(&a, &b));
+        // Function names are not literals: a write function never shares a read's verdict.
+        assert!(!c.classify("SELECT nextval('s')").read_only);
+    }
+}

@@ -1,0 +1,299 @@
+//! The PostgreSQL v3 wire protocol at the level the router needs: raw framing
+//! (type byte + length), the few server messages signalbox itself emits, and
+//! field access for the client messages routing reads. Message bodies that
+//! only pass through are never decoded.
+
+use bytes::{Buf, BufMut, Bytes, BytesMut};
+use tokio::io::{AsyncRead, AsyncReadExt};
+
+/// Largest message accepted from a client (PostgreSQL's own limit is 1 GB;
+/// a proxy should be stricter to bound memory per connection).
+pub const MAX_CLIENT_MESSAGE: usize = 64 << 20;
+
+pub const PROTOCOL_V3: i32 = 196_608;
+pub const SSL_REQUEST: i32 = 80_877_103;
+pub const GSSENC_REQUEST: i32 = 80_877_104;
+pub const CANCEL_REQUEST: i32 = 80_877_102;
+
+#[derive(Debug, thiserror::Error)]
+pub enum WireError {
+    #[error("connection closed")]
+    Closed,
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
+    #[error("protocol violation: {0}")]
+    Protocol(String),
+}
+
+/// One framed message: its type byte and body (without the length).
+#[derive(Clone, Debug)]
+pub struct Frame {
+    pub tag: u8,
+    pub body: Bytes,
+}
+
+impl Frame {
+    /// The whole message as on the wire.
+    pub fn encode_into(&self, out: &mut BytesMut) {
+        out.put_u8(self.tag);
+        out.put_i32(self.body.len() as i32 + 4);
+        out.put_slice(&self.body);
+    }
+}
+
+/// Read one message, using `buf` for leftovers between calls.
+pub async fn read_frame<R: AsyncRead + Unpin>(
+    r: &mut R,
+    buf: &mut BytesMut,
+    max: usize,
+) -> Result<Frame, WireError> {
+    loop {
+        if buf.len() >= 5 {
+            let len = i32::from_be_bytes([buf[1], buf[2], buf[3], buf[4]]);
+            if len < 4 || len as usize > max {
+                return Err(WireError::Protocol(format!("invalid message length {len}")));
+            }
+            let total = len as usize + 1;
+            if buf.len() >= total {
+                let mut msg = buf.split_to(total);
+                let tag = msg[0];
+                msg.advance(5);
+                return Ok(Frame {
+                    tag,
+                    body: msg.freeze(),
+                });
+            }
+            buf.reserve(total - buf.len());
+        } else {
+            buf.reserve(4096);
+        }
+        if r.read_buf(buf).await? == 0 {
+            return Err(WireError::Closed);
+        }
+    }
+}
+
+/// Read the untyped startup-phase packet (length + body).
+pub async fn read_startup<R: AsyncRead + Unpin>(r: &mut R) -> Result<Bytes, WireError> {
+    let len = match r.read_i32().await {
+        Ok(n) => n,
+        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Err(WireError::Closed),
+        Err(e) => return Err(e.into()),
+    };
+    if !(8..=10_000).contains(&len) {
+        return Err(WireError::Protocol(format!(
+            "invalid startup packet length {len}"
+        )));
+    }
+    let mut body = vec![0u8; len as usize - 4];
+    r.read_exact(&mut body).await?;
+    Ok(Bytes::from(body))
+}
+
+/// Reads NUL-terminated strings and integers out of a message body.
+pub struct Fields<'a> {
+    data: &'a [u8],
+}
+
+impl<'a> Fields<'a> {
+    pub fn new(data: &'a [u8]) -> Self {
+        Self { data }
+    }
+
+    pub fn cstr(&mut self) -> Result<&'a str, WireError> {
+        let end = self
+            .data
+            .iter()
+            .position(|&b| b == 0)
+            .ok_or_else(|| WireError::Protocol("unterminated string".into()))?;
+        let s = std::str::from_utf8(&self.data[..end])
+            .map_err(|_| WireError::Protocol("invalid UTF-8 in string".into()))?;
+        self.data = &self.data[end + 1..];
+        Ok(s)
+    }
+
+    pub fn i16(&mut self) -> Result<i16, WireError> {
+        if self.data.len() < 2 {
+            return Err(WireError::Protocol("message too short".into()));
+        }
+        let v = i16::from_be_bytes([self.data[0], self.data[1]]);
+        self.data = &self.data[2..];
+        Ok(v)
+    }
+
+    pub fn u8(&mut self) -> Result<u8, WireError> {
+        let (&b, rest) = self
+            .data
+            .split_first()
+            .ok_or_else(|| WireError::Protocol("message too short".into()))?;
+        self.data = rest;
+        Ok(b)
+    }
+
+    pub fn rest(&self) -> &'a [u8] {
+        self.data
+    }
+}
+
+fn put_cstr(out: &mut BytesMut, s: &str) {
+    out.put_slice(s.as_bytes());
+    out.put_u8(0);
+}
+
+fn message(out: &mut BytesMut, tag: u8, body: impl FnOnce(&mut BytesMut)) {
+    out.put_u8(tag);
+    let at = out.len();
+    out.put_i32(0);
+    body(out);
+    let len = (out.len() - at) as i32;
+    out[at..at + 4].copy_from_slice(&len.to_be_bytes());
+}
+
+pub fn auth_ok(out: &mut BytesMut) {
+    message(out, b'R', |b| b.put_i32(0));
+}
+
+pub fn parameter_status(out: &mut BytesMut, name: &str, value: &str) {
+    message(out, b'S', |b| {
+        put_cstr(b, name);
+        put_cstr(b, value);
+    });
+}
+
+pub fn backend_key_data(out: &mut BytesMut, pid: i32, secret: i32) {
+    message(out, b'K', |b| {
+        b.put_i32(pid);
+        b.put_i32(secret);
+    });
+}
+
+pub fn ready_for_query(out: &mut BytesMut, status: u8) {
+    message(out, b'Z', |b| b.put_u8(status));
+}
+
+pub fn parse_complete(out: &mut BytesMut) {
+    message(out, b'1', |_| {});
+}
+
+pub fn close_complete(out: &mut BytesMut) {
+    message(out, b'3', |_| {});
+}
+
+/// An `ErrorResponse` (severity ERROR or FATAL) with SQLSTATE `code`.
+pub fn error_response(out: &mut BytesMut, severity: &str, code: &str, text: &str) {
+    message(out, b'E', |b| {
+        b.put_u8(b'S');
+        put_cstr(b, severity);
+        b.put_u8(b'V');
+        put_cstr(b, severity);
+        b.put_u8(b'C');
+        put_cstr(b, code);
+        b.put_u8(b'M');
+        put_cstr(b, text);
+        b.put_u8(0);
+    });
+}
+
+/// SQLSTATE and message of an `ErrorResponse` body.
+pub fn error_fields(body: &[u8]) -> (String, String) {
+    let (mut code, mut msg) = (String::new(), String::new());
+    let mut f = Fields::new(body);
+    while let Ok(kind) = f.u8() {
+        if kind == 0 {
+            break;
+        }
+        let Ok(value) = f.cstr() else { break };
+        match kind {
+            b'C' => code = value.to_owned(),
+            b'M' => msg = value.to_owned(),
+            _ => {}
+        }
+    }
+    (code, msg)
+}
+
+/// Raw `Query` message.
+pub fn query(out: &mut BytesMut, sql: &str) {
+    message(out, b'Q', |b| put_cstr(b, sql));
+}
+
+/// Raw `Parse` message.
+pub fn parse(out: &mut BytesMut, name: &str, sql: &str, param_types: &[u8]) {
+    message(out, b'P', |b| {
+        put_cstr(b, name);
+        put_cstr(b, sql);
+        b.put_slice(param_types);
+    });
+}
+
+/// Raw `Close` message for a statement (`S`) or portal (`P`).
+pub fn close(out: &mut BytesMut, kind: u8, name: &str) {
+    message(out, b'C', |b| {
+        b.put_u8(kind);
+        put_cstr(b, name);
+    });
+}
+
+/// Raw `Describe` message.
+pub fn describe(out: &mut BytesMut, kind: u8, name: &str) {
+    message(out, b'D', |b| {
+        b.put_u8(kind);
+        put_cstr(b, name);
+    });
+}
+
+/// A `Bind` message with its statement name replaced.
+pub fn bind_renamed(out: &mut BytesMut, body: &[u8], statement: &str) -> Result<(), WireError> {
+    let mut f = Fields::new(body);
+    let portal = f.cstr()?;
+    let _old = f.cstr()?;
+    let rest = f.rest();
+    message(out, b'B', |b| {
+        put_cstr(b, portal);
+        put_cstr(b, statement);
+        b.put_slice(rest);
+    });
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn frames_roundtrip_and_bounds() {
+        let mut out = BytesMut::new();
+        query(&mut out, "SELECT 1");
+        ready_for_query(&mut out, b'I');
+        let mut src = &out[..];
+        let mut buf = BytesMut::new();
+        let f = read_frame(&mut src, &mut buf, 1024).await.unwrap();
+        assert_eq!((f.tag, &f.body[..]), (b'Q', &b"SELECT 1\0"[..]));
+        let f = read_frame(&mut src, &mut buf, 1024).await.unwrap();
+        assert_eq!((f.tag, &f.body[..]), (b'Z', &b"I"[..]));
+        assert!(matches!(
+            read_frame(&mut src, &mut buf, 1024).await,
+            Err(WireError::Closed)
+        ));
+        let big = [b'Q', 0x7f, 0, 0, 0];
+        let mut src = &big[..];
+        let e = read_frame(&mut src, &mut BytesMut::new(), 1024)
+            .await
+            .unwrap_err();
+        assert!(matches!(e, WireError::Protocol(_)));
+    }
+
+    #[test]
+    fn error_fields_and_bind_rename() {
+        let mut out = BytesMut::new();
+        error_response(&mut out, "ERROR", "53300", "pool exhausted");
+        assert_eq!(
+            error_fields(&out[5..]),
+            ("53300".into(), "pool exhausted".into())
+        );
+        let body = b"portal\0s1\0\0\0\0\0\0\0";
+        let mut out = BytesMut::new();
+        bind_renamed(&mut out, body, "sb_1").unwrap();
+        assert_eq!(&out[5..], b"portal\0sb_1\0\0\0\0\0\0\0");
+    }
+}
