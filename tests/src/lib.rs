@@ -115,3 +115,135 @@ pub fn write(cluster: &Arc<ClusterView>) -> RouteInput {
         cluster,
     )
 }
+
+pub mod service {
+    //! Starting signalbox in front of a real local cluster.
+
+    use std::path::Path;
+    use std::process::Command;
+    use std::sync::OnceLock;
+
+    use signalbox::config::Config;
+    use signalbox::local::LocalCluster;
+    use signalbox::server::Server;
+
+    /// One primary + two streaming replicas, shared by the tests of a binary.
+    pub fn cluster() -> &'static LocalCluster {
+        static CLUSTER: OnceLock<LocalCluster> = OnceLock::new();
+        CLUSTER.get_or_init(|| {
+            LocalCluster::start(2)
+                .unwrap_or_else(|e| panic!("cannot start the PostgreSQL test cluster: {e:#}"))
+        })
+    }
+
+    /// Config text for the shared cluster; `extra` is appended (pool, policy...).
+    pub fn config_text(extra: &str) -> String {
+        let c = cluster();
+        let mut text =
+            format!("listen = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\n{extra}\n");
+        for n in c.all_nodes() {
+            let role = if n.name == "primary" {
+                "primary"
+            } else {
+                "replica"
+            };
+            text.push_str(&format!(
+                "[[nodes]]\nname = \"{}\"\nurl = \"postgres://postgres@127.0.0.1:{}/postgres\"\nrole = \"{role}\"\n",
+                n.name, n.port
+            ));
+        }
+        text
+    }
+
+    /// Start signalbox on the shared cluster with `extra` config.
+    pub async fn start(extra: &str) -> Server {
+        let text = config_text(extra);
+        let config = Config::parse(&text, Path::new("test.toml"))
+            .unwrap_or_else(|e| panic!("test config: {e}\n{text}"));
+        Server::start(config).await.expect("signalbox starts")
+    }
+
+    /// The port of a node by name.
+    pub fn port_of(name: &str) -> u16 {
+        cluster()
+            .all_nodes()
+            .find(|n| n.name == name)
+            .map(|n| n.port)
+            .unwrap_or_else(|| panic!("no node {name}"))
+    }
+
+    pub fn replica_ports() -> Vec<u16> {
+        cluster().replicas.iter().map(|r| r.port).collect()
+    }
+
+    /// psql against `port` (through signalbox or direct); stdout+stderr and success.
+    pub fn psql(port: u16, db: &str, args: &[&str], stdin: Option<&str>) -> (bool, String) {
+        use std::io::Write;
+        let mut cmd = Command::new("psql");
+        cmd.args([
+            "-h",
+            "127.0.0.1",
+            "-U",
+            "postgres",
+            "-X",
+            "-v",
+            "ON_ERROR_STOP=0",
+        ])
+        .arg("-p")
+        .arg(port.to_string())
+        .arg("-d")
+        .arg(db)
+        .args(args)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped());
+        let mut child = cmd.spawn().expect("run psql");
+        if let Some(input) = stdin {
+            child
+                .stdin
+                .take()
+                .unwrap()
+                .write_all(input.as_bytes())
+                .unwrap();
+        }
+        drop(child.stdin.take());
+        let out = child.wait_with_output().expect("psql output");
+        (
+            out.status.success(),
+            format!(
+                "{}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            ),
+        )
+    }
+
+    /// Connect tokio-postgres to `port`.
+    pub async fn connect(port: u16, db: &str) -> tokio_postgres::Client {
+        let (client, conn) = tokio_postgres::connect(
+            &format!("host=127.0.0.1 port={port} user=postgres dbname={db}"),
+            tokio_postgres::NoTls,
+        )
+        .await
+        .unwrap_or_else(|e| panic!("connect to {port}: {e}"));
+        tokio::spawn(async move {
+            let _ = conn.await;
+        });
+        client
+    }
+
+    /// Create a database on the primary (idempotent) and wait until replicas have it.
+    pub fn database(name: &str) {
+        let c = cluster();
+        let exists = c
+            .psql(
+                c.primary.port,
+                &format!("SELECT 1 FROM pg_database WHERE datname = '{name}'"),
+            )
+            .unwrap_or_default();
+        if exists.trim() != "1" {
+            let _ = c.psql(c.primary.port, &format!("CREATE DATABASE {name}"));
+        }
+        c.wait_replayed().expect("replicas replay");
+    }
+}

@@ -124,7 +124,8 @@ impl BackendConn {
         let params = [
             ("user", spec.user.as_str()),
             ("database", spec.database.as_str()),
-            ("application_name", "signalbox"),
+            // No application_name: a session that never set one must see ''
+            // as with PostgreSQL (RESET ALL returns to the startup value).
             ("client_encoding", "UTF8"),
         ];
         frontend::startup_message(params, &mut out).map_err(|e| proto(e.to_string()))?;

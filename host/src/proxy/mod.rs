@@ -29,6 +29,9 @@ pub struct Shared {
     pub classifier: Classifier,
     pub cancel: CancelMap,
     pub metrics: Metrics,
+    /// Server parameters reported at login, by (user, database): later
+    /// sessions are greeted without taking a pooled connection.
+    pub server_params: Mutex<HashMap<(String, String), Vec<(String, String)>>>,
     next_session: AtomicU64,
 }
 
@@ -42,6 +45,7 @@ impl Shared {
             classifier: Classifier::default(),
             cancel: CancelMap::default(),
             metrics: Metrics::new(nodes),
+            server_params: Mutex::default(),
             next_session: AtomicU64::new(1),
         })
     }

@@ -326,6 +326,32 @@ impl Session {
 
     /// Authenticate (trust), report server parameters, issue our cancel key.
     async fn startup(&mut self) -> Result<(), SessionError> {
+        let cache_key = (self.user.clone(), self.database.clone());
+        let cached = self
+            .shared
+            .server_params
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&cache_key)
+            .cloned();
+        let params = match cached {
+            Some(p) => p,
+            None => {
+                let p = self.first_login().await?;
+                self.shared
+                    .server_params
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .insert(cache_key, p.clone());
+                p
+            }
+        };
+        self.greet(&params).await
+    }
+
+    /// The first session of a (user, database) logs in to a node for real:
+    /// PostgreSQL checks the user and database and reports its parameters.
+    async fn first_login(&mut self) -> Result<Vec<(String, String)>, SessionError> {
         let view = self.shared.cluster.view();
         let node = view.primary().or_else(|| {
             view.states
@@ -346,11 +372,13 @@ impl Session {
             }
         };
         let mut lease = lease;
-        let params = lease.conn().params.clone();
-        drop(lease);
+        Ok(lease.conn().params.clone())
+    }
+
+    async fn greet(&mut self, params: &[(String, String)]) -> Result<(), SessionError> {
         let out = &mut self.client.out;
         wire::auth_ok(out);
-        for (name, value) in &params {
+        for (name, value) in params {
             // What the client asked for at startup is what PostgreSQL would report.
             let asked = self
                 .startup_params
@@ -494,12 +522,14 @@ impl Session {
         }
         let mut new_state = None;
         if self.tx == TxState::Idle {
+            // A transaction that ended in ROLLBACK undoes its SETs, including
+            // those sent in the same message as the ROLLBACK.
             let committed = outcome.last_tag.as_deref() != Some("ROLLBACK");
             let mut all = std::mem::take(&mut self.pending_effects);
+            all.extend(effects);
             if !committed {
                 all.clear();
             }
-            all.extend(effects);
             new_state = Some(all);
         } else {
             self.pending_effects.extend(effects);

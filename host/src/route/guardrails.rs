@@ -140,7 +140,26 @@ pub fn enforce(
 fn primary(cluster: &ClusterView) -> Routed {
     match cluster.primary() {
         Some(id) => Routed::Node(id),
-        None => Routed::Unavailable("no healthy primary is available".into()),
+        None => Routed::Unavailable(format!(
+            "no healthy primary is available (nodes: {})",
+            cluster
+                .nodes
+                .iter()
+                .zip(&cluster.states)
+                .map(|(n, s)| format!(
+                    "{} {}",
+                    n.name,
+                    if !s.healthy {
+                        "down"
+                    } else if s.role == Role::Replica {
+                        "in recovery"
+                    } else {
+                        "unknown"
+                    }
+                ))
+                .collect::<Vec<_>>()
+                .join(", ")
+        )),
     }
 }
 

@@ -37,6 +37,12 @@ impl Policy for Faulty {
         if cfg!(feature = "trap-on-hint") && stmt.hint("boom").is_some() {
             panic!("policy bug on hinted statements");
         }
+        if let Some(why) = stmt.hint("deny") {
+            return Decision::reject(format!("denied by policy: {why}"));
+        }
+        if cfg!(feature = "all-primary") {
+            return Decision::primary().because("all-primary");
+        }
         if cfg!(feature = "garbage") {
             return Decision::reject("");
         }

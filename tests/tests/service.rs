@@ -1,0 +1,554 @@
+//! signalbox in front of a real primary and two streaming replicas: where
+//! statements run (asserted from inside PostgreSQL), psql features, pooling,
+//! session state, cancel, policy swaps and errors.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use signalbox_tests::service::{self, connect, port_of, psql, replica_ports, start};
+use signalbox_tests::{example, faulty, replace_by_rename, wait_until};
+
+fn policy_section(path: &std::path::Path) -> String {
+    format!("[policy]\npath = {:?}\n", path.display().to_string())
+}
+
+/// `inet_server_port()` of a simple query through `client`.
+async fn port(client: &tokio_postgres::Client, sql: &str) -> u16 {
+    let rows = client
+        .simple_query(sql)
+        .await
+        .unwrap_or_else(|e| panic!("{sql}: {e}"));
+    for m in rows {
+        if let tokio_postgres::SimpleQueryMessage::Row(r) = m {
+            return r.get(0).unwrap().parse().unwrap();
+        }
+    }
+    panic!("{sql}: no row")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn statements_run_where_they_must() {
+    let server = start(&policy_section(&example("rw-split"))).await;
+    let p = server.addr.port();
+    let c = connect(p, "postgres").await;
+    let primary = port_of("primary");
+    let replicas = replica_ports();
+
+    // Reads rotate over the replicas.
+    let mut seen = std::collections::HashSet::new();
+    for _ in 0..6 {
+        let got = port(&c, "SELECT inet_server_port()").await;
+        assert!(replicas.contains(&got), "read ran on {got}");
+        seen.insert(got);
+    }
+    assert_eq!(seen.len(), 2, "round-robin over both replicas");
+    // Extended protocol (tokio-postgres prepares) too.
+    let row = c
+        .query_one("SELECT inet_server_port()::int4, pg_is_in_recovery()", &[])
+        .await
+        .unwrap();
+    assert!(row.get::<_, bool>(1));
+
+    // Writes, DDL, locking, writable CTEs, nextval: the primary.
+    c.batch_execute("DROP TABLE IF EXISTS routed; CREATE TABLE routed (id serial PRIMARY KEY, v int); CREATE SEQUENCE IF NOT EXISTS routed_seq")
+        .await
+        .unwrap();
+    for sql in [
+        "INSERT INTO routed (v) VALUES (1) RETURNING inet_server_port()",
+        "SELECT inet_server_port() FROM routed FOR UPDATE",
+        "WITH w AS (INSERT INTO routed (v) VALUES (2) RETURNING 1) SELECT inet_server_port() FROM w",
+        "SELECT inet_server_port() FROM (SELECT nextval('routed_seq')) s",
+        "/* signalbox: route=primary */ SELECT inet_server_port()",
+        "UPDATE routed SET v = v + 1 RETURNING inet_server_port()",
+    ] {
+        assert_eq!(port(&c, sql).await, primary, "{sql}");
+    }
+
+    // A read-write transaction is pinned to the primary, start to end.
+    c.batch_execute("BEGIN").await.unwrap();
+    for _ in 0..3 {
+        assert_eq!(port(&c, "SELECT inet_server_port()").await, primary);
+    }
+    c.batch_execute("COMMIT").await.unwrap();
+
+    // A read-only transaction may use a replica, and stays on it.
+    c.batch_execute("BEGIN READ ONLY").await.unwrap();
+    let first = port(&c, "SELECT inet_server_port()").await;
+    assert!(replicas.contains(&first));
+    for _ in 0..3 {
+        assert_eq!(port(&c, "SELECT inet_server_port()").await, first);
+    }
+    c.batch_execute("COMMIT").await.unwrap();
+
+    // The metrics saw both kinds.
+    let m = &server.shared.metrics;
+    assert!(m.routed[0].load(Ordering::Relaxed) >= 7);
+    assert!(m.routed[1].load(Ordering::Relaxed) + m.routed[2].load(Ordering::Relaxed) >= 7);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn psql_sessions_work_as_with_postgres() {
+    let server = start("").await;
+    let p = server.addr.port();
+    let setup = "DROP TABLE IF EXISTS psql_t; CREATE TABLE psql_t (id int PRIMARY KEY, name text)";
+    assert!(psql(p, "postgres", &["-c", setup], None).0);
+
+    let (_, out) = psql(p, "postgres", &["-At", "-c", "SELECT 1; SELECT 2"], None);
+    assert_eq!(out.trim(), "1\n2");
+
+    // An error leaves the session usable.
+    let (_, out) = psql(
+        p,
+        "postgres",
+        &["-At", "-c", "SELECT nope", "-c", "SELECT 42"],
+        None,
+    );
+    assert!(
+        out.contains("column \"nope\" does not exist") && out.contains("42"),
+        "{out}"
+    );
+
+    // NOTICE from a DO block reaches the client.
+    let (ok, out) = psql(
+        p,
+        "postgres",
+        &["-c", "DO $$ BEGIN RAISE NOTICE 'hello %', 42; END $$"],
+        None,
+    );
+    assert!(ok && out.contains("NOTICE:  hello 42"), "{out}");
+
+    // COPY FROM STDIN and TO STDOUT.
+    let script = "COPY psql_t FROM STDIN;\n1\tada\n2\tgrace\n\\.\nCOPY (SELECT * FROM psql_t ORDER BY id) TO STDOUT;\n";
+    let (ok, out) = psql(p, "postgres", &["-At", "-f", "-"], Some(script));
+    assert!(ok, "{out}");
+    assert!(out.contains("COPY 2") || out.contains("1\tada"), "{out}");
+    assert!(out.contains("1\tada\n2\tgrace"), "{out}");
+    let c = service::cluster();
+    let direct = c
+        .psql(
+            c.primary.port,
+            "SELECT string_agg(name, ',' ORDER BY id) FROM psql_t",
+        )
+        .unwrap();
+    assert_eq!(direct.trim(), "ada,grace");
+
+    // psql's catalog commands (they depend on server_version being reported).
+    c.wait_replayed().unwrap();
+    let (ok, out) = psql(p, "postgres", &["-c", "\\dt"], None);
+    assert!(ok && out.contains("psql_t"), "{out}");
+    let (ok, out) = psql(p, "postgres", &["-c", "\\d psql_t"], None);
+    assert!(
+        ok && out.contains("name") && out.contains("psql_t_pkey"),
+        "{out}"
+    );
+}
+
+fn pgbench(port: u16, args: &[&str]) -> String {
+    let out = std::process::Command::new("pgbench")
+        .args(["-h", "127.0.0.1", "-U", "postgres", "-p", &port.to_string()])
+        .args(args)
+        .arg("bench")
+        .output()
+        .expect("run pgbench");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success(), "pgbench {args:?}: {text}");
+    text
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pgbench_runs_without_failures_and_reads_land_on_replicas() {
+    service::database("bench");
+    let server = tokio::task::block_in_place(|| futures_block(start("")));
+    let p = server.addr.port();
+    tokio::task::block_in_place(|| {
+        pgbench(p, &["-i", "-s", "1", "-q"]);
+        service::cluster().wait_replayed().unwrap();
+        let before: u64 = (1..3)
+            .map(|i| server.shared.metrics.routed[i].load(Ordering::Relaxed))
+            .sum();
+        for mode in ["simple", "extended", "prepared"] {
+            let out = pgbench(
+                p,
+                &["-n", "-S", "-c", "4", "-j", "2", "-T", "2", "-M", mode],
+            );
+            assert!(
+                out.contains("number of failed transactions: 0"),
+                "{mode}: {out}"
+            );
+        }
+        let out = pgbench(p, &["-n", "-c", "4", "-j", "2", "-T", "2"]);
+        assert!(
+            out.contains("number of failed transactions: 0"),
+            "tpcb: {out}"
+        );
+        let after: u64 = (1..3)
+            .map(|i| server.shared.metrics.routed[i].load(Ordering::Relaxed))
+            .sum();
+        assert!(
+            after - before > 1000,
+            "the -S load should land on replicas: {}",
+            after - before
+        );
+    });
+}
+
+/// Run a future to completion from blocking code inside the test runtime.
+fn futures_block<F: std::future::Future>(f: F) -> F::Output {
+    tokio::runtime::Handle::current().block_on(f)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn prepared_statements_survive_transaction_pooling() {
+    let server = start("[pool]\nsize = 5\ncheckout_timeout_ms = 20000\n").await;
+    let p = server.addr.port();
+    let done = Arc::new(AtomicU64::new(0));
+    let mut tasks = Vec::new();
+    for client_no in 0..50i32 {
+        let done = done.clone();
+        tasks.push(tokio::spawn(async move {
+            let c = connect(p, "postgres").await;
+            let stmt = c
+                .prepare("SELECT $1::int4 + 1, pg_is_in_recovery()")
+                .await
+                .expect("prepare");
+            for i in 0..100i32 {
+                let row = c
+                    .query_one(&stmt, &[&(client_no * 1000 + i)])
+                    .await
+                    .expect("execute");
+                assert_eq!(row.get::<_, i32>(0), client_no * 1000 + i + 1);
+                assert!(row.get::<_, bool>(1), "read ran on the primary");
+                done.fetch_add(1, Ordering::Relaxed);
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.expect("client task");
+    }
+    assert_eq!(done.load(Ordering::Relaxed), 5000);
+    // 50 clients shared at most 5 connections per node.
+    let idle = server.shared.cluster.pools.idle();
+    assert!(idle.iter().all(|&n| n <= 5), "{idle:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn session_settings_follow_the_client_and_never_leak() {
+    // One connection per node: both clients must share it.
+    let server = start("[pool]\nsize = 1\n").await;
+    let p = server.addr.port();
+    service::cluster()
+        .psql(
+            service::cluster().primary.port,
+            "CREATE SCHEMA IF NOT EXISTS tenant_a",
+        )
+        .unwrap();
+    service::cluster().wait_replayed().unwrap();
+    let a = connect(p, "postgres").await;
+    let b = connect(p, "postgres").await;
+    a.batch_execute("SET search_path = tenant_a, public")
+        .await
+        .unwrap();
+    a.batch_execute("SET application_name = 'client-a'")
+        .await
+        .unwrap();
+    let show = |rows: Vec<tokio_postgres::SimpleQueryMessage>| -> String {
+        rows.into_iter()
+            .find_map(|m| match m {
+                tokio_postgres::SimpleQueryMessage::Row(r) => {
+                    Some(r.get(0).unwrap_or("").to_owned())
+                }
+                _ => None,
+            })
+            .unwrap()
+    };
+    for _ in 0..10 {
+        assert_eq!(
+            show(a.simple_query("SHOW search_path").await.unwrap()),
+            "tenant_a, public"
+        );
+        assert_eq!(
+            show(b.simple_query("SHOW search_path").await.unwrap()),
+            "\"$user\", public"
+        );
+        assert_eq!(
+            show(a.simple_query("SHOW application_name").await.unwrap()),
+            "client-a"
+        );
+        assert_eq!(
+            show(b.simple_query("SHOW application_name").await.unwrap()),
+            ""
+        );
+        // And on the primary too (a write pins nothing but runs there).
+        let a_primary = a
+            .simple_query(
+                "SELECT current_setting('search_path') FROM (SELECT nextval('routed_seq')) s",
+            )
+            .await;
+        if let Ok(rows) = a_primary {
+            assert_eq!(show(rows), "tenant_a, public");
+        }
+    }
+    a.batch_execute("RESET search_path").await.unwrap();
+    assert_eq!(
+        show(a.simple_query("SHOW search_path").await.unwrap()),
+        "\"$user\", public"
+    );
+    // A SET inside a rolled-back transaction does not stick.
+    a.batch_execute("BEGIN; SET search_path = tenant_a; ROLLBACK")
+        .await
+        .unwrap();
+    assert_eq!(
+        show(a.simple_query("SHOW search_path").await.unwrap()),
+        "\"$user\", public"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cancel_request_reaches_the_node_running_the_query() {
+    let server = start("").await;
+    let p = server.addr.port();
+    for (label, setup) in [
+        ("replica", None),
+        ("primary", Some("BEGIN; SELECT txid_current()")),
+    ] {
+        let c = connect(p, "postgres").await;
+        if let Some(s) = setup {
+            c.batch_execute(s).await.unwrap();
+        }
+        let token = c.cancel_token();
+        let canceller = tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            token.cancel_query(tokio_postgres::NoTls).await
+        });
+        let started = std::time::Instant::now();
+        let err = c.simple_query("SELECT pg_sleep(30)").await.unwrap_err();
+        assert_eq!(
+            err.code(),
+            Some(&tokio_postgres::error::SqlState::QUERY_CANCELED),
+            "{label}: {err}"
+        );
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "{label}: cancel took too long"
+        );
+        canceller.await.unwrap().unwrap();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn policy_swap_under_load_fails_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("policy.wasm");
+    std::fs::copy(example("rw-split"), &path).unwrap();
+    let extra = format!(
+        "{}[policy.watch]\ndebounce_ms = 50\n",
+        policy_section(&path)
+    );
+    let server = start(&extra).await;
+    let p = server.addr.port();
+    let primary = port_of("primary");
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let on_primary_after = Arc::new(AtomicU64::new(0));
+    let total = Arc::new(AtomicU64::new(0));
+    let mut tasks = Vec::new();
+    for _ in 0..20 {
+        let (stop, total, on_primary_after) =
+            (stop.clone(), total.clone(), on_primary_after.clone());
+        tasks.push(tokio::spawn(async move {
+            let c = connect(p, "postgres").await;
+            let mut failures = 0;
+            while !stop.load(Ordering::Relaxed) {
+                match c.simple_query("SELECT inet_server_port()").await {
+                    Ok(rows) => {
+                        total.fetch_add(1, Ordering::Relaxed);
+                        for m in &rows {
+                            if let tokio_postgres::SimpleQueryMessage::Row(r) = m {
+                                if r.get(0).and_then(|v| v.parse::<u16>().ok()) == Some(primary) {
+                                    on_primary_after.fetch_add(1, Ordering::Relaxed);
+                                }
+                            }
+                        }
+                    }
+                    Err(_) => failures += 1,
+                }
+            }
+            failures
+        }));
+    }
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let before_swap = on_primary_after.load(Ordering::Relaxed);
+    assert_eq!(before_swap, 0, "rw-split sends no read to the primary");
+    tokio::task::block_in_place(|| replace_by_rename(&faulty(&["all-primary"]), &path));
+    let swapped = wait_until(Duration::from_secs(15), || {
+        on_primary_after.load(Ordering::Relaxed) > 100
+    });
+    stop.store(true, Ordering::Relaxed);
+    let mut failures = 0;
+    for t in tasks {
+        failures += t.await.unwrap();
+    }
+    assert!(
+        swapped,
+        "the new policy's routing never showed: {:?}",
+        server.policy.status()
+    );
+    assert_eq!(failures, 0, "queries failed during the swap");
+    assert!(total.load(Ordering::Relaxed) > 500);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn policy_reject_is_an_error_and_the_session_goes_on() {
+    let server = start(&policy_section(&faulty(&[]))).await;
+    let c = connect(server.addr.port(), "postgres").await;
+    let err = c
+        .simple_query("/* signalbox: deny=maintenance */ SELECT 1")
+        .await
+        .unwrap_err();
+    let db = err.as_db_error().expect("a server error");
+    assert_eq!(db.code().code(), "42501");
+    assert!(
+        db.message().contains("denied by policy: maintenance"),
+        "{}",
+        db.message()
+    );
+    assert_eq!(port(&c, "SELECT inet_server_port()").await > 0, true);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pool_exhaustion_is_53300_after_the_checkout_timeout() {
+    let server = start("[pool]\nsize = 1\ncheckout_timeout_ms = 300\n").await;
+    let p = server.addr.port();
+    let holder = connect(p, "postgres").await;
+    holder
+        .batch_execute("BEGIN; SELECT txid_current()")
+        .await
+        .unwrap();
+    let other = connect(p, "postgres").await;
+    let started = std::time::Instant::now();
+    let err = other
+        .simple_query("SELECT txid_current()")
+        .await
+        .unwrap_err();
+    assert_eq!(
+        err.code(),
+        Some(&tokio_postgres::error::SqlState::TOO_MANY_CONNECTIONS),
+        "{err}"
+    );
+    assert!(started.elapsed() >= Duration::from_millis(250));
+    let msg = err
+        .as_db_error()
+        .map(|d| d.message().to_owned())
+        .unwrap_or_default();
+    assert!(
+        msg.contains("node primary") && msg.contains("300 ms"),
+        "{msg}"
+    );
+    holder.batch_execute("COMMIT").await.unwrap();
+    // Free again: the waiting client can proceed.
+    assert!(other.simple_query("SELECT txid_current()").await.is_ok());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_messages_close_only_that_connection() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let server = start("").await;
+    let p = server.addr.port();
+    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", p))
+        .await
+        .unwrap();
+    let mut startup = Vec::new();
+    let body = b"user\0postgres\0database\0postgres\0\0";
+    startup.extend_from_slice(&((body.len() + 8) as i32).to_be_bytes());
+    startup.extend_from_slice(&196608i32.to_be_bytes());
+    startup.extend_from_slice(body);
+    s.write_all(&startup).await.unwrap();
+    let mut buf = vec![0u8; 4096];
+    let mut got = Vec::new();
+    while !got.windows(6).any(|w| w == [b'Z', 0, 0, 0, 5, b'I']) {
+        let n = s.read(&mut buf).await.unwrap();
+        assert!(n > 0, "closed during startup");
+        got.extend_from_slice(&buf[..n]);
+    }
+    // A query message claiming 2 GB.
+    s.write_all(&[b'Q', 0x7f, 0xff, 0xff, 0xff]).await.unwrap();
+    let mut rest = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut rest))
+        .await
+        .expect("closed");
+    let text = String::from_utf8_lossy(&rest);
+    assert!(
+        rest.first() == Some(&b'E') && text.contains("08P01"),
+        "{text}"
+    );
+    // Everyone else is fine.
+    let c = connect(p, "postgres").await;
+    assert!(port(&c, "SELECT inet_server_port()").await > 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unknown_database_is_postgres_own_error() {
+    let server = start("").await;
+    let err = tokio_postgres::connect(
+        &format!(
+            "host=127.0.0.1 port={} user=postgres dbname=no_such_db",
+            server.addr.port()
+        ),
+        tokio_postgres::NoTls,
+    )
+    .await
+    .err()
+    .expect("must fail");
+    assert_eq!(
+        err.code(),
+        Some(&tokio_postgres::error::SqlState::INVALID_CATALOG_NAME),
+        "{err}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admin_api_reports_nodes_policy_and_metrics() {
+    let server = start(&policy_section(&example("rw-split"))).await;
+    let admin = server.admin_addr.unwrap();
+    let c = connect(server.addr.port(), "postgres").await;
+    port(&c, "SELECT inet_server_port()").await;
+    let get = |path: &str| {
+        let out = std::process::Command::new("curl")
+            .args([
+                "-s",
+                "-w",
+                "\n%{http_code}",
+                &format!("http://{admin}{path}"),
+            ])
+            .output()
+            .expect("curl");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let health = tokio::task::block_in_place(|| get("/health"));
+    assert!(health.ends_with("200"), "{health}");
+    let status = tokio::task::block_in_place(|| get("/status"));
+    let json: serde_json::Value =
+        serde_json::from_str(status.rsplit_once('\n').unwrap().0).unwrap();
+    assert_eq!(json["nodes"].as_array().unwrap().len(), 3);
+    assert_eq!(json["nodes"][0]["role"], "primary");
+    assert_eq!(json["nodes"][1]["healthy"], true);
+    assert!(json["policy"]["active"]["sha256"].as_str().unwrap().len() == 64);
+    let metrics = tokio::task::block_in_place(|| get("/metrics"));
+    assert!(
+        metrics.contains("signalbox_node_up{node=\"replica-1\"} 1"),
+        "{metrics}"
+    );
+    assert!(metrics.contains("signalbox_guardrail_overrides_total{kind=\"write_to_replica\"}"));
+    let reload = tokio::task::block_in_place(|| {
+        let out = std::process::Command::new("curl")
+            .args(["-s", "-X", "POST", &format!("http://{admin}/policy/reload")])
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    });
+    assert!(reload.contains("\"result\":\"unchanged\""), "{reload}");
+}
