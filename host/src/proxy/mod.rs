@@ -31,7 +31,7 @@ pub struct Shared {
     pub metrics: Metrics,
     /// Server parameters reported at login, by (user, database): later
     /// sessions are greeted without taking a pooled connection.
-    pub server_params: Mutex<HashMap<(String, String), Vec<(String, String)>>>,
+    pub server_params: Mutex<HashMap<(String, String), ServerParams>>,
     next_session: AtomicU64,
 }
 
@@ -50,6 +50,9 @@ impl Shared {
         })
     }
 }
+
+/// ParameterStatus name/value pairs a server reported.
+pub type ServerParams = Vec<(String, String)>;
 
 /// A cancel key: process id and secret.
 pub type CancelKey = (i32, i32);
