@@ -416,7 +416,7 @@ async fn policy_reject_is_an_error_and_the_session_goes_on() {
         "{}",
         db.message()
     );
-    assert_eq!(port(&c, "SELECT inet_server_port()").await > 0, true);
+    assert!(port(&c, "SELECT inet_server_port()").await > 0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
