@@ -505,6 +505,15 @@ mod tests {
     }
 
     #[test]
+    fn the_example_config_is_valid() {
+        std::env::set_var("DB_PASSWORD", "x");
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../signalbox.example.toml");
+        let c = Config::load(&path).unwrap();
+        assert_eq!(c.nodes.len(), 3);
+        assert!(c.policy.is_some());
+    }
+
+    #[test]
     fn interpolation() {
         std::env::set_var("SB_TEST_X", "v");
         assert_eq!(interpolate("a${SB_TEST_X}b$${c}$d").unwrap(), "avb${c}$d");

@@ -552,3 +552,70 @@ async fn admin_api_reports_nodes_policy_and_metrics() {
     });
     assert!(reload.contains("\"result\":\"unchanged\""), "{reload}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_that_goes_down_is_named_in_an_error_not_a_hang() {
+    // A cluster of its own: this test kills a replica.
+    let cluster = tokio::task::block_in_place(|| signalbox::local::LocalCluster::start(1)).unwrap();
+    let mut text = String::from(
+        "listen = \"127.0.0.1:0\"\n[health]\ninterval_ms = 3600000\n[pool]\nconnect_timeout_ms = 2000\n",
+    );
+    for n in cluster.all_nodes() {
+        let role = if n.name == "primary" {
+            "primary"
+        } else {
+            "replica"
+        };
+        text.push_str(&format!(
+            "[[nodes]]\nname = \"{}\"\nurl = \"postgres://postgres@127.0.0.1:{}/postgres\"\nrole = \"{role}\"\n",
+            n.name, n.port
+        ));
+    }
+    let config = signalbox::config::Config::parse(&text, std::path::Path::new("t.toml")).unwrap();
+    let server = signalbox::server::Server::start(config).await.unwrap();
+    let c = connect(server.addr.port(), "postgres").await;
+    assert!(port(&c, "SELECT inet_server_port()").await > 0);
+    // Kill the replica; the (hour-long) health interval has not noticed yet.
+    tokio::task::block_in_place(|| cluster.kill(&cluster.replicas[0])).unwrap();
+    server.shared.cluster.pools.drop_idle(|_, _| true);
+    let started = std::time::Instant::now();
+    let err = c
+        .simple_query("SELECT inet_server_port()")
+        .await
+        .unwrap_err();
+    let db = err
+        .as_db_error()
+        .expect("an ErrorResponse, not a dropped connection");
+    assert!(db.message().contains("replica-1"), "{}", db.message());
+    assert_eq!(db.code().code(), "08006");
+    assert!(started.elapsed() < Duration::from_secs(5));
+    // The session and the primary still work; once probed, reads avoid the dead node.
+    assert_eq!(
+        port(&c, "SELECT txid_current()::int8 * 0 + inet_server_port()").await,
+        cluster.primary.port
+    );
+    server.shared.cluster.probe_all().await;
+    server.shared.cluster.probe_all().await;
+    assert_eq!(
+        port(&c, "SELECT inet_server_port()").await,
+        cluster.primary.port
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_prepare_is_not_remembered_as_prepared() {
+    // One connection per node, so both attempts land on the same one.
+    let server = start("[pool]\nsize = 1\n").await;
+    let c = connect(server.addr.port(), "postgres").await;
+    for _ in 0..2 {
+        let err = c.prepare("SELEC 1").await.unwrap_err();
+        assert_eq!(
+            err.code(),
+            Some(&tokio_postgres::error::SqlState::SYNTAX_ERROR),
+            "{err:?}"
+        );
+    }
+    // And a good statement after it still prepares and runs.
+    let s = c.prepare("SELECT 41 + 1").await.unwrap();
+    assert_eq!(c.query_one(&s, &[]).await.unwrap().get::<_, i32>(0), 42);
+}

@@ -103,7 +103,9 @@ impl Pools {
         }
     }
 
-    fn pool(&self, node: NodeId, user: &str, password: Option<&str>, database: &str) -> Pool {
+    /// The pool for (node, user, database), created on first use. Sessions
+    /// keep the handle so later checkouts skip this lookup.
+    pub fn pool(&self, node: NodeId, user: &str, password: Option<&str>, database: &str) -> Pool {
         let mut pools = self.pools.lock().unwrap_or_else(|p| p.into_inner());
         let key = (node, user.to_owned(), database.to_owned());
         if let Some(p) = pools.get(&key) {
@@ -141,6 +143,11 @@ impl Pools {
         database: &str,
     ) -> Result<Lease, CheckoutError> {
         let pool = self.pool(node, user, password, database);
+        self.checkout_from(&pool, node).await
+    }
+
+    /// A connection from `pool` (of `node`), waiting at most the checkout timeout.
+    pub async fn checkout_from(&self, pool: &Pool, node: NodeId) -> Result<Lease, CheckoutError> {
         let timeouts = Timeouts {
             wait: Some(self.settings.checkout_timeout),
             create: Some(self.settings.connect_timeout),

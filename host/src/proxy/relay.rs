@@ -19,8 +19,10 @@ use crate::wire::{self, Frame, WireError};
 pub enum Step {
     /// A simple `Query`: everything up to its `ReadyForQuery`.
     Query,
+    /// `slot` numbers the Parses of a batch, to report which never completed.
     Parse {
         forward: bool,
+        slot: u32,
     },
     Bind,
     DescribeStatement,
@@ -42,6 +44,9 @@ pub struct Outcome {
     pub error: bool,
     /// Tag of the last `CommandComplete`, e.g. `COMMIT`.
     pub last_tag: Option<String>,
+    /// Parse slots skipped or failed because of an error: those statements
+    /// are not prepared on the connection.
+    pub failed_parses: Vec<u32>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -165,8 +170,10 @@ fn handle(
             outcome.error = true;
             // After an error the backend skips to the next Sync; so must we.
             while let Some(s) = plan.front() {
-                if matches!(s, Step::Sync | Step::Query) {
-                    break;
+                match s {
+                    Step::Sync | Step::Query => break,
+                    Step::Parse { slot, .. } => outcome.failed_parses.push(*slot),
+                    _ => {}
                 }
                 plan.pop_front();
             }
@@ -178,7 +185,7 @@ fn handle(
             }
         }
         b'1' => {
-            if let Some(Step::Parse { forward: f }) = front {
+            if let Some(Step::Parse { forward: f, .. }) = front {
                 forward = f;
                 plan.pop_front();
             }

@@ -24,6 +24,14 @@ use crate::route::{
 use crate::sql::classify::{Classified, SessionEffect};
 use crate::wire::{self, Fields, Frame, WireError};
 
+/// A batch rewritten for one connection.
+struct Translated {
+    bytes: BytesMut,
+    plan: VecDeque<Step>,
+    /// Server statement names prepared by each Parse slot.
+    slots: Vec<Option<String>>,
+}
+
 /// A statement the client prepared (extended protocol).
 #[derive(Clone, Debug)]
 struct Prepared {
@@ -103,6 +111,8 @@ pub struct Session {
     unnamed: Option<Prepared>,
     batch: Vec<Frame>,
     route_session: Arc<RouteSession>,
+    /// Pool handles by node, looked up once per session.
+    pools: Vec<Option<crate::cluster::pool::Pool>>,
     application_name: String,
     startup_params: Vec<(String, String)>,
     client_addr: String,
@@ -218,6 +228,7 @@ impl Session {
             unnamed: None,
             batch: Vec::new(),
             route_session: Arc::default(),
+            pools: Vec::new(),
             application_name,
             client_addr: peer,
             attributes,
@@ -392,7 +403,24 @@ impl Session {
         self.client.flush().await.map_err(SessionError::Client)
     }
 
-    async fn checkout(&self, node: NodeId) -> Result<Lease, (String, String)> {
+    async fn checkout(&mut self, node: NodeId) -> Result<Lease, (String, String)> {
+        let i = node as usize;
+        if self.pools.len() <= i {
+            self.pools.resize(i + 1, None);
+        }
+        if self.pools[i].is_none() {
+            self.pools[i] = Some(self.new_pool(node));
+        }
+        let pool = self.pools[i].clone().expect("just filled");
+        self.shared
+            .cluster
+            .pools
+            .checkout_from(&pool, node)
+            .await
+            .map_err(|e| (e.sqlstate().to_owned(), format!("signalbox: {e}")))
+    }
+
+    fn new_pool(&self, node: NodeId) -> crate::cluster::pool::Pool {
         let password = self
             .shared
             .config
@@ -405,9 +433,7 @@ impl Session {
         self.shared
             .cluster
             .pools
-            .checkout(node, &self.user, password.as_deref(), &self.database)
-            .await
-            .map_err(|e| (e.sqlstate().to_owned(), format!("signalbox: {e}")))
+            .pool(node, &self.user, password.as_deref(), &self.database)
     }
 
     /// Make the leased connection carry this session's state.
@@ -697,7 +723,11 @@ impl Session {
             // The error went out; discard the rest of the batch.
             return Ok(());
         }
-        let (bytes, mut plan) = match self.translate(&batch) {
+        let Translated {
+            bytes,
+            mut plan,
+            slots,
+        } = match self.translate(&batch) {
             Ok(x) => x,
             Err(e) => {
                 self.fatal("08P01", &format!("protocol violation: {e}"))
@@ -706,15 +736,31 @@ impl Session {
             }
         };
         let outcome = self.exchange(&bytes, &mut plan).await?;
+        if let Some(lease) = self.lease.as_mut() {
+            for slot in &outcome.failed_parses {
+                if let Some(Some(name)) = slots.get(*slot as usize) {
+                    lease.conn().prepared.remove(name);
+                }
+            }
+        }
         self.finish(&outcome, effects, merged.begins_read_only);
         Ok(())
     }
 
     /// Rewrite a batch for the leased connection: map statement names,
     /// re-prepare what the connection lacks, answer what it already has.
-    fn translate(&mut self, batch: &[Frame]) -> Result<(BytesMut, VecDeque<Step>), WireError> {
+    fn translate(&mut self, batch: &[Frame]) -> Result<Translated, WireError> {
         let mut out = BytesMut::new();
         let mut plan = VecDeque::new();
+        // Server names this batch prepares, by Parse slot.
+        let mut slots: Vec<Option<String>> = Vec::new();
+        let mut parse = |plan: &mut VecDeque<Step>, forward: bool, name: Option<String>| {
+            plan.push_back(Step::Parse {
+                forward,
+                slot: slots.len() as u32,
+            });
+            slots.push(name);
+        };
         let lease = self.lease.as_mut().expect("translate needs a lease");
         let conn = lease.conn();
         let mut unnamed_parsed = false;
@@ -726,14 +772,14 @@ impl Session {
                     if name.is_empty() {
                         unnamed_parsed = true;
                         f.encode_into(&mut out);
-                        plan.push_back(Step::Parse { forward: true });
+                        parse(&mut plan, true, None);
                     } else if let Some(p) = self.statements.get(name) {
                         if conn.prepared.contains(&p.server_name) {
                             plan.push_back(Step::SynthParse);
                         } else {
                             wire::parse(&mut out, &p.server_name, &p.sql, &p.param_types);
                             conn.prepared.insert(p.server_name.clone());
-                            plan.push_back(Step::Parse { forward: true });
+                            parse(&mut plan, true, Some(p.server_name.clone()));
                         }
                     }
                 }
@@ -752,7 +798,7 @@ impl Session {
                         if !unnamed_parsed {
                             if let Some(p) = &self.unnamed {
                                 wire::parse(&mut out, "", &p.sql, &p.param_types);
-                                plan.push_back(Step::Parse { forward: false });
+                                parse(&mut plan, false, None);
                                 unnamed_parsed = true;
                             }
                         }
@@ -762,7 +808,7 @@ impl Session {
                             if !conn.prepared.contains(&p.server_name) {
                                 wire::parse(&mut out, &p.server_name, &p.sql, &p.param_types);
                                 conn.prepared.insert(p.server_name.clone());
-                                plan.push_back(Step::Parse { forward: false });
+                                parse(&mut plan, false, Some(p.server_name.clone()));
                             }
                             p.server_name.clone()
                         })
@@ -804,7 +850,11 @@ impl Session {
                 _ => {}
             }
         }
-        Ok((out, plan))
+        Ok(Translated {
+            bytes: out,
+            plan,
+            slots,
+        })
     }
 }
 
