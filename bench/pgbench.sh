@@ -19,6 +19,7 @@ ADMIN_PORT=$((SB_PORT + 1))
 PGB_TX_PORT=$((SB_PORT + 2))
 PGB_SESSION_PORT=$((SB_PORT + 3))
 PGPOOL_PORT=$((SB_PORT + 4))
+SB_WORKERS=${SB_WORKERS:-}   # signalbox worker threads (default: one per core)
 
 cd "$(dirname "$0")/.."
 for tool in pgbench psql pgbouncer pgpool; do
@@ -31,15 +32,19 @@ chmod 777 "$WORK"
 as_pg() { if [ "$(id -u)" = 0 ]; then runuser -u postgres -- "$@"; else "$@"; fi; }
 PIDS=()
 cleanup() {
+  # SIGINT lets signalbox demo remove its cluster; the poolers (started via
+  # runuser) are found by their config path under $WORK.
   for p in "${PIDS[@]}"; do kill -INT "$p" 2>/dev/null || true; done
+  [ -f "$WORK/pgpool.pid" ] && kill -TERM "$(cat "$WORK/pgpool.pid")" 2>/dev/null || true
+  pkill -TERM -f "$WORK" 2>/dev/null || true
   sleep 2
-  for p in "${PIDS[@]}"; do kill -9 "$p" 2>/dev/null || true; done
+  pkill -KILL -f "$WORK" 2>/dev/null || true
   rm -rf "$WORK"
 }
 trap cleanup EXIT
 
 # 1. Cluster + signalbox (release) via `signalbox demo`.
-./target/release/signalbox demo --port "$SB_PORT" --admin-port "$ADMIN_PORT" >"$WORK/demo.log" 2>&1 &
+./target/release/signalbox demo --port "$SB_PORT" --admin-port "$ADMIN_PORT" ${SB_WORKERS:+--workers "$SB_WORKERS"} >"$WORK/demo.log" 2>&1 &
 PIDS+=($!)
 for _ in $(seq 1 180); do grep -q "Ctrl-C" "$WORK/demo.log" && break; sleep 1; done
 grep -q "Ctrl-C" "$WORK/demo.log" || { cat "$WORK/demo.log"; exit 1; }

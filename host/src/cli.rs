@@ -35,6 +35,9 @@ enum Command {
         /// Port for the admin API.
         #[arg(long, default_value_t = 9930)]
         admin_port: u16,
+        /// Threads serving clients (default: one per core).
+        #[arg(long)]
+        workers: Option<usize>,
     },
     /// Write, inspect, try and benchmark routing policies.
     #[command(subcommand)]
@@ -54,7 +57,11 @@ pub fn main() -> ExitCode {
     let result = match cli.command {
         Command::Policy(cmd) => policy_cmd::run(cmd),
         Command::Serve { config } => serve_cmd::serve(&config),
-        Command::Demo { port, admin_port } => serve_cmd::demo(port, admin_port),
+        Command::Demo {
+            port,
+            admin_port,
+            workers,
+        } => serve_cmd::demo(port, admin_port, workers),
     };
     match result {
         Ok(code) => code,

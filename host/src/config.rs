@@ -20,6 +20,8 @@ pub struct Config {
     pub listen: SocketAddr,
     /// Admin HTTP API (`/health`, `/status`, `/metrics`, `POST /policy/reload`).
     pub admin_listen: Option<SocketAddr>,
+    /// Threads serving clients (default: one per core).
+    pub workers: Option<usize>,
     pub nodes: Vec<NodeConfig>,
     #[serde(default)]
     pub pool: PoolConfig,

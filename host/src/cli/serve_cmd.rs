@@ -10,16 +10,17 @@ use crate::local::LocalCluster;
 use crate::policy::build::{build_policy, BuildOptions};
 use crate::server::Server;
 
-fn runtime() -> Result<tokio::runtime::Runtime> {
-    tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .context("starting the async runtime")
+fn runtime(workers: Option<usize>) -> Result<tokio::runtime::Runtime> {
+    let mut b = tokio::runtime::Builder::new_multi_thread();
+    if let Some(n) = workers.filter(|n| *n > 0) {
+        b.worker_threads(n);
+    }
+    b.enable_all().build().context("starting the async runtime")
 }
 
 pub fn serve(path: &Path) -> Result<ExitCode> {
     let config = Config::load(path)?;
-    runtime()?.block_on(async {
+    runtime(config.workers)?.block_on(async {
         let mut server = Server::start(config).await?;
         server.reload_on_sighup()?;
         println!("signalbox listening on {}", server.addr);
@@ -34,7 +35,7 @@ fn example_policy_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../policies/rw-split")
 }
 
-pub fn demo(port: u16, admin_port: u16) -> Result<ExitCode> {
+pub fn demo(port: u16, admin_port: u16, workers: Option<usize>) -> Result<ExitCode> {
     println!("starting a local primary and two streaming replicas ...");
     let cluster = LocalCluster::start(2)?;
     let dir = cluster.dir.path().to_path_buf();
@@ -58,7 +59,8 @@ pub fn demo(port: u16, admin_port: u16) -> Result<ExitCode> {
         String::new()
     };
     let mut text = format!(
-        "listen = \"127.0.0.1:{port}\"\nadmin_listen = \"127.0.0.1:{admin_port}\"\n\n{policy}\n"
+        "listen = \"127.0.0.1:{port}\"\nadmin_listen = \"127.0.0.1:{admin_port}\"\n{}\n{policy}\n",
+        workers.map(|w| format!("workers = {w}")).unwrap_or_default()
     );
     for n in cluster.all_nodes() {
         let role = if n.name == "primary" {
@@ -74,7 +76,7 @@ pub fn demo(port: u16, admin_port: u16) -> Result<ExitCode> {
     let config_path = dir.join("signalbox.toml");
     std::fs::write(&config_path, &text)?;
     let config = Config::load(&config_path)?;
-    runtime()?.block_on(async {
+    runtime(config.workers)?.block_on(async {
         let mut server = Server::start(config).await?;
         server.reload_on_sighup()?;
         println!();

@@ -7,8 +7,11 @@ use std::time::Duration;
 
 use wasmtime::{Config, Engine, InstanceAllocationStrategy, PoolingAllocationConfig};
 
-/// How often the epoch advances; deadlines are whole ticks of this.
-pub const EPOCH_TICK: Duration = Duration::from_micros(250);
+/// How often the epoch advances; deadlines are whole ticks of this. Each
+/// tick wakes a thread, which competes with the data path on small machines:
+/// 1 ms is coarse enough to be cheap, and the CPU-time check that follows a
+/// missed deadline makes the stop precise.
+pub const EPOCH_TICK: Duration = Duration::from_millis(1);
 
 /// The largest memory cap a policy may be configured with.
 pub const MAX_MEMORY_CAP: usize = 256 << 20;
