@@ -35,7 +35,7 @@ cleanup() {
   # SIGINT lets signalbox demo remove its cluster; the poolers (started via
   # runuser) are found by their config path under $WORK.
   for p in "${PIDS[@]}"; do kill -INT "$p" 2>/dev/null || true; done
-  [ -f "$WORK/pgpool.pid" ] && kill -TERM "$(cat "$WORK/pgpool.pid")" 2>/dev/null || true
+  [ -f "$WORK/pgpool.pid" ] && kill -TERM "$(tr -d '\0' <"$WORK/pgpool.pid")" 2>/dev/null || true
   pkill -TERM -f "$WORK" 2>/dev/null || true
   sleep 2
   pkill -KILL -f "$WORK" 2>/dev/null || true

@@ -58,7 +58,8 @@ pub fn demo(port: u16, admin_port: u16, workers: Option<usize>) -> Result<ExitCo
         println!("(policies/ not found next to this binary: using built-in routing)");
         String::new()
     };
-    let mut text = format!(
+    let mut text =
+        format!(
         "listen = \"127.0.0.1:{port}\"\nadmin_listen = \"127.0.0.1:{admin_port}\"\n{}\n{policy}\n",
         workers.map(|w| format!("workers = {w}")).unwrap_or_default()
     );
