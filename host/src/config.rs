@@ -132,6 +132,7 @@ pub enum AuthMethod {
     /// No password (local development).
     #[default]
     Trust,
+    #[serde(rename = "scram-sha-256")]
     ScramSha256,
 }
 

@@ -619,3 +619,88 @@ async fn a_failed_prepare_is_not_remembered_as_prepared() {
     let s = c.prepare("SELECT 41 + 1").await.unwrap();
     assert_eq!(c.query_one(&s, &[]).await.unwrap().get::<_, i32>(0), 42);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clients_authenticate_with_scram_sha_256() {
+    let server = start(
+        "[auth]\nmethod = \"scram-sha-256\"\n[[auth.users]]\nname = \"postgres\"\npassword = \"s3cret-pässword\"\n",
+    )
+    .await;
+    let p = server.addr.port();
+    let conn = |password: &str| {
+        let dsn =
+            format!("host=127.0.0.1 port={p} user=postgres dbname=postgres password={password}");
+        async move { tokio_postgres::connect(&dsn, tokio_postgres::NoTls).await }
+    };
+    // tokio-postgres speaks SCRAM-SHA-256.
+    let (client, c) = conn("s3cret-pässword").await.expect("right password");
+    tokio::spawn(c);
+    assert!(port(&client, "SELECT inet_server_port()").await > 0);
+    let err = conn("wrong").await.err().expect("wrong password must fail");
+    assert_eq!(
+        err.code(),
+        Some(&tokio_postgres::error::SqlState::INVALID_PASSWORD),
+        "{err}"
+    );
+    // psql (libpq) too, with the password from the environment.
+    let out = tokio::task::block_in_place(|| {
+        std::process::Command::new("psql")
+            .args([
+                "-h",
+                "127.0.0.1",
+                "-U",
+                "postgres",
+                "-d",
+                "postgres",
+                "-XAtc",
+                "SELECT 7",
+            ])
+            .arg("-p")
+            .arg(p.to_string())
+            .env("PGPASSWORD", "s3cret-pässword")
+            .output()
+            .unwrap()
+    });
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        "7",
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = tokio::task::block_in_place(|| {
+        std::process::Command::new("psql")
+            .args([
+                "-h",
+                "127.0.0.1",
+                "-U",
+                "postgres",
+                "-d",
+                "postgres",
+                "-XAtc",
+                "SELECT 7",
+            ])
+            .arg("-p")
+            .arg(p.to_string())
+            .env("PGPASSWORD", "nope")
+            .output()
+            .unwrap()
+    });
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success()
+            && stderr.contains("password authentication failed for user \"postgres\""),
+        "{stderr}"
+    );
+    // An unknown user fails the same way.
+    let err = tokio_postgres::connect(
+        &format!("host=127.0.0.1 port={p} user=mallory dbname=postgres password=x"),
+        tokio_postgres::NoTls,
+    )
+    .await
+    .err()
+    .unwrap();
+    assert_eq!(
+        err.code(),
+        Some(&tokio_postgres::error::SqlState::INVALID_PASSWORD)
+    );
+}

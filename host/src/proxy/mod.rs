@@ -2,6 +2,7 @@
 //! refusal, cancel requests, startup parameters), then hand the connection
 //! to a [`session::Session`].
 
+pub mod auth;
 pub mod relay;
 pub mod session;
 

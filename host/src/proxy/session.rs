@@ -335,8 +335,22 @@ impl Session {
         self.client.flush().await.map_err(SessionError::Client)
     }
 
-    /// Authenticate (trust), report server parameters, issue our cancel key.
+    /// Authenticate, report server parameters, issue our cancel key.
     async fn startup(&mut self) -> Result<(), SessionError> {
+        if self.shared.config.auth.method == crate::config::AuthMethod::ScramSha256 {
+            let password = self
+                .shared
+                .config
+                .password_for(&self.user)
+                .map(str::to_owned);
+            let verdict = super::auth::scram(&mut self.client, &self.user, password.as_deref())
+                .await
+                .map_err(SessionError::Client)?;
+            if let super::auth::Verdict::Refused(code, msg) = verdict {
+                self.fatal(code, &msg).await;
+                return Err(SessionError::Client(WireError::Closed));
+            }
+        }
         let cache_key = (self.user.clone(), self.database.clone());
         let cached = self
             .shared

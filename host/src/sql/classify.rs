@@ -357,11 +357,32 @@ pub fn classify(sql: &str) -> Classified {
         // Empty query: answered with EmptyQueryResponse anywhere.
         c.kind = StatementKind::Select;
     }
-    if parsed
-        .tables
+    // libpg_query labels the relation of `COPY rel TO` with a DML context.
+    let copied_out: Vec<String> = parsed
+        .protobuf
+        .stmts
         .iter()
-        .any(|(_, ctx)| matches!(ctx, Context::DML | Context::DDL))
-    {
+        .filter_map(
+            |raw| match raw.stmt.as_ref().and_then(|n| n.node.as_ref()) {
+                Some(NodeEnum::CopyStmt(copy)) if !copy.is_from => {
+                    copy.relation.as_ref().map(|r| {
+                        if r.schemaname.is_empty() {
+                            r.relname.clone()
+                        } else {
+                            format!("{}.{}", r.schemaname, r.relname)
+                        }
+                    })
+                }
+                _ => None,
+            },
+        )
+        .collect();
+    let writes = parsed.tables.iter().any(|(t, ctx)| match ctx {
+        Context::DDL => true,
+        Context::DML => !copied_out.contains(t),
+        _ => false,
+    });
+    if writes {
         c.read_only = false;
     }
     for (node, _, _, _) in parsed.protobuf.nodes() {
@@ -789,6 +810,7 @@ mod tests {
             "SELECT my_function(1)",
             "SELECT public.lower(name) FROM t",
             "COPY t FROM STDIN",
+            "COPY t TO STDOUT; DELETE FROM t",
             "CREATE TABLE t (a int)",
             "BEGIN",
             "BEGIN ISOLATION LEVEL SERIALIZABLE READ ONLY",
