@@ -29,6 +29,8 @@ pub struct Config {
     pub health: HealthConfig,
     #[serde(default)]
     pub auth: AuthConfig,
+    /// TLS for clients connecting to signalbox.
+    pub tls: Option<TlsConfig>,
     /// Without a policy, built-in routing applies.
     pub policy: Option<PolicyConfig>,
     /// Where the file was read from (relative policy paths start there).
@@ -123,6 +125,17 @@ impl Default for HealthConfig {
             probe_timeout_ms: 2000,
         }
     }
+}
+
+/// `[tls]`: certificate and key (PEM) signalbox presents to clients.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsConfig {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    /// Refuse clients that do not ask for TLS.
+    #[serde(default)]
+    pub require: bool,
 }
 
 /// How clients authenticate to signalbox.

@@ -20,4 +20,5 @@ pub mod route;
 pub mod router;
 pub mod server;
 pub mod sql;
+pub mod tls;
 pub mod wire;

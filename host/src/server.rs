@@ -46,7 +46,16 @@ impl Server {
             ),
         };
         let router = Arc::new(Router::new(policy.clone()));
-        let shared = Shared::new(config.clone(), cluster.clone(), router);
+        let tls = match &config.tls {
+            Some(t) => {
+                let base = config.base_dir();
+                let acceptor = crate::tls::acceptor(&base.join(&t.cert), &base.join(&t.key))
+                    .with_context(|| "[tls]")?;
+                Some((acceptor, t.require))
+            }
+            None => None,
+        };
+        let shared = Shared::new(config.clone(), cluster.clone(), router, tls);
         let listener = TcpListener::bind(config.listen)
             .await
             .with_context(|| format!("listen: cannot bind {}", config.listen))?;

@@ -704,3 +704,79 @@ async fn clients_authenticate_with_scram_sha_256() {
         Some(&tokio_postgres::error::SqlState::INVALID_PASSWORD)
     );
 }
+
+/// A self-signed certificate for 127.0.0.1/localhost, as PEM files in `dir`.
+fn self_signed(dir: &std::path::Path) -> (std::path::PathBuf, std::path::PathBuf) {
+    let ck =
+        rcgen::generate_simple_self_signed(vec!["127.0.0.1".to_string(), "localhost".to_string()])
+            .expect("generate a certificate");
+    let (cert, key) = (dir.join("server.crt"), dir.join("server.key"));
+    std::fs::write(&cert, ck.cert.pem()).unwrap();
+    std::fs::write(&key, ck.signing_key.serialize_pem()).unwrap();
+    (cert, key)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_for_clients_and_towards_nodes() {
+    use std::os::unix::fs::PermissionsExt;
+    // A primary of its own with TLS on.
+    let cluster = tokio::task::block_in_place(|| signalbox::local::LocalCluster::start(0)).unwrap();
+    let (cert, key) = self_signed(cluster.dir.path());
+    let data = &cluster.primary.data;
+    std::fs::copy(&cert, data.join("server.crt")).unwrap();
+    std::fs::copy(&key, data.join("server.key")).unwrap();
+    let uid = std::fs::metadata(data).unwrap();
+    use std::os::unix::fs::MetadataExt;
+    for f in ["server.crt", "server.key"] {
+        std::os::unix::fs::chown(data.join(f), Some(uid.uid()), Some(uid.gid())).unwrap();
+        std::fs::set_permissions(data.join(f), std::fs::Permissions::from_mode(0o600)).unwrap();
+    }
+    cluster
+        .psql(cluster.primary.port, "ALTER SYSTEM SET ssl = on")
+        .unwrap();
+    cluster
+        .psql(cluster.primary.port, "SELECT pg_reload_conf()")
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+
+    let text = format!(
+        "listen = \"127.0.0.1:0\"\n[tls]\ncert = {cert:?}\nkey = {key:?}\nrequire = true\n\
+         [[nodes]]\nname = \"primary\"\nrole = \"primary\"\n\
+         url = \"postgres://postgres@127.0.0.1:{}/postgres?sslmode=verify-full&sslrootcert={}\"\n",
+        cluster.primary.port,
+        cert.display()
+    );
+    let config = signalbox::config::Config::parse(&text, std::path::Path::new("tls.toml")).unwrap();
+    let server = signalbox::server::Server::start(config).await.unwrap();
+    let p = server.addr.port();
+    let psql = |conninfo: String| {
+        let out = std::process::Command::new("psql")
+            .arg(conninfo)
+            .args([
+                "-XAtc",
+                "SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()",
+            ])
+            .output()
+            .unwrap();
+        (
+            out.status.success(),
+            format!(
+                "{}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            ),
+        )
+    };
+    let base = format!("host=127.0.0.1 port={p} user=postgres dbname=postgres");
+    // Client verifies signalbox's certificate; signalbox's node connection is TLS too.
+    let (ok, out) = tokio::task::block_in_place(|| {
+        psql(format!(
+            "{base} sslmode=verify-full sslrootcert={}",
+            cert.display()
+        ))
+    });
+    assert!(ok && out.trim() == "t", "{out}");
+    // Plain-text clients are refused when TLS is required.
+    let (ok, out) = tokio::task::block_in_place(|| psql(format!("{base} sslmode=disable")));
+    assert!(!ok && out.contains("requires TLS"), "{out}");
+}

@@ -10,6 +10,10 @@ pub struct NodeAddr {
     pub user: String,
     pub password: Option<String>,
     pub database: String,
+    /// TLS towards the node (`?sslmode=`, default `prefer` as in libpq).
+    pub sslmode: crate::tls::SslMode,
+    /// CA certificate for `verify-ca`/`verify-full` (`?sslrootcert=`).
+    pub sslrootcert: Option<std::path::PathBuf>,
 }
 
 impl fmt::Debug for NodeAddr {
@@ -42,12 +46,23 @@ impl NodeAddr {
             "" => user.clone(),
             db => decode(db)?,
         };
+        let mut sslmode = crate::tls::SslMode::default();
+        let mut sslrootcert = None;
+        for (k, v) in u.query_pairs() {
+            match k.as_ref() {
+                "sslmode" => sslmode = crate::tls::SslMode::parse(&v)?,
+                "sslrootcert" => sslrootcert = Some(std::path::PathBuf::from(v.as_ref())),
+                _ => {}
+            }
+        }
         Ok(Self {
             host,
             port: u.port().unwrap_or(5432),
             user,
             password,
             database,
+            sslmode,
+            sslrootcert,
         })
     }
 
@@ -90,6 +105,10 @@ mod tests {
             ("postgres", 5432, "postgres")
         );
         assert!(NodeAddr::parse("mysql://x").is_err());
+        let t = NodeAddr::parse("postgres://h/db?sslmode=verify-full&sslrootcert=/ca.pem").unwrap();
+        assert_eq!(t.sslmode, crate::tls::SslMode::Verify);
+        assert!(NodeAddr::parse("postgres://h/db?sslmode=bogus").is_err());
+        assert_eq!(b.sslmode, crate::tls::SslMode::Prefer);
         assert!(NodeAddr::parse("postgres://h:notaport/db").is_err());
     }
 }

@@ -8,8 +8,10 @@ use std::time::{Duration, Instant};
 use bytes::BytesMut;
 use postgres_protocol::authentication::sasl::{ChannelBinding, ScramSha256};
 use postgres_protocol::message::{backend, frontend};
-use tokio::io::AsyncWriteExt;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
+
+use crate::tls::{BoxStream, NodeTls};
 
 use crate::route::NodeId;
 use crate::wire::{self, Frame, WireError};
@@ -58,11 +60,13 @@ pub struct LoginSpec {
     pub password: Option<String>,
     pub database: String,
     pub connect_timeout: Duration,
+    /// TLS towards the node: connector, server name, and whether it is required.
+    pub tls: Option<NodeTls>,
 }
 
 pub struct BackendConn {
     pub node: NodeId,
-    pub stream: TcpStream,
+    pub stream: BoxStream,
     /// Bytes read past the last frame.
     pub rbuf: BytesMut,
     /// ParameterStatus values the server reported at startup.
@@ -93,6 +97,12 @@ impl BackendConn {
                 source,
             })?;
         let _ = stream.set_nodelay(true);
+        let stream = tokio::time::timeout(spec.connect_timeout, negotiate_tls(stream, spec))
+            .await
+            .map_err(|_| BackendError::ConnectTimeout {
+                node: spec.node_name.clone(),
+                addr: spec.addr.clone(),
+            })??;
         let mut conn = Self {
             node,
             stream,
@@ -115,6 +125,10 @@ impl BackendConn {
     }
 
     async fn startup(&mut self, spec: &LoginSpec) -> Result<(), BackendError> {
+        self.startup_inner(spec).await
+    }
+
+    async fn startup_inner(&mut self, spec: &LoginSpec) -> Result<(), BackendError> {
         let node = || spec.node_name.clone();
         let proto = |detail: String| BackendError::Protocol {
             node: spec.node_name.clone(),
@@ -257,5 +271,47 @@ impl BackendConn {
                 _ => {}
             }
         }
+    }
+}
+
+/// Ask for TLS if the node's `sslmode` says so; PostgreSQL answers one byte.
+async fn negotiate_tls(mut tcp: TcpStream, spec: &LoginSpec) -> Result<BoxStream, BackendError> {
+    let Some(NodeTls {
+        connector,
+        name,
+        required,
+    }) = &spec.tls
+    else {
+        return Ok(Box::new(tcp));
+    };
+    let io = |e: std::io::Error| BackendError::Wire {
+        node: spec.node_name.clone(),
+        source: e.into(),
+    };
+    let mut request = [0u8; 8];
+    request[..4].copy_from_slice(&8i32.to_be_bytes());
+    request[4..].copy_from_slice(&wire::SSL_REQUEST.to_be_bytes());
+    tcp.write_all(&request).await.map_err(io)?;
+    match tcp.read_u8().await.map_err(io)? {
+        b'S' => {
+            let tls =
+                connector
+                    .connect(name.clone(), tcp)
+                    .await
+                    .map_err(|e| BackendError::Protocol {
+                        node: spec.node_name.clone(),
+                        detail: format!("TLS handshake failed: {e}"),
+                    })?;
+            Ok(Box::new(tls))
+        }
+        b'N' if !*required => Ok(Box::new(tcp)),
+        b'N' => Err(BackendError::Protocol {
+            node: spec.node_name.clone(),
+            detail: "the node does not accept TLS, but its sslmode requires it".into(),
+        }),
+        other => Err(BackendError::Protocol {
+            node: spec.node_name.clone(),
+            detail: format!("unexpected answer {other:#x} to SSLRequest"),
+        }),
     }
 }

@@ -75,15 +75,27 @@ impl Cluster {
                 tags: n.tags.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
             })
             .collect();
-        let logins = config
-            .nodes
-            .iter()
-            .zip(&addrs)
-            .map(|(n, a)| NodeLogin {
+        let mut logins = Vec::new();
+        for (i, (n, a)) in config.nodes.iter().zip(&addrs).enumerate() {
+            let base = config.base_dir();
+            let root = a.sslrootcert.as_ref().map(|p| base.join(p));
+            let tls = crate::tls::connector(a.sslmode, root.as_deref())
+                .map_err(|e| format!("nodes[{i}].url: {e}"))?
+                .map(|connector| {
+                    crate::tls::server_name(&a.host).map(|name| crate::tls::NodeTls {
+                        connector,
+                        name,
+                        required: a.sslmode != crate::tls::SslMode::Prefer,
+                    })
+                })
+                .transpose()
+                .map_err(|e| format!("nodes[{i}].url: {e}"))?;
+            logins.push(NodeLogin {
                 name: n.name.clone(),
                 addr: a.socket(),
-            })
-            .collect();
+                tls,
+            });
+        }
         let pools = Pools::new(
             logins,
             PoolSettings {

@@ -82,6 +82,7 @@ pub struct PoolSettings {
 pub struct NodeLogin {
     pub name: String,
     pub addr: String,
+    pub tls: Option<crate::tls::NodeTls>,
 }
 
 /// All data-path pools, plus live per-node counters the router reads.
@@ -121,6 +122,7 @@ impl Pools {
                 password: password.map(str::to_owned),
                 database: database.to_owned(),
                 connect_timeout: self.settings.connect_timeout,
+                tls: login.tls.clone(),
             },
             idle_timeout: self.settings.idle_timeout,
         };

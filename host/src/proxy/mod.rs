@@ -20,6 +20,7 @@ use crate::config::Config;
 use crate::route::NodeId;
 use crate::router::Router;
 use crate::sql::classify::Classifier;
+use crate::tls::BoxStream;
 use crate::wire::{self, Fields, WireError};
 
 /// Everything sessions share.
@@ -33,13 +34,21 @@ pub struct Shared {
     /// Server parameters reported at login, by (user, database): later
     /// sessions are greeted without taking a pooled connection.
     pub server_params: Mutex<HashMap<(String, String), ServerParams>>,
+    /// TLS for clients, and whether it is required.
+    pub tls: Option<(crate::tls::TlsAcceptor, bool)>,
     next_session: AtomicU64,
 }
 
 impl Shared {
-    pub fn new(config: Arc<Config>, cluster: Arc<Cluster>, router: Arc<Router>) -> Arc<Self> {
+    pub fn new(
+        config: Arc<Config>,
+        cluster: Arc<Cluster>,
+        router: Arc<Router>,
+        tls: Option<(crate::tls::TlsAcceptor, bool)>,
+    ) -> Arc<Self> {
         let nodes = cluster.nodes.len();
         Arc::new(Self {
+            tls,
             config,
             cluster,
             router,
@@ -150,7 +159,12 @@ pub async fn serve(listener: TcpListener, shared: Arc<Shared>) -> std::io::Resul
     }
 }
 
-async fn handle(mut stream: TcpStream, shared: Arc<Shared>) -> Result<(), WireError> {
+async fn handle(tcp: TcpStream, shared: Arc<Shared>) -> Result<(), WireError> {
+    let peer = tcp
+        .peer_addr()
+        .map(|a| a.ip().to_string())
+        .unwrap_or_default();
+    let mut stream: BoxStream = Box::new(tcp);
     // Startup negotiation, bounded in time: a silent client cannot hold us.
     let params = match tokio::time::timeout(
         Duration::from_secs(10),
@@ -182,7 +196,7 @@ async fn handle(mut stream: TcpStream, shared: Arc<Shared>) -> Result<(), WireEr
         .metrics
         .sessions_active
         .fetch_add(1, Ordering::Relaxed);
-    session::Session::run(shared.clone(), stream, params, key, id).await;
+    session::Session::run(shared.clone(), stream, peer, params, key, id).await;
     shared
         .metrics
         .sessions_active
@@ -191,10 +205,12 @@ async fn handle(mut stream: TcpStream, shared: Arc<Shared>) -> Result<(), WireEr
 }
 
 /// Read startup packets until a StartupMessage; `None` for a cancel request.
+/// An `SSLRequest` upgrades `stream` to TLS when configured.
 async fn negotiate(
-    stream: &mut TcpStream,
+    stream: &mut BoxStream,
     shared: &Shared,
 ) -> Result<Option<Vec<(String, String)>>, WireError> {
+    let mut encrypted = false;
     loop {
         let body = wire::read_startup(stream).await?;
         if body.len() < 4 {
@@ -202,9 +218,19 @@ async fn negotiate(
         }
         let code = i32::from_be_bytes([body[0], body[1], body[2], body[3]]);
         match code {
+            wire::SSL_REQUEST if !encrypted && shared.tls.is_some() => {
+                stream.write_all(b"S").await?;
+                let Some((acceptor, _)) = shared.tls.as_ref() else {
+                    continue;
+                };
+                // Take the plain stream out (leaving an inert one) to wrap it.
+                let plain = std::mem::replace(stream, Box::new(tokio::io::duplex(1).0));
+                *stream = Box::new(acceptor.accept(plain).await?);
+                encrypted = true;
+            }
             wire::SSL_REQUEST | wire::GSSENC_REQUEST => {
-                // No TLS on the client side in this version: the client may
-                // continue in plain text (or give up if it requires TLS).
+                // No TLS configured (or asked twice): the client may continue
+                // in plain text, or give up if it requires TLS.
                 stream.write_all(b"N").await?;
             }
             wire::CANCEL_REQUEST if body.len() >= 12 => {
@@ -225,6 +251,11 @@ async fn negotiate(
                 }
                 if !params.iter().any(|(k, _)| k == "user") {
                     return Err(WireError::Protocol("no user in startup packet".into()));
+                }
+                if !encrypted && shared.tls.as_ref().is_some_and(|(_, required)| *required) {
+                    return Err(WireError::Protocol(
+                        "signalbox requires TLS: connect with sslmode=require".into(),
+                    ));
                 }
                 return Ok(Some(params));
             }

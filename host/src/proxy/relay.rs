@@ -8,8 +8,9 @@
 use std::collections::VecDeque;
 
 use bytes::{Buf, BytesMut};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::io::{AsyncReadExt, AsyncWriteExt, ReadHalf, WriteHalf};
+
+use crate::tls::BoxStream;
 
 use crate::cluster::backend::BackendConn;
 use crate::wire::{self, Frame, WireError};
@@ -59,8 +60,8 @@ pub enum RelayError {
 
 /// The client's socket halves and buffers.
 pub struct ClientIo {
-    pub read: OwnedReadHalf,
-    pub write: OwnedWriteHalf,
+    pub read: ReadHalf<BoxStream>,
+    pub write: WriteHalf<BoxStream>,
     pub rbuf: BytesMut,
     pub out: BytesMut,
 }

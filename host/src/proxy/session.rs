@@ -12,7 +12,6 @@ use std::time::Instant;
 
 use bytes::{Bytes, BytesMut};
 use tokio::io::AsyncWriteExt;
-use tokio::net::TcpStream;
 
 use super::relay::{self, ClientIo, Outcome, RelayError, Step};
 use super::Shared;
@@ -184,16 +183,13 @@ impl Session {
     /// Run a session on an accepted connection until the client leaves.
     pub async fn run(
         shared: Arc<Shared>,
-        stream: TcpStream,
+        stream: crate::tls::BoxStream,
+        peer: String,
         params: Vec<(String, String)>,
         key: (i32, i32),
         id: u64,
     ) {
-        let peer = stream
-            .peer_addr()
-            .map(|a| a.ip().to_string())
-            .unwrap_or_default();
-        let (read, write) = stream.into_split();
+        let (read, write) = tokio::io::split(stream);
         let client = ClientIo {
             read,
             write,
