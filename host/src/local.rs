@@ -269,6 +269,23 @@ impl LocalCluster {
         Ok(String::from_utf8_lossy(&out.stdout).into_owned())
     }
 
+    /// `[[nodes]]` entries describing this cluster for a signalbox config.
+    pub fn nodes_toml(&self) -> String {
+        let mut text = String::new();
+        for n in self.all_nodes() {
+            let role = if n.name == "primary" {
+                "primary"
+            } else {
+                "replica"
+            };
+            text.push_str(&format!(
+                "\n[[nodes]]\nname = \"{}\"\nurl = \"postgres://postgres@127.0.0.1:{}/postgres\"\nrole = \"{role}\"\n",
+                n.name, n.port
+            ));
+        }
+        text
+    }
+
     pub fn all_nodes(&self) -> impl Iterator<Item = &Node> {
         std::iter::once(&self.primary).chain(self.replicas.iter())
     }

@@ -141,17 +141,7 @@ pub mod service {
         let c = cluster();
         let mut text =
             format!("listen = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\n{extra}\n");
-        for n in c.all_nodes() {
-            let role = if n.name == "primary" {
-                "primary"
-            } else {
-                "replica"
-            };
-            text.push_str(&format!(
-                "[[nodes]]\nname = \"{}\"\nurl = \"postgres://postgres@127.0.0.1:{}/postgres\"\nrole = \"{role}\"\n",
-                n.name, n.port
-            ));
-        }
+        text.push_str(&c.nodes_toml());
         text
     }
 

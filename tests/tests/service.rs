@@ -293,6 +293,28 @@ async fn session_settings_follow_the_client_and_never_leak() {
             assert_eq!(show(rows), "tenant_a, public");
         }
     }
+    // Startup `options=-c ...` apply on every connection, like any SET.
+    let (opt, conn) = tokio_postgres::connect(
+        &format!("host=127.0.0.1 port={p} user=postgres dbname=postgres options='-c search_path=tenant_a -c statement_timeout=1234'"),
+        tokio_postgres::NoTls,
+    )
+    .await
+    .unwrap();
+    tokio::spawn(conn);
+    for _ in 0..3 {
+        assert_eq!(
+            show(opt.simple_query("SHOW search_path").await.unwrap()),
+            "tenant_a"
+        );
+        assert_eq!(
+            show(opt.simple_query("SHOW statement_timeout").await.unwrap()),
+            "1234ms"
+        );
+        assert_eq!(
+            show(b.simple_query("SHOW statement_timeout").await.unwrap()),
+            "0"
+        );
+    }
     a.batch_execute("RESET search_path").await.unwrap();
     assert_eq!(
         show(a.simple_query("SHOW search_path").await.unwrap()),
@@ -560,17 +582,7 @@ async fn a_node_that_goes_down_is_named_in_an_error_not_a_hang() {
     let mut text = String::from(
         "listen = \"127.0.0.1:0\"\n[health]\ninterval_ms = 3600000\n[pool]\nconnect_timeout_ms = 2000\n",
     );
-    for n in cluster.all_nodes() {
-        let role = if n.name == "primary" {
-            "primary"
-        } else {
-            "replica"
-        };
-        text.push_str(&format!(
-            "[[nodes]]\nname = \"{}\"\nurl = \"postgres://postgres@127.0.0.1:{}/postgres\"\nrole = \"{role}\"\n",
-            n.name, n.port
-        ));
-    }
+    text.push_str(&cluster.nodes_toml());
     let config = signalbox::config::Config::parse(&text, std::path::Path::new("t.toml")).unwrap();
     let server = signalbox::server::Server::start(config).await.unwrap();
     let c = connect(server.addr.port(), "postgres").await;
@@ -779,4 +791,106 @@ async fn tls_for_clients_and_towards_nodes() {
     // Plain-text clients are refused when TLS is required.
     let (ok, out) = tokio::task::block_in_place(|| psql(format!("{base} sslmode=disable")));
     assert!(!ok && out.contains("requires TLS"), "{out}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn logs_in_to_nodes_with_scram_and_md5_passwords() {
+    // A primary of its own whose pg_hba.conf demands passwords for two roles.
+    let cluster = tokio::task::block_in_place(|| signalbox::local::LocalCluster::start(0)).unwrap();
+    let pg = cluster.primary.port;
+    cluster
+        .psql(pg, "CREATE ROLE app_scram LOGIN PASSWORD 'scram-pw'")
+        .unwrap();
+    cluster
+        .psql(
+            pg,
+            "SET password_encryption = 'md5'; CREATE ROLE app_md5 LOGIN PASSWORD 'md5-pw'",
+        )
+        .unwrap();
+    let hba = cluster.primary.data.join("pg_hba.conf");
+    let rules = std::fs::read_to_string(&hba).unwrap();
+    std::fs::write(
+        &hba,
+        format!("host all app_scram 127.0.0.1/32 scram-sha-256\nhost all app_md5 127.0.0.1/32 md5\n{rules}"),
+    )
+    .unwrap();
+    cluster.psql(pg, "SELECT pg_reload_conf()").unwrap();
+    let text = format!(
+        "listen = \"127.0.0.1:0\"\n[[auth.users]]\nname = \"app_scram\"\npassword = \"scram-pw\"\n\
+         [[auth.users]]\nname = \"app_md5\"\npassword = \"md5-pw\"\n[[auth.users]]\nname = \"nobody\"\npassword = \"x\"\n\
+         [[nodes]]\nname = \"primary\"\nrole = \"primary\"\nurl = \"postgres://postgres@127.0.0.1:{pg}/postgres\"\n"
+    );
+    let config =
+        signalbox::config::Config::parse(&text, std::path::Path::new("auth.toml")).unwrap();
+    let server = signalbox::server::Server::start(config).await.unwrap();
+    for user in ["app_scram", "app_md5"] {
+        let (client, conn) = tokio_postgres::connect(
+            &format!(
+                "host=127.0.0.1 port={} user={user} dbname=postgres",
+                server.addr.port()
+            ),
+            tokio_postgres::NoTls,
+        )
+        .await
+        .unwrap_or_else(|e| panic!("{user}: {e}"));
+        tokio::spawn(conn);
+        let row = client
+            .query_one("SELECT current_user::text", &[])
+            .await
+            .unwrap();
+        assert_eq!(row.get::<_, String>(0), user);
+    }
+    // A role PostgreSQL does not know: its own error, with its SQLSTATE.
+    let err = tokio_postgres::connect(
+        &format!(
+            "host=127.0.0.1 port={} user=nobody dbname=postgres",
+            server.addr.port()
+        ),
+        tokio_postgres::NoTls,
+    )
+    .await
+    .err()
+    .expect("unknown role");
+    assert!(err.as_db_error().is_some(), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn session_pooling_and_session_pins_keep_one_connection() {
+    // Session pooling: one client, one backend connection, on the primary.
+    let server = start("[pool]\nmode = \"session\"\n").await;
+    let c = connect(server.addr.port(), "postgres").await;
+    let pids: std::collections::HashSet<String> = {
+        let mut s = std::collections::HashSet::new();
+        for _ in 0..5 {
+            let rows = c
+                .simple_query("SELECT pg_backend_pid(), pg_is_in_recovery()")
+                .await
+                .unwrap();
+            for m in rows {
+                if let tokio_postgres::SimpleQueryMessage::Row(r) = m {
+                    assert_eq!(
+                        r.get(1),
+                        Some("f"),
+                        "session pooling serves from the primary"
+                    );
+                    s.insert(r.get(0).unwrap().to_owned());
+                }
+            }
+        }
+        s
+    };
+    assert_eq!(pids.len(), 1, "{pids:?}");
+    // Transaction pooling: a temporary table pins the client to its connection.
+    let server = start("").await;
+    let c = connect(server.addr.port(), "postgres").await;
+    c.batch_execute("CREATE TEMP TABLE scratch (v int); INSERT INTO scratch VALUES (1), (2)")
+        .await
+        .unwrap();
+    for _ in 0..5 {
+        let row = c
+            .query_one("SELECT sum(v)::int8 FROM scratch", &[])
+            .await
+            .unwrap();
+        assert_eq!(row.get::<_, i64>(0), 3);
+    }
 }

@@ -63,17 +63,7 @@ pub fn demo(port: u16, admin_port: u16, workers: Option<usize>) -> Result<ExitCo
         "listen = \"127.0.0.1:{port}\"\nadmin_listen = \"127.0.0.1:{admin_port}\"\n{}\n{policy}\n",
         workers.map(|w| format!("workers = {w}")).unwrap_or_default()
     );
-    for n in cluster.all_nodes() {
-        let role = if n.name == "primary" {
-            "primary"
-        } else {
-            "replica"
-        };
-        text.push_str(&format!(
-            "[[nodes]]\nname = \"{}\"\nurl = \"postgres://postgres@127.0.0.1:{}/postgres\"\nrole = \"{role}\"\n\n",
-            n.name, n.port
-        ));
-    }
+    text.push_str(&cluster.nodes_toml());
     let config_path = dir.join("signalbox.toml");
     std::fs::write(&config_path, &text)?;
     let config = Config::load(&config_path)?;

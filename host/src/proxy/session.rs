@@ -143,15 +143,16 @@ fn quote_ident(s: &str) -> String {
     format!("\"{}\"", s.replace('"', "\"\""))
 }
 
-/// Startup parameters that become session settings on every connection.
-fn startup_sets(params: &[(String, String)]) -> Vec<(String, String)> {
-    let mut sets = Vec::new();
+/// The settings a client asked for at startup, by name: its startup
+/// parameters and the `-c name=value` pairs of `options` (as PostgreSQL
+/// reads them).
+fn startup_settings(params: &[(String, String)]) -> Vec<(String, String)> {
+    let mut out = Vec::new();
     for (k, v) in params {
         match k.as_str() {
             "user" | "database" | "replication" => {}
             "options" => {
-                // `-c name=value` pairs (also `--name=value`).
-                let mut words = v.split_whitespace().peekable();
+                let mut words = v.split_whitespace();
                 while let Some(w) = words.next() {
                     let kv = if w == "-c" {
                         words.next()
@@ -159,24 +160,37 @@ fn startup_sets(params: &[(String, String)]) -> Vec<(String, String)> {
                         w.strip_prefix("-c").or_else(|| w.strip_prefix("--"))
                     };
                     if let Some((name, value)) = kv.and_then(|kv| kv.split_once('=')) {
-                        let name = name.replace('-', "_").to_ascii_lowercase();
-                        sets.push((
-                            name.clone(),
-                            format!("SET {} = {}", quote_ident(&name), quote_literal(value)),
+                        out.push((
+                            name.replace('-', "_").to_ascii_lowercase(),
+                            value.to_owned(),
                         ));
                     }
                 }
             }
-            name => {
-                let name = name.to_ascii_lowercase();
-                sets.push((
-                    name.clone(),
-                    format!("SET {} = {}", quote_ident(&name), quote_literal(v)),
-                ));
-            }
+            name => out.push((name.to_ascii_lowercase(), v.clone())),
         }
     }
-    sets
+    out
+}
+
+/// Startup settings as the SETs that recreate them on any connection.
+fn startup_sets(params: &[(String, String)]) -> Vec<(String, String)> {
+    startup_settings(params)
+        .into_iter()
+        .map(|(name, value)| {
+            let sql = format!("SET {} = {}", quote_ident(&name), quote_literal(&value));
+            (name, sql)
+        })
+        .collect()
+}
+
+/// `-c signalbox.zone=eu-1a` (or a `signalbox.zone` startup parameter)
+/// becomes the policy-visible session attribute `zone`.
+fn attribute_values(params: &[(String, String)]) -> Vec<(String, String)> {
+    startup_settings(params)
+        .into_iter()
+        .filter_map(|(k, v)| k.strip_prefix("signalbox.").map(|a| (a.to_owned(), v)))
+        .collect()
 }
 
 impl Session {
@@ -868,36 +882,6 @@ impl Session {
     }
 }
 
-fn attribute_values(params: &[(String, String)]) -> Vec<(String, String)> {
-    // `-c signalbox.zone=eu-1a` in `options` becomes attribute `zone`.
-    startup_sets_raw(params)
-        .into_iter()
-        .filter_map(|(k, v)| k.strip_prefix("signalbox.").map(|a| (a.to_owned(), v)))
-        .collect()
-}
-
-fn startup_sets_raw(params: &[(String, String)]) -> Vec<(String, String)> {
-    let mut out = Vec::new();
-    for (k, v) in params {
-        if k == "options" {
-            let mut words = v.split_whitespace();
-            while let Some(w) = words.next() {
-                let kv = if w == "-c" {
-                    words.next()
-                } else {
-                    w.strip_prefix("-c").or_else(|| w.strip_prefix("--"))
-                };
-                if let Some((name, value)) = kv.and_then(|kv| kv.split_once('=')) {
-                    out.push((name.to_ascii_lowercase(), value.to_owned()));
-                }
-            }
-        } else if k.starts_with("signalbox.") {
-            out.push((k.clone(), v.clone()));
-        }
-    }
-    out
-}
-
 fn frame_bytes(f: &Frame) -> BytesMut {
     let mut b = BytesMut::with_capacity(f.body.len() + 5);
     f.encode_into(&mut b);
@@ -930,4 +914,43 @@ fn merge(classes: &[Arc<Classified>]) -> Classified {
         m.functions.extend(c.functions.iter().cloned());
     }
     m
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pairs(v: &[(&str, &str)]) -> Vec<(String, String)> {
+        v.iter()
+            .map(|(a, b)| (a.to_string(), b.to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn startup_settings_expand_options() {
+        let p = pairs(&[
+            ("user", "u"),
+            ("database", "d"),
+            ("application_name", "web"),
+            (
+                "options",
+                "-c search_path=app -csignalbox.zone=eu-1a --statement-timeout=5s",
+            ),
+        ]);
+        assert_eq!(
+            startup_settings(&p),
+            pairs(&[
+                ("application_name", "web"),
+                ("search_path", "app"),
+                ("signalbox.zone", "eu-1a"),
+                ("statement_timeout", "5s"),
+            ])
+        );
+        assert_eq!(attribute_values(&p), pairs(&[("zone", "eu-1a")]));
+        assert_eq!(startup_sets(&p)[1].1, "SET \"search_path\" = 'app'");
+        assert_eq!(
+            startup_sets(&pairs(&[("application_name", "it's")]))[0].1,
+            "SET \"application_name\" = 'it''s'"
+        );
+    }
 }
