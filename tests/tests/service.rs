@@ -894,3 +894,31 @@ async fn session_pooling_and_session_pins_keep_one_connection() {
         assert_eq!(row.get::<_, i64>(0), 3);
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pooled_idle_connections_do_not_block_drop_database() {
+    let server = start("").await;
+    let p = server.addr.port();
+    let admin = connect(p, "postgres").await;
+    admin
+        .batch_execute("DROP DATABASE IF EXISTS doomed")
+        .await
+        .unwrap();
+    admin.batch_execute("CREATE DATABASE doomed").await.unwrap();
+    tokio::task::block_in_place(|| service::cluster().wait_replayed()).unwrap();
+    {
+        // Use the database so the pools hold idle connections to it.
+        let c = connect(p, "doomed").await;
+        c.batch_execute("CREATE TABLE t (a int); INSERT INTO t VALUES (1)")
+            .await
+            .unwrap();
+        tokio::task::block_in_place(|| service::cluster().wait_replayed()).unwrap();
+        assert!(port(&c, "SELECT inet_server_port() FROM t").await > 0);
+    }
+    let idle_before: u32 = server.shared.cluster.pools.idle().iter().sum();
+    assert!(idle_before > 0);
+    admin
+        .batch_execute("DROP DATABASE doomed")
+        .await
+        .expect("DROP DATABASE is not blocked by signalbox");
+}
