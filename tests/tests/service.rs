@@ -922,3 +922,23 @@ async fn pooled_idle_connections_do_not_block_drop_database() {
         .await
         .expect("DROP DATABASE is not blocked by signalbox");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn portals_stream_rows_across_syncs_inside_a_transaction() {
+    let server = start("[pool]\nsize = 2\n").await;
+    let mut c = connect(server.addr.port(), "postgres").await;
+    let tx = c.transaction().await.unwrap();
+    let stmt = tx.prepare("SELECT g::int4 FROM generate_series(1, 10) g").await.unwrap();
+    // Bind once, then fetch 3 rows at a time: each fetch is Execute(3) + Sync.
+    let portal = tx.bind(&stmt, &[]).await.unwrap();
+    let mut got = Vec::new();
+    loop {
+        let rows = tx.query_portal(&portal, 3).await.unwrap();
+        if rows.is_empty() {
+            break;
+        }
+        got.extend(rows.iter().map(|r| r.get::<_, i32>(0)));
+    }
+    assert_eq!(got, (1..=10).collect::<Vec<_>>());
+    tx.commit().await.unwrap();
+}
