@@ -928,7 +928,10 @@ async fn portals_stream_rows_across_syncs_inside_a_transaction() {
     let server = start("[pool]\nsize = 2\n").await;
     let mut c = connect(server.addr.port(), "postgres").await;
     let tx = c.transaction().await.unwrap();
-    let stmt = tx.prepare("SELECT g::int4 FROM generate_series(1, 10) g").await.unwrap();
+    let stmt = tx
+        .prepare("SELECT g::int4 FROM generate_series(1, 10) g")
+        .await
+        .unwrap();
     // Bind once, then fetch 3 rows at a time: each fetch is Execute(3) + Sync.
     let portal = tx.bind(&stmt, &[]).await.unwrap();
     let mut got = Vec::new();
