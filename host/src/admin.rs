@@ -97,49 +97,53 @@ async fn metrics(State(s): State<AppState>) -> Response {
         }
     };
     let node = |i: usize| format!("{{node=\"{}\"}}", view.nodes[i].name);
+    // One row per node, labelled with its name.
+    let per_node = |value: &dyn Fn(usize) -> u64| -> Vec<(String, u64)> {
+        (0..view.nodes.len()).map(|i| (node(i), value(i))).collect()
+    };
+    // A single unlabelled row.
+    let one = |v: u64| vec![(String::new(), v)];
     metric(
         "signalbox_sessions_active",
         "gauge",
         "Client sessions connected.",
-        vec![(String::new(), m.sessions_active.load(Ordering::Relaxed))],
+        one(m.sessions_active.load(Ordering::Relaxed)),
     );
     metric(
         "signalbox_sessions_total",
         "counter",
         "Client sessions accepted.",
-        vec![(String::new(), m.sessions_total.load(Ordering::Relaxed))],
+        one(m.sessions_total.load(Ordering::Relaxed)),
     );
     metric(
         "signalbox_routed_total",
         "counter",
         "Statements or transactions routed, by node.",
-        (0..view.nodes.len())
-            .map(|i| (node(i), m.routed[i].load(Ordering::Relaxed)))
-            .collect(),
+        per_node(&|i| m.routed[i].load(Ordering::Relaxed)),
     );
     metric(
         "signalbox_routed_read_only_total",
         "counter",
         "Routed statements classified read-only.",
-        vec![(String::new(), m.routed_read_only.load(Ordering::Relaxed))],
+        one(m.routed_read_only.load(Ordering::Relaxed)),
     );
     metric(
         "signalbox_rejected_total",
         "counter",
         "Statements rejected by the policy.",
-        vec![(String::new(), m.rejected.load(Ordering::Relaxed))],
+        one(m.rejected.load(Ordering::Relaxed)),
     );
     metric(
         "signalbox_cancel_requests_total",
         "counter",
         "Cancel requests forwarded.",
-        vec![(String::new(), m.cancels.load(Ordering::Relaxed))],
+        one(m.cancels.load(Ordering::Relaxed)),
     );
     metric(
         "signalbox_protocol_errors_total",
         "counter",
         "Connections closed for protocol violations at startup.",
-        vec![(String::new(), m.protocol_errors.load(Ordering::Relaxed))],
+        one(m.protocol_errors.load(Ordering::Relaxed)),
     );
     metric(
         "signalbox_guardrail_overrides_total",
@@ -193,47 +197,37 @@ async fn metrics(State(s): State<AppState>) -> Response {
         "signalbox_policy_rollbacks_total",
         "counter",
         "Automatic rollbacks of a misbehaving policy version.",
-        vec![(String::new(), p.rollbacks)],
+        one(p.rollbacks),
     );
     metric(
         "signalbox_node_up",
         "gauge",
         "1 if the node answers health probes.",
-        (0..view.nodes.len())
-            .map(|i| (node(i), u64::from(view.states[i].healthy)))
-            .collect(),
+        per_node(&|i| u64::from(view.states[i].healthy)),
     );
     metric(
         "signalbox_node_primary",
         "gauge",
         "1 if the node reports it is a primary.",
-        (0..view.nodes.len())
-            .map(|i| (node(i), u64::from(view.states[i].role == Role::Primary)))
-            .collect(),
+        per_node(&|i| u64::from(view.states[i].role == Role::Primary)),
     );
     metric(
         "signalbox_node_lag_bytes",
         "gauge",
         "WAL bytes the node has not replayed yet.",
-        (0..view.nodes.len())
-            .map(|i| (node(i), view.states[i].lag_bytes))
-            .collect(),
+        per_node(&|i| view.states[i].lag_bytes),
     );
     metric(
         "signalbox_node_lag_ms",
         "gauge",
         "Replay lag in milliseconds.",
-        (0..view.nodes.len())
-            .map(|i| (node(i), u64::from(view.states[i].lag_ms.unwrap_or(0))))
-            .collect(),
+        per_node(&|i| u64::from(view.states[i].lag_ms.unwrap_or(0))),
     );
     metric(
         "signalbox_node_in_flight",
         "gauge",
         "Backend connections checked out.",
-        (0..view.nodes.len())
-            .map(|i| (node(i), u64::from(view.states[i].in_flight)))
-            .collect(),
+        per_node(&|i| u64::from(view.states[i].in_flight)),
     );
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], out).into_response()
 }

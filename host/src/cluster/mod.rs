@@ -69,11 +69,7 @@ impl Cluster {
         let nodes: Vec<NodeInfo> = config
             .nodes
             .iter()
-            .map(|n| NodeInfo {
-                name: n.name.clone(),
-                weight: n.weight,
-                tags: n.tags.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
-            })
+            .map(|n| NodeInfo::new(&n.name, n.weight, &n.tags))
             .collect();
         let mut logins = Vec::new();
         for (i, (n, a)) in config.nodes.iter().zip(&addrs).enumerate() {

@@ -29,11 +29,7 @@ pub fn cluster_for(file: &FixtureFile, case: Option<&Case>) -> ClusterView {
     let nodes = file
         .nodes
         .iter()
-        .map(|n| NodeInfo {
-            name: n.name.clone(),
-            weight: n.weight,
-            tags: n.tags.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
-        })
+        .map(|n| NodeInfo::new(&n.name, n.weight, &n.tags))
         .collect();
     let states = file
         .nodes

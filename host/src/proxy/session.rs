@@ -17,9 +17,7 @@ use super::relay::{self, ClientIo, Outcome, RelayError, Step};
 use super::Shared;
 use crate::cluster::pool::Lease;
 use crate::route::guardrails::Routed;
-use crate::route::{
-    NodeId, RouteInput, Session as RouteSession, Statement, StatementKind, TxState,
-};
+use crate::route::{NodeId, RouteInput, Session as RouteSession, Statement, TxState};
 use crate::sql::classify::{Classified, SessionEffect};
 use crate::wire::{self, Fields, Frame, WireError};
 
@@ -258,7 +256,18 @@ impl Session {
         }
     }
 
+    /// Rebuild the policy-visible session when what it says changed (after
+    /// most statements nothing did: the clones are not worth repeating).
     fn refresh_route_session(&mut self) {
+        let pinned = self.lease.as_ref().map(Lease::node);
+        let current = &self.route_session;
+        if current.id == self.id
+            && current.tx_state == self.tx
+            && current.read_only_tx == self.read_only_tx
+            && current.pinned == pinned
+        {
+            return;
+        }
         self.route_session = Arc::new(RouteSession {
             id: self.id,
             user: self.user.clone(),
@@ -270,7 +279,7 @@ impl Session {
             read_only_tx: self.read_only_tx,
             ms_since_last_write: None,
             last_write_lsn: None,
-            pinned: self.lease.as_ref().map(Lease::node),
+            pinned,
         });
     }
 
@@ -902,9 +911,7 @@ fn merge(classes: &[Arc<Classified>]) -> Classified {
     let mut it = classes.iter();
     let Some(first) = it.next() else {
         // Describe/Close/Sync only: harmless anywhere.
-        let mut c = crate::sql::classify::classify("");
-        c.kind = StatementKind::Utility;
-        return c;
+        return Classified::nothing();
     };
     let mut m = (**first).clone();
     for c in it {

@@ -71,6 +71,23 @@ pub struct NodeInfo {
     pub tags: Vec<(String, String)>,
 }
 
+impl NodeInfo {
+    pub fn new<'a>(
+        name: &str,
+        weight: u32,
+        tags: impl IntoIterator<Item = (&'a String, &'a String)>,
+    ) -> Self {
+        Self {
+            name: name.to_owned(),
+            weight,
+            tags: tags
+                .into_iter()
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect(),
+        }
+    }
+}
+
 /// Live state of a node, as the control plane last saw it.
 #[derive(Clone, Debug, Serialize)]
 pub struct NodeState {

@@ -50,6 +50,17 @@ pub struct Classified {
 }
 
 impl Classified {
+    /// The verdict for a message that runs no statement (Describe, Close, Sync).
+    pub fn nothing() -> Self {
+        Self {
+            kind: StatementKind::Utility,
+            read_only: true,
+            statements: 0,
+            parse_error: false,
+            ..Self::unknown("")
+        }
+    }
+
     fn unknown(sql: &str) -> Self {
         Self {
             kind: StatementKind::Utility,
@@ -428,25 +439,12 @@ fn statement(node: &NodeEnum, text: &str, c: &mut Classified) -> (StatementKind,
             c.effects.push(SessionEffect::ResetAll);
             (K::Session, true)
         }
-        NodeEnum::ExplainStmt(e) => {
-            let inner = e
-                .query
-                .as_ref()
-                .and_then(|q| q.node.as_ref())
-                .map(|n| statement(n, text, c).1)
-                .unwrap_or(false);
-            (K::Explain, inner)
-        }
+        NodeEnum::ExplainStmt(e) => (K::Explain, inner(&e.query, text, c).unwrap_or(false)),
         NodeEnum::CopyStmt(copy) => {
             let ro = !copy.is_from
                 && !copy.is_program
                 && copy.filename.is_empty()
-                && copy
-                    .query
-                    .as_ref()
-                    .and_then(|q| q.node.as_ref())
-                    .map(|n| statement(n, text, c).1)
-                    .unwrap_or(true);
+                && inner(&copy.query, text, c).unwrap_or(true);
             (K::Copy, ro)
         }
         NodeEnum::CallStmt(_) => (K::Call, false),
@@ -457,13 +455,7 @@ fn statement(node: &NodeEnum, text: &str, c: &mut Classified) -> (StatementKind,
                 c.effects.push(SessionEffect::Pin("WITH HOLD cursor"));
                 return (K::Utility, false);
             }
-            let ro = d
-                .query
-                .as_ref()
-                .and_then(|q| q.node.as_ref())
-                .map(|n| statement(n, text, c).1)
-                .unwrap_or(false);
-            (K::Utility, ro)
+            (K::Utility, inner(&d.query, text, c).unwrap_or(false))
         }
         NodeEnum::FetchStmt(_) | NodeEnum::ClosePortalStmt(_) => (K::Utility, true),
         NodeEnum::PrepareStmt(_) | NodeEnum::ExecuteStmt(_) | NodeEnum::DeallocateStmt(_) => {
@@ -489,6 +481,12 @@ fn statement(node: &NodeEnum, text: &str, c: &mut Classified) -> (StatementKind,
         n if is_ddl(n) => (K::Ddl, false),
         _ => (K::Utility, false),
     }
+}
+
+/// Read-only verdict of a statement nested in another (EXPLAIN, COPY, DECLARE).
+fn inner(query: &Option<Box<protobuf::Node>>, text: &str, c: &mut Classified) -> Option<bool> {
+    let node = query.as_ref().and_then(|q| q.node.as_ref())?;
+    Some(statement(node, text, c).1)
 }
 
 fn temp_table(rel: Option<&protobuf::RangeVar>, c: &mut Classified) {
