@@ -8,7 +8,7 @@ use signalbox_tests::service::{self, connect, port_of, replica_ports, start};
 
 fn run(cmd: &mut Command, what: &str) -> String {
     let out = cmd.output().unwrap_or_else(|e| {
-        panic!("cannot run {what}: {e}. Install it (see README prerequisites); this test does not skip.")
+        panic!("cannot run {what}: {e}. `cargo xtask setup` installs it; this test does not skip.")
     });
     let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
     let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
@@ -22,7 +22,7 @@ async fn sequelize_without_replication_config() {
     let drivers = root().join("tests/drivers");
     assert!(
         drivers.join("node_modules/sequelize").is_dir(),
-        "node packages missing: run `npm ci --prefix tests/drivers` (.ci/run does)"
+        "node packages missing: run `cargo xtask setup` (or `npm ci --prefix tests/drivers`)"
     );
     let ports: Vec<String> = replica_ports().iter().map(u16::to_string).collect();
     let out = tokio::task::block_in_place(|| {
@@ -76,7 +76,7 @@ async fn psycopg_text_and_binary_round_trip() {
                 .arg(&script)
                 .env("SB_DSN", dsn(server.addr.port()))
                 .env("DIRECT_DSN", dsn(port_of("primary"))),
-            "python3 psycopg_roundtrip.py (needs `pip install psycopg[binary]`)",
+            "python3 psycopg_roundtrip.py (needs psycopg 3: `cargo xtask setup`)",
         )
     });
     let v: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
