@@ -26,6 +26,8 @@ pub struct Config {
     #[serde(default)]
     pub pool: PoolConfig,
     #[serde(default)]
+    pub clients: ClientsConfig,
+    #[serde(default)]
     pub health: HealthConfig,
     #[serde(default)]
     pub auth: AuthConfig,
@@ -36,6 +38,38 @@ pub struct Config {
     /// Where the file was read from (relative policy paths start there).
     #[serde(skip)]
     pub origin: PathBuf,
+}
+
+/// Limits towards clients, like PostgreSQL's and PgBouncer's.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ClientsConfig {
+    /// Beyond this many connected clients, new ones get 53300.
+    pub max_connections: usize,
+    /// From TCP accept to the end of authentication (PostgreSQL: 60 s).
+    pub login_timeout_s: u64,
+    /// Once a message has started arriving, the rest must follow within this.
+    pub message_timeout_s: u64,
+    /// Largest single message a client may send.
+    pub max_message_mb: usize,
+    /// All clients' partly received messages together; a message that does
+    /// not fit waits for room (bounded by `message_timeout_s`).
+    pub buffer_budget_mb: usize,
+    /// On SIGTERM/SIGINT, how long clients may finish their transaction.
+    pub shutdown_drain_s: u64,
+}
+
+impl Default for ClientsConfig {
+    fn default() -> Self {
+        Self {
+            max_connections: 1000,
+            login_timeout_s: 60,
+            message_timeout_s: 60,
+            max_message_mb: 64,
+            buffer_budget_mb: 512,
+            shutdown_drain_s: 30,
+        }
+    }
 }
 
 /// Configured role of a node; `auto` asks the node (`pg_is_in_recovery()`).
@@ -86,6 +120,8 @@ pub struct PoolConfig {
     pub checkout_timeout_ms: u64,
     pub connect_timeout_ms: u64,
     pub idle_timeout_s: u64,
+    /// Connections older than this are closed when they come back idle.
+    pub max_lifetime_s: u64,
     pub mode: PoolMode,
     /// Databases whose clients get session pooling.
     pub session_databases: Vec<String>,
@@ -100,6 +136,7 @@ impl Default for PoolConfig {
             checkout_timeout_ms: 5000,
             connect_timeout_ms: 5000,
             idle_timeout_s: 300,
+            max_lifetime_s: 3600,
             mode: PoolMode::Transaction,
             session_databases: Vec::new(),
             session_users: Vec::new(),

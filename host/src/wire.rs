@@ -41,6 +41,49 @@ impl Frame {
     }
 }
 
+/// Split one complete message off the front of `buf`, if it holds one.
+/// The single framing function: client and server streams both use it.
+pub fn take_frame(buf: &mut BytesMut, max: usize) -> Result<Option<Frame>, WireError> {
+    if buf.len() < 5 {
+        return Ok(None);
+    }
+    let len = i32::from_be_bytes([buf[1], buf[2], buf[3], buf[4]]);
+    if len < 4 || len as usize > max {
+        return Err(WireError::Protocol(format!("invalid message length {len}")));
+    }
+    let total = len as usize + 1;
+    if buf.len() < total {
+        buf.reserve(total - buf.len());
+        return Ok(None);
+    }
+    let mut msg = buf.split_to(total);
+    let tag = msg[0];
+    msg.advance(5);
+    Ok(Some(Frame {
+        tag,
+        body: msg.freeze(),
+    }))
+}
+
+/// The (type, body) of each whole message in `bytes` (which signalbox built
+/// itself, so it is well formed); a truncated tail is ignored.
+pub fn frames(bytes: &[u8]) -> impl Iterator<Item = (u8, &[u8])> {
+    let mut rest = bytes;
+    std::iter::from_fn(move || {
+        if rest.len() < 5 {
+            return None;
+        }
+        let len = i32::from_be_bytes([rest[1], rest[2], rest[3], rest[4]]);
+        let total = usize::try_from(len).ok()?.checked_add(1)?;
+        if total < 5 || rest.len() < total {
+            return None;
+        }
+        let (msg, tail) = rest.split_at(total);
+        rest = tail;
+        Some((msg[0], &msg[5..]))
+    })
+}
+
 /// Read one message, using `buf` for leftovers between calls.
 pub async fn read_frame<R: AsyncRead + Unpin>(
     r: &mut R,
@@ -48,25 +91,10 @@ pub async fn read_frame<R: AsyncRead + Unpin>(
     max: usize,
 ) -> Result<Frame, WireError> {
     loop {
-        if buf.len() >= 5 {
-            let len = i32::from_be_bytes([buf[1], buf[2], buf[3], buf[4]]);
-            if len < 4 || len as usize > max {
-                return Err(WireError::Protocol(format!("invalid message length {len}")));
-            }
-            let total = len as usize + 1;
-            if buf.len() >= total {
-                let mut msg = buf.split_to(total);
-                let tag = msg[0];
-                msg.advance(5);
-                return Ok(Frame {
-                    tag,
-                    body: msg.freeze(),
-                });
-            }
-            buf.reserve(total - buf.len());
-        } else {
-            buf.reserve(4096);
+        if let Some(f) = take_frame(buf, max)? {
+            return Ok(f);
         }
+        buf.reserve(4096);
         if r.read_buf(buf).await? == 0 {
             return Err(WireError::Closed);
         }
@@ -210,6 +238,33 @@ pub fn error_fields(body: &[u8]) -> (String, String) {
         }
     }
     (code, msg)
+}
+
+/// `CommandComplete` with `tag` (e.g. `DEALLOCATE ALL`).
+pub fn command_complete(out: &mut BytesMut, tag: &str) {
+    message(out, b'C', |b| put_cstr(b, tag));
+}
+
+/// Message types a client may send after startup (PostgreSQL's list). A
+/// frame starting with anything else is rejected before waiting for its
+/// body: a misplaced StartupMessage begins with a zero byte.
+pub fn is_frontend_tag(tag: u8) -> bool {
+    matches!(
+        tag,
+        b'Q' | b'P'
+            | b'B'
+            | b'D'
+            | b'E'
+            | b'C'
+            | b'H'
+            | b'S'
+            | b'X'
+            | b'd'
+            | b'c'
+            | b'f'
+            | b'F'
+            | b'p'
+    )
 }
 
 /// Raw `Query` message.

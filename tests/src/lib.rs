@@ -237,3 +237,231 @@ pub mod service {
         c.wait_replayed().expect("replicas replay");
     }
 }
+
+pub mod raw {
+    //! A raw protocol-v3 client for adversarial tests: it sends exactly the
+    //! messages it is told to, reads single messages with a bound, and can
+    //! vanish with a TCP reset at any point.
+
+    use std::time::Duration;
+
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::TcpStream;
+
+    pub struct Raw {
+        pub stream: TcpStream,
+    }
+
+    /// One backend message: type byte and body.
+    pub type Msg = (u8, Vec<u8>);
+
+    fn cstr(out: &mut Vec<u8>, s: &str) {
+        out.extend_from_slice(s.as_bytes());
+        out.push(0);
+    }
+
+    fn frame(tag: u8, body: &[u8]) -> Vec<u8> {
+        let mut out = vec![tag];
+        out.extend_from_slice(&(body.len() as i32 + 4).to_be_bytes());
+        out.extend_from_slice(body);
+        out
+    }
+
+    pub fn query(sql: &str) -> Vec<u8> {
+        let mut b = Vec::new();
+        cstr(&mut b, sql);
+        frame(b'Q', &b)
+    }
+
+    /// A Query whose text is given as raw bytes (e.g. not UTF-8).
+    pub fn query_bytes(sql: &[u8]) -> Vec<u8> {
+        let mut b = sql.to_vec();
+        b.push(0);
+        frame(b'Q', &b)
+    }
+
+    pub fn parse(name: &str, sql: &str) -> Vec<u8> {
+        let mut b = Vec::new();
+        cstr(&mut b, name);
+        cstr(&mut b, sql);
+        b.extend_from_slice(&0i16.to_be_bytes());
+        frame(b'P', &b)
+    }
+
+    /// Bind `stmt` to `portal` without parameters, text results.
+    pub fn bind(portal: &str, stmt: &str) -> Vec<u8> {
+        let mut b = Vec::new();
+        cstr(&mut b, portal);
+        cstr(&mut b, stmt);
+        b.extend_from_slice(&0i16.to_be_bytes());
+        b.extend_from_slice(&0i16.to_be_bytes());
+        b.extend_from_slice(&0i16.to_be_bytes());
+        frame(b'B', &b)
+    }
+
+    pub fn describe_portal(portal: &str) -> Vec<u8> {
+        let mut b = vec![b'P'];
+        cstr(&mut b, portal);
+        frame(b'D', &b)
+    }
+
+    pub fn execute(portal: &str, max_rows: i32) -> Vec<u8> {
+        let mut b = Vec::new();
+        cstr(&mut b, portal);
+        b.extend_from_slice(&max_rows.to_be_bytes());
+        frame(b'E', &b)
+    }
+
+    pub fn sync() -> Vec<u8> {
+        frame(b'S', &[])
+    }
+
+    pub fn flush() -> Vec<u8> {
+        frame(b'H', &[])
+    }
+
+    pub fn copy_data(data: &[u8]) -> Vec<u8> {
+        frame(b'd', data)
+    }
+
+    pub fn copy_done() -> Vec<u8> {
+        frame(b'c', &[])
+    }
+
+    /// A protocol-3.0 StartupMessage.
+    pub fn startup(user: &str, database: &str) -> Vec<u8> {
+        let mut b = Vec::new();
+        b.extend_from_slice(&196_608i32.to_be_bytes());
+        cstr(&mut b, "user");
+        cstr(&mut b, user);
+        cstr(&mut b, "database");
+        cstr(&mut b, database);
+        b.push(0);
+        let mut out = (b.len() as i32 + 4).to_be_bytes().to_vec();
+        out.extend_from_slice(&b);
+        out
+    }
+
+    /// The SQLSTATE (`C` field) of an ErrorResponse body.
+    pub fn sqlstate(body: &[u8]) -> String {
+        field(body, b'C')
+    }
+
+    /// A field of an ErrorResponse/NoticeResponse body.
+    pub fn field(body: &[u8], code: u8) -> String {
+        let mut rest = body;
+        while let Some((&c, tail)) = rest.split_first() {
+            if c == 0 {
+                break;
+            }
+            let end = tail.iter().position(|&b| b == 0).unwrap_or(tail.len());
+            if c == code {
+                return String::from_utf8_lossy(&tail[..end]).into_owned();
+            }
+            rest = &tail[(end + 1).min(tail.len())..];
+        }
+        String::new()
+    }
+
+    /// The text columns of a DataRow body (NULL as None).
+    pub fn data_row(body: &[u8]) -> Vec<Option<String>> {
+        let n = i16::from_be_bytes([body[0], body[1]]) as usize;
+        let mut pos = 2;
+        let mut out = Vec::with_capacity(n);
+        for _ in 0..n {
+            let len = i32::from_be_bytes([body[pos], body[pos + 1], body[pos + 2], body[pos + 3]]);
+            pos += 4;
+            if len < 0 {
+                out.push(None);
+            } else {
+                let l = len as usize;
+                out.push(Some(
+                    String::from_utf8_lossy(&body[pos..pos + l]).into_owned(),
+                ));
+                pos += l;
+            }
+        }
+        out
+    }
+
+    impl Raw {
+        /// Connect and log in (trust); returns after the first ReadyForQuery.
+        pub async fn connect(port: u16, user: &str, database: &str) -> Raw {
+            let stream = TcpStream::connect(("127.0.0.1", port))
+                .await
+                .unwrap_or_else(|e| panic!("connect to {port}: {e}"));
+            let mut raw = Raw { stream };
+            raw.send(&startup(user, database)).await;
+            let msgs = raw.until_ready().await;
+            assert!(
+                msgs.iter().all(|(t, _)| *t != b'E'),
+                "login failed: {msgs:?}"
+            );
+            raw
+        }
+
+        pub async fn send(&mut self, bytes: &[u8]) {
+            self.stream
+                .write_all(bytes)
+                .await
+                .expect("send to signalbox");
+        }
+
+        /// The next message, or None when the connection closed or nothing
+        /// arrived within 10 s.
+        pub async fn try_next(&mut self) -> Option<Msg> {
+            self.next_within(Duration::from_secs(10)).await
+        }
+
+        pub async fn next_within(&mut self, limit: Duration) -> Option<Msg> {
+            let read = async {
+                let tag = self.stream.read_u8().await.ok()?;
+                let len = self.stream.read_i32().await.ok()?;
+                let mut body = vec![0u8; (len as usize).saturating_sub(4)];
+                self.stream.read_exact(&mut body).await.ok()?;
+                Some((tag, body))
+            };
+            tokio::time::timeout(limit, read).await.ok().flatten()
+        }
+
+        pub async fn next(&mut self) -> Msg {
+            self.try_next()
+                .await
+                .expect("a message from signalbox within 10 s")
+        }
+
+        /// Every message up to and including the next ReadyForQuery.
+        pub async fn until_ready(&mut self) -> Vec<Msg> {
+            let mut out = Vec::new();
+            loop {
+                let m = self.next().await;
+                let done = m.0 == b'Z';
+                out.push(m);
+                if done {
+                    return out;
+                }
+            }
+        }
+
+        /// Run one simple query; the messages it produced.
+        pub async fn simple(&mut self, sql: &str) -> Vec<Msg> {
+            self.send(&query(sql)).await;
+            self.until_ready().await
+        }
+
+        /// Read about `n` bytes of whatever the server is sending.
+        pub async fn read_some(&mut self, n: usize) {
+            let mut buf = vec![0u8; n];
+            let _ = tokio::time::timeout(Duration::from_secs(10), self.stream.read_exact(&mut buf))
+                .await;
+        }
+
+        /// Vanish: close with a TCP reset (SO_LINGER 0), as a killed client does.
+        pub fn reset(self) {
+            // Linger 0 closes at once with a reset; nothing blocks.
+            #[allow(deprecated)]
+            let _ = self.stream.set_linger(Some(Duration::ZERO));
+            drop(self.stream);
+        }
+    }
+}

@@ -134,8 +134,7 @@ pub fn ensure(job: Job, root: &Path, mode: Mode) -> Result<usize> {
             continue;
         }
         eprintln!("xtask: installing {}: {}", need.what, need.why);
-        install(&need.fix, root, &mut apt)
-            .with_context(|| format!("installing {}", need.what))?;
+        install(&need.fix, root, &mut apt).with_context(|| format!("installing {}", need.what))?;
         if !(need.present)(root) {
             bail!(
                 "{} is still missing after installing it; install it by hand ({})",
@@ -276,7 +275,11 @@ fn pg_server_bin() -> Option<PathBuf> {
     let mut dirs: Vec<PathBuf> = match std::env::var_os("SIGNALBOX_PG_BIN") {
         Some(d) => vec![PathBuf::from(d)],
         None => std::fs::read_dir("/usr/lib/postgresql")
-            .map(|rd| rd.filter_map(|e| e.ok()).map(|e| e.path().join("bin")).collect())
+            .map(|rd| {
+                rd.filter_map(|e| e.ok())
+                    .map(|e| e.path().join("bin"))
+                    .collect()
+            })
             .unwrap_or_default(),
     };
     dirs.retain(|d| {

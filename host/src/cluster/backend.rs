@@ -64,23 +64,41 @@ pub struct LoginSpec {
     pub tls: Option<NodeTls>,
 }
 
+/// One authenticated server connection. Every byte sent and every message
+/// received goes through its methods, so it always knows whether the server
+/// still owes answers: only a connection that has answered everything, is
+/// outside a transaction and is not in COPY counts as idle ([`is_idle`]), and
+/// only an idle one may go back to a pool.
+///
+/// [`is_idle`]: BackendConn::is_idle
 pub struct BackendConn {
-    pub node: NodeId,
-    pub stream: BoxStream,
+    node: NodeId,
+    stream: BoxStream,
     /// Bytes read past the last frame.
-    pub rbuf: BytesMut,
+    rbuf: BytesMut,
     /// ParameterStatus values the server reported at startup.
-    pub params: Vec<(String, String)>,
+    params: Vec<(String, String)>,
     /// Process id and secret, for cancel requests.
-    pub key: (i32, i32),
-    pub addr: String,
+    key: (i32, i32),
+    addr: String,
     /// Server-side names of statements prepared on this connection.
     pub prepared: HashSet<String>,
     /// Fingerprint of the session state (SETs) last applied here.
     pub state_key: u64,
+    /// Something a client ran may have changed session state signalbox does
+    /// not track (a function call): reset everything before the next use.
+    pub needs_reset: bool,
+    /// ReadyForQuery messages the server still owes (one per Query or Sync).
+    owed: u32,
+    /// Nothing was sent since the server last became ready.
+    quiet: bool,
+    /// Transaction status of the last ReadyForQuery (`I`, `T`, `E`).
+    status: u8,
+    /// The server is waiting for COPY data.
+    copy_in: bool,
     /// A protocol error or I/O failure happened: never reuse.
-    pub broken: bool,
-    pub created: Instant,
+    broken: bool,
+    created: Instant,
 }
 
 impl BackendConn {
@@ -112,6 +130,11 @@ impl BackendConn {
             addr: spec.addr.clone(),
             prepared: HashSet::new(),
             state_key: 0,
+            needs_reset: false,
+            owed: 0,
+            quiet: false,
+            status: b'I',
+            copy_in: false,
             broken: false,
             created: Instant::now(),
         };
@@ -206,7 +229,10 @@ impl BackendConn {
                 backend::Message::BackendKeyData(body) => {
                     self.key = (body.process_id(), body.secret_key());
                 }
-                backend::Message::ReadyForQuery(_) => return Ok(()),
+                backend::Message::ReadyForQuery(_) => {
+                    self.quiet = true;
+                    return Ok(());
+                }
                 backend::Message::ErrorResponse(_) => {
                     let (code, message) = wire::error_fields(&frame.body);
                     return Err(BackendError::Server {
@@ -240,7 +266,7 @@ impl BackendConn {
     }
 
     async fn next(&mut self, node: &str) -> Result<Frame, BackendError> {
-        wire::read_frame(&mut self.stream, &mut self.rbuf, usize::MAX >> 1)
+        self.next_frame()
             .await
             .map_err(|source| BackendError::Wire {
                 node: node.to_owned(),
@@ -248,7 +274,7 @@ impl BackendConn {
             })
     }
 
-    /// Run a simple query whose results nobody sees (state replay, probes).
+    /// Run a simple query whose results nobody sees (state replay, resets).
     /// Returns the first error's (SQLSTATE, message), if any.
     pub async fn execute_silently(
         &mut self,
@@ -256,19 +282,158 @@ impl BackendConn {
     ) -> Result<Option<(String, String)>, WireError> {
         let mut out = BytesMut::new();
         wire::query(&mut out, sql);
-        self.stream.write_all(&out).await?;
+        self.send_frames(&out).await?;
         let mut error = None;
         loop {
-            let f = wire::read_frame(&mut self.stream, &mut self.rbuf, usize::MAX >> 1).await?;
+            let f = self.next_frame().await?;
             match f.tag {
                 b'E' if error.is_none() => error = Some(wire::error_fields(&f.body)),
-                b'Z' => {
-                    if f.body.first() != Some(&b'I') {
-                        self.broken = true;
-                    }
-                    return Ok(error);
-                }
+                b'Z' if self.owed == 0 => return Ok(error),
                 _ => {}
+            }
+        }
+    }
+
+    pub fn node(&self) -> NodeId {
+        self.node
+    }
+
+    /// The backend's cancel key.
+    pub fn key(&self) -> (i32, i32) {
+        self.key
+    }
+
+    pub fn addr(&self) -> &str {
+        &self.addr
+    }
+
+    /// ParameterStatus values reported at login.
+    pub fn params(&self) -> &[(String, String)] {
+        &self.params
+    }
+
+    pub fn age(&self) -> Duration {
+        self.created.elapsed()
+    }
+
+    pub fn is_broken(&self) -> bool {
+        self.broken
+    }
+
+    /// Never reuse this connection.
+    pub fn mark_broken(&mut self) {
+        self.broken = true;
+    }
+
+    /// Transaction status of the last ReadyForQuery.
+    pub fn status(&self) -> u8 {
+        self.status
+    }
+
+    /// The server answered everything sent, is outside any transaction and
+    /// holds no unread bytes: the only state in which a pool may take it back.
+    pub fn is_idle(&self) -> bool {
+        !self.broken
+            && self.quiet
+            && self.owed == 0
+            && self.status == b'I'
+            && !self.copy_in
+            && self.rbuf.is_empty()
+    }
+
+    /// Results may still be on their way (a cancel would stop them).
+    pub fn is_busy(&self) -> bool {
+        !self.quiet || self.owed > 0 || self.copy_in
+    }
+
+    /// Send whole protocol messages. Every Query and Sync makes the server
+    /// owe one more ReadyForQuery; a CopyDone/CopyFail ends COPY IN.
+    pub async fn send_frames(&mut self, bytes: &[u8]) -> Result<(), WireError> {
+        for (tag, _) in wire::frames(bytes) {
+            match tag {
+                b'Q' | b'S' => self.owed += 1,
+                b'c' | b'f' => self.copy_in = false,
+                _ => {}
+            }
+        }
+        self.quiet = false;
+        if let Err(e) = self.stream.write_all(bytes).await {
+            self.broken = true;
+            return Err(e.into());
+        }
+        Ok(())
+    }
+
+    /// The next complete message already buffered, if any.
+    pub fn take_frame(&mut self) -> Result<Option<Frame>, WireError> {
+        match wire::take_frame(&mut self.rbuf, usize::MAX >> 1) {
+            Ok(Some(f)) => {
+                self.observe(&f);
+                Ok(Some(f))
+            }
+            Ok(None) => Ok(None),
+            Err(e) => {
+                self.broken = true;
+                Err(e)
+            }
+        }
+    }
+
+    /// Read more bytes from the server (at least one, or an error).
+    pub async fn fill(&mut self) -> Result<(), WireError> {
+        self.rbuf.reserve(16 * 1024);
+        match self.stream.read_buf(&mut self.rbuf).await {
+            Ok(0) => {
+                self.broken = true;
+                Err(WireError::Closed)
+            }
+            Ok(_) => Ok(()),
+            Err(e) => {
+                self.broken = true;
+                Err(e.into())
+            }
+        }
+    }
+
+    /// The next message from the server.
+    pub async fn next_frame(&mut self) -> Result<Frame, WireError> {
+        loop {
+            if let Some(f) = self.take_frame()? {
+                return Ok(f);
+            }
+            self.fill().await?;
+        }
+    }
+
+    fn observe(&mut self, f: &Frame) {
+        match f.tag {
+            b'Z' => {
+                self.owed = self.owed.saturating_sub(1);
+                self.status = f.body.first().copied().unwrap_or(b'E');
+                self.copy_in = false;
+                if self.owed == 0 {
+                    self.quiet = true;
+                }
+            }
+            b'G' => self.copy_in = true,
+            _ => {}
+        }
+    }
+
+    /// Without waiting: the server has not closed the connection and has
+    /// sent nothing unsolicited (a FATAL before closing, a notification).
+    /// Used before handing out a pooled connection, so it costs no round trip.
+    pub fn still_usable(&mut self) -> bool {
+        use futures::FutureExt;
+        if !self.is_idle() {
+            return false;
+        }
+        self.rbuf.reserve(1024);
+        match self.stream.read_buf(&mut self.rbuf).now_or_never() {
+            None => true,
+            Some(_) => {
+                self.broken = true;
+                false
             }
         }
     }

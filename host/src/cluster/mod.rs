@@ -6,6 +6,7 @@
 
 pub mod addr;
 pub mod backend;
+pub mod cancel;
 pub mod pool;
 
 use std::str::FromStr;
@@ -99,6 +100,7 @@ impl Cluster {
                 checkout_timeout: Duration::from_millis(config.pool.checkout_timeout_ms),
                 connect_timeout: Duration::from_millis(config.pool.connect_timeout_ms),
                 idle_timeout: Duration::from_secs(config.pool.idle_timeout_s),
+                max_lifetime: Duration::from_secs(config.pool.max_lifetime_s),
             },
         );
         let configured: Vec<NodeRole> = config.nodes.iter().map(|n| n.role).collect();

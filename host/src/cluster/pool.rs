@@ -15,6 +15,7 @@ pub struct Manager {
     node: NodeId,
     spec: LoginSpec,
     idle_timeout: Duration,
+    max_lifetime: Duration,
 }
 
 impl managed::Manager for Manager {
@@ -30,11 +31,19 @@ impl managed::Manager for Manager {
         conn: &mut BackendConn,
         metrics: &Metrics,
     ) -> RecycleResult<BackendError> {
-        if conn.broken || !conn.rbuf.is_empty() {
-            return Err(RecycleError::message("connection is broken"));
+        // No round trip: a non-blocking look at the socket catches a server
+        // that closed the connection (restart, pg_terminate_backend, dropped
+        // database) before a client is handed a dead connection.
+        if !conn.still_usable() {
+            return Err(RecycleError::message(
+                "connection is not idle or was closed",
+            ));
         }
         if metrics.last_used() > self.idle_timeout {
             return Err(RecycleError::message("idle too long"));
+        }
+        if conn.age() > self.max_lifetime {
+            return Err(RecycleError::message("reached its maximum lifetime"));
         }
         Ok(())
     }
@@ -75,6 +84,7 @@ pub struct PoolSettings {
     pub checkout_timeout: Duration,
     pub connect_timeout: Duration,
     pub idle_timeout: Duration,
+    pub max_lifetime: Duration,
 }
 
 /// Where and how to log in to one node.
@@ -125,6 +135,7 @@ impl Pools {
                 tls: login.tls.clone(),
             },
             idle_timeout: self.settings.idle_timeout,
+            max_lifetime: self.settings.max_lifetime,
         };
         let pool = Pool::builder(manager)
             .max_size(self.settings.size)
@@ -163,6 +174,7 @@ impl Pools {
                     conn: Some(conn),
                     counters: self.in_flight.clone(),
                     node,
+                    discard: false,
                 })
             }
             Err(PoolError::Timeout(managed::TimeoutType::Wait)) => Err(CheckoutError::Exhausted {
@@ -220,11 +232,16 @@ impl Pools {
     }
 }
 
-/// A checked-out connection; returning it (drop) updates the live counters.
+/// A checked-out connection. Dropping the lease returns the connection to
+/// its pool only when the connection proves it is idle (everything answered,
+/// no transaction, no COPY); any other connection is closed, after a cancel
+/// request if results may still be coming, so no later client can ever read
+/// what was meant for this one.
 pub struct Lease {
     conn: Option<Pooled>,
     counters: Arc<[AtomicU32]>,
     node: NodeId,
+    discard: bool,
 }
 
 impl Lease {
@@ -234,14 +251,14 @@ impl Lease {
 
     /// The backend's cancel key.
     pub fn key(&self) -> (i32, i32) {
-        self.conn.as_ref().map(|c| c.key).unwrap_or_default()
+        self.conn.as_ref().map(|c| c.key()).unwrap_or_default()
     }
 
     /// The backend's address.
     pub fn addr(&self) -> String {
         self.conn
             .as_ref()
-            .map(|c| c.addr.clone())
+            .map(|c| c.addr().to_owned())
             .unwrap_or_default()
     }
 
@@ -251,22 +268,27 @@ impl Lease {
             .expect("lease holds a connection until dropped")
     }
 
-    /// Drop the connection instead of returning it to the pool.
+    /// Close the connection instead of returning it to the pool.
     pub fn discard(mut self) {
-        if let Some(c) = self.conn.take() {
-            let _ = Object::take(c);
-        }
+        self.discard = true;
     }
 }
 
 impl Drop for Lease {
     fn drop(&mut self) {
         self.counters[self.node as usize].fetch_sub(1, Ordering::Relaxed);
-        if let Some(c) = self.conn.take() {
-            if c.broken {
-                let _ = Object::take(c);
+        let Some(c) = self.conn.take() else { return };
+        if c.is_idle() && !self.discard {
+            return; // back to the pool (recycle checks again)
+        }
+        let conn = Object::take(c);
+        if conn.is_busy() && !conn.is_broken() {
+            let (addr, key) = (conn.addr().to_owned(), conn.key());
+            if let Ok(rt) = tokio::runtime::Handle::try_current() {
+                rt.spawn(super::cancel::send(addr, key));
             }
         }
+        drop(conn);
     }
 }
 

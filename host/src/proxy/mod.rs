@@ -11,7 +11,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use bytes::{BufMut, BytesMut};
+use bytes::BytesMut;
 use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
 
@@ -272,22 +272,9 @@ async fn negotiate(
 
 /// Forward a cancel request to the backend running the session's query.
 async fn cancel(shared: &Shared, key: (i32, i32)) {
-    let Some((addr, (pid, secret))) = shared.cancel.lookup(key) else {
+    let Some((addr, backend_key)) = shared.cancel.lookup(key) else {
         return;
     };
     shared.metrics.cancels.fetch_add(1, Ordering::Relaxed);
-    let mut packet = BytesMut::with_capacity(16);
-    packet.put_i32(16);
-    packet.put_i32(wire::CANCEL_REQUEST);
-    packet.put_i32(pid);
-    packet.put_i32(secret);
-    let sent = tokio::time::timeout(Duration::from_secs(5), async {
-        let mut s = TcpStream::connect(&addr).await?;
-        s.write_all(&packet).await?;
-        s.shutdown().await
-    })
-    .await;
-    if !matches!(sent, Ok(Ok(()))) {
-        tracing::warn!(%addr, "could not forward a cancel request");
-    }
+    crate::cluster::cancel::send(addr, backend_key).await;
 }

@@ -7,8 +7,8 @@
 
 use std::collections::VecDeque;
 
-use bytes::{Buf, BytesMut};
-use tokio::io::{AsyncReadExt, AsyncWriteExt, ReadHalf, WriteHalf};
+use bytes::BytesMut;
+use tokio::io::{AsyncWriteExt, ReadHalf, WriteHalf};
 
 use crate::tls::BoxStream;
 
@@ -64,44 +64,76 @@ pub struct ClientIo {
     pub write: WriteHalf<BoxStream>,
     pub rbuf: BytesMut,
     pub out: BytesMut,
+    /// Bytes written to the client so far: tells whether a failed exchange
+    /// already showed the client anything (then it cannot be retried).
+    pub sent: u64,
+    pub limits: ClientLimits,
+}
+
+/// Bounds on what one client may make signalbox buffer or wait for.
+#[derive(Clone, Copy, Debug)]
+pub struct ClientLimits {
+    pub max_message: usize,
+    pub message_timeout: std::time::Duration,
+}
+
+impl ClientLimits {
+    pub fn from_config(c: &crate::config::ClientsConfig) -> Self {
+        Self {
+            max_message: c.max_message_mb.max(1) << 20,
+            message_timeout: std::time::Duration::from_secs(c.message_timeout_s.max(1)),
+        }
+    }
 }
 
 impl ClientIo {
     pub async fn flush(&mut self) -> Result<(), WireError> {
         if !self.out.is_empty() {
             self.write.write_all(&self.out).await?;
+            self.sent += self.out.len() as u64;
             self.out.clear();
         }
         Ok(())
     }
 
-    pub async fn next(&mut self) -> Result<Frame, WireError> {
-        wire::read_frame(&mut self.read, &mut self.rbuf, wire::MAX_CLIENT_MESSAGE).await
+    /// Something was shown to (or queued for) the client since `mark`.
+    pub fn progressed_since(&self, mark: u64) -> bool {
+        self.sent != mark || !self.out.is_empty()
     }
-}
 
-fn take_frame(buf: &mut BytesMut) -> Result<Option<Frame>, WireError> {
-    if buf.len() < 5 {
-        return Ok(None);
+    /// The next message from the client. A message type PostgreSQL would
+    /// not accept is refused at its first byte; a message that has started
+    /// must arrive whole within the message timeout (no slowloris).
+    pub async fn next(&mut self) -> Result<Frame, WireError> {
+        use tokio::io::AsyncReadExt;
+        loop {
+            if let Some(&tag) = self.rbuf.first() {
+                if !wire::is_frontend_tag(tag) {
+                    return Err(WireError::Protocol(format!(
+                        "invalid frontend message type {tag}"
+                    )));
+                }
+            }
+            if let Some(f) = wire::take_frame(&mut self.rbuf, self.limits.max_message)? {
+                return Ok(f);
+            }
+            let started = !self.rbuf.is_empty();
+            self.rbuf.reserve(8 * 1024);
+            let read = self.read.read_buf(&mut self.rbuf);
+            let n = if !started {
+                read.await?
+            } else {
+                tokio::time::timeout(self.limits.message_timeout, read)
+                    .await
+                    .map_err(|_| {
+                        WireError::Protocol("incomplete message: the rest never arrived".into())
+                    })??
+            };
+            if n == 0 {
+                return Err(WireError::Closed);
+            }
+        }
     }
-    let len = i32::from_be_bytes([buf[1], buf[2], buf[3], buf[4]]);
-    if len < 4 {
-        return Err(WireError::Protocol(format!(
-            "invalid backend message length {len}"
-        )));
-    }
-    let total = len as usize + 1;
-    if buf.len() < total {
-        buf.reserve(total - buf.len());
-        return Ok(None);
-    }
-    let mut msg = buf.split_to(total);
-    let tag = msg[0];
-    msg.advance(5);
-    Ok(Some(Frame {
-        tag,
-        body: msg.freeze(),
-    }))
 }
 
 /// Relay until the plan is exhausted.
@@ -117,7 +149,7 @@ pub async fn relay(
             client.flush().await.map_err(RelayError::Client)?;
             return Ok(outcome);
         }
-        while let Some(frame) = take_frame(&mut conn.rbuf).map_err(RelayError::Backend)? {
+        while let Some(frame) = conn.take_frame().map_err(RelayError::Backend)? {
             emit_synthetic(plan, &mut client.out);
             let copy_in = handle(&frame, plan, &mut outcome, &mut client.out);
             if copy_in {
@@ -133,15 +165,7 @@ pub async fn relay(
             }
         }
         client.flush().await.map_err(RelayError::Client)?;
-        conn.rbuf.reserve(16 * 1024);
-        let n = conn
-            .stream
-            .read_buf(&mut conn.rbuf)
-            .await
-            .map_err(|e| RelayError::Backend(e.into()))?;
-        if n == 0 {
-            return Err(RelayError::Backend(WireError::Closed));
-        }
+        conn.fill().await.map_err(RelayError::Backend)?;
     }
 }
 
@@ -226,10 +250,9 @@ async fn pump_copy_in(conn: &mut BackendConn, client: &mut ClientIo) -> Result<(
             b'd' | b'c' | b'f' => {
                 f.encode_into(&mut chunk);
                 if f.tag != b'd' || chunk.len() >= 64 * 1024 {
-                    conn.stream
-                        .write_all(&chunk)
+                    conn.send_frames(&chunk)
                         .await
-                        .map_err(|e| RelayError::Backend(e.into()))?;
+                        .map_err(RelayError::Backend)?;
                     chunk.clear();
                 }
                 if f.tag != b'd' {

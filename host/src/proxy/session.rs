@@ -11,7 +11,6 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use bytes::{Bytes, BytesMut};
-use tokio::io::AsyncWriteExt;
 
 use super::relay::{self, ClientIo, Outcome, RelayError, Step};
 use super::Shared;
@@ -62,7 +61,7 @@ impl SessionState {
                         self.sets.push(s.clone());
                     }
                 }
-                SessionEffect::ResetAll => {
+                SessionEffect::ResetAll | SessionEffect::DiscardAll => {
                     self.sets = startup.to_vec();
                 }
                 _ => {}
@@ -78,8 +77,14 @@ impl SessionState {
         self.key = h.finish() | 1;
     }
 
-    fn replay_sql(&self) -> String {
-        let mut sql = String::from("RESET ALL;");
+    /// The reset and SETs that give a connection this session's state.
+    /// `RESET ALL` leaves the role and session authorization alone;
+    /// `SET SESSION AUTHORIZATION DEFAULT` restores both. A `full` reset also
+    /// undoes what untracked code (functions, procedures) may have left:
+    /// PostgreSQL's `DISCARD ALL` minus the prepared statements signalbox
+    /// manages itself.
+    fn replay_sql(&self, full: bool) -> String {
+        let mut sql = String::from(if full { FULL_RESET } else { BASE_RESET });
         for (_, s) in &self.sets {
             sql.push_str(s);
             sql.push(';');
@@ -87,6 +92,10 @@ impl SessionState {
         sql
     }
 }
+
+const BASE_RESET: &str = "SET SESSION AUTHORIZATION DEFAULT;RESET ALL;";
+const FULL_RESET: &str = "CLOSE ALL;SET SESSION AUTHORIZATION DEFAULT;RESET ALL;UNLISTEN *;\
+    SELECT pg_advisory_unlock_all();DISCARD SEQUENCES;DISCARD TEMP;";
 
 pub struct Session {
     shared: Arc<Shared>,
@@ -207,6 +216,8 @@ impl Session {
             write,
             rbuf: BytesMut::with_capacity(8 * 1024),
             out: BytesMut::with_capacity(16 * 1024),
+            sent: 0,
+            limits: super::relay::ClientLimits::from_config(&shared.config.clients),
         };
         let get = |k: &str| params.iter().find(|(n, _)| n == k).map(|(_, v)| v.clone());
         let user = get("user").unwrap_or_default();
@@ -289,22 +300,29 @@ impl Session {
             let frame = match self.client.next().await {
                 Ok(f) => f,
                 Err(WireError::Closed) => return Ok(()),
-                Err(WireError::Protocol(msg)) => {
-                    self.fatal("08P01", &format!("protocol violation: {msg}"))
-                        .await;
-                    return Err(SessionError::Client(WireError::Protocol(msg)));
+                Err(e @ WireError::Protocol(_)) => {
+                    self.fatal("08P01", &e.to_string()).await;
+                    return Err(SessionError::Client(e));
                 }
                 Err(e) => return Err(SessionError::Client(e)),
             };
             match frame.tag {
                 b'Q' => {
-                    let sql = Fields::new(&frame.body).cstr().map(str::to_owned);
-                    match sql {
-                        Ok(sql) => self.simple_query(frame, &sql).await?,
-                        Err(e) => {
-                            self.fatal("08P01", &format!("protocol violation: {e}"))
-                                .await;
-                            return Err(SessionError::Client(e));
+                    let Some(end) = frame.body.iter().position(|&b| b == 0) else {
+                        let e = WireError::Protocol("Query without a terminating NUL".into());
+                        self.fatal("08P01", &e.to_string()).await;
+                        return Err(SessionError::Client(e));
+                    };
+                    // Bytes that are not UTF-8 go through untouched (the
+                    // server judges them by client_encoding) and to the primary.
+                    match std::str::from_utf8(&frame.body[..end]) {
+                        Ok(sql) => {
+                            let sql = sql.to_owned();
+                            self.simple_query(frame, &sql, true).await?
+                        }
+                        Err(_) => {
+                            let sql = String::from_utf8_lossy(&frame.body[..end]).into_owned();
+                            self.simple_query(frame, &sql, false).await?
                         }
                     }
                 }
@@ -345,11 +363,7 @@ impl Session {
 
     async fn error(&mut self, code: &str, message: &str) -> Result<(), SessionError> {
         wire::error_response(&mut self.client.out, "ERROR", code, message);
-        let status = match self.tx {
-            TxState::Idle => b'I',
-            TxState::InTransaction => b'T',
-            TxState::Failed => b'E',
-        };
+        let status = self.tx_status();
         wire::ready_for_query(&mut self.client.out, status);
         self.client.flush().await.map_err(SessionError::Client)
     }
@@ -416,7 +430,7 @@ impl Session {
             }
         };
         let mut lease = lease;
-        Ok(lease.conn().params.clone())
+        Ok(lease.conn().params().to_vec())
     }
 
     async fn greet(&mut self, params: &[(String, String)]) -> Result<(), SessionError> {
@@ -469,22 +483,24 @@ impl Session {
             .pool(node, &self.user, password.as_deref(), &self.database)
     }
 
-    /// Make the leased connection carry this session's state.
+    /// Make the leased connection carry this session's state (and nothing
+    /// a previous client left on it).
     async fn sync_state(&mut self) -> Result<Option<(String, String)>, SessionError> {
         let Some(lease) = self.lease.as_mut() else {
             return Ok(None);
         };
         let conn = lease.conn();
-        if conn.state_key == self.state.key {
+        if conn.state_key == self.state.key && !conn.needs_reset {
             return Ok(None);
         }
-        let sql = self.state.replay_sql();
+        let sql = self.state.replay_sql(conn.needs_reset);
         let failed = conn
             .execute_silently(&sql)
             .await
             .map_err(SessionError::Backend)?;
         if failed.is_none() {
             conn.state_key = self.state.key;
+            conn.needs_reset = false;
         }
         Ok(failed)
     }
@@ -534,8 +550,18 @@ impl Session {
                 return Ok(false);
             }
         };
-        match self.checkout(node).await {
+        let mut checked_out = self.checkout(node).await;
+        if checked_out.is_err() && read_only && self.tx == TxState::Idle {
+            // A read outside a transaction may run anywhere else that is
+            // eligible: another healthy replica, else the primary.
+            if let Some(other) = self.other_node_for_read(&input, node) {
+                tracing::debug!(failed = node, retry = other, "read retried on another node");
+                checked_out = self.checkout(other).await;
+            }
+        }
+        match checked_out {
             Ok(lease) => {
+                let node = lease.node();
                 self.shared.cancel.set(self.key, lease.addr(), lease.key());
                 self.lease = Some(lease);
                 self.shared.metrics.routed(node, read_only);
@@ -555,6 +581,17 @@ impl Session {
             return Ok(false);
         }
         Ok(true)
+    }
+
+    /// For a read whose node failed: the built-in choice among the other
+    /// healthy replicas, else a healthy primary.
+    fn other_node_for_read(&self, input: &RouteInput, failed: NodeId) -> Option<NodeId> {
+        let mut view = (*input.cluster).clone();
+        if let Some(s) = view.states.get_mut(failed as usize) {
+            s.healthy = false;
+        }
+        crate::route::builtin::choose_replica(&view, fastrand::u64(..))
+            .or_else(|| view.primary().filter(|p| *p != failed))
     }
 
     /// After an exchange: keep or return the connection, track transactions
@@ -631,63 +668,173 @@ impl Session {
         }
     }
 
-    async fn simple_query(&mut self, frame: Frame, sql: &str) -> Result<(), SessionError> {
-        let class = self.shared.classifier.classify(sql);
+    /// `utf8`: the text is what the client sent; otherwise it was not UTF-8
+    /// and `sql` is a lossy copy, good for nothing but the primary.
+    async fn simple_query(
+        &mut self,
+        frame: Frame,
+        sql: &str,
+        utf8: bool,
+    ) -> Result<(), SessionError> {
+        let mut class = self.shared.classifier.classify(sql);
+        if !utf8 {
+            let mut c = (*class).clone();
+            c.read_only = false;
+            class = Arc::new(c);
+        }
         if let Some(db) = &class.drops_database {
             // Our idle connections must not block DROP DATABASE.
             self.shared.cluster.pools.drop_idle(|_, d| d == db);
         }
-        let sql: Arc<str> = Arc::from(sql);
-        if !self.acquire(&class, &sql).await? {
+        if self.answer_locally(&class).await? {
             return Ok(());
         }
-        let mut plan = VecDeque::from([Step::Query]);
-        let outcome = self.exchange(&frame_bytes(&frame), &mut plan).await?;
-        self.finish(&outcome, class.effects.clone(), class.begins_read_only);
+        let sql: Arc<str> = Arc::from(sql);
+        let bytes = frame_bytes(&frame);
+        for attempt in 0..2 {
+            let retriable = attempt == 0 && self.lease.is_none() && self.tx == TxState::Idle;
+            if !self.acquire(&class, &sql).await? {
+                return Ok(());
+            }
+            let read_only = self.lease_is_read_only(&class);
+            let mark = self.client.sent;
+            let mut plan = VecDeque::from([Step::Query]);
+            match self.exchange(&bytes, &mut plan).await? {
+                Ok(outcome) => {
+                    self.after_exchange(&class, &outcome);
+                    self.finish(&outcome, class.effects.clone(), class.begins_read_only);
+                    return Ok(());
+                }
+                Err(e) if retriable && read_only && !self.client.progressed_since(mark) => {
+                    tracing::debug!(error = %e, "read retried on a fresh connection");
+                }
+                Err(e) => return self.lost_backend(e).await,
+            }
+        }
         Ok(())
     }
 
-    /// Send `bytes` on the leased connection and relay the answers.
+    /// Whether the statement was routed as a read (so a retry is harmless).
+    fn lease_is_read_only(&self, class: &Classified) -> bool {
+        class.read_only && self.pin_reason.is_none() && !self.session_pooling
+    }
+
+    /// What a statement did to the connection beyond its result.
+    fn after_exchange(&mut self, class: &Classified, outcome: &Outcome) {
+        let Some(lease) = self.lease.as_mut() else {
+            return;
+        };
+        let conn = lease.conn();
+        // Untracked changes, or tracked ones that may have half-applied.
+        if class.touches_session || (outcome.error && !class.effects.is_empty()) {
+            conn.needs_reset = true;
+        }
+        for e in &class.effects {
+            match e {
+                // The server dropped every statement, ours included.
+                SessionEffect::Deallocate(None) => {
+                    conn.prepared.clear();
+                    if !outcome.error {
+                        self.statements.clear();
+                        self.unnamed = None;
+                    }
+                }
+                SessionEffect::DiscardAll => {
+                    conn.prepared.clear();
+                    conn.state_key = 0;
+                    if !outcome.error {
+                        self.statements.clear();
+                        self.unnamed = None;
+                    }
+                }
+                _ => {}
+            }
+        }
+    }
+
+    /// `DEALLOCATE` of the client's own protocol-level statements, and
+    /// `DEALLOCATE ALL` / `DISCARD ALL` of a session that holds no connection,
+    /// concern this client alone: answer them here, as PostgreSQL would,
+    /// without touching a shared connection. Returns whether it answered.
+    async fn answer_locally(&mut self, class: &Classified) -> Result<bool, SessionError> {
+        if class.statements != 1 || self.tx == TxState::Failed {
+            return Ok(false);
+        }
+        let holds_connection = self.lease.is_some();
+        let tag = match class.effects.first() {
+            Some(SessionEffect::Deallocate(Some(name))) if self.statements.contains_key(name) => {
+                self.statements.remove(name);
+                "DEALLOCATE"
+            }
+            Some(SessionEffect::Deallocate(None)) if !holds_connection => {
+                self.statements.clear();
+                self.unnamed = None;
+                "DEALLOCATE ALL"
+            }
+            Some(SessionEffect::DiscardAll) if !holds_connection && self.tx == TxState::Idle => {
+                self.statements.clear();
+                self.unnamed = None;
+                self.pending_effects.clear();
+                self.state
+                    .apply(&[SessionEffect::DiscardAll], &self.startup_sets);
+                "DISCARD ALL"
+            }
+            _ => return Ok(false),
+        };
+        wire::command_complete(&mut self.client.out, tag);
+        let status = self.tx_status();
+        wire::ready_for_query(&mut self.client.out, status);
+        self.client.flush().await.map_err(SessionError::Client)?;
+        Ok(true)
+    }
+
+    fn tx_status(&self) -> u8 {
+        match self.tx {
+            TxState::Idle => b'I',
+            TxState::InTransaction => b'T',
+            TxState::Failed => b'E',
+        }
+    }
+
+    /// Send `bytes` on the leased connection and relay the answers. A failed
+    /// node connection is discarded and returned as the inner error, for the
+    /// caller to retry or report.
     async fn exchange(
         &mut self,
         bytes: &[u8],
         plan: &mut VecDeque<Step>,
-    ) -> Result<Outcome, SessionError> {
+    ) -> Result<Result<Outcome, WireError>, SessionError> {
         let started = Instant::now();
         let lease = self.lease.as_mut().expect("exchange needs a lease");
         let conn = lease.conn();
-        if let Err(e) = conn.stream.write_all(bytes).await {
-            conn.broken = true;
-            self.release(true);
-            self.error(
-                "08006",
-                &format!("signalbox: lost the connection to the node: {e}"),
-            )
-            .await?;
-            return Ok(Outcome::default());
-        }
-        let result = relay::relay(conn, &mut self.client, plan).await;
+        let result = match conn.send_frames(bytes).await {
+            Ok(()) => relay::relay(conn, &mut self.client, plan).await,
+            Err(e) => Err(RelayError::Backend(e)),
+        };
         self.shared.metrics.latency(started.elapsed());
         match result {
-            Ok(o) => Ok(o),
+            Ok(o) => Ok(Ok(o)),
             Err(RelayError::Backend(e)) => {
-                if let Some(l) = self.lease.as_mut() {
-                    l.conn().broken = true;
-                }
                 self.release(true);
-                let was = self.tx;
-                self.tx = TxState::Idle;
-                let msg = if was == TxState::Idle {
-                    format!("signalbox: lost the connection to the node: {e}")
-                } else {
-                    format!("signalbox: lost the connection to the node during a transaction (it was rolled back): {e}")
-                };
-                self.refresh_route_session();
-                self.error("08006", &msg).await?;
-                Ok(Outcome::default())
+                Ok(Err(e))
             }
             Err(e) => Err(e.into()),
         }
+    }
+
+    /// Tell the client its node connection was lost (the transaction, if
+    /// any, is gone with it).
+    async fn lost_backend(&mut self, e: WireError) -> Result<(), SessionError> {
+        let was = self.tx;
+        self.tx = TxState::Idle;
+        self.pending_effects.clear();
+        let msg = if was == TxState::Idle {
+            format!("signalbox: lost the connection to the node: {e}")
+        } else {
+            format!("signalbox: lost the connection to the node during a transaction (it was rolled back): {e}")
+        };
+        self.refresh_route_session();
+        self.error("08006", &msg).await
     }
 
     /// Route and run the extended-protocol messages received up to Sync/Flush.
@@ -750,33 +897,48 @@ impl Session {
                 _ => {}
             }
         }
-        let merged = merge(&classes);
+        let mut merged = merge(&classes);
+        merged.effects = effects;
         let sql = first_sql.unwrap_or_else(|| Arc::from(""));
-        if !self.acquire(&merged, &sql).await? {
-            // The error went out; discard the rest of the batch.
-            return Ok(());
-        }
-        let Translated {
-            bytes,
-            mut plan,
-            slots,
-        } = match self.translate(&batch) {
-            Ok(x) => x,
-            Err(e) => {
-                self.fatal("08P01", &format!("protocol violation: {e}"))
-                    .await;
-                return Err(SessionError::Client(e));
+        for attempt in 0..2 {
+            let retriable = attempt == 0 && self.lease.is_none() && self.tx == TxState::Idle;
+            if !self.acquire(&merged, &sql).await? {
+                // The error went out; discard the rest of the batch.
+                return Ok(());
             }
-        };
-        let outcome = self.exchange(&bytes, &mut plan).await?;
-        if let Some(lease) = self.lease.as_mut() {
-            for slot in &outcome.failed_parses {
-                if let Some(Some(name)) = slots.get(*slot as usize) {
-                    lease.conn().prepared.remove(name);
+            let read_only = self.lease_is_read_only(&merged);
+            let Translated {
+                bytes,
+                mut plan,
+                slots,
+            } = match self.translate(&batch) {
+                Ok(x) => x,
+                Err(e) => {
+                    self.fatal("08P01", &e.to_string()).await;
+                    return Err(SessionError::Client(e));
                 }
+            };
+            let mark = self.client.sent;
+            match self.exchange(&bytes, &mut plan).await? {
+                Ok(outcome) => {
+                    if let Some(lease) = self.lease.as_mut() {
+                        for slot in &outcome.failed_parses {
+                            if let Some(Some(name)) = slots.get(*slot as usize) {
+                                lease.conn().prepared.remove(name);
+                            }
+                        }
+                    }
+                    self.after_exchange(&merged, &outcome);
+                    let effects = std::mem::take(&mut merged.effects);
+                    self.finish(&outcome, effects, merged.begins_read_only);
+                    return Ok(());
+                }
+                Err(e) if retriable && read_only && !self.client.progressed_since(mark) => {
+                    tracing::debug!(error = %e, "read retried on a fresh connection");
+                }
+                Err(e) => return self.lost_backend(e).await,
             }
         }
-        self.finish(&outcome, effects, merged.begins_read_only);
         Ok(())
     }
 
@@ -916,6 +1078,7 @@ fn merge(classes: &[Arc<Classified>]) -> Classified {
     let mut m = (**first).clone();
     for c in it {
         m.read_only &= c.read_only;
+        m.touches_session |= c.touches_session;
         m.begins_read_only &= c.begins_read_only;
         m.tables.extend(c.tables.iter().cloned());
         m.functions.extend(c.functions.iter().cloned());

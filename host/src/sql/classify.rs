@@ -26,6 +26,10 @@ pub enum SessionEffect {
     Pin(&'static str),
     /// A temporary table that lives on one connection only.
     TempTable(String),
+    /// SQL `DEALLOCATE name` (`None`: `DEALLOCATE ALL`).
+    Deallocate(Option<String>),
+    /// `DISCARD ALL`: everything above, for this client only.
+    DiscardAll,
 }
 
 /// The classifier's verdict for a whole message (all statements of it).
@@ -47,6 +51,10 @@ pub struct Classified {
     pub drops_database: Option<String>,
     /// The parser rejected the text (it will go to the primary and fail there).
     pub parse_error: bool,
+    /// It may change session state signalbox cannot track (a function or
+    /// procedure whose body may SET, create temp tables, take session locks):
+    /// the connection is fully reset before anyone uses it next.
+    pub touches_session: bool,
 }
 
 impl Classified {
@@ -74,6 +82,7 @@ impl Classified {
             begins: false,
             drops_database: None,
             parse_error: true,
+            touches_session: true,
         }
     }
 }
@@ -352,6 +361,7 @@ pub fn classify(sql: &str) -> Classified {
         begins: false,
         drops_database: None,
         parse_error: false,
+        touches_session: false,
     };
     for (i, raw) in parsed.protobuf.stmts.iter().enumerate() {
         let Some(node) = raw.stmt.as_ref().and_then(|n| n.node.as_ref()) else {
@@ -410,7 +420,117 @@ pub fn classify(sql: &str) -> Classified {
     {
         c.read_only = false;
     }
+    session_calls(&parsed, &mut c);
     c
+}
+
+/// Built-ins outside the read-only list that change no session state a later
+/// client could observe (beyond what `DISCARD SEQUENCES` would clear, which is
+/// what PostgreSQL's own poolers leave too).
+const NO_SESSION_STATE: &[&str] = &[
+    "nextval",
+    "setval",
+    "currval",
+    "lastval",
+    "txid_current",
+    "pg_current_xact_id",
+    "pg_current_wal_lsn",
+    "pg_current_wal_insert_lsn",
+    "pg_notify",
+    "pg_advisory_xact_lock",
+    "pg_advisory_xact_lock_shared",
+    "pg_try_advisory_xact_lock",
+    "pg_try_advisory_xact_lock_shared",
+    "gen_random_uuid",
+    "random",
+    "clock_timestamp",
+    "timeofday",
+];
+
+/// Session-level advisory locks outlive the transaction on one connection.
+const SESSION_LOCKS: &[&str] = &[
+    "pg_advisory_lock",
+    "pg_advisory_lock_shared",
+    "pg_try_advisory_lock",
+    "pg_try_advisory_lock_shared",
+];
+
+/// `set_config(name, value, is_local)` is a SET: tracked when its arguments
+/// are constants, the session pinned when they are computed. Other calls that
+/// may change session state mark the statement `touches_session`.
+fn session_calls(parsed: &pg_query::ParseResult, c: &mut Classified) {
+    if matches!(c.kind, StatementKind::Call) || has_do_block(parsed) {
+        c.touches_session = true;
+    }
+    for f in &c.functions {
+        let name = f.to_ascii_lowercase();
+        let name = name.strip_prefix("pg_catalog.").unwrap_or(&name);
+        if SESSION_LOCKS.contains(&name) {
+            c.effects
+                .push(SessionEffect::Pin("session-level advisory lock"));
+        } else if name != "set_config" && !safe_function(name) && !NO_SESSION_STATE.contains(&name)
+        {
+            c.touches_session = true;
+        }
+    }
+    for (node, _, _, _) in parsed.protobuf.nodes() {
+        let NodeRef::FuncCall(call) = node else {
+            continue;
+        };
+        let name: Vec<String> = call
+            .funcname
+            .iter()
+            .filter_map(|n| const_string(Some(n)))
+            .collect();
+        if !matches!(name.as_slice(), [n] | [_, n] if n == "set_config") {
+            continue;
+        }
+        match set_config_args(&call.args) {
+            Some((_, _, true)) => {} // transaction-local: dies with it
+            Some((name, value, false)) => c.effects.push(SessionEffect::Set {
+                sql: format!(
+                    "SELECT pg_catalog.set_config('{}', '{}', false)",
+                    name.replace('\'', "''"),
+                    value.replace('\'', "''")
+                ),
+                name,
+            }),
+            None => c
+                .effects
+                .push(SessionEffect::Pin("set_config with computed arguments")),
+        }
+    }
+}
+
+fn has_do_block(parsed: &pg_query::ParseResult) -> bool {
+    parsed.protobuf.stmts.iter().any(|raw| {
+        matches!(
+            raw.stmt.as_ref().and_then(|n| n.node.as_ref()),
+            Some(NodeEnum::DoStmt(_))
+        )
+    })
+}
+
+/// Constant (name, value, is_local) arguments of a `set_config` call.
+fn set_config_args(args: &[protobuf::Node]) -> Option<(String, String, bool)> {
+    let [name, value, local] = args else {
+        return None;
+    };
+    let exact = |n: &protobuf::Node| match n.node.as_ref() {
+        Some(NodeEnum::AConst(a)) => match &a.val {
+            Some(a_const::Val::Sval(s)) => Some(s.sval.clone()),
+            _ => None,
+        },
+        _ => None,
+    };
+    let local = match local.node.as_ref() {
+        Some(NodeEnum::AConst(a)) => match &a.val {
+            Some(a_const::Val::Boolval(b)) => b.boolval,
+            _ => return None,
+        },
+        _ => return None,
+    };
+    Some((exact(name)?.to_ascii_lowercase(), exact(value)?, local))
 }
 
 fn statement_text<'a>(sql: &'a str, raw: &protobuf::RawStmt) -> &'a str {
@@ -435,8 +555,12 @@ fn statement(node: &NodeEnum, text: &str, c: &mut Classified) -> (StatementKind,
         NodeEnum::VariableShowStmt(_) => (K::Show, true),
         NodeEnum::TransactionStmt(t) => (K::Transaction, transaction(t, c)),
         NodeEnum::VariableSetStmt(v) => (K::Session, variable_set(v, text, c)),
-        NodeEnum::DiscardStmt(_) => {
-            c.effects.push(SessionEffect::ResetAll);
+        NodeEnum::DiscardStmt(d) => {
+            // DISCARD ALL is answered for the client alone (its statements and
+            // settings); PLANS/SEQUENCES/TEMP are harmless on any connection.
+            if d.target == protobuf::DiscardMode::DiscardAll as i32 {
+                c.effects.push(SessionEffect::DiscardAll);
+            }
             (K::Session, true)
         }
         NodeEnum::ExplainStmt(e) => (K::Explain, inner(&e.query, text, c).unwrap_or(false)),
@@ -458,8 +582,13 @@ fn statement(node: &NodeEnum, text: &str, c: &mut Classified) -> (StatementKind,
             (K::Utility, inner(&d.query, text, c).unwrap_or(false))
         }
         NodeEnum::FetchStmt(_) | NodeEnum::ClosePortalStmt(_) => (K::Utility, true),
-        NodeEnum::PrepareStmt(_) | NodeEnum::ExecuteStmt(_) | NodeEnum::DeallocateStmt(_) => {
+        NodeEnum::PrepareStmt(_) | NodeEnum::ExecuteStmt(_) => {
             c.effects.push(SessionEffect::Pin("SQL-level PREPARE"));
+            (K::Utility, false)
+        }
+        NodeEnum::DeallocateStmt(d) => {
+            let name = (!d.isall && !d.name.is_empty()).then(|| d.name.clone());
+            c.effects.push(SessionEffect::Deallocate(name));
             (K::Utility, false)
         }
         NodeEnum::ListenStmt(_) => {

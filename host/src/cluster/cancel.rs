@@ -1,0 +1,32 @@
+//! Cancel requests to a node: the proxy forwards a client's CancelRequest,
+//! and a lease retiring a connection whose results were still coming stops
+//! the query it was running.
+
+use std::time::Duration;
+
+use bytes::{BufMut, BytesMut};
+use tokio::io::AsyncWriteExt;
+use tokio::net::TcpStream;
+
+use crate::wire;
+
+/// Ask the server at `addr` to cancel what backend `key` is running. Bounded
+/// in time; a failure is logged, never waited for.
+pub async fn send(addr: String, key: (i32, i32)) -> bool {
+    let mut packet = BytesMut::with_capacity(16);
+    packet.put_i32(16);
+    packet.put_i32(wire::CANCEL_REQUEST);
+    packet.put_i32(key.0);
+    packet.put_i32(key.1);
+    let sent = tokio::time::timeout(Duration::from_secs(5), async {
+        let mut s = TcpStream::connect(&addr).await?;
+        s.write_all(&packet).await?;
+        s.shutdown().await
+    })
+    .await;
+    let ok = matches!(sent, Ok(Ok(())));
+    if !ok {
+        tracing::warn!(%addr, "could not send a cancel request");
+    }
+    ok
+}
