@@ -62,11 +62,7 @@ impl Server {
         let addr = listener.local_addr()?;
         let mut tasks = vec![cluster.spawn_health()];
         let s = shared.clone();
-        tasks.push(tokio::spawn(async move {
-            if let Err(e) = proxy::serve(listener, s).await {
-                tracing::error!(error = %e, "listener failed");
-            }
-        }));
+        tasks.push(tokio::spawn(proxy::serve(listener, s)));
         let admin_addr = match config.admin_listen {
             Some(a) => {
                 let l = TcpListener::bind(a)
@@ -92,6 +88,59 @@ impl Server {
             _watcher: watcher,
             tasks,
         })
+    }
+
+    /// Stop accepting clients and let each finish its transaction: a session
+    /// ends (with PostgreSQL's 57P01 admin-shutdown error) as soon as it is
+    /// between transactions. Returns whether every session ended within
+    /// `drain`; the caller then exits, which closes whatever is left.
+    pub async fn shutdown(&self, drain: std::time::Duration) -> bool {
+        self.shared.shutdown.send_replace(true);
+        let metrics = &self.shared.metrics;
+        let active = || {
+            metrics
+                .sessions_active
+                .load(std::sync::atomic::Ordering::Relaxed)
+        };
+        let deadline = tokio::time::Instant::now() + drain;
+        while active() > 0 && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+        let left = active();
+        if left > 0 {
+            tracing::warn!(
+                sessions = left,
+                "drain timeout: closing the remaining sessions"
+            );
+        }
+        left == 0
+    }
+
+    /// Run until SIGTERM or SIGINT, then shut down gracefully within the
+    /// configured drain time; a second signal exits at once.
+    pub async fn run_until_signalled(&self) -> Result<()> {
+        use tokio::signal::unix::{signal, SignalKind};
+        let mut term = signal(SignalKind::terminate())?;
+        let mut int = signal(SignalKind::interrupt())?;
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = int.recv() => {}
+        }
+        let drain = std::time::Duration::from_secs(self.shared.config.clients.shutdown_drain_s);
+        tracing::info!(
+            drain_s = drain.as_secs(),
+            "shutting down: no new clients; open transactions may finish"
+        );
+        tokio::select! {
+            done = self.shutdown(drain) => {
+                if done {
+                    tracing::info!("every client finished; exiting");
+                }
+            }
+            _ = term.recv() => tracing::warn!("second signal: exiting now"),
+            _ = int.recv() => tracing::warn!("second signal: exiting now"),
+        }
+        Ok(())
     }
 
     /// Reload the policy on SIGHUP until the process ends.

@@ -250,6 +250,8 @@ pub mod raw {
 
     pub struct Raw {
         pub stream: TcpStream,
+        /// What the server sent during login (ParameterStatus, BackendKeyData ...).
+        pub login: Vec<Msg>,
     }
 
     /// One backend message: type byte and body.
@@ -390,13 +392,17 @@ pub mod raw {
             let stream = TcpStream::connect(("127.0.0.1", port))
                 .await
                 .unwrap_or_else(|e| panic!("connect to {port}: {e}"));
-            let mut raw = Raw { stream };
+            let mut raw = Raw {
+                stream,
+                login: Vec::new(),
+            };
             raw.send(&startup(user, database)).await;
             let msgs = raw.until_ready().await;
             assert!(
                 msgs.iter().all(|(t, _)| *t != b'E'),
                 "login failed: {msgs:?}"
             );
+            raw.login = msgs;
             raw
         }
 
@@ -454,6 +460,18 @@ pub mod raw {
             let mut buf = vec![0u8; n];
             let _ = tokio::time::timeout(Duration::from_secs(10), self.stream.read_exact(&mut buf))
                 .await;
+        }
+
+        /// Send a StartupMessage on a fresh connection and return the first
+        /// answer (an ErrorResponse when signalbox refuses the client).
+        pub async fn first_answer(port: u16) -> Option<Msg> {
+            let stream = TcpStream::connect(("127.0.0.1", port)).await.ok()?;
+            let mut raw = Raw {
+                stream,
+                login: Vec::new(),
+            };
+            raw.send(&startup("postgres", "postgres")).await;
+            raw.try_next().await
         }
 
         /// Vanish: close with a TCP reset (SO_LINGER 0), as a killed client does.

@@ -24,8 +24,7 @@ pub fn serve(path: &Path) -> Result<ExitCode> {
         let mut server = Server::start(config).await?;
         server.reload_on_sighup()?;
         println!("signalbox listening on {}", server.addr);
-        tokio::signal::ctrl_c().await?;
-        tracing::info!("shutting down");
+        server.run_until_signalled().await?;
         Ok(ExitCode::SUCCESS)
     })
 }
@@ -92,7 +91,7 @@ pub fn demo(port: u16, admin_port: u16, workers: Option<usize>) -> Result<ExitCo
             "  admin:    curl 127.0.0.1:{admin_port}/status   curl 127.0.0.1:{admin_port}/metrics"
         );
         println!("Ctrl-C stops everything and removes the cluster.");
-        tokio::signal::ctrl_c().await?;
+        server.run_until_signalled().await?;
         Ok::<_, anyhow::Error>(())
     })?;
     drop(cluster);

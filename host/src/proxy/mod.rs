@@ -36,6 +36,11 @@ pub struct Shared {
     pub server_params: Mutex<HashMap<(String, String), ServerParams>>,
     /// TLS for clients, and whether it is required.
     pub tls: Option<(crate::tls::TlsAcceptor, bool)>,
+    /// Set once when signalbox begins to shut down: no new clients, and
+    /// sessions end at their next moment outside a transaction.
+    pub shutdown: tokio::sync::watch::Sender<bool>,
+    /// Connected clients (past the TCP accept), for `max_connections`.
+    clients: AtomicU64,
     next_session: AtomicU64,
 }
 
@@ -56,6 +61,8 @@ impl Shared {
             cancel: CancelMap::default(),
             metrics: Metrics::new(nodes),
             server_params: Mutex::default(),
+            shutdown: tokio::sync::watch::channel(false).0,
+            clients: AtomicU64::new(0),
             next_session: AtomicU64::new(1),
         })
     }
@@ -110,6 +117,10 @@ pub struct Metrics {
     pub cancels: AtomicU64,
     pub protocol_errors: AtomicU64,
     pub exchange_us_total: AtomicU64,
+    /// accept() failures (e.g. out of file descriptors); the loop goes on.
+    pub accept_errors: AtomicU64,
+    /// Clients turned away by `[clients] max_connections`.
+    pub refused_connections: AtomicU64,
 }
 
 impl Metrics {
@@ -123,6 +134,8 @@ impl Metrics {
             cancels: AtomicU64::new(0),
             protocol_errors: AtomicU64::new(0),
             exchange_us_total: AtomicU64::new(0),
+            accept_errors: AtomicU64::new(0),
+            refused_connections: AtomicU64::new(0),
         }
     }
 
@@ -145,49 +158,121 @@ impl Metrics {
     }
 }
 
-/// Accept clients until the listener fails.
-pub async fn serve(listener: TcpListener, shared: Arc<Shared>) -> std::io::Result<()> {
+/// Accept clients until shutdown begins. An accept error (out of file
+/// descriptors, a connection reset before accept) is logged and counted, and
+/// the loop backs off and goes on: it never ends by itself.
+pub async fn serve(listener: TcpListener, shared: Arc<Shared>) {
+    let mut shutdown = shared.shutdown.subscribe();
+    let mut backoff = Duration::from_millis(5);
     loop {
-        let (stream, _) = listener.accept().await?;
-        let _ = stream.set_nodelay(true);
-        let shared = shared.clone();
-        tokio::spawn(async move {
-            if let Err(e) = handle(stream, shared).await {
-                tracing::debug!(error = %e, "connection ended during startup");
+        let accepted = tokio::select! {
+            a = listener.accept() => a,
+            _ = shutdown.wait_for(|stop| *stop) => return,
+        };
+        match accepted {
+            Ok((stream, _)) => {
+                backoff = Duration::from_millis(5);
+                let _ = stream.set_nodelay(true);
+                let shared = shared.clone();
+                tokio::spawn(async move {
+                    if let Err(e) = handle(stream, shared).await {
+                        tracing::debug!(error = %e, "connection ended during startup");
+                    }
+                });
             }
-        });
+            Err(e) => {
+                shared.metrics.accept_errors.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(error = %e, retry_in_ms = backoff.as_millis() as u64, "cannot accept a client connection");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(1));
+            }
+        }
     }
 }
 
+/// Counts a connected client for as long as it lives.
+struct ClientSlot<'a>(&'a AtomicU64);
+
+impl Drop for ClientSlot<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// A cancel key no PostgreSQL backend can have: the process id lies above
+/// Linux's largest possible pid (2^22), so `pg_terminate_backend(pid)` by a
+/// client can never hit an unrelated server process; both halves come from
+/// the operating system's CSPRNG.
+fn cancel_key() -> (i32, i32) {
+    const PID_MAX_LIMIT: u32 = 1 << 22;
+    let mut bytes = [0u8; 8];
+    if getrandom::getrandom(&mut bytes).is_err() {
+        // No OS randomness: still unguessable enough to not collide, and
+        // still outside the pid range.
+        bytes = fastrand::u64(..).to_be_bytes();
+    }
+    let r = u32::from_be_bytes([bytes[0], bytes[1], bytes[2], bytes[3]]);
+    let pid = PID_MAX_LIMIT + 1 + r % (i32::MAX as u32 - PID_MAX_LIMIT);
+    let secret = i32::from_be_bytes([bytes[4], bytes[5], bytes[6], bytes[7]]);
+    (pid as i32, secret)
+}
+
 async fn handle(tcp: TcpStream, shared: Arc<Shared>) -> Result<(), WireError> {
+    shared.clients.fetch_add(1, Ordering::Relaxed);
+    let _slot = ClientSlot(&shared.clients);
     let peer = tcp
         .peer_addr()
         .map(|a| a.ip().to_string())
         .unwrap_or_default();
     let mut stream: BoxStream = Box::new(tcp);
+    let limits = &shared.config.clients;
+    let login_deadline =
+        tokio::time::Instant::now() + Duration::from_secs(limits.login_timeout_s.max(1));
     // Startup negotiation, bounded in time: a silent client cannot hold us.
-    let params = match tokio::time::timeout(
-        Duration::from_secs(10),
-        negotiate(&mut stream, &shared),
-    )
-    .await
-    {
-        Ok(Ok(Some(p))) => p,
-        Ok(Ok(None)) => return Ok(()),
-        Ok(Err(e)) => {
-            shared
-                .metrics
-                .protocol_errors
-                .fetch_add(1, Ordering::Relaxed);
-            let mut out = BytesMut::new();
-            wire::error_response(&mut out, "FATAL", "08P01", &format!("{e}"));
-            let _ = stream.write_all(&out).await;
-            return Err(e);
-        }
-        Err(_) => return Ok(()),
-    };
+    let params =
+        match tokio::time::timeout_at(login_deadline, negotiate(&mut stream, &shared)).await {
+            Ok(Ok(Some(p))) => p,
+            Ok(Ok(None)) => return Ok(()),
+            Ok(Err(e)) => {
+                shared
+                    .metrics
+                    .protocol_errors
+                    .fetch_add(1, Ordering::Relaxed);
+                let mut out = BytesMut::new();
+                wire::error_response(&mut out, "FATAL", "08P01", &format!("{e}"));
+                let _ = stream.write_all(&out).await;
+                return Err(e);
+            }
+            Err(_) => return Ok(()),
+        };
+    if shared.clients.load(Ordering::Relaxed) > limits.max_connections as u64 {
+        shared
+            .metrics
+            .refused_connections
+            .fetch_add(1, Ordering::Relaxed);
+        let mut out = BytesMut::new();
+        wire::error_response(
+            &mut out,
+            "FATAL",
+            "53300",
+            "sorry, too many clients already",
+        );
+        let _ = stream.write_all(&out).await;
+        return Ok(());
+    }
+    if *shared.shutdown.borrow() {
+        let mut out = BytesMut::new();
+        wire::error_response(
+            &mut out,
+            "FATAL",
+            "57P03",
+            "the database system is shutting down",
+        );
+        let _ = stream.write_all(&out).await;
+        return Ok(());
+    }
     let id = shared.next_session.fetch_add(1, Ordering::Relaxed);
-    let key = ((id & 0x7fff_ffff) as i32, fastrand::i32(..));
+    let key = cancel_key();
     shared
         .metrics
         .sessions_total
@@ -196,7 +281,16 @@ async fn handle(tcp: TcpStream, shared: Arc<Shared>) -> Result<(), WireError> {
         .metrics
         .sessions_active
         .fetch_add(1, Ordering::Relaxed);
-    session::Session::run(shared.clone(), stream, peer, params, key, id).await;
+    session::Session::run(
+        shared.clone(),
+        stream,
+        peer,
+        params,
+        key,
+        id,
+        login_deadline,
+    )
+    .await;
     shared
         .metrics
         .sessions_active

@@ -209,6 +209,7 @@ impl Session {
         params: Vec<(String, String)>,
         key: (i32, i32),
         id: u64,
+        login_deadline: tokio::time::Instant,
     ) {
         let (read, write) = tokio::io::split(stream);
         let client = ClientIo {
@@ -255,7 +256,7 @@ impl Session {
             shared,
         };
         s.refresh_route_session();
-        if let Err(e) = s.serve().await {
+        if let Err(e) = s.serve(login_deadline).await {
             tracing::debug!(session = s.id, error = %e, "session ended");
         }
         s.shared.cancel.forget(s.key);
@@ -294,10 +295,33 @@ impl Session {
         });
     }
 
-    async fn serve(&mut self) -> Result<(), SessionError> {
-        self.startup().await?;
+    async fn serve(&mut self, login_deadline: tokio::time::Instant) -> Result<(), SessionError> {
+        match tokio::time::timeout_at(login_deadline, self.startup()).await {
+            Ok(r) => r?,
+            Err(_) => {
+                self.fatal("08P01", "canceling authentication due to timeout")
+                    .await;
+                return Ok(());
+            }
+        }
+        let mut shutdown = self.shared.shutdown.subscribe();
         loop {
-            let frame = match self.client.next().await {
+            // Between transactions, a shutdown ends the session the way
+            // PostgreSQL's own shutdown does; inside one, it waits.
+            let idle = self.tx == TxState::Idle && self.batch.is_empty();
+            let next = tokio::select! {
+                f = self.client.next() => Some(f),
+                _ = shutdown.wait_for(|stop| *stop), if idle => None,
+            };
+            let Some(next) = next else {
+                self.fatal(
+                    "57P01",
+                    "terminating connection due to administrator command",
+                )
+                .await;
+                return Ok(());
+            };
+            let frame = match next {
                 Ok(f) => f,
                 Err(WireError::Closed) => return Ok(()),
                 Err(e @ WireError::Protocol(_)) => {

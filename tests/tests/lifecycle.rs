@@ -1,0 +1,120 @@
+//! signalbox's own lifecycle against a real cluster: the client connection
+//! limit, cancel keys that cannot name a real backend, and a graceful
+//! shutdown that lets every open transaction finish.
+
+use std::time::Duration;
+
+use signalbox_tests::raw::{sqlstate, Raw};
+use signalbox_tests::service::{database, port_of, start};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_connection_limit_answers_53300_and_frees_up() {
+    let server = start("[clients]\nmax_connections = 3\n").await;
+    let port = server.addr.port();
+    let mut held = Vec::new();
+    for _ in 0..3 {
+        held.push(Raw::connect(port, "postgres", "postgres").await);
+    }
+    let (tag, body) = Raw::first_answer(port).await.expect("an answer");
+    assert_eq!((tag, sqlstate(&body).as_str()), (b'E', "53300"));
+    drop(held);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let mut again = Raw::connect(port, "postgres", "postgres").await;
+    let msgs = again.simple("SELECT 1").await;
+    assert_eq!(msgs.last().unwrap().0, b'Z');
+    let refused = server
+        .shared
+        .metrics
+        .refused_connections
+        .load(std::sync::atomic::Ordering::Relaxed);
+    assert_eq!(refused, 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cancel_keys_never_name_a_real_backend() {
+    let server = start("").await;
+    let port = server.addr.port();
+    let mut pids = std::collections::HashSet::new();
+    for _ in 0..20 {
+        let raw = Raw::connect(port, "postgres", "postgres").await;
+        let (_, key) = raw
+            .login
+            .iter()
+            .find(|(t, _)| *t == b'K')
+            .expect("BackendKeyData");
+        let pid = i32::from_be_bytes([key[0], key[1], key[2], key[3]]);
+        assert!(
+            pid > 1 << 22,
+            "pid {pid} is in the range of real process ids"
+        );
+        pids.insert(pid);
+    }
+    assert!(pids.len() >= 19, "pids repeat: {pids:?}");
+}
+
+/// Shutdown while clients run transactions: none is cut in the middle; each
+/// client learns at a transaction boundary, with 57P01, that it must go.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_lets_open_transactions_finish() {
+    database("lifecycle_drain");
+    let server = start("[clients]\nshutdown_drain_s = 20\n").await;
+    let port = server.addr.port();
+    let setup = signalbox_tests::service::connect(port, "lifecycle_drain").await;
+    setup
+        .batch_execute("CREATE TABLE IF NOT EXISTS drained (client int, n int)")
+        .await
+        .unwrap();
+    let mut tasks = Vec::new();
+    for client in 0..4i32 {
+        tasks.push(tokio::spawn(async move {
+            let c = signalbox_tests::service::connect(port, "lifecycle_drain").await;
+            let (mut committed, mut cut) = (0, 0);
+            for n in 0..10_000i32 {
+                if c.batch_execute("BEGIN").await.is_err() {
+                    break; // told to go between transactions
+                }
+                let body = async {
+                    c.execute("INSERT INTO drained VALUES ($1, $2)", &[&client, &n])
+                        .await?;
+                    c.batch_execute("SELECT pg_sleep(0.02)").await?;
+                    c.batch_execute("COMMIT").await
+                };
+                match body.await {
+                    Ok(()) => committed += 1,
+                    Err(_) => {
+                        cut += 1;
+                        break;
+                    }
+                }
+            }
+            (committed, cut)
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert!(
+        server.shutdown(Duration::from_secs(20)).await,
+        "not drained"
+    );
+    let mut total = 0;
+    for t in tasks {
+        let (committed, cut) = t.await.unwrap();
+        assert_eq!(cut, 0, "a transaction was cut by the shutdown");
+        total += committed;
+    }
+    assert!(total > 0);
+    // Every transaction a client saw commit is there.
+    let direct = signalbox_tests::service::connect(port_of("primary"), "lifecycle_drain").await;
+    let rows: i64 = direct
+        .query_one("SELECT count(*) FROM drained", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(rows, total as i64);
+    // New clients are refused once shutdown began.
+    assert!(
+        tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .is_err()
+            || Raw::first_answer(port).await.is_none_or(|(t, _)| t == b'E')
+    );
+}
