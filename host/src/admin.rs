@@ -140,6 +140,18 @@ async fn metrics(State(s): State<AppState>) -> Response {
         one(m.cancels.load(Ordering::Relaxed)),
     );
     metric(
+        "signalbox_accept_errors_total",
+        "counter",
+        "Failed accepts of client connections (e.g. out of file descriptors); accepting goes on.",
+        one(m.accept_errors.load(Ordering::Relaxed)),
+    );
+    metric(
+        "signalbox_refused_connections_total",
+        "counter",
+        "Clients refused by [clients] max_connections (53300).",
+        one(m.refused_connections.load(Ordering::Relaxed)),
+    );
+    metric(
         "signalbox_protocol_errors_total",
         "counter",
         "Connections closed for protocol violations at startup.",

@@ -52,9 +52,6 @@ pub struct ClientsConfig {
     pub message_timeout_s: u64,
     /// Largest single message a client may send.
     pub max_message_mb: usize,
-    /// All clients' partly received messages together; a message that does
-    /// not fit waits for room (bounded by `message_timeout_s`).
-    pub buffer_budget_mb: usize,
     /// On SIGTERM/SIGINT, how long clients may finish their transaction.
     pub shutdown_drain_s: u64,
 }
@@ -66,7 +63,6 @@ impl Default for ClientsConfig {
             login_timeout_s: 60,
             message_timeout_s: 60,
             max_message_mb: 64,
-            buffer_budget_mb: 512,
             shutdown_drain_s: 30,
         }
     }

@@ -6,10 +6,6 @@
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 use tokio::io::{AsyncRead, AsyncReadExt};
 
-/// Largest message accepted from a client (PostgreSQL's own limit is 1 GB;
-/// a proxy should be stricter to bound memory per connection).
-pub const MAX_CLIENT_MESSAGE: usize = 64 << 20;
-
 pub const PROTOCOL_V3: i32 = 196_608;
 pub const SSL_REQUEST: i32 = 80_877_103;
 pub const GSSENC_REQUEST: i32 = 80_877_104;

@@ -971,8 +971,43 @@ mod tests {
         assert_eq!(classify("RESET ALL").effects, vec![SessionEffect::ResetAll]);
         assert_eq!(
             classify("DISCARD ALL").effects,
-            vec![SessionEffect::ResetAll]
+            vec![SessionEffect::DiscardAll]
         );
+        assert!(classify("DISCARD PLANS").effects.is_empty());
+        assert_eq!(
+            classify("DEALLOCATE ALL").effects,
+            vec![SessionEffect::Deallocate(None)]
+        );
+        assert_eq!(
+            classify("DEALLOCATE s1").effects,
+            vec![SessionEffect::Deallocate(Some("s1".into()))]
+        );
+        // set_config is a SET when its arguments are constants ...
+        assert_eq!(
+            classify("SELECT set_config('Statement_Timeout', '1', false)").effects,
+            vec![SessionEffect::Set {
+                name: "statement_timeout".into(),
+                sql: "SELECT pg_catalog.set_config('statement_timeout', '1', false)".into()
+            }]
+        );
+        assert!(classify("SELECT set_config('work_mem', '7MB', true)")
+            .effects
+            .is_empty());
+        // ... and pins the session when they are computed.
+        assert!(matches!(
+            classify("SELECT set_config('role', $1, false)").effects[..],
+            [SessionEffect::Pin(_)]
+        ));
+        assert!(matches!(
+            classify("SELECT pg_advisory_lock(1)").effects[..],
+            [SessionEffect::Pin(_)]
+        ));
+        // Calls whose effects on the session cannot be seen.
+        assert!(classify("SELECT my_function()").touches_session);
+        assert!(classify("CALL my_procedure()").touches_session);
+        assert!(classify("DO $$ BEGIN PERFORM 1; END $$").touches_session);
+        assert!(!classify("SELECT nextval('s'), now()").touches_session);
+        assert!(!classify("INSERT INTO t VALUES (1)").touches_session);
         assert_eq!(
             classify("RESET search_path").effects,
             vec![SessionEffect::Reset {
