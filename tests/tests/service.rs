@@ -576,7 +576,7 @@ async fn admin_api_reports_nodes_policy_and_metrics() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_node_that_goes_down_is_named_in_an_error_not_a_hang() {
+async fn a_read_whose_node_went_down_is_retried_elsewhere_not_a_hang() {
     // A cluster of its own: this test kills a replica.
     let cluster = tokio::task::block_in_place(|| signalbox::local::LocalCluster::start(1)).unwrap();
     let mut text = String::from(
@@ -590,16 +590,13 @@ async fn a_node_that_goes_down_is_named_in_an_error_not_a_hang() {
     // Kill the replica; the (hour-long) health interval has not noticed yet.
     tokio::task::block_in_place(|| cluster.kill(&cluster.replicas[0])).unwrap();
     server.shared.cluster.pools.drop_idle(|_, _| true);
+    // The replica refuses the connection before anything was sent: the read
+    // runs on the next eligible node (here the primary) instead of failing.
     let started = std::time::Instant::now();
-    let err = c
-        .simple_query("SELECT inet_server_port()")
-        .await
-        .unwrap_err();
-    let db = err
-        .as_db_error()
-        .expect("an ErrorResponse, not a dropped connection");
-    assert!(db.message().contains("replica-1"), "{}", db.message());
-    assert_eq!(db.code().code(), "08006");
+    assert_eq!(
+        port(&c, "SELECT inet_server_port()").await,
+        cluster.primary.port
+    );
     assert!(started.elapsed() < Duration::from_secs(5));
     // The session and the primary still work; once probed, reads avoid the dead node.
     assert_eq!(
