@@ -80,23 +80,6 @@ pub fn frames(bytes: &[u8]) -> impl Iterator<Item = (u8, &[u8])> {
     })
 }
 
-/// Read one message, using `buf` for leftovers between calls.
-pub async fn read_frame<R: AsyncRead + Unpin>(
-    r: &mut R,
-    buf: &mut BytesMut,
-    max: usize,
-) -> Result<Frame, WireError> {
-    loop {
-        if let Some(f) = take_frame(buf, max)? {
-            return Ok(f);
-        }
-        buf.reserve(4096);
-        if r.read_buf(buf).await? == 0 {
-            return Err(WireError::Closed);
-        }
-    }
-}
-
 /// Read the untyped startup-phase packet (length + body).
 pub async fn read_startup<R: AsyncRead + Unpin>(r: &mut R) -> Result<Bytes, WireError> {
     let len = match r.read_i32().await {
@@ -311,27 +294,37 @@ pub fn bind_renamed(out: &mut BytesMut, body: &[u8], statement: &str) -> Result<
 mod tests {
     use super::*;
 
-    #[tokio::test]
-    async fn frames_roundtrip_and_bounds() {
+    #[test]
+    fn frames_roundtrip_and_bounds() {
         let mut out = BytesMut::new();
         query(&mut out, "SELECT 1");
         ready_for_query(&mut out, b'I');
-        let mut src = &out[..];
+        let seen: Vec<(u8, Vec<u8>)> = frames(&out).map(|(t, b)| (t, b.to_vec())).collect();
+        assert_eq!(
+            seen,
+            [(b'Q', b"SELECT 1\0".to_vec()), (b'Z', b"I".to_vec())]
+        );
+        // Byte by byte: nothing until a message is whole.
         let mut buf = BytesMut::new();
-        let f = read_frame(&mut src, &mut buf, 1024).await.unwrap();
-        assert_eq!((f.tag, &f.body[..]), (b'Q', &b"SELECT 1\0"[..]));
-        let f = read_frame(&mut src, &mut buf, 1024).await.unwrap();
-        assert_eq!((f.tag, &f.body[..]), (b'Z', &b"I"[..]));
+        let mut got = Vec::new();
+        for b in out.iter() {
+            buf.extend_from_slice(&[*b]);
+            if let Some(f) = take_frame(&mut buf, 1024).unwrap() {
+                got.push((f.tag, f.body.to_vec()));
+            }
+        }
+        assert_eq!(got, seen);
+        assert!(buf.is_empty());
+        let mut big = BytesMut::from(&[b'Q', 0x7f, 0, 0, 0][..]);
         assert!(matches!(
-            read_frame(&mut src, &mut buf, 1024).await,
-            Err(WireError::Closed)
+            take_frame(&mut big, 1024),
+            Err(WireError::Protocol(_))
         ));
-        let big = [b'Q', 0x7f, 0, 0, 0];
-        let mut src = &big[..];
-        let e = read_frame(&mut src, &mut BytesMut::new(), 1024)
-            .await
-            .unwrap_err();
-        assert!(matches!(e, WireError::Protocol(_)));
+        let mut short = BytesMut::from(&[b'Q', 0, 0, 0, 3][..]);
+        assert!(matches!(
+            take_frame(&mut short, 1024),
+            Err(WireError::Protocol(_))
+        ));
     }
 
     #[test]

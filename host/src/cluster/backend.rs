@@ -229,10 +229,8 @@ impl BackendConn {
                 backend::Message::BackendKeyData(body) => {
                     self.key = (body.process_id(), body.secret_key());
                 }
-                backend::Message::ReadyForQuery(_) => {
-                    self.quiet = true;
-                    return Ok(());
-                }
+                // `next` has recorded it: the connection is now idle.
+                backend::Message::ReadyForQuery(_) => return Ok(()),
                 backend::Message::ErrorResponse(_) => {
                     let (code, message) = wire::error_fields(&frame.body);
                     return Err(BackendError::Server {

@@ -238,9 +238,7 @@ async fn handle(tcp: TcpStream, shared: Arc<Shared>) -> Result<(), WireError> {
                     .metrics
                     .protocol_errors
                     .fetch_add(1, Ordering::Relaxed);
-                let mut out = BytesMut::new();
-                wire::error_response(&mut out, "FATAL", "08P01", &format!("{e}"));
-                let _ = stream.write_all(&out).await;
+                refuse(&mut stream, "08P01", &e.to_string()).await;
                 return Err(e);
             }
             Err(_) => return Ok(()),
@@ -250,25 +248,11 @@ async fn handle(tcp: TcpStream, shared: Arc<Shared>) -> Result<(), WireError> {
             .metrics
             .refused_connections
             .fetch_add(1, Ordering::Relaxed);
-        let mut out = BytesMut::new();
-        wire::error_response(
-            &mut out,
-            "FATAL",
-            "53300",
-            "sorry, too many clients already",
-        );
-        let _ = stream.write_all(&out).await;
+        refuse(&mut stream, "53300", "sorry, too many clients already").await;
         return Ok(());
     }
     if *shared.shutdown.borrow() {
-        let mut out = BytesMut::new();
-        wire::error_response(
-            &mut out,
-            "FATAL",
-            "57P03",
-            "the database system is shutting down",
-        );
-        let _ = stream.write_all(&out).await;
+        refuse(&mut stream, "57P03", "the database system is shutting down").await;
         return Ok(());
     }
     let id = shared.next_session.fetch_add(1, Ordering::Relaxed);
@@ -296,6 +280,14 @@ async fn handle(tcp: TcpStream, shared: Arc<Shared>) -> Result<(), WireError> {
         .sessions_active
         .fetch_sub(1, Ordering::Relaxed);
     Ok(())
+}
+
+/// Turn a client away after its startup packet, as PostgreSQL does: one
+/// FATAL, then the connection closes.
+async fn refuse(stream: &mut BoxStream, code: &str, message: &str) {
+    let mut out = BytesMut::new();
+    wire::error_response(&mut out, "FATAL", code, message);
+    let _ = stream.write_all(&out).await;
 }
 
 /// Read startup packets until a StartupMessage; `None` for a cancel request.

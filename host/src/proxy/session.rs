@@ -21,11 +21,21 @@ use crate::sql::classify::{Classified, SessionEffect};
 use crate::wire::{self, Fields, Frame, WireError};
 
 /// A batch rewritten for one connection.
-struct Translated {
+struct Translated<'a> {
     bytes: BytesMut,
     plan: VecDeque<Step>,
     /// Server statement names prepared by each Parse slot.
     slots: Vec<Option<String>>,
+    /// Sent as is instead of `bytes` (a simple Query needs no rewriting).
+    raw: Option<&'a [u8]>,
+}
+
+/// What a routed exchange sends: a simple Query as the client sent it, or
+/// extended-protocol messages to rewrite for the connection.
+#[derive(Clone, Copy)]
+enum Work<'a> {
+    Query(&'a [u8]),
+    Batch(&'a [Frame]),
 }
 
 /// A statement the client prepared (extended protocol).
@@ -715,17 +725,59 @@ impl Session {
         }
         let sql: Arc<str> = Arc::from(sql);
         let bytes = frame_bytes(&frame);
+        self.run_routed(&class, &sql, Work::Query(&bytes)).await
+    }
+
+    /// Route `class`, hold a connection, send `work` and relay the answers.
+    /// A read outside a transaction whose connection fails before any byte
+    /// reached the client is tried once more (a fresh connection, or another
+    /// node); anything else that loses its connection is reported.
+    async fn run_routed(
+        &mut self,
+        class: &Classified,
+        sql: &Arc<str>,
+        work: Work<'_>,
+    ) -> Result<(), SessionError> {
         for attempt in 0..2 {
             let retriable = attempt == 0 && self.lease.is_none() && self.tx == TxState::Idle;
-            if !self.acquire(&class, &sql).await? {
+            if !self.acquire(class, sql).await? {
+                // The error went out; the rest of the work is dropped.
                 return Ok(());
             }
-            let read_only = self.lease_is_read_only(&class);
+            let read_only = self.lease_is_read_only(class);
+            // A batch is rewritten for each connection it lands on.
+            let translated = match work {
+                Work::Query(bytes) => Translated {
+                    bytes: BytesMut::new(),
+                    plan: VecDeque::from([Step::Query]),
+                    slots: Vec::new(),
+                    raw: Some(bytes),
+                },
+                Work::Batch(frames) => match self.translate(frames) {
+                    Ok(t) => t,
+                    Err(e) => {
+                        self.fatal("08P01", &e.to_string()).await;
+                        return Err(SessionError::Client(e));
+                    }
+                },
+            };
+            let Translated {
+                bytes,
+                mut plan,
+                slots,
+                raw,
+            } = translated;
             let mark = self.client.sent;
-            let mut plan = VecDeque::from([Step::Query]);
-            match self.exchange(&bytes, &mut plan).await? {
+            match self.exchange(raw.unwrap_or(&bytes), &mut plan).await? {
                 Ok(outcome) => {
-                    self.after_exchange(&class, &outcome);
+                    if let Some(lease) = self.lease.as_mut() {
+                        for slot in &outcome.failed_parses {
+                            if let Some(Some(name)) = slots.get(*slot as usize) {
+                                lease.conn().prepared.remove(name);
+                            }
+                        }
+                    }
+                    self.after_exchange(class, &outcome);
                     self.finish(&outcome, class.effects.clone(), class.begins_read_only);
                     return Ok(());
                 }
@@ -755,17 +807,13 @@ impl Session {
         }
         for e in &class.effects {
             match e {
-                // The server dropped every statement, ours included.
-                SessionEffect::Deallocate(None) => {
+                // The server dropped every statement, ours included (and
+                // DISCARD ALL its settings too).
+                SessionEffect::Deallocate(None) | SessionEffect::DiscardAll => {
                     conn.prepared.clear();
-                    if !outcome.error {
-                        self.statements.clear();
-                        self.unnamed = None;
+                    if matches!(e, SessionEffect::DiscardAll) {
+                        conn.state_key = 0;
                     }
-                }
-                SessionEffect::DiscardAll => {
-                    conn.prepared.clear();
-                    conn.state_key = 0;
                     if !outcome.error {
                         self.statements.clear();
                         self.unnamed = None;
@@ -924,51 +972,12 @@ impl Session {
         let mut merged = merge(&classes);
         merged.effects = effects;
         let sql = first_sql.unwrap_or_else(|| Arc::from(""));
-        for attempt in 0..2 {
-            let retriable = attempt == 0 && self.lease.is_none() && self.tx == TxState::Idle;
-            if !self.acquire(&merged, &sql).await? {
-                // The error went out; discard the rest of the batch.
-                return Ok(());
-            }
-            let read_only = self.lease_is_read_only(&merged);
-            let Translated {
-                bytes,
-                mut plan,
-                slots,
-            } = match self.translate(&batch) {
-                Ok(x) => x,
-                Err(e) => {
-                    self.fatal("08P01", &e.to_string()).await;
-                    return Err(SessionError::Client(e));
-                }
-            };
-            let mark = self.client.sent;
-            match self.exchange(&bytes, &mut plan).await? {
-                Ok(outcome) => {
-                    if let Some(lease) = self.lease.as_mut() {
-                        for slot in &outcome.failed_parses {
-                            if let Some(Some(name)) = slots.get(*slot as usize) {
-                                lease.conn().prepared.remove(name);
-                            }
-                        }
-                    }
-                    self.after_exchange(&merged, &outcome);
-                    let effects = std::mem::take(&mut merged.effects);
-                    self.finish(&outcome, effects, merged.begins_read_only);
-                    return Ok(());
-                }
-                Err(e) if retriable && read_only && !self.client.progressed_since(mark) => {
-                    tracing::debug!(error = %e, "read retried on a fresh connection");
-                }
-                Err(e) => return self.lost_backend(e).await,
-            }
-        }
-        Ok(())
+        self.run_routed(&merged, &sql, Work::Batch(&batch)).await
     }
 
     /// Rewrite a batch for the leased connection: map statement names,
     /// re-prepare what the connection lacks, answer what it already has.
-    fn translate(&mut self, batch: &[Frame]) -> Result<Translated, WireError> {
+    fn translate(&mut self, batch: &[Frame]) -> Result<Translated<'static>, WireError> {
         let mut out = BytesMut::new();
         let mut plan = VecDeque::new();
         // Server names this batch prepares, by Parse slot.
@@ -1073,6 +1082,7 @@ impl Session {
             bytes: out,
             plan,
             slots,
+            raw: None,
         })
     }
 }
