@@ -246,6 +246,22 @@ pub fn is_frontend_tag(tag: u8) -> bool {
     )
 }
 
+/// Whether an ErrorResponse body ends the connection (severity FATAL or
+/// PANIC): the server closes right after sending it.
+pub fn is_fatal(body: &[u8]) -> bool {
+    let mut f = Fields::new(body);
+    while let Ok(kind) = f.u8() {
+        if kind == 0 {
+            break;
+        }
+        let Ok(value) = f.cstr() else { break };
+        if kind == b'V' || kind == b'S' {
+            return value == "FATAL" || value == "PANIC";
+        }
+    }
+    false
+}
+
 /// Raw `Query` message.
 pub fn query(out: &mut BytesMut, sql: &str) {
     message(out, b'Q', |b| put_cstr(b, sql));

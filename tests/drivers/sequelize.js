@@ -32,13 +32,24 @@ async function main() {
     o.meta = { ...o.meta, carrier: 'dhl' };
     await o.save({ transaction: t });
   });
-  // Reads go to replicas, which may be a moment behind: wait (bounded).
+  // Reads go to replicas, which may be a moment behind — right after
+  // sync({ force: true }) a replica may not have the new table (42P01) or
+  // enum type yet: wait (bounded), and fail with the last error if it lasts.
   let rows = [];
+  let lastError = null;
   for (let i = 0; i < 100; i++) {
-    rows = await Order.findAll({ order: [['id', 'ASC']], raw: true });
+    try {
+      rows = await Order.findAll({ order: [['id', 'ASC']], raw: true });
+      lastError = null;
+    } catch (e) {
+      const code = e.parent && e.parent.code;
+      if (code !== '42P01' && code !== '42704') throw e;
+      lastError = e;
+    }
     if (rows.length === 3 && rows[1].status === 'shipped') break;
     await new Promise((r) => setTimeout(r, 50));
   }
+  if (lastError) throw lastError;
   const directRows = await DirectOrder.findAll({ order: [['id', 'ASC']], raw: true });
   const [where] = await sb.query('SELECT inet_server_port() AS port, pg_is_in_recovery() AS replica', { type: QueryTypes.SELECT });
   const raw = await sb.query('SELECT count(*)::int AS n FROM sequelize_orders WHERE status = :s', { replacements: { s: 'shipped' }, type: QueryTypes.SELECT });

@@ -38,7 +38,7 @@ async fn next_client_sees_only_its_own(port: u16, context: &str) {
 async fn client_vanishing_mid_result_leaves_nothing_for_the_next() {
     let server = start(POOL1).await;
     let port = server.addr.port();
-    for i in 0..100 {
+    for i in 0..200 {
         let mut a = Raw::connect(port, "postgres", "postgres").await;
         a.send(&raw::query(
             "SELECT repeat('x', 50) || g FROM generate_series(1, 300000) g",
@@ -54,7 +54,7 @@ async fn client_vanishing_mid_result_leaves_nothing_for_the_next() {
 async fn client_vanishing_mid_pipeline_leaves_nothing_for_the_next() {
     let server = start(POOL1).await;
     let port = server.addr.port();
-    for i in 0..50 {
+    for i in 0..200 {
         let mut a = Raw::connect(port, "postgres", "postgres").await;
         // Extended protocol ended by Flush: no Sync will ever come.
         let mut batch = raw::parse(
@@ -81,7 +81,7 @@ async fn client_vanishing_mid_copy_leaves_nothing_for_the_next() {
         .batch_execute("CREATE TABLE IF NOT EXISTS copied (x int)")
         .await
         .unwrap();
-    for i in 0..30 {
+    for i in 0..100 {
         let mut a = Raw::connect(port, "postgres", "integrity_copy").await;
         a.send(&raw::query("COPY copied FROM STDIN")).await;
         let (tag, _) = a.next().await;
@@ -116,7 +116,7 @@ async fn client_vanishing_inside_a_transaction_never_lends_it_out() {
         .await
         .unwrap();
     let direct = connect(port_of("primary"), "integrity_tx").await;
-    for i in 0..30 {
+    for i in 0..100 {
         let mut a = Raw::connect(port, "postgres", "integrity_tx").await;
         let msgs = a.simple("BEGIN; INSERT INTO txrows VALUES (-1)").await;
         assert_eq!(msgs.last().unwrap().1, b"T", "inside a transaction");
@@ -144,6 +144,47 @@ async fn client_vanishing_inside_a_transaction_never_lends_it_out() {
         .unwrap()
         .get(0);
     assert_eq!(leaked, 0, "a vanished client's transaction was committed");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_vanishing_while_the_server_works_frees_its_connection() {
+    let server = start(POOL1).await;
+    let port = server.addr.port();
+    for i in 0..3 {
+        let mut a = Raw::connect(port, "postgres", "postgres").await;
+        // Outside any transaction, on a replica; then on the primary, inside one.
+        let sql = if i < 2 {
+            "SELECT pg_sleep(60), 'vanishing-reader'"
+        } else {
+            "BEGIN; SELECT txid_current(), pg_sleep(60), 'vanishing-writer'"
+        };
+        a.send(&raw::query(sql)).await;
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        a.reset();
+        // The server stops the query at once, not after a minute ...
+        let c = cluster();
+        let stopped = tokio::task::block_in_place(|| {
+            signalbox_tests::wait_until(Duration::from_secs(5), || {
+                c.all_nodes().all(|n| {
+                    c.psql(
+                        n.port,
+                        "SELECT count(*) FROM pg_stat_activity WHERE query LIKE '%vanishing-%' \
+                         AND pid <> pg_backend_pid()",
+                    )
+                    .map(|v| v.trim() == "0")
+                    .unwrap_or(false)
+                })
+            })
+        });
+        assert!(stopped, "round {i}: the vanished client's query still runs");
+        // ... and the next client gets the (only) connection right away.
+        let started = std::time::Instant::now();
+        next_client_sees_only_its_own(port, &format!("round {i}")).await;
+        let mut w = Raw::connect(port, "postgres", "postgres").await;
+        let msgs = w.simple("SELECT txid_current() * 0 + 42, 'x'").await;
+        assert_eq!(msgs.last().unwrap().1, b"I", "round {i}: {msgs:?}");
+        assert!(started.elapsed() < Duration::from_secs(10));
+    }
 }
 
 /// Create a role on the primary and wait until the replicas have it.
@@ -419,5 +460,61 @@ async fn malformed_input_gets_postgres_answers_and_others_are_unaffected() {
         polite.await.unwrap(),
         0,
         "a well-behaved client saw failures"
+    );
+}
+
+/// A replica killed (`pg_ctl stop -m immediate`) under a read load that goes
+/// on after errors: reads in flight on it, and reads routed to it before the
+/// health check bans it, are retried elsewhere; none fails.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_killed_under_load_fails_no_read() {
+    // A cluster of its own: this test kills a replica.
+    let cluster = tokio::task::block_in_place(|| signalbox::local::LocalCluster::start(2)).unwrap();
+    let mut text = String::from("listen = \"127.0.0.1:0\"\n[pool]\nsize = 4\n");
+    text.push_str(&cluster.nodes_toml());
+    let config = signalbox::config::Config::parse(&text, std::path::Path::new("t.toml")).unwrap();
+    let server = signalbox::server::Server::start(config).await.unwrap();
+    let port = server.addr.port();
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut tasks = Vec::new();
+    for _ in 0..6 {
+        let stop = stop.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut c = connect(port, "postgres").await;
+            let (mut ok, mut failed) = (0u32, Vec::new());
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                match c.query_one("SELECT inet_server_port()", &[]).await {
+                    Ok(_) => ok += 1,
+                    Err(e) => {
+                        failed.push(e.to_string());
+                        if c.is_closed() {
+                            c = connect(port, "postgres").await;
+                        }
+                    }
+                }
+            }
+            (ok, failed)
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    tokio::task::block_in_place(|| cluster.kill(&cluster.replicas[0])).unwrap();
+    tokio::time::sleep(Duration::from_millis(4000)).await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let (mut ok, mut failed) = (0, Vec::new());
+    for t in tasks {
+        let (o, f) = t.await.unwrap();
+        ok += o;
+        failed.extend(f);
+    }
+    println!(
+        "replica killed under load: {ok} reads succeeded, {} failed",
+        failed.len()
+    );
+    assert!(ok > 100, "too little load to mean anything: {ok}");
+    assert!(
+        failed.is_empty(),
+        "{} reads failed: {:?}",
+        failed.len(),
+        &failed[..failed.len().min(5)]
     );
 }

@@ -56,6 +56,11 @@ pub enum RelayError {
     Backend(WireError),
     #[error("client: {0}")]
     Client(WireError),
+    /// The server sent a FATAL error (admin shutdown, terminated backend,
+    /// immediate stop) and is closing the connection; the frame was not
+    /// forwarded yet.
+    #[error("the server ended the connection")]
+    Terminated(Frame),
 }
 
 /// The client's socket halves and buffers.
@@ -150,6 +155,10 @@ pub async fn relay(
             return Ok(outcome);
         }
         while let Some(frame) = conn.take_frame().map_err(RelayError::Backend)? {
+            if frame.tag == b'E' && wire::is_fatal(&frame.body) {
+                conn.mark_broken();
+                return Err(RelayError::Terminated(frame));
+            }
             emit_synthetic(plan, &mut client.out);
             let copy_in = handle(&frame, plan, &mut outcome, &mut client.out);
             if copy_in {
@@ -165,7 +174,30 @@ pub async fn relay(
             }
         }
         client.flush().await.map_err(RelayError::Client)?;
-        conn.fill().await.map_err(RelayError::Backend)?;
+        wait_server(conn, client).await?;
+    }
+}
+
+/// Wait for more from the server while watching the client: a client that
+/// goes away meanwhile ends the exchange at once (its lease then cancels the
+/// query and closes the connection) instead of holding a server connection
+/// until the query is done. What the client sends meanwhile (pipelined
+/// messages) is kept for later, up to one maximum-size message.
+async fn wait_server(conn: &mut BackendConn, client: &mut ClientIo) -> Result<(), RelayError> {
+    use tokio::io::AsyncReadExt;
+    loop {
+        let watch = client.rbuf.len() < client.limits.max_message;
+        client.rbuf.reserve(if watch { 4096 } else { 0 });
+        tokio::select! {
+            // The server first: when it has data, the client costs nothing.
+            biased;
+            r = conn.fill() => return r.map_err(RelayError::Backend),
+            r = client.read.read_buf(&mut client.rbuf), if watch => match r {
+                Ok(0) => return Err(RelayError::Client(WireError::Closed)),
+                Ok(_) => {}
+                Err(e) => return Err(RelayError::Client(e.into())),
+            },
+        }
     }
 }
 

@@ -148,8 +148,18 @@ impl From<RelayError> for SessionError {
         match e {
             RelayError::Backend(w) => SessionError::Backend(w),
             RelayError::Client(w) => SessionError::Client(w),
+            RelayError::Terminated(_) => SessionError::Backend(WireError::Closed),
         }
     }
+}
+
+/// How an exchange lost its server connection.
+#[derive(Debug)]
+enum Lost {
+    /// The connection failed or closed.
+    Io(WireError),
+    /// The server said why with a FATAL error, then closed.
+    Fatal(Frame),
 }
 
 fn quote_literal(s: &str) -> String {
@@ -782,7 +792,7 @@ impl Session {
                     return Ok(());
                 }
                 Err(e) if retriable && read_only && !self.client.progressed_since(mark) => {
-                    tracing::debug!(error = %e, "read retried on a fresh connection");
+                    tracing::debug!(error = ?e, "read retried on a fresh connection");
                 }
                 Err(e) => return self.lost_backend(e).await,
             }
@@ -875,7 +885,7 @@ impl Session {
         &mut self,
         bytes: &[u8],
         plan: &mut VecDeque<Step>,
-    ) -> Result<Result<Outcome, WireError>, SessionError> {
+    ) -> Result<Result<Outcome, Lost>, SessionError> {
         let started = Instant::now();
         let lease = self.lease.as_mut().expect("exchange needs a lease");
         let conn = lease.conn();
@@ -888,15 +898,30 @@ impl Session {
             Ok(o) => Ok(Ok(o)),
             Err(RelayError::Backend(e)) => {
                 self.release(true);
-                Ok(Err(e))
+                Ok(Err(Lost::Io(e)))
+            }
+            Err(RelayError::Terminated(frame)) => {
+                self.release(true);
+                Ok(Err(Lost::Fatal(frame)))
             }
             Err(e) => Err(e.into()),
         }
     }
 
     /// Tell the client its node connection was lost (the transaction, if
-    /// any, is gone with it).
-    async fn lost_backend(&mut self, e: WireError) -> Result<(), SessionError> {
+    /// any, is gone with it). A server that ended the connection with a
+    /// FATAL error ends the session the same way, as PostgreSQL would: its
+    /// error is forwarded and the client connection closed, so drivers'
+    /// pools discard it.
+    async fn lost_backend(&mut self, lost: Lost) -> Result<(), SessionError> {
+        let e = match lost {
+            Lost::Io(e) => e,
+            Lost::Fatal(frame) => {
+                frame.encode_into(&mut self.client.out);
+                let _ = self.client.flush().await;
+                return Err(SessionError::Backend(WireError::Closed));
+            }
+        };
         let was = self.tx;
         self.tx = TxState::Idle;
         self.pending_effects.clear();
