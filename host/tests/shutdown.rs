@@ -1,0 +1,121 @@
+//! `signalbox serve` receiving SIGTERM while pgbench (tpcb-like) runs
+//! through it: no transaction is cut in the middle, every transaction
+//! pgbench saw commit is in the database, and the process exits cleanly.
+
+use std::io::{BufRead, BufReader};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use signalbox::local::{free_port, LocalCluster};
+
+/// The command numbers of pgbench's built-in tpcb-like script: 0-3 are
+/// `\set`, 4 is `BEGIN`, 5-9 the statements, 10 `END`.
+const BEGIN_COMMAND: u32 = 4;
+
+fn pgbench(port: u16, args: &[&str]) -> std::process::Child {
+    Command::new("pgbench")
+        .args(["-h", "127.0.0.1", "-U", "postgres", "-p", &port.to_string()])
+        .args(args)
+        .arg("postgres")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run pgbench (postgresql-contrib; `cargo xtask setup` installs it)")
+}
+
+#[test]
+fn sigterm_during_pgbench_cuts_no_transaction() {
+    let cluster = LocalCluster::start(1).expect("start a PostgreSQL cluster");
+    let init = pgbench(cluster.primary.port, &["-i", "-q", "-s", "1"])
+        .wait_with_output()
+        .unwrap();
+    assert!(
+        init.status.success(),
+        "{}",
+        String::from_utf8_lossy(&init.stderr)
+    );
+    cluster.wait_replayed().unwrap();
+
+    let port = free_port();
+    let config = cluster.dir.path().join("signalbox.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "listen = \"127.0.0.1:{port}\"\n[clients]\nshutdown_drain_s = 20\n{}",
+            cluster.nodes_toml()
+        ),
+    )
+    .unwrap();
+    let mut sb = Command::new(env!("CARGO_BIN_EXE_signalbox"))
+        .args(["serve", "--config"])
+        .arg(&config)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("run signalbox");
+    let mut line = String::new();
+    BufReader::new(sb.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    assert!(line.contains("listening"), "{line}");
+
+    let bench = pgbench(
+        port,
+        &["-n", "-b", "tpcb-like", "-c", "4", "-j", "2", "-T", "30"],
+    );
+    std::thread::sleep(Duration::from_secs(3));
+    let term = Command::new("kill")
+        .args(["-TERM", &sb.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(term.success());
+    let started = Instant::now();
+    let status = loop {
+        if let Some(s) = sb.try_wait().unwrap() {
+            break s;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(25),
+            "signalbox did not exit within its drain time"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(status.success(), "signalbox exited with {status}");
+
+    let out = bench.wait_with_output().unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // Every client was told to go at a transaction boundary: the command it
+    // could not run is the next BEGIN, never a statement inside a transaction.
+    let aborted: Vec<u32> = text
+        .lines()
+        .filter_map(|l| l.split("aborted in command ").nth(1))
+        .filter_map(|rest| rest.split_whitespace().next()?.parse().ok())
+        .collect();
+    assert_eq!(
+        aborted.len(),
+        4,
+        "every client ends with the shutdown:\n{text}"
+    );
+    assert!(
+        aborted.iter().all(|c| *c == BEGIN_COMMAND),
+        "a transaction was cut: {aborted:?}\n{text}"
+    );
+    let processed: i64 = text
+        .lines()
+        .find_map(|l| l.strip_prefix("number of transactions actually processed: "))
+        .and_then(|v| v.split(['/', ' ']).next()?.parse().ok())
+        .unwrap_or_else(|| panic!("no transaction count in:\n{text}"));
+    assert!(processed > 0, "{text}");
+    let history = cluster
+        .psql(cluster.primary.port, "SELECT count(*) FROM pgbench_history")
+        .unwrap();
+    assert_eq!(
+        history.trim().parse::<i64>().unwrap(),
+        processed,
+        "committed transactions differ from what pgbench saw commit"
+    );
+}
