@@ -356,4 +356,48 @@ mod tests {
         bind_renamed(&mut out, body, "sb_1").unwrap();
         assert_eq!(&out[5..], b"portal\0sb_1\0\0\0\0\0\0\0");
     }
+
+    mod props {
+        use super::*;
+        use proptest::prelude::*;
+
+        proptest! {
+            /// However the bytes arrive, the decoder yields exactly the
+            /// messages that were sent, and nothing before they are whole.
+            #[test]
+            fn frames_survive_any_split(
+                msgs in prop::collection::vec((any::<u8>(), prop::collection::vec(any::<u8>(), 0..200)), 0..20),
+                cuts in prop::collection::vec(1usize..64, 1..400),
+            ) {
+                let mut wire_bytes = BytesMut::new();
+                for (tag, body) in &msgs {
+                    message(&mut wire_bytes, *tag, |b| b.put_slice(body));
+                }
+                let mut buf = BytesMut::new();
+                let mut got = Vec::new();
+                let mut pos = 0;
+                let mut cut = cuts.iter().cycle();
+                while pos < wire_bytes.len() {
+                    let end = (pos + cut.next().copied().unwrap_or(1)).min(wire_bytes.len());
+                    buf.extend_from_slice(&wire_bytes[pos..end]);
+                    pos = end;
+                    while let Some(f) = take_frame(&mut buf, 1 << 20).unwrap() {
+                        got.push((f.tag, f.body.to_vec()));
+                    }
+                }
+                prop_assert_eq!(got, msgs);
+                prop_assert!(buf.is_empty());
+            }
+
+            /// Arbitrary input never panics the decoder and never yields a
+            /// message larger than the limit.
+            #[test]
+            fn garbage_is_an_error_or_a_bounded_frame(bytes in prop::collection::vec(any::<u8>(), 0..300)) {
+                let mut buf = BytesMut::from(&bytes[..]);
+                while let Ok(Some(f)) = take_frame(&mut buf, 128) {
+                    prop_assert!(f.body.len() <= 128);
+                }
+            }
+        }
+    }
 }

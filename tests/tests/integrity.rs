@@ -486,7 +486,10 @@ async fn a_replica_killed_under_load_fails_no_read() {
                 match c.query_one("SELECT inet_server_port()", &[]).await {
                     Ok(_) => ok += 1,
                     Err(e) => {
-                        failed.push(e.to_string());
+                        failed.push(match e.as_db_error() {
+                            Some(d) => format!("{} {}", d.code().code(), d.message()),
+                            None => e.to_string(),
+                        });
                         if c.is_closed() {
                             c = connect(port, "postgres").await;
                         }

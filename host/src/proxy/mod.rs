@@ -3,8 +3,11 @@
 //! to a [`session::Session`].
 
 pub mod auth;
+pub mod message;
 pub mod relay;
 pub mod session;
+pub mod state;
+pub mod statements;
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};

@@ -101,9 +101,9 @@ impl ClientIo {
         Ok(())
     }
 
-    /// Something was shown to (or queued for) the client since `mark`.
+    /// Something was shown to the client since `mark`.
     pub fn progressed_since(&self, mark: u64) -> bool {
-        self.sent != mark || !self.out.is_empty()
+        self.sent != mark
     }
 
     /// The next message from the client. A message type PostgreSQL would
@@ -141,11 +141,19 @@ impl ClientIo {
     }
 }
 
-/// Relay until the plan is exhausted.
+/// How long answers may be held back from the client while waiting for the
+/// rest of them, so that a retriable exchange that fails can still be retried.
+const HOLD: std::time::Duration = std::time::Duration::from_millis(20);
+
+/// Relay until the plan is exhausted. With `hold`, partial answers stay in
+/// the client buffer (up to 64 KiB, and at most [`HOLD`] per wait) instead of
+/// being flushed before each wait on the server: a small result the server
+/// sends in pieces is either shown whole or not at all.
 pub async fn relay(
     conn: &mut BackendConn,
     client: &mut ClientIo,
     plan: &mut VecDeque<Step>,
+    mut hold: bool,
 ) -> Result<Outcome, RelayError> {
     let mut outcome = Outcome::default();
     loop {
@@ -172,6 +180,14 @@ pub async fn relay(
             if client.out.len() > 64 * 1024 {
                 client.flush().await.map_err(RelayError::Client)?;
             }
+        }
+        if hold && !client.out.is_empty() && client.out.len() <= 64 * 1024 {
+            match tokio::time::timeout(HOLD, wait_server(conn, client)).await {
+                Ok(r) => r?,
+                // Slow: show what there is (notices, first rows) and stream.
+                Err(_) => hold = false,
+            }
+            continue;
         }
         client.flush().await.map_err(RelayError::Client)?;
         wait_server(conn, client).await?;
@@ -300,5 +316,118 @@ async fn pump_copy_in(conn: &mut BackendConn, client: &mut ClientIo) -> Result<(
                 ))))
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use bytes::Bytes;
+
+    fn frame(tag: u8, body: &[u8]) -> Frame {
+        Frame {
+            tag,
+            body: Bytes::copy_from_slice(body),
+        }
+    }
+
+    /// Feed server frames through the plan; what reaches the client (types)
+    /// and how the exchange ended.
+    fn run(plan: &[Step], server: &[Frame]) -> (String, Outcome, usize) {
+        let mut plan: VecDeque<Step> = plan.iter().copied().collect();
+        let mut outcome = Outcome::default();
+        let mut out = BytesMut::new();
+        emit_synthetic(&mut plan, &mut out);
+        for f in server {
+            emit_synthetic(&mut plan, &mut out);
+            handle(f, &mut plan, &mut outcome, &mut out);
+        }
+        emit_synthetic(&mut plan, &mut out);
+        let seen: String = wire::frames(&out).map(|(t, _)| t as char).collect();
+        (seen, outcome, plan.len())
+    }
+
+    #[test]
+    fn response_plan_table() {
+        let injected = Step::Parse {
+            forward: false,
+            slot: 0,
+        };
+        let parse = Step::Parse {
+            forward: true,
+            slot: 0,
+        };
+        let ok = |t| frame(t, b"");
+        let tag = frame(b'C', b"SELECT 1\0");
+        let ready = frame(b'Z', b"I");
+        let error = frame(b'E', b"SERROR\0C42P01\0Mno\0\0");
+        // (plan, server frames) → (client sees, error, status, steps left)
+        type Case = (Vec<Step>, Vec<Frame>, &'static str, bool, Option<u8>, usize);
+        let cases: Vec<Case> = vec![
+            // An injected re-Parse's answer is dropped.
+            (
+                vec![injected, Step::Bind, Step::Execute, Step::Sync],
+                vec![
+                    ok(b'1'),
+                    ok(b'2'),
+                    frame(b'D', b"\0\0"),
+                    tag.clone(),
+                    ready.clone(),
+                ],
+                "2DCZ",
+                false,
+                Some(b'I'),
+                0,
+            ),
+            // A Parse the connection had is answered by signalbox.
+            (
+                vec![Step::SynthParse, Step::Bind, Step::Execute, Step::Sync],
+                vec![ok(b'2'), tag.clone(), ready.clone()],
+                "12CZ",
+                false,
+                Some(b'I'),
+                0,
+            ),
+            // After an error the server skips to Sync: so does the plan, and
+            // the Parse that never completed is reported.
+            (
+                vec![parse, Step::Bind, Step::Execute, Step::Sync],
+                vec![error.clone(), ready.clone()],
+                "EZ",
+                true,
+                Some(b'I'),
+                0,
+            ),
+            // Flush-ended: answers owed until the client's Sync.
+            (
+                vec![parse, Step::Bind],
+                vec![ok(b'1'), ok(b'2')],
+                "12",
+                false,
+                None,
+                0,
+            ),
+            // A simple query is whole at its ReadyForQuery.
+            (
+                vec![Step::Query],
+                vec![frame(b'T', b"\0\0"), tag.clone(), frame(b'Z', b"T")],
+                "TCZ",
+                false,
+                Some(b'T'),
+                0,
+            ),
+        ];
+        for (i, (plan, server, seen, error, status, left)) in cases.into_iter().enumerate() {
+            let (got, outcome, rest) = run(&plan, &server);
+            assert_eq!(got, seen, "case {i}");
+            assert_eq!(outcome.error, error, "case {i}");
+            assert_eq!(outcome.status, status, "case {i}");
+            assert_eq!(rest, left, "case {i}");
+        }
+        let (_, outcome, _) = run(
+            &[parse, Step::Bind, Step::Execute, Step::Sync],
+            &[error, ready],
+        );
+        assert_eq!(outcome.failed_parses, vec![0]);
     }
 }

@@ -1,0 +1,481 @@
+//! Running work on a server connection: route and hold one (another node
+//! for a read whose node refuses), give it the session's state, send, relay
+//! the answers, retry a read that failed before the client saw anything, and
+//! keep transaction and session state up to date afterwards.
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+use std::time::Instant;
+
+use super::{Session, SessionError};
+use crate::cluster::pool::Lease;
+use crate::proxy::message::Message;
+use crate::proxy::relay::{self, Outcome, RelayError, Step};
+use crate::route::guardrails::Routed;
+use crate::route::{NodeId, RouteInput, Statement, TxState};
+use crate::sql::classify::{Classified, SessionEffect};
+use crate::wire::{self, Frame, WireError};
+
+/// What a routed exchange sends: a simple Query as the client sent it, or
+/// extended-protocol messages to rewrite for the connection.
+#[derive(Clone, Copy)]
+pub(super) enum Work<'a> {
+    Query(&'a [u8]),
+    Batch(&'a [Message]),
+}
+
+/// How an exchange lost its server connection.
+#[derive(Debug)]
+pub(super) enum Lost {
+    /// The connection failed or closed.
+    Io(WireError),
+    /// The server said why with a FATAL error, then closed.
+    Fatal(Frame),
+}
+
+impl Session {
+    pub(super) async fn checkout(&mut self, node: NodeId) -> Result<Lease, (String, String)> {
+        let i = node as usize;
+        if self.pools.len() <= i {
+            self.pools.resize(i + 1, None);
+        }
+        if self.pools[i].is_none() {
+            self.pools[i] = Some(self.new_pool(node));
+        }
+        let pool = self.pools[i].clone().expect("just filled");
+        self.shared
+            .cluster
+            .pools
+            .checkout_from(&pool, node)
+            .await
+            .map_err(|e| (e.sqlstate().to_owned(), format!("signalbox: {e}")))
+    }
+
+    pub(super) fn new_pool(&self, node: NodeId) -> crate::cluster::pool::Pool {
+        let password = self
+            .shared
+            .config
+            .password_for(&self.user)
+            .map(str::to_owned)
+            .or_else(|| {
+                let a = &self.shared.cluster.addrs[node as usize];
+                (a.user == self.user).then(|| a.password.clone()).flatten()
+            });
+        self.shared
+            .cluster
+            .pools
+            .pool(node, &self.user, password.as_deref(), &self.database)
+    }
+
+    /// Make the leased connection carry this session's state (and nothing
+    /// a previous client left on it).
+    pub(super) async fn sync_state(&mut self) -> Result<Option<(String, String)>, SessionError> {
+        let Some(lease) = self.lease.as_mut() else {
+            return Ok(None);
+        };
+        let conn = lease.conn();
+        if conn.state_key == self.state.key && !conn.needs_reset {
+            return Ok(None);
+        }
+        let sql = self.state.replay_sql(conn.needs_reset);
+        let failed = conn
+            .execute_silently(&sql)
+            .await
+            .map_err(SessionError::Backend)?;
+        if failed.is_none() {
+            conn.state_key = self.state.key;
+            conn.needs_reset = false;
+        }
+        Ok(failed)
+    }
+
+    /// Decide where a statement runs and hold a connection there.
+    /// `Ok(false)` means an error was already sent to the client.
+    /// `avoid`: a node whose connection just failed this read; the read
+    /// goes elsewhere if it can.
+    pub(super) async fn acquire(
+        &mut self,
+        class: &Classified,
+        sql: &Arc<str>,
+        avoid: Option<NodeId>,
+    ) -> Result<bool, SessionError> {
+        if self.lease.is_some() {
+            return Ok(true);
+        }
+        let mut read_only = class.read_only;
+        if class.tables.iter().any(|t| self.temp_tables.contains(t)) {
+            read_only = false;
+        }
+        if self.pin_reason.is_some() || self.session_pooling {
+            // One connection for the rest of the session: it must be the primary's.
+            read_only = false;
+        }
+        let statement = Statement {
+            kind: class.kind,
+            read_only,
+            fingerprint: 0,
+            sql: sql.clone(),
+            tables: class.tables.clone(),
+            functions: class.functions.clone(),
+            hints: class.hints.clone(),
+        };
+        let input = RouteInput {
+            statement: Arc::new(statement),
+            session: self.route_session.clone(),
+            cluster: self.shared.cluster.view(),
+        };
+        let routing = self.shared.router.route(&input);
+        let node = match routing.enforced.routed {
+            Routed::Node(n) => n,
+            Routed::Reject(msg) => {
+                self.shared.metrics.rejected();
+                self.error(
+                    "42501",
+                    &format!("signalbox: statement rejected by routing policy: {msg}"),
+                )
+                .await?;
+                return Ok(false);
+            }
+            Routed::Unavailable(msg) => {
+                self.error("57P03", &format!("signalbox: {msg}")).await?;
+                return Ok(false);
+            }
+        };
+        let reroutable = read_only && self.tx == TxState::Idle;
+        let mut node = node;
+        if reroutable && avoid == Some(node) {
+            node = self.other_node_for_read(&input, node).unwrap_or(node);
+        }
+        for attempt in 0..2 {
+            let mut checked_out = self.checkout(node).await;
+            if checked_out.is_err() && reroutable {
+                // A read outside a transaction may run anywhere else that is
+                // eligible: another healthy replica, else the primary.
+                if let Some(other) = self.other_node_for_read(&input, node) {
+                    tracing::debug!(failed = node, retry = other, "read retried on another node");
+                    checked_out = self.checkout(other).await;
+                }
+            }
+            match checked_out {
+                Ok(lease) => {
+                    node = lease.node();
+                    self.shared.cancel.set(self.key, lease.addr(), lease.key());
+                    self.lease = Some(lease);
+                }
+                Err((code, msg)) => {
+                    self.error(&code, &msg).await?;
+                    return Ok(false);
+                }
+            }
+            match self.sync_state().await {
+                Ok(None) => {
+                    self.shared.metrics.routed(node, read_only);
+                    return Ok(true);
+                }
+                Ok(Some((code, msg))) => {
+                    self.release(true);
+                    self.error(
+                        &code,
+                        &format!("signalbox: cannot restore session settings: {msg}"),
+                    )
+                    .await?;
+                    return Ok(false);
+                }
+                // The connection died before anything ran on it (e.g. its node
+                // was just stopped): a read tries once more, anything else
+                // gets an error and the session goes on.
+                Err(e) => {
+                    self.release(true);
+                    node = self.other_node_for_read(&input, node).unwrap_or(node);
+                    if !(reroutable && attempt == 0) {
+                        self.error(
+                            "08006",
+                            &format!("signalbox: lost the connection to the node: {e}"),
+                        )
+                        .await?;
+                        return Ok(false);
+                    }
+                }
+            }
+        }
+        Ok(false)
+    }
+
+    /// For a read whose node failed: the built-in choice among the other
+    /// healthy replicas, else a healthy primary.
+    pub(super) fn other_node_for_read(&self, input: &RouteInput, failed: NodeId) -> Option<NodeId> {
+        let mut view = (*input.cluster).clone();
+        if let Some(s) = view.states.get_mut(failed as usize) {
+            s.healthy = false;
+        }
+        crate::route::builtin::choose_replica(&view, fastrand::u64(..))
+            .or_else(|| view.primary().filter(|p| *p != failed))
+    }
+
+    /// Route `class`, hold a connection, send `work` and relay the answers.
+    /// A read outside a transaction whose connection fails before any byte
+    /// reached the client is tried once more (a fresh connection, or another
+    /// node); anything else that loses its connection is reported.
+    pub(super) async fn run_routed(
+        &mut self,
+        class: &Classified,
+        sql: &Arc<str>,
+        work: Work<'_>,
+    ) -> Result<(), SessionError> {
+        let mut failed_node = None;
+        for attempt in 0..2 {
+            let retriable = attempt == 0 && self.lease.is_none() && self.tx == TxState::Idle;
+            if !self.acquire(class, sql, failed_node).await? {
+                // The error went out; the rest of the work is dropped.
+                return Ok(());
+            }
+            let read_only = self.lease_is_read_only(class);
+            // A batch is rewritten for each connection it lands on.
+            let mut translated;
+            let (bytes, mut plan, slots): (&[u8], _, &[Option<String>]) = match work {
+                Work::Query(bytes) => (bytes, VecDeque::from([Step::Query]), &[]),
+                Work::Batch(batch) => {
+                    let conn = self.lease.as_mut().expect("acquired").conn();
+                    translated = match self.statements.translate(batch, &mut conn.prepared) {
+                        Ok(t) => t,
+                        Err(e) => {
+                            self.fatal("08P01", &e.to_string()).await;
+                            return Err(SessionError::Client(e));
+                        }
+                    };
+                    let plan = std::mem::take(&mut translated.plan);
+                    (&translated.bytes[..], plan, &translated.slots[..])
+                }
+            };
+            let mark = self.client.sent;
+            let hold = retriable && read_only;
+            failed_node = self.lease.as_ref().map(Lease::node);
+            match self.exchange(bytes, &mut plan, hold).await? {
+                Ok(outcome) => {
+                    if let Some(lease) = self.lease.as_mut() {
+                        for slot in &outcome.failed_parses {
+                            if let Some(Some(name)) = slots.get(*slot as usize) {
+                                lease.conn().prepared.remove(name);
+                            }
+                        }
+                    }
+                    self.after_exchange(class, &outcome);
+                    self.finish(&outcome, class.effects.clone(), class.begins_read_only);
+                    return Ok(());
+                }
+                Err(e) if hold && !self.client.progressed_since(mark) => {
+                    // Held-back partial answers are dropped with the attempt.
+                    self.client.out.clear();
+                    tracing::debug!(error = ?e, "read retried on a fresh connection");
+                }
+                Err(e) => return self.lost_backend(e).await,
+            }
+        }
+        Ok(())
+    }
+
+    /// Whether the statement was routed as a read (so a retry is harmless).
+    pub(super) fn lease_is_read_only(&self, class: &Classified) -> bool {
+        class.read_only && self.pin_reason.is_none() && !self.session_pooling
+    }
+
+    /// Send `bytes` on the leased connection and relay the answers. A failed
+    /// node connection is discarded and returned as the inner error, for the
+    /// caller to retry or report.
+    pub(super) async fn exchange(
+        &mut self,
+        bytes: &[u8],
+        plan: &mut VecDeque<Step>,
+        hold: bool,
+    ) -> Result<Result<Outcome, Lost>, SessionError> {
+        let started = Instant::now();
+        let lease = self.lease.as_mut().expect("exchange needs a lease");
+        let conn = lease.conn();
+        let result = match conn.send_frames(bytes).await {
+            Ok(()) => relay::relay(conn, &mut self.client, plan, hold).await,
+            Err(e) => Err(RelayError::Backend(e)),
+        };
+        self.shared.metrics.latency(started.elapsed());
+        match result {
+            Ok(o) => Ok(Ok(o)),
+            Err(RelayError::Backend(e)) => {
+                self.release(true);
+                Ok(Err(Lost::Io(e)))
+            }
+            Err(RelayError::Terminated(frame)) => {
+                self.release(true);
+                Ok(Err(Lost::Fatal(frame)))
+            }
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Tell the client its node connection was lost (the transaction, if
+    /// any, is gone with it). A server that ended the connection with a
+    /// FATAL error ends the session the same way, as PostgreSQL would: its
+    /// error is forwarded and the client connection closed, so drivers'
+    /// pools discard it.
+    pub(super) async fn lost_backend(&mut self, lost: Lost) -> Result<(), SessionError> {
+        let e = match lost {
+            Lost::Io(e) => e,
+            Lost::Fatal(frame) => {
+                frame.encode_into(&mut self.client.out);
+                let _ = self.client.flush().await;
+                return Err(SessionError::Backend(WireError::Closed));
+            }
+        };
+        let was = self.tx;
+        self.tx = TxState::Idle;
+        self.pending_effects.clear();
+        let msg = if was == TxState::Idle {
+            format!("signalbox: lost the connection to the node: {e}")
+        } else {
+            format!("signalbox: lost the connection to the node during a transaction (it was rolled back): {e}")
+        };
+        self.refresh_route_session();
+        self.error("08006", &msg).await
+    }
+
+    /// What a statement did to the connection beyond its result.
+    pub(super) fn after_exchange(&mut self, class: &Classified, outcome: &Outcome) {
+        let Some(lease) = self.lease.as_mut() else {
+            return;
+        };
+        let conn = lease.conn();
+        // Untracked changes, or tracked ones that may have half-applied.
+        if class.touches_session || (outcome.error && !class.effects.is_empty()) {
+            conn.needs_reset = true;
+        }
+        for e in &class.effects {
+            match e {
+                // The server dropped every statement, ours included (and
+                // DISCARD ALL its settings too).
+                SessionEffect::Deallocate(None) | SessionEffect::DiscardAll => {
+                    conn.prepared.clear();
+                    if matches!(e, SessionEffect::DiscardAll) {
+                        conn.state_key = 0;
+                    }
+                    if !outcome.error {
+                        self.statements.clear();
+                    }
+                }
+                _ => {}
+            }
+        }
+    }
+
+    /// `DEALLOCATE` of the client's own protocol-level statements, and
+    /// `DEALLOCATE ALL` / `DISCARD ALL` of a session that holds no connection,
+    /// concern this client alone: answer them here, as PostgreSQL would,
+    /// without touching a shared connection. Returns whether it answered.
+    pub(super) async fn answer_locally(
+        &mut self,
+        class: &Classified,
+    ) -> Result<bool, SessionError> {
+        if class.statements != 1 || self.tx == TxState::Failed {
+            return Ok(false);
+        }
+        let holds_connection = self.lease.is_some();
+        let tag = match class.effects.first() {
+            Some(SessionEffect::Deallocate(Some(name))) if self.statements.forget(name) => {
+                "DEALLOCATE"
+            }
+            Some(SessionEffect::Deallocate(None)) if !holds_connection => {
+                self.statements.clear();
+                "DEALLOCATE ALL"
+            }
+            Some(SessionEffect::DiscardAll) if !holds_connection && self.tx == TxState::Idle => {
+                self.statements.clear();
+                self.pending_effects.clear();
+                self.state
+                    .apply(&[SessionEffect::DiscardAll], &self.startup_sets);
+                "DISCARD ALL"
+            }
+            _ => return Ok(false),
+        };
+        wire::command_complete(&mut self.client.out, tag);
+        let status = self.tx_status();
+        wire::ready_for_query(&mut self.client.out, status);
+        self.client.flush().await.map_err(SessionError::Client)?;
+        Ok(true)
+    }
+
+    /// After an exchange: keep or return the connection, track transactions
+    /// and session state.
+    pub(super) fn finish(
+        &mut self,
+        outcome: &Outcome,
+        effects: Vec<SessionEffect>,
+        class_begins_ro: bool,
+    ) {
+        let Some(status) = outcome.status else {
+            return; // Flush without Sync: the exchange continues.
+        };
+        let before = self.tx;
+        self.tx = match status {
+            b'T' => TxState::InTransaction,
+            b'E' => TxState::Failed,
+            _ => TxState::Idle,
+        };
+        if before == TxState::Idle && self.tx != TxState::Idle {
+            self.read_only_tx = class_begins_ro;
+        }
+        let mut effects = effects;
+        if outcome.error {
+            effects.clear();
+            if self.tx == TxState::Idle {
+                self.pending_effects.clear();
+            }
+        }
+        let mut new_state = None;
+        if self.tx == TxState::Idle {
+            // A transaction that ended in ROLLBACK undoes its SETs, including
+            // those sent in the same message as the ROLLBACK.
+            let committed = outcome.last_tag.as_deref() != Some("ROLLBACK");
+            let mut all = std::mem::take(&mut self.pending_effects);
+            all.extend(effects);
+            if !committed {
+                all.clear();
+            }
+            new_state = Some(all);
+        } else {
+            self.pending_effects.extend(effects);
+        }
+        if let Some(all) = new_state {
+            for e in &all {
+                match e {
+                    SessionEffect::Pin(reason) => self.pin_reason = Some(reason),
+                    SessionEffect::TempTable(t) => {
+                        self.temp_tables.insert(t.clone());
+                        self.pin_reason = Some("temporary table");
+                    }
+                    _ => {}
+                }
+            }
+            let before = self.state.key;
+            self.state.apply(&all, &self.startup_sets);
+            if let Some(l) = self.lease.as_mut() {
+                // The connection ran the SETs itself.
+                if l.conn().state_key == before {
+                    l.conn().state_key = self.state.key;
+                }
+            }
+        }
+        if self.tx == TxState::Idle {
+            self.read_only_tx = false;
+            if self.pin_reason.is_none() && !self.session_pooling {
+                self.release(false);
+            }
+        }
+        self.refresh_route_session();
+    }
+
+    pub(super) fn release(&mut self, discard: bool) {
+        if let Some(lease) = self.lease.take() {
+            self.shared.cancel.clear(self.key);
+            if discard {
+                lease.discard();
+            }
+        }
+    }
+}

@@ -1,0 +1,91 @@
+//! Logging a client in: authentication (trust or SCRAM-SHA-256), the server
+//! parameters a real login reported, and the greeting with our cancel key.
+
+use super::{Session, SessionError};
+use crate::route::NodeId;
+use crate::wire::{self, WireError};
+
+impl Session {
+    /// Authenticate, report server parameters, issue our cancel key.
+    pub(super) async fn startup(&mut self) -> Result<(), SessionError> {
+        if self.shared.config.auth.method == crate::config::AuthMethod::ScramSha256 {
+            let password = self
+                .shared
+                .config
+                .password_for(&self.user)
+                .map(str::to_owned);
+            let verdict =
+                crate::proxy::auth::scram(&mut self.client, &self.user, password.as_deref())
+                    .await
+                    .map_err(SessionError::Client)?;
+            if let crate::proxy::auth::Verdict::Refused(code, msg) = verdict {
+                self.fatal(code, &msg).await;
+                return Err(SessionError::Client(WireError::Closed));
+            }
+        }
+        let cache_key = (self.user.clone(), self.database.clone());
+        let cached = self
+            .shared
+            .server_params
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&cache_key)
+            .cloned();
+        let params = match cached {
+            Some(p) => p,
+            None => {
+                let p = self.first_login().await?;
+                self.shared
+                    .server_params
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .insert(cache_key, p.clone());
+                p
+            }
+        };
+        self.greet(&params).await
+    }
+
+    /// The first session of a (user, database) logs in to a node for real:
+    /// PostgreSQL checks the user and database and reports its parameters.
+    pub(super) async fn first_login(&mut self) -> Result<Vec<(String, String)>, SessionError> {
+        let view = self.shared.cluster.view();
+        let node = view.primary().or_else(|| {
+            view.states
+                .iter()
+                .position(|s| s.healthy)
+                .map(|i| i as NodeId)
+        });
+        let Some(node) = node else {
+            self.fatal("57P03", "signalbox: no healthy node to serve this session")
+                .await;
+            return Err(SessionError::Backend(WireError::Closed));
+        };
+        let lease = match self.checkout(node).await {
+            Ok(l) => l,
+            Err((code, msg)) => {
+                self.fatal(&code, &msg).await;
+                return Err(SessionError::Backend(WireError::Closed));
+            }
+        };
+        let mut lease = lease;
+        Ok(lease.conn().params().to_vec())
+    }
+
+    pub(super) async fn greet(&mut self, params: &[(String, String)]) -> Result<(), SessionError> {
+        let out = &mut self.client.out;
+        wire::auth_ok(out);
+        for (name, value) in params {
+            // What the client asked for at startup is what PostgreSQL would report.
+            let asked = self
+                .startup_params
+                .iter()
+                .find(|(n, _)| n.eq_ignore_ascii_case(name))
+                .map(|(_, v)| v.as_str());
+            wire::parameter_status(out, name, asked.unwrap_or(value));
+        }
+        wire::backend_key_data(out, self.key.0, self.key.1);
+        wire::ready_for_query(out, b'I');
+        self.client.flush().await.map_err(SessionError::Client)
+    }
+}

@@ -1,0 +1,361 @@
+//! One client session: startup, then every statement classified, routed
+//! through the policy and the guardrails, and run on a pooled backend
+//! connection (transaction pooling by default).
+//!
+//! - this file: the session, its serve loop and how each message is handled;
+//! - `login`: authentication and the greeting;
+//! - `exchange`: holding a connection, replaying state, sending, retrying;
+//! - `super::state`, `super::statements`: session settings and prepared
+//!   statements, pure and table-tested.
+
+mod exchange;
+mod login;
+
+use std::collections::HashSet;
+use std::sync::Arc;
+
+use bytes::BytesMut;
+
+use super::message::{Kind, Message};
+use super::relay::{ClientIo, RelayError};
+use super::state::{attribute_values, startup_sets, SessionState};
+use super::statements::{Prepared, Statements};
+use super::Shared;
+use crate::cluster::pool::Lease;
+use crate::route::{Session as RouteSession, TxState};
+use crate::sql::classify::{Classified, SessionEffect};
+use crate::wire::{self, Frame, WireError};
+
+use exchange::Work;
+
+pub struct Session {
+    shared: Arc<Shared>,
+    id: u64,
+    key: (i32, i32),
+    user: String,
+    database: String,
+    client: ClientIo,
+    startup_sets: Vec<(String, String)>,
+    state: SessionState,
+    pending_effects: Vec<SessionEffect>,
+    tx: TxState,
+    read_only_tx: bool,
+    lease: Option<Lease>,
+    pin_reason: Option<&'static str>,
+    session_pooling: bool,
+    temp_tables: HashSet<String>,
+    statements: Statements,
+    batch: Vec<Message>,
+    route_session: Arc<RouteSession>,
+    /// Pool handles by node, looked up once per session.
+    pools: Vec<Option<crate::cluster::pool::Pool>>,
+    application_name: String,
+    startup_params: Vec<(String, String)>,
+    client_addr: String,
+    attributes: Vec<(String, String)>,
+}
+
+#[derive(Debug, thiserror::Error)]
+enum SessionError {
+    #[error("{0}")]
+    Client(WireError),
+    #[error("{0}")]
+    Backend(WireError),
+}
+
+impl From<RelayError> for SessionError {
+    fn from(e: RelayError) -> Self {
+        match e {
+            RelayError::Backend(w) => SessionError::Backend(w),
+            RelayError::Client(w) => SessionError::Client(w),
+            RelayError::Terminated(_) => SessionError::Backend(WireError::Closed),
+        }
+    }
+}
+
+impl Session {
+    /// Run a session on an accepted connection until the client leaves.
+    pub async fn run(
+        shared: Arc<Shared>,
+        stream: crate::tls::BoxStream,
+        peer: String,
+        params: Vec<(String, String)>,
+        key: (i32, i32),
+        id: u64,
+        login_deadline: tokio::time::Instant,
+    ) {
+        let (read, write) = tokio::io::split(stream);
+        let client = ClientIo {
+            read,
+            write,
+            rbuf: BytesMut::with_capacity(8 * 1024),
+            out: BytesMut::with_capacity(16 * 1024),
+            sent: 0,
+            limits: super::relay::ClientLimits::from_config(&shared.config.clients),
+        };
+        let get = |k: &str| params.iter().find(|(n, _)| n == k).map(|(_, v)| v.clone());
+        let user = get("user").unwrap_or_default();
+        let database = get("database").unwrap_or_else(|| user.clone());
+        let application_name = get("application_name").unwrap_or_default();
+        let attributes = attribute_values(&params);
+        let startup = startup_sets(&params);
+        let state = SessionState::new(&startup);
+        let session_pooling = shared.config.session_pooling(&user, &database);
+        let mut s = Session {
+            id,
+            key,
+            user,
+            database,
+            client,
+            startup_sets: startup,
+            state,
+            pending_effects: Vec::new(),
+            tx: TxState::Idle,
+            read_only_tx: false,
+            lease: None,
+            pin_reason: None,
+            session_pooling,
+            temp_tables: HashSet::new(),
+            statements: Statements::default(),
+            batch: Vec::new(),
+            route_session: Arc::default(),
+            pools: Vec::new(),
+            application_name,
+            client_addr: peer,
+            attributes,
+            startup_params: params.clone(),
+            shared,
+        };
+        s.refresh_route_session();
+        if let Err(e) = s.serve(login_deadline).await {
+            tracing::debug!(session = s.id, error = %e, "session ended");
+        }
+        s.shared.cancel.forget(s.key);
+        if let Some(lease) = s.lease.take() {
+            // A connection mid-transaction cannot be reused.
+            if s.tx != TxState::Idle || s.pin_reason.is_some() {
+                lease.discard();
+            }
+        }
+    }
+
+    /// Rebuild the policy-visible session when what it says changed (after
+    /// most statements nothing did: the clones are not worth repeating).
+    fn refresh_route_session(&mut self) {
+        let pinned = self.lease.as_ref().map(Lease::node);
+        let current = &self.route_session;
+        if current.id == self.id
+            && current.tx_state == self.tx
+            && current.read_only_tx == self.read_only_tx
+            && current.pinned == pinned
+        {
+            return;
+        }
+        self.route_session = Arc::new(RouteSession {
+            id: self.id,
+            user: self.user.clone(),
+            database: self.database.clone(),
+            application_name: self.application_name.clone(),
+            client_addr: self.client_addr.clone(),
+            attributes: self.attributes.clone(),
+            tx_state: self.tx,
+            read_only_tx: self.read_only_tx,
+            ms_since_last_write: None,
+            last_write_lsn: None,
+            pinned,
+        });
+    }
+
+    async fn serve(&mut self, login_deadline: tokio::time::Instant) -> Result<(), SessionError> {
+        match tokio::time::timeout_at(login_deadline, self.startup()).await {
+            Ok(r) => r?,
+            Err(_) => {
+                self.fatal("08P01", "canceling authentication due to timeout")
+                    .await;
+                return Ok(());
+            }
+        }
+        let mut shutdown = self.shared.shutdown.subscribe();
+        loop {
+            // Between transactions, a shutdown ends the session the way
+            // PostgreSQL's own shutdown does; inside one, it waits.
+            let idle = self.tx == TxState::Idle && self.batch.is_empty();
+            let next = tokio::select! {
+                f = self.client.next() => Some(f),
+                _ = shutdown.wait_for(|stop| *stop), if idle => None,
+            };
+            let Some(next) = next else {
+                self.fatal(
+                    "57P01",
+                    "terminating connection due to administrator command",
+                )
+                .await;
+                return Ok(());
+            };
+            let frame = match next {
+                Ok(f) => f,
+                Err(WireError::Closed) => return Ok(()),
+                Err(e @ WireError::Protocol(_)) => {
+                    self.fatal("08P01", &e.to_string()).await;
+                    return Err(SessionError::Client(e));
+                }
+                Err(e) => return Err(SessionError::Client(e)),
+            };
+            let msg = match Message::decode(frame) {
+                Ok(m) => m,
+                Err(e) => {
+                    self.fatal("08P01", &e.to_string()).await;
+                    return Err(SessionError::Client(e));
+                }
+            };
+            match msg.kind {
+                Kind::Query => {
+                    // Bytes that are not UTF-8 go through untouched (the
+                    // server judges them by client_encoding) and to the primary.
+                    let text = msg.query_text();
+                    let (sql, utf8) = match std::str::from_utf8(text) {
+                        Ok(sql) => (sql.to_owned(), true),
+                        Err(_) => (String::from_utf8_lossy(text).into_owned(), false),
+                    };
+                    self.simple_query(&msg.frame, &sql, utf8).await?
+                }
+                Kind::Parse { .. }
+                | Kind::Bind { .. }
+                | Kind::Describe { .. }
+                | Kind::Execute
+                | Kind::Close { .. } => {
+                    if self.batch.len() >= 10_000 {
+                        self.fatal(
+                            "08P01",
+                            "protocol violation: too many messages without Sync",
+                        )
+                        .await;
+                        return Ok(());
+                    }
+                    self.batch.push(msg);
+                }
+                Kind::Flush | Kind::Sync => {
+                    self.batch.push(msg);
+                    self.run_batch().await?;
+                }
+                Kind::Terminate => return Ok(()),
+                // CopyData/Done/Fail outside COPY are ignored, like PostgreSQL does.
+                Kind::Copy => {}
+                Kind::Other => {
+                    let msg = format!(
+                        "protocol violation: unexpected message type '{}'",
+                        msg.frame.tag as char
+                    );
+                    self.fatal("08P01", &msg).await;
+                    return Ok(());
+                }
+            }
+        }
+    }
+
+    async fn fatal(&mut self, code: &str, message: &str) {
+        wire::error_response(&mut self.client.out, "FATAL", code, message);
+        let _ = self.client.flush().await;
+    }
+
+    async fn error(&mut self, code: &str, message: &str) -> Result<(), SessionError> {
+        wire::error_response(&mut self.client.out, "ERROR", code, message);
+        let status = self.tx_status();
+        wire::ready_for_query(&mut self.client.out, status);
+        self.client.flush().await.map_err(SessionError::Client)
+    }
+
+    fn tx_status(&self) -> u8 {
+        match self.tx {
+            TxState::Idle => b'I',
+            TxState::InTransaction => b'T',
+            TxState::Failed => b'E',
+        }
+    }
+
+    /// `utf8`: the text is what the client sent; otherwise it was not UTF-8
+    /// and `sql` is a lossy copy, good for nothing but the primary.
+    async fn simple_query(
+        &mut self,
+        frame: &Frame,
+        sql: &str,
+        utf8: bool,
+    ) -> Result<(), SessionError> {
+        let mut class = self.shared.classifier.classify(sql);
+        if !utf8 {
+            let mut c = (*class).clone();
+            c.read_only = false;
+            class = Arc::new(c);
+        }
+        if let Some(db) = &class.drops_database {
+            // Our idle connections must not block DROP DATABASE.
+            self.shared.cluster.pools.drop_idle(|_, d| d == db);
+        }
+        if self.answer_locally(&class).await? {
+            return Ok(());
+        }
+        let sql: Arc<str> = Arc::from(sql);
+        let bytes = frame_bytes(frame);
+        self.run_routed(&class, &sql, Work::Query(&bytes)).await
+    }
+
+    /// Route and run the extended-protocol messages received up to Sync/Flush.
+    async fn run_batch(&mut self) -> Result<(), SessionError> {
+        let batch = std::mem::take(&mut self.batch);
+        // Register statements and classify what this batch prepares/executes.
+        let mut classes: Vec<Arc<Classified>> = Vec::new();
+        let mut first_sql: Option<Arc<str>> = None;
+        let mut effects = Vec::new();
+        for m in &batch {
+            match &m.kind {
+                Kind::Parse {
+                    name,
+                    sql,
+                    param_types,
+                } => {
+                    let class = self.shared.classifier.classify(sql);
+                    first_sql.get_or_insert_with(|| sql.clone());
+                    classes.push(class.clone());
+                    let p = Prepared::new(name, sql.clone(), param_types.clone(), class);
+                    self.statements.define(name, p);
+                }
+                Kind::Bind { statement } => {
+                    if let Some(p) = self.statements.get(statement) {
+                        first_sql.get_or_insert_with(|| p.sql.clone());
+                        classes.push(p.class.clone());
+                        effects.extend(p.class.effects.iter().cloned());
+                    }
+                }
+                _ => {}
+            }
+        }
+        let mut merged = merge(&classes);
+        merged.effects = effects;
+        let sql = first_sql.unwrap_or_else(|| Arc::from(""));
+        self.run_routed(&merged, &sql, Work::Batch(&batch)).await
+    }
+}
+
+fn frame_bytes(f: &Frame) -> BytesMut {
+    let mut b = BytesMut::with_capacity(f.body.len() + 5);
+    f.encode_into(&mut b);
+    b
+}
+
+/// The verdict for a batch: read-only only if every statement is.
+fn merge(classes: &[Arc<Classified>]) -> Classified {
+    let mut it = classes.iter();
+    let Some(first) = it.next() else {
+        // Describe/Close/Sync only: harmless anywhere.
+        return Classified::nothing();
+    };
+    let mut m = (**first).clone();
+    for c in it {
+        m.read_only &= c.read_only;
+        m.touches_session |= c.touches_session;
+        m.begins_read_only &= c.begins_read_only;
+        m.tables.extend(c.tables.iter().cloned());
+        m.functions.extend(c.functions.iter().cloned());
+    }
+    m
+}

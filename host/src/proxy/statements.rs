@@ -1,0 +1,388 @@
+//! The client's prepared statements (extended protocol) and the translation
+//! of a batch for whichever server connection it lands on. Client names map
+//! to server names derived from the SQL, so clients share server statements;
+//! a statement the connection lacks is re-prepared in front of its first use
+//! (and the server's answer to that injected Parse dropped), and a Parse the
+//! connection already has is answered by signalbox. Pure: the caller passes
+//! the set of statements the connection has prepared.
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::hash::{Hash, Hasher};
+use std::sync::Arc;
+
+use bytes::{Bytes, BytesMut};
+
+use super::message::{Kind, Message};
+use super::relay::Step;
+use crate::sql::classify::Classified;
+use crate::wire::{self, WireError};
+
+/// A statement the client prepared.
+#[derive(Clone, Debug)]
+pub struct Prepared {
+    pub sql: Arc<str>,
+    pub param_types: Bytes,
+    /// Empty for the unnamed statement (never kept across connections).
+    pub server_name: String,
+    pub class: Arc<Classified>,
+}
+
+impl Prepared {
+    pub fn new(name: &str, sql: Arc<str>, param_types: Bytes, class: Arc<Classified>) -> Self {
+        let server_name = if name.is_empty() {
+            String::new()
+        } else {
+            server_name(&sql, &param_types)
+        };
+        Self {
+            sql,
+            param_types,
+            server_name,
+            class,
+        }
+    }
+}
+
+/// A batch rewritten for one connection.
+#[derive(Debug)]
+pub struct Translated {
+    pub bytes: BytesMut,
+    /// The answers the server owes (or signalbox makes up), in order.
+    pub plan: VecDeque<Step>,
+    /// Server statement names prepared by each Parse slot.
+    pub slots: Vec<Option<String>>,
+}
+
+/// The client's statements by name ("" is the unnamed statement).
+#[derive(Default)]
+pub struct Statements {
+    named: HashMap<String, Prepared>,
+    unnamed: Option<Prepared>,
+}
+
+impl Statements {
+    pub fn define(&mut self, name: &str, p: Prepared) {
+        if name.is_empty() {
+            self.unnamed = Some(p);
+        } else {
+            self.named.insert(name.to_owned(), p);
+        }
+    }
+
+    pub fn get(&self, name: &str) -> Option<&Prepared> {
+        if name.is_empty() {
+            self.unnamed.as_ref()
+        } else {
+            self.named.get(name)
+        }
+    }
+
+    /// Forget a named statement; whether the client had it.
+    pub fn forget(&mut self, name: &str) -> bool {
+        self.named.remove(name).is_some()
+    }
+
+    pub fn clear(&mut self) {
+        self.named.clear();
+        self.unnamed = None;
+    }
+
+    /// Rewrite `batch` for a connection that has prepared `on_server`
+    /// (updated with what the rewritten batch prepares).
+    pub fn translate(
+        &mut self,
+        batch: &[Message],
+        on_server: &mut HashSet<String>,
+    ) -> Result<Translated, WireError> {
+        let mut t = Translated {
+            bytes: BytesMut::new(),
+            plan: VecDeque::new(),
+            slots: Vec::new(),
+        };
+        let mut unnamed_parsed = false;
+        for m in batch {
+            match &m.kind {
+                Kind::Parse { name, .. } if name.is_empty() => {
+                    unnamed_parsed = true;
+                    m.frame.encode_into(&mut t.bytes);
+                    t.parse(true, None);
+                }
+                Kind::Parse { name, .. } => {
+                    if let Some(p) = self.named.get(name) {
+                        if on_server.contains(&p.server_name) {
+                            t.plan.push_back(Step::SynthParse);
+                        } else {
+                            t.reparse(p, true, on_server);
+                        }
+                    }
+                }
+                Kind::Bind { statement } => {
+                    let target = self.target(statement, &mut unnamed_parsed, &mut t, on_server);
+                    match target {
+                        Some(server) => wire::bind_renamed(&mut t.bytes, &m.frame.body, &server)?,
+                        None => m.frame.encode_into(&mut t.bytes),
+                    }
+                    t.plan.push_back(Step::Bind);
+                }
+                Kind::Describe { kind: b'S', name } => {
+                    match self.target(name, &mut unnamed_parsed, &mut t, on_server) {
+                        Some(server) => wire::describe(&mut t.bytes, b'S', &server),
+                        None => m.frame.encode_into(&mut t.bytes),
+                    }
+                    t.plan.push_back(Step::DescribeStatement);
+                }
+                Kind::Describe { .. } => {
+                    m.frame.encode_into(&mut t.bytes);
+                    t.plan.push_back(Step::DescribePortal);
+                }
+                Kind::Close { kind: b'S', name } if !name.is_empty() => {
+                    // Server statements are shared by SQL text: keep it
+                    // prepared for others, just forget the client's name.
+                    self.forget(name);
+                    t.plan.push_back(Step::SynthClose);
+                }
+                Kind::Close { .. } => {
+                    m.frame.encode_into(&mut t.bytes);
+                    t.plan.push_back(Step::Close);
+                }
+                Kind::Execute => {
+                    m.frame.encode_into(&mut t.bytes);
+                    t.plan.push_back(Step::Execute);
+                }
+                Kind::Sync => {
+                    m.frame.encode_into(&mut t.bytes);
+                    t.plan.push_back(Step::Sync);
+                }
+                Kind::Flush => m.frame.encode_into(&mut t.bytes),
+                _ => {}
+            }
+        }
+        Ok(t)
+    }
+
+    /// The server name a Bind/Describe of client statement `name` uses,
+    /// re-preparing it first when the connection lacks it. `None`: send the
+    /// message unchanged (the unnamed statement, or a name the client never
+    /// prepared, which the server then reports as PostgreSQL does).
+    fn target(
+        &self,
+        name: &str,
+        unnamed_parsed: &mut bool,
+        t: &mut Translated,
+        on_server: &mut HashSet<String>,
+    ) -> Option<String> {
+        if name.is_empty() {
+            if !*unnamed_parsed {
+                if let Some(p) = &self.unnamed {
+                    wire::parse(&mut t.bytes, "", &p.sql, &p.param_types);
+                    t.parse(false, None);
+                    *unnamed_parsed = true;
+                }
+            }
+            return None;
+        }
+        let p = self.named.get(name)?;
+        if !on_server.contains(&p.server_name) {
+            t.reparse(p, false, on_server);
+        }
+        Some(p.server_name.clone())
+    }
+}
+
+impl Translated {
+    /// A Parse slot; `forward`: the client sent it and awaits its answer.
+    fn parse(&mut self, forward: bool, server_name: Option<String>) {
+        self.plan.push_back(Step::Parse {
+            forward,
+            slot: self.slots.len() as u32,
+        });
+        self.slots.push(server_name);
+    }
+
+    fn reparse(&mut self, p: &Prepared, forward: bool, on_server: &mut HashSet<String>) {
+        wire::parse(&mut self.bytes, &p.server_name, &p.sql, &p.param_types);
+        on_server.insert(p.server_name.clone());
+        self.parse(forward, Some(p.server_name.clone()));
+    }
+}
+
+/// Server-side statement name: the same SQL and parameter types share one
+/// prepared statement per backend connection, whichever client prepared it.
+pub fn server_name(sql: &str, types: &[u8]) -> String {
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    sql.hash(&mut h);
+    types.hash(&mut h);
+    format!("sb_{:016x}", h.finish())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::wire::Frame;
+
+    fn msg(build: impl FnOnce(&mut BytesMut)) -> Message {
+        let mut out = BytesMut::new();
+        build(&mut out);
+        let frame: Frame = wire::take_frame(&mut out, 1 << 20).unwrap().unwrap();
+        Message::decode(frame).unwrap()
+    }
+
+    fn parse(name: &str, sql: &str) -> Message {
+        msg(|o| wire::parse(o, name, sql, &[0, 0]))
+    }
+
+    fn bind(stmt: &str) -> Message {
+        msg(|o| wire::bind_renamed(o, b"\0x\0\0\0\0\0\0\0", stmt).unwrap())
+    }
+
+    fn execute() -> Message {
+        msg(|o| {
+            let f = Frame {
+                tag: b'E',
+                body: Bytes::from_static(b"\0\0\0\0\0"),
+            };
+            f.encode_into(o)
+        })
+    }
+
+    fn sync() -> Message {
+        msg(|o| {
+            Frame {
+                tag: b'S',
+                body: Bytes::new(),
+            }
+            .encode_into(o)
+        })
+    }
+
+    /// The client's view: define what its Parse messages define.
+    fn define(st: &mut Statements, batch: &[Message]) {
+        for m in batch {
+            if let Kind::Parse {
+                name,
+                sql,
+                param_types,
+            } = &m.kind
+            {
+                let class = Arc::new(Classified::nothing());
+                st.define(
+                    name,
+                    Prepared::new(name, sql.clone(), param_types.clone(), class),
+                );
+            }
+        }
+    }
+
+    /// The (type, statement name) of each message signalbox would send.
+    fn sent(t: &Translated) -> Vec<(char, String)> {
+        wire::frames(&t.bytes)
+            .map(|(tag, body)| {
+                let name = match tag {
+                    b'P' => body.split(|b| *b == 0).next().unwrap_or_default(),
+                    b'B' => body.split(|b| *b == 0).nth(1).unwrap_or_default(),
+                    _ => b"",
+                };
+                (tag as char, String::from_utf8_lossy(name).into_owned())
+            })
+            .collect()
+    }
+
+    #[test]
+    fn translation_table() {
+        let sql = "SELECT $1";
+        let server = server_name(sql, &[0, 0]);
+        let p = || Step::Parse {
+            forward: true,
+            slot: 0,
+        };
+        let injected = || Step::Parse {
+            forward: false,
+            slot: 0,
+        };
+        // (connection already has it, client batch) → (sent, plan)
+        type Case = (bool, Vec<Message>, Vec<(char, String)>, Vec<Step>);
+        let cases: Vec<Case> = vec![
+            // First Parse of a named statement: prepared under the server name.
+            (
+                false,
+                vec![parse("s1", sql), bind("s1"), execute(), sync()],
+                vec![
+                    ('P', server.clone()),
+                    ('B', server.clone()),
+                    ('E', "".into()),
+                    ('S', "".into()),
+                ],
+                vec![p(), Step::Bind, Step::Execute, Step::Sync],
+            ),
+            // The connection has it: the Parse is answered by signalbox.
+            (
+                true,
+                vec![parse("s1", sql), bind("s1"), execute(), sync()],
+                vec![('B', server.clone()), ('E', "".into()), ('S', "".into())],
+                vec![Step::SynthParse, Step::Bind, Step::Execute, Step::Sync],
+            ),
+            // Bind on a connection that lacks it: re-prepared, answer dropped.
+            (
+                false,
+                vec![bind("s1"), execute(), sync()],
+                vec![
+                    ('P', server.clone()),
+                    ('B', server.clone()),
+                    ('E', "".into()),
+                    ('S', "".into()),
+                ],
+                vec![injected(), Step::Bind, Step::Execute, Step::Sync],
+            ),
+            // A name the client never prepared goes through as is (the
+            // server answers 26000 as PostgreSQL would).
+            (
+                false,
+                vec![bind("nope"), sync()],
+                vec![('B', "nope".into()), ('S', "".into())],
+                vec![Step::Bind, Step::Sync],
+            ),
+        ];
+        for (i, (has, batch, want_sent, want_plan)) in cases.into_iter().enumerate() {
+            let mut st = Statements::default();
+            define(&mut st, &[parse("s1", sql)]);
+            let mut on_server: HashSet<String> = HashSet::new();
+            if has {
+                on_server.insert(server.clone());
+            }
+            let t = st.translate(&batch, &mut on_server).unwrap();
+            assert_eq!(sent(&t), want_sent, "case {i}");
+            assert_eq!(Vec::from(t.plan.clone()), want_plan, "case {i}");
+            assert!(
+                on_server.contains(&server) || want_sent.iter().all(|(t, _)| *t != 'P'),
+                "case {i}"
+            );
+        }
+    }
+
+    #[test]
+    fn unnamed_statement_is_reparsed_once_per_batch_and_close_forgets_the_name() {
+        let mut st = Statements::default();
+        define(&mut st, &[parse("", "SELECT 1")]);
+        let mut on_server = HashSet::new();
+        let t = st
+            .translate(
+                &[bind(""), execute(), bind(""), execute(), sync()],
+                &mut on_server,
+            )
+            .unwrap();
+        let parses = sent(&t).iter().filter(|(t, _)| *t == 'P').count();
+        assert_eq!(parses, 1);
+        define(&mut st, &[parse("s2", "SELECT 2")]);
+        let close = msg(|o| wire::close(o, b'S', "s2"));
+        let t = st.translate(&[close, sync()], &mut on_server).unwrap();
+        assert_eq!(
+            Vec::from(t.plan.clone()),
+            vec![Step::SynthClose, Step::Sync]
+        );
+        assert!(
+            sent(&t).iter().all(|(t, _)| *t != 'C'),
+            "shared server statement kept"
+        );
+        assert!(st.get("s2").is_none());
+    }
+}
