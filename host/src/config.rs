@@ -52,6 +52,9 @@ pub struct ClientsConfig {
     pub message_timeout_s: u64,
     /// Largest single message a client may send.
     pub max_message_mb: usize,
+    /// All clients' partly received large (> 64 KiB) messages together; a
+    /// message that does not fit is refused with 53200.
+    pub buffer_budget_mb: usize,
     /// On SIGTERM/SIGINT, how long clients may finish their transaction.
     pub shutdown_drain_s: u64,
 }
@@ -63,6 +66,7 @@ impl Default for ClientsConfig {
             login_timeout_s: 60,
             message_timeout_s: 60,
             max_message_mb: 64,
+            buffer_budget_mb: 256,
             shutdown_drain_s: 30,
         }
     }

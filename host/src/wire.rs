@@ -19,6 +19,8 @@ pub enum WireError {
     Io(#[from] std::io::Error),
     #[error("protocol violation: {0}")]
     Protocol(String),
+    #[error("out of memory: no room to buffer a {0}-byte message (the [clients] buffer_budget_mb is in use)")]
+    OutOfMemory(usize),
 }
 
 /// One framed message: its type byte and body (without the length).

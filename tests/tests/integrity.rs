@@ -81,7 +81,7 @@ async fn client_vanishing_mid_copy_leaves_nothing_for_the_next() {
         .batch_execute("CREATE TABLE IF NOT EXISTS copied (x int)")
         .await
         .unwrap();
-    for i in 0..100 {
+    for i in 0..200 {
         let mut a = Raw::connect(port, "postgres", "integrity_copy").await;
         a.send(&raw::query("COPY copied FROM STDIN")).await;
         let (tag, _) = a.next().await;
@@ -116,7 +116,7 @@ async fn client_vanishing_inside_a_transaction_never_lends_it_out() {
         .await
         .unwrap();
     let direct = connect(port_of("primary"), "integrity_tx").await;
-    for i in 0..100 {
+    for i in 0..200 {
         let mut a = Raw::connect(port, "postgres", "integrity_tx").await;
         let msgs = a.simple("BEGIN; INSERT INTO txrows VALUES (-1)").await;
         assert_eq!(msgs.last().unwrap().1, b"T", "inside a transaction");
@@ -411,7 +411,8 @@ async fn dead_pooled_connections_are_replaced_not_handed_out() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn malformed_input_gets_postgres_answers_and_others_are_unaffected() {
-    let server = start("[pool]\nsize = 4\n").await;
+    let server =
+        start("[pool]\nsize = 4\n[clients]\nmessage_timeout_s = 1\nmax_message_mb = 1\n").await;
     let port = server.addr.port();
     let polite = tokio::spawn(async move {
         let c = connect(port, "postgres").await;

@@ -118,3 +118,52 @@ async fn shutdown_lets_open_transactions_finish() {
             || Raw::first_answer(port).await.is_none_or(|(t, _)| t == b'E')
     );
 }
+
+/// A Query of `n` bytes of SQL text: `SELECT length('xxx...')`.
+fn big_query(n: usize) -> Vec<u8> {
+    let sql = format!("SELECT length('{}')", "x".repeat(n));
+    signalbox_tests::raw::query(&sql)
+}
+
+/// Large messages in flight count against one shared budget: beyond it a
+/// client gets 53200 (out of memory) at once, others are unaffected, and the
+/// room comes back when a message completes or its client vanishes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn large_messages_share_a_bounded_buffer_budget() {
+    let server = start("[clients]\nbuffer_budget_mb = 1\nmax_message_mb = 8\n").await;
+    let port = server.addr.port();
+    let msg = big_query(600 * 1024);
+    // B holds 600 KiB of the 1 MiB budget with a half-sent message.
+    let mut b = Raw::connect(port, "postgres", "postgres").await;
+    b.send(&msg[..msg.len() / 2]).await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    // C's 600 KiB message does not fit: refused at once.
+    let mut c = Raw::connect(port, "postgres", "postgres").await;
+    c.send(&msg[..1024]).await;
+    let (tag, body) = c.next().await;
+    assert_eq!((tag, sqlstate(&body).as_str()), (b'E', "53200"));
+    // A message larger than the whole budget never fits either.
+    let mut d = Raw::connect(port, "postgres", "postgres").await;
+    d.send(&big_query(2 << 20)[..4096]).await;
+    let (tag, body) = d.next().await;
+    assert_eq!((tag, sqlstate(&body).as_str()), (b'E', "53200"));
+    // Small statements are never affected.
+    let mut small = Raw::connect(port, "postgres", "postgres").await;
+    assert_eq!(small.simple("SELECT 1").await.last().unwrap().0, b'Z');
+    // B finishes its message: answered, and the room is back.
+    b.send(&msg[msg.len() / 2..]).await;
+    let msgs = b.until_ready().await;
+    assert_eq!(
+        signalbox_tests::raw::data_row(&msgs[1].1),
+        [Some((600 * 1024).to_string())]
+    );
+    let mut e = Raw::connect(port, "postgres", "postgres").await;
+    e.send(&msg[..msg.len() / 2]).await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    e.reset(); // vanishes mid-message: its share must come back too
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let mut f = Raw::connect(port, "postgres", "postgres").await;
+    f.send(&msg).await;
+    let msgs = f.until_ready().await;
+    assert_eq!(msgs[1].0, b'D', "{:?}", &msgs[..1]);
+}

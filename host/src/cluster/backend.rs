@@ -82,12 +82,12 @@ pub struct BackendConn {
     key: (i32, i32),
     addr: String,
     /// Server-side names of statements prepared on this connection.
-    pub prepared: HashSet<String>,
-    /// Fingerprint of the session state (SETs) last applied here.
-    pub state_key: u64,
+    prepared: HashSet<String>,
+    /// Fingerprint of the session state (SETs) last applied here; 0: unknown.
+    state_key: u64,
     /// Something a client ran may have changed session state signalbox does
     /// not track (a function call): reset everything before the next use.
-    pub needs_reset: bool,
+    needs_reset: bool,
     /// ReadyForQuery messages the server still owes (one per Query or Sync).
     owed: u32,
     /// Nothing was sent since the server last became ready.
@@ -294,6 +294,47 @@ impl BackendConn {
 
     pub fn node(&self) -> NodeId {
         self.node
+    }
+
+    /// Server-side names of the statements prepared here.
+    pub fn prepared_mut(&mut self) -> &mut HashSet<String> {
+        &mut self.prepared
+    }
+
+    /// The connection has exactly the session state `key` stands for.
+    pub fn carries(&self, key: u64) -> bool {
+        self.state_key == key && !self.needs_reset
+    }
+
+    /// Whether the next reset must undo untracked changes too.
+    pub fn needs_full_reset(&self) -> bool {
+        self.needs_reset
+    }
+
+    /// The session state `key` stands for was just applied (after a reset).
+    pub fn state_applied(&mut self, key: u64) {
+        self.state_key = key;
+        self.needs_reset = false;
+    }
+
+    /// The client changed its tracked state from `from` to `to` by running
+    /// the SETs on this very connection.
+    pub fn state_followed(&mut self, from: u64, to: u64) {
+        if self.state_key == from {
+            self.state_key = to;
+        }
+    }
+
+    /// Something ran that may have changed state signalbox cannot see.
+    pub fn mark_needs_reset(&mut self) {
+        self.needs_reset = true;
+    }
+
+    /// The server reset the session itself (`DISCARD ALL`): its state is no
+    /// longer any client's, and its prepared statements are gone.
+    pub fn forget_session(&mut self) {
+        self.state_key = 0;
+        self.prepared.clear();
     }
 
     /// The backend's cancel key.

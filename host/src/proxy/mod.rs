@@ -42,6 +42,8 @@ pub struct Shared {
     /// Set once when signalbox begins to shut down: no new clients, and
     /// sessions end at their next moment outside a transaction.
     pub shutdown: tokio::sync::watch::Sender<bool>,
+    /// Shared by every client's partly received large messages.
+    pub message_budget: Arc<relay::MessageBudget>,
     /// Connected clients (past the TCP accept), for `max_connections`.
     clients: AtomicU64,
     next_session: AtomicU64,
@@ -55,6 +57,9 @@ impl Shared {
         tls: Option<(crate::tls::TlsAcceptor, bool)>,
     ) -> Arc<Self> {
         let nodes = cluster.nodes.len();
+        let message_budget = Arc::new(relay::MessageBudget::new(
+            config.clients.buffer_budget_mb << 20,
+        ));
         Arc::new(Self {
             tls,
             config,
@@ -65,6 +70,7 @@ impl Shared {
             metrics: Metrics::new(nodes),
             server_params: Mutex::default(),
             shutdown: tokio::sync::watch::channel(false).0,
+            message_budget,
             clients: AtomicU64::new(0),
             next_session: AtomicU64::new(1),
         })

@@ -73,20 +73,64 @@ pub struct ClientIo {
     /// already showed the client anything (then it cannot be retried).
     pub sent: u64,
     pub limits: ClientLimits,
+    /// Bytes of the message now arriving that count against the budget.
+    pub reserved: usize,
+}
+
+impl Drop for ClientIo {
+    fn drop(&mut self) {
+        self.limits.budget.give(std::mem::take(&mut self.reserved));
+    }
+}
+
+/// Memory all clients together may hold in partly received large messages:
+/// one client cannot make signalbox buffer gigabytes, and many slow clients
+/// together cannot either.
+#[derive(Debug)]
+pub struct MessageBudget {
+    free: std::sync::atomic::AtomicUsize,
+}
+
+impl MessageBudget {
+    /// Messages up to this size never count: they are bounded by the read
+    /// buffer anyway.
+    const SMALL: usize = 64 * 1024;
+
+    pub fn new(bytes: usize) -> Self {
+        Self {
+            free: std::sync::atomic::AtomicUsize::new(bytes),
+        }
+    }
+
+    fn take(&self, n: usize) -> bool {
+        use std::sync::atomic::Ordering;
+        self.free
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |f| f.checked_sub(n))
+            .is_ok()
+    }
+
+    fn give(&self, n: usize) {
+        self.free.fetch_add(n, std::sync::atomic::Ordering::AcqRel);
+    }
 }
 
 /// Bounds on what one client may make signalbox buffer or wait for.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Debug)]
 pub struct ClientLimits {
     pub max_message: usize,
     pub message_timeout: std::time::Duration,
+    pub budget: std::sync::Arc<MessageBudget>,
 }
 
 impl ClientLimits {
-    pub fn from_config(c: &crate::config::ClientsConfig) -> Self {
+    pub fn from_config(
+        c: &crate::config::ClientsConfig,
+        budget: std::sync::Arc<MessageBudget>,
+    ) -> Self {
         Self {
             max_message: c.max_message_mb.max(1) << 20,
             message_timeout: std::time::Duration::from_secs(c.message_timeout_s.max(1)),
+            budget,
         }
     }
 }
@@ -98,6 +142,24 @@ impl ClientIo {
             self.sent += self.out.len() as u64;
             self.out.clear();
         }
+        Ok(())
+    }
+
+    /// A large message has started: count it against the shared budget
+    /// before buffering it (refused with `53200` when there is no room).
+    fn reserve_for_message(&mut self) -> Result<(), WireError> {
+        if self.reserved > 0 || self.rbuf.len() < 5 {
+            return Ok(());
+        }
+        let len = i32::from_be_bytes([self.rbuf[1], self.rbuf[2], self.rbuf[3], self.rbuf[4]]);
+        let len = usize::try_from(len).unwrap_or(0);
+        if len <= MessageBudget::SMALL {
+            return Ok(());
+        }
+        if !self.limits.budget.take(len) {
+            return Err(WireError::OutOfMemory(len));
+        }
+        self.reserved = len;
         Ok(())
     }
 
@@ -120,8 +182,10 @@ impl ClientIo {
                 }
             }
             if let Some(f) = wire::take_frame(&mut self.rbuf, self.limits.max_message)? {
+                self.limits.budget.give(std::mem::take(&mut self.reserved));
                 return Ok(f);
             }
+            self.reserve_for_message()?;
             let started = !self.rbuf.is_empty();
             self.rbuf.reserve(8 * 1024);
             let read = self.read.read_buf(&mut self.rbuf);

@@ -74,17 +74,16 @@ impl Session {
             return Ok(None);
         };
         let conn = lease.conn();
-        if conn.state_key == self.state.key && !conn.needs_reset {
+        if conn.carries(self.state.key) {
             return Ok(None);
         }
-        let sql = self.state.replay_sql(conn.needs_reset);
+        let sql = self.state.replay_sql(conn.needs_full_reset());
         let failed = conn
             .execute_silently(&sql)
             .await
             .map_err(SessionError::Backend)?;
         if failed.is_none() {
-            conn.state_key = self.state.key;
-            conn.needs_reset = false;
+            conn.state_applied(self.state.key);
         }
         Ok(failed)
     }
@@ -181,13 +180,16 @@ impl Session {
                     .await?;
                     return Ok(false);
                 }
-                // The connection died before anything ran on it (e.g. its node
-                // was just stopped): a read tries once more, anything else
-                // gets an error and the session goes on.
+                // The connection died before the client's work was sent on
+                // it (e.g. its node was just stopped): nothing ran, so any
+                // statement may try once more on a fresh connection — a read
+                // on another node.
                 Err(e) => {
                     self.release(true);
-                    node = self.other_node_for_read(&input, node).unwrap_or(node);
-                    if !(reroutable && attempt == 0) {
+                    if reroutable {
+                        node = self.other_node_for_read(&input, node).unwrap_or(node);
+                    }
+                    if attempt > 0 {
                         self.error(
                             "08006",
                             &format!("signalbox: lost the connection to the node: {e}"),
@@ -236,7 +238,7 @@ impl Session {
                 Work::Query(bytes) => (bytes, VecDeque::from([Step::Query]), &[]),
                 Work::Batch(batch) => {
                     let conn = self.lease.as_mut().expect("acquired").conn();
-                    translated = match self.statements.translate(batch, &mut conn.prepared) {
+                    translated = match self.statements.translate(batch, conn.prepared_mut()) {
                         Ok(t) => t,
                         Err(e) => {
                             self.fatal("08P01", &e.to_string()).await;
@@ -255,7 +257,7 @@ impl Session {
                     if let Some(lease) = self.lease.as_mut() {
                         for slot in &outcome.failed_parses {
                             if let Some(Some(name)) = slots.get(*slot as usize) {
-                                lease.conn().prepared.remove(name);
+                                lease.conn().prepared_mut().remove(name);
                             }
                         }
                     }
@@ -344,16 +346,17 @@ impl Session {
         let conn = lease.conn();
         // Untracked changes, or tracked ones that may have half-applied.
         if class.touches_session || (outcome.error && !class.effects.is_empty()) {
-            conn.needs_reset = true;
+            conn.mark_needs_reset();
         }
         for e in &class.effects {
             match e {
                 // The server dropped every statement, ours included (and
                 // DISCARD ALL its settings too).
                 SessionEffect::Deallocate(None) | SessionEffect::DiscardAll => {
-                    conn.prepared.clear();
                     if matches!(e, SessionEffect::DiscardAll) {
-                        conn.state_key = 0;
+                        conn.forget_session();
+                    } else {
+                        conn.prepared_mut().clear();
                     }
                     if !outcome.error {
                         self.statements.clear();
@@ -456,9 +459,7 @@ impl Session {
             self.state.apply(&all, &self.startup_sets);
             if let Some(l) = self.lease.as_mut() {
                 // The connection ran the SETs itself.
-                if l.conn().state_key == before {
-                    l.conn().state_key = self.state.key;
-                }
+                l.conn().state_followed(before, self.state.key);
             }
         }
         if self.tx == TxState::Idle {

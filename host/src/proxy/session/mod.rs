@@ -91,7 +91,11 @@ impl Session {
             rbuf: BytesMut::with_capacity(8 * 1024),
             out: BytesMut::with_capacity(16 * 1024),
             sent: 0,
-            limits: super::relay::ClientLimits::from_config(&shared.config.clients),
+            limits: super::relay::ClientLimits::from_config(
+                &shared.config.clients,
+                shared.message_budget.clone(),
+            ),
+            reserved: 0,
         };
         let get = |k: &str| params.iter().find(|(n, _)| n == k).map(|(_, v)| v.clone());
         let user = get("user").unwrap_or_default();
@@ -197,6 +201,10 @@ impl Session {
                 Err(WireError::Closed) => return Ok(()),
                 Err(e @ WireError::Protocol(_)) => {
                     self.fatal("08P01", &e.to_string()).await;
+                    return Err(SessionError::Client(e));
+                }
+                Err(e @ WireError::OutOfMemory(_)) => {
+                    self.fatal("53200", &e.to_string()).await;
                     return Err(SessionError::Client(e));
                 }
                 Err(e) => return Err(SessionError::Client(e)),
