@@ -112,6 +112,20 @@ pub enum PoolMode {
     Session,
 }
 
+/// What happens after a statement that may change session state signalbox
+/// cannot see (a user-defined function, a procedure, a `DO` block).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum UntrackedState {
+    /// Keep the client on that connection for the rest of its session, so
+    /// what the function set stays the client's, as on PostgreSQL.
+    #[default]
+    Pin,
+    /// Keep transaction pooling: the connection is fully reset before its
+    /// next use, and the client loses what the function set.
+    Reset,
+}
+
 #[derive(Clone, Debug, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct PoolConfig {
@@ -123,6 +137,7 @@ pub struct PoolConfig {
     /// Connections older than this are closed when they come back idle.
     pub max_lifetime_s: u64,
     pub mode: PoolMode,
+    pub untracked_state: UntrackedState,
     /// Databases whose clients get session pooling.
     pub session_databases: Vec<String>,
     /// Users whose clients get session pooling.
@@ -138,6 +153,7 @@ impl Default for PoolConfig {
             idle_timeout_s: 300,
             max_lifetime_s: 3600,
             mode: PoolMode::Transaction,
+            untracked_state: UntrackedState::Pin,
             session_databases: Vec::new(),
             session_users: Vec::new(),
         }

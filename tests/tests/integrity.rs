@@ -522,3 +522,46 @@ async fn a_replica_killed_under_load_fails_no_read() {
         &failed[..failed.len().min(5)]
     );
 }
+
+/// A function that SETs (without LOCAL) changes the session invisibly to
+/// signalbox. By default the client is pinned to that connection (it keeps
+/// the setting, as on PostgreSQL); with `untracked_state = "reset"` the
+/// connection is fully reset before its next use. Either way no other
+/// client ever sees the setting.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn settings_made_inside_functions_never_reach_another_client() {
+    let c = cluster();
+    c.psql(
+        c.primary.port,
+        "CREATE OR REPLACE FUNCTION sb_set_path() RETURNS int LANGUAGE plpgsql AS \
+         $$ BEGIN PERFORM set_config('search_path', 'sb_from_fn', false); RETURN 1; END $$",
+    )
+    .expect("create function");
+    c.wait_replayed().unwrap();
+    let on_primary = "SELECT txid_current() * 0 + 1, current_setting('search_path')";
+    for (mode, keeps) in [("pin", true), ("reset", false)] {
+        let server = start(&format!("{POOL1}untracked_state = \"{mode}\"\n")).await;
+        let port = server.addr.port();
+        let a = connect(port, "postgres").await;
+        a.batch_execute("SELECT sb_set_path()").await.unwrap();
+        let path: String = a.query_one(on_primary, &[]).await.unwrap().get(1);
+        assert_eq!(
+            path == "sb_from_fn",
+            keeps,
+            "{mode}: the client's own setting"
+        );
+        drop(a);
+        let b = connect(port, "postgres").await;
+        for _ in 0..3 {
+            let path: String = b
+                .query_one(on_primary, &[])
+                .await
+                .unwrap_or_else(|e| panic!("{mode}: {e:?}"))
+                .get(1);
+            assert_ne!(
+                path, "sb_from_fn",
+                "{mode}: another client's function setting leaked"
+            );
+        }
+    }
+}

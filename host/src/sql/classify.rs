@@ -65,6 +65,7 @@ impl Classified {
             read_only: true,
             statements: 0,
             parse_error: false,
+            touches_session: false,
             ..Self::unknown("")
         }
     }
@@ -1008,6 +1009,9 @@ mod tests {
         assert!(classify("DO $$ BEGIN PERFORM 1; END $$").touches_session);
         assert!(!classify("SELECT nextval('s'), now()").touches_session);
         assert!(!classify("INSERT INTO t VALUES (1)").touches_session);
+        // A batch that runs no statement (Close, Describe, Sync) touches nothing.
+        assert!(!Classified::nothing().touches_session);
+        assert!(Classified::nothing().read_only);
         assert_eq!(
             classify("RESET search_path").effects,
             vec![SessionEffect::Reset {

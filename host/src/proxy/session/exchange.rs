@@ -9,6 +9,7 @@ use std::time::Instant;
 
 use super::{Session, SessionError};
 use crate::cluster::pool::Lease;
+use crate::config::UntrackedState;
 use crate::proxy::message::Message;
 use crate::proxy::relay::{self, Outcome, RelayError, Step};
 use crate::route::guardrails::Routed;
@@ -262,6 +263,13 @@ impl Session {
                         }
                     }
                     self.after_exchange(class, &outcome);
+                    // (Such a statement is never read-only: the pin is on the primary.)
+                    if class.touches_session
+                        && !class.read_only
+                        && self.shared.config.pool.untracked_state == UntrackedState::Pin
+                    {
+                        self.pin_reason = Some("function that may change session state");
+                    }
                     self.finish(&outcome, class.effects.clone(), class.begins_read_only);
                     return Ok(());
                 }
