@@ -119,10 +119,13 @@ pub enum PoolMode {
 pub enum UntrackedState {
     /// Keep the client on that connection for the rest of its session, so
     /// what the function set stays the client's, as on PostgreSQL.
-    #[default]
     Pin,
     /// Keep transaction pooling: the connection is fully reset before its
-    /// next use, and the client loses what the function set.
+    /// next use, and the client loses what the function set. The default:
+    /// without catalog facts every `DO` block and non-listed built-in counts
+    /// (Sequelize creates ENUM types in a `DO` block), and pinning those
+    /// would keep ordinary ORM sessions off the replicas.
+    #[default]
     Reset,
 }
 
@@ -153,7 +156,7 @@ impl Default for PoolConfig {
             idle_timeout_s: 300,
             max_lifetime_s: 3600,
             mode: PoolMode::Transaction,
-            untracked_state: UntrackedState::Pin,
+            untracked_state: UntrackedState::Reset,
             session_databases: Vec::new(),
             session_users: Vec::new(),
         }
