@@ -49,9 +49,10 @@ impl Server {
         let tls = match &config.tls {
             Some(t) => {
                 let base = config.base_dir();
-                let acceptor = crate::tls::acceptor(&base.join(&t.cert), &base.join(&t.key))
-                    .with_context(|| "[tls]")?;
-                Some((acceptor, t.require))
+                let tls =
+                    crate::tls::client_tls(&base.join(&t.cert), &base.join(&t.key), t.require)
+                        .with_context(|| "[tls]")?;
+                Some(tls)
             }
             None => None,
         };

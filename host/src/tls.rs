@@ -35,8 +35,62 @@ fn provider() -> Arc<CryptoProvider> {
     Arc::new(ring::default_provider())
 }
 
-/// The acceptor for client connections, from PEM files.
-pub fn acceptor(cert: &Path, key: &Path) -> Result<TlsAcceptor, TlsError> {
+/// TLS towards clients: the acceptor, and the channel-binding data of our
+/// certificate (`None` when its signature algorithm has no defined hash).
+#[derive(Clone)]
+pub struct ClientTls {
+    pub acceptor: TlsAcceptor,
+    pub required: bool,
+    pub end_point: Option<Vec<u8>>,
+}
+
+/// `tls-server-end-point` channel-binding data (RFC 5929): the hash of the
+/// server certificate, with the hash of its signature algorithm, SHA-256
+/// for MD5 and SHA-1. `None` for algorithms without one (Ed25519, PSS).
+pub fn end_point(cert: &[u8]) -> Option<Vec<u8>> {
+    use ::ring::digest;
+    // Certificate ::= SEQUENCE { tbsCertificate, signatureAlgorithm, ... }
+    let (_, body, _) = der(cert)?;
+    let (_, _, rest) = der(body)?;
+    let (_, algorithm, _) = der(rest)?;
+    let (tag, oid, _) = der(algorithm)?;
+    if tag != 0x06 {
+        return None;
+    }
+    const RSA: &[u8] = &[0x2a, 0x86, 0x48, 0x86, 0xf7, 0x0d, 0x01, 0x01];
+    const ECDSA: &[u8] = &[0x2a, 0x86, 0x48, 0xce, 0x3d, 0x04];
+    let hash = match oid {
+        [p @ .., 0x04 | 0x05 | 0x0b] if p == RSA => &digest::SHA256,
+        [p @ .., 0x0c] if p == RSA => &digest::SHA384,
+        [p @ .., 0x0d] if p == RSA => &digest::SHA512,
+        [p @ .., 0x01] if p == ECDSA => &digest::SHA256, // ecdsa-with-SHA1
+        [p @ .., 0x03, 0x02] if p == ECDSA => &digest::SHA256,
+        [p @ .., 0x03, 0x03] if p == ECDSA => &digest::SHA384,
+        [p @ .., 0x03, 0x04] if p == ECDSA => &digest::SHA512,
+        _ => return None,
+    };
+    Some(digest::digest(hash, cert).as_ref().to_vec())
+}
+
+/// One DER element: (tag, contents, what follows).
+fn der(data: &[u8]) -> Option<(u8, &[u8], &[u8])> {
+    let (&tag, rest) = data.split_first()?;
+    let (&first, rest) = rest.split_first()?;
+    let (len, rest) = if first < 0x80 {
+        (first as usize, rest)
+    } else {
+        let n = (first & 0x7f) as usize;
+        if n == 0 || n > 4 || rest.len() < n {
+            return None;
+        }
+        let len = rest[..n].iter().fold(0usize, |a, b| (a << 8) | *b as usize);
+        (len, &rest[n..])
+    };
+    (rest.len() >= len).then(|| (tag, &rest[..len], &rest[len..]))
+}
+
+/// TLS for client connections, from PEM files.
+pub fn client_tls(cert: &Path, key: &Path, required: bool) -> Result<ClientTls, TlsError> {
     let file_err = |p: &Path, e: &dyn std::fmt::Display| TlsError::File {
         path: p.display().to_string(),
         message: e.to_string(),
@@ -53,9 +107,21 @@ pub fn acceptor(cert: &Path, key: &Path) -> Result<TlsAcceptor, TlsError> {
         .with_safe_default_protocol_versions()
         .map_err(|e| TlsError::Config(e.to_string()))?
         .with_no_client_auth()
-        .with_single_cert(certs, key)
+        .with_single_cert(certs.clone(), key)
         .map_err(|e| TlsError::Config(e.to_string()))?;
-    Ok(TlsAcceptor::from(Arc::new(config)))
+    let end_point = end_point(&certs[0]);
+    if end_point.is_none() {
+        tracing::warn!(
+            cert = %cert.display(),
+            "the certificate's signature algorithm defines no hash for channel binding: \
+             SCRAM-SHA-256-PLUS is not offered"
+        );
+    }
+    Ok(ClientTls {
+        acceptor: TlsAcceptor::from(Arc::new(config)),
+        required,
+        end_point,
+    })
 }
 
 /// How to use TLS towards a node (libpq's `sslmode`).

@@ -109,6 +109,18 @@ impl<'a> Fields<'a> {
         Self { data }
     }
 
+    /// A NUL-terminated string as bytes (text in the client's encoding).
+    pub fn cbytes(&mut self) -> Result<&'a [u8], WireError> {
+        let end = self
+            .data
+            .iter()
+            .position(|&b| b == 0)
+            .ok_or_else(|| WireError::Protocol("unterminated string".into()))?;
+        let s = &self.data[..end];
+        self.data = &self.data[end + 1..];
+        Ok(s)
+    }
+
     pub fn cstr(&mut self) -> Result<&'a str, WireError> {
         let end = self
             .data
@@ -270,10 +282,11 @@ pub fn query(out: &mut BytesMut, sql: &str) {
 }
 
 /// Raw `Parse` message.
-pub fn parse(out: &mut BytesMut, name: &str, sql: &str, param_types: &[u8]) {
+pub fn parse(out: &mut BytesMut, name: &str, sql: &[u8], param_types: &[u8]) {
     message(out, b'P', |b| {
         put_cstr(b, name);
-        put_cstr(b, sql);
+        b.put_slice(sql);
+        b.put_u8(0);
         b.put_slice(param_types);
     });
 }

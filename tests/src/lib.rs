@@ -283,9 +283,15 @@ pub mod raw {
     }
 
     pub fn parse(name: &str, sql: &str) -> Vec<u8> {
+        parse_bytes(name, sql.as_bytes())
+    }
+
+    /// A Parse whose text is given as raw bytes (e.g. LATIN9).
+    pub fn parse_bytes(name: &str, sql: &[u8]) -> Vec<u8> {
         let mut b = Vec::new();
         cstr(&mut b, name);
-        cstr(&mut b, sql);
+        b.extend_from_slice(sql);
+        b.push(0);
         b.extend_from_slice(&0i16.to_be_bytes());
         frame(b'P', &b)
     }
@@ -332,12 +338,21 @@ pub mod raw {
 
     /// A protocol-3.0 StartupMessage.
     pub fn startup(user: &str, database: &str) -> Vec<u8> {
+        startup_with(user, database, &[])
+    }
+
+    /// A StartupMessage with more parameters (`client_encoding`, `options` …).
+    pub fn startup_with(user: &str, database: &str, params: &[(&str, &str)]) -> Vec<u8> {
         let mut b = Vec::new();
         b.extend_from_slice(&196_608i32.to_be_bytes());
         cstr(&mut b, "user");
         cstr(&mut b, user);
         cstr(&mut b, "database");
         cstr(&mut b, database);
+        for (k, v) in params {
+            cstr(&mut b, k);
+            cstr(&mut b, v);
+        }
         b.push(0);
         let mut out = (b.len() as i32 + 4).to_be_bytes().to_vec();
         out.extend_from_slice(&b);
@@ -365,6 +380,28 @@ pub mod raw {
         String::new()
     }
 
+    /// The columns of a DataRow body as bytes (NULL as None).
+    pub fn data_row_bytes(body: &[u8]) -> Vec<Option<Vec<u8>>> {
+        data_row_lossless(body)
+    }
+
+    fn data_row_lossless(body: &[u8]) -> Vec<Option<Vec<u8>>> {
+        let n = i16::from_be_bytes([body[0], body[1]]) as usize;
+        let mut pos = 2;
+        let mut out = Vec::with_capacity(n);
+        for _ in 0..n {
+            let len = i32::from_be_bytes([body[pos], body[pos + 1], body[pos + 2], body[pos + 3]]);
+            pos += 4;
+            if len < 0 {
+                out.push(None);
+            } else {
+                out.push(Some(body[pos..pos + len as usize].to_vec()));
+                pos += len as usize;
+            }
+        }
+        out
+    }
+
     /// The text columns of a DataRow body (NULL as None).
     pub fn data_row(body: &[u8]) -> Vec<Option<String>> {
         let n = i16::from_be_bytes([body[0], body[1]]) as usize;
@@ -389,6 +426,16 @@ pub mod raw {
     impl Raw {
         /// Connect and log in (trust); returns after the first ReadyForQuery.
         pub async fn connect(port: u16, user: &str, database: &str) -> Raw {
+            Self::connect_with(port, user, database, &[]).await
+        }
+
+        /// Connect with more startup parameters.
+        pub async fn connect_with(
+            port: u16,
+            user: &str,
+            database: &str,
+            params: &[(&str, &str)],
+        ) -> Raw {
             let stream = TcpStream::connect(("127.0.0.1", port))
                 .await
                 .unwrap_or_else(|e| panic!("connect to {port}: {e}"));
@@ -396,7 +443,7 @@ pub mod raw {
                 stream,
                 login: Vec::new(),
             };
-            raw.send(&startup(user, database)).await;
+            raw.send(&startup_with(user, database, params)).await;
             let msgs = raw.until_ready().await;
             assert!(
                 msgs.iter().all(|(t, _)| *t != b'E'),

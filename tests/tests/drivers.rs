@@ -154,3 +154,85 @@ async fn tokio_postgres_round_trip_matches_direct() {
     );
     let _ = service::cluster();
 }
+
+/// node-pg: a pg-cursor stream that fails mid-stream (Execute + Flush, no
+/// Sync) and the same connection afterwards; a pooled client whose server
+/// connection is terminated while idle is discarded by node-pg's pool.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn node_pg_failing_cursor_and_terminated_pool_client() {
+    let server = start("").await;
+    let session = start("[pool]\nmode = \"session\"\n").await;
+    let drivers = root().join("tests/drivers");
+    let url = |port: u16| format!("postgres://postgres@127.0.0.1:{port}/postgres");
+    let out = tokio::task::block_in_place(|| {
+        run(
+            Command::new("node")
+                .arg(drivers.join("pg_protocol.js"))
+                .env("SB_URL", url(server.addr.port()))
+                .env("SB_SESSION_URL", url(session.addr.port()))
+                .env("DIRECT_URL", url(port_of("primary"))),
+            "node pg_protocol.js (needs the node packages: `cargo xtask setup`)",
+        )
+    });
+    let v: serde_json::Value =
+        serde_json::from_str(out.trim()).unwrap_or_else(|e| panic!("{e}: {out}"));
+    // Three rounds of 40 rows, each ended by division by zero.
+    assert_eq!(v["cursor"]["error"], "22012", "{out}");
+    assert_eq!(v["cursor"]["rows"], 120, "{out}");
+    assert_eq!(v["cursor"]["after"], "after", "{out}");
+    assert_eq!(v["cursor"]["streamed"], 25, "{out}");
+    // The pool saw the termination while idle and replaced the client.
+    assert_eq!(v["pool"]["errors"][0], "57P01", "{out}");
+    assert_ne!(v["pool"]["first"], v["pool"]["second"], "{out}");
+}
+
+/// psycopg 3: pipeline mode with an aborted statement followed by more
+/// work, an idle LISTENing connection receiving a NOTIFY, and a LATIN9
+/// client inserting and reading 'é€'.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn psycopg_pipeline_listen_and_latin9() {
+    let server = start("").await;
+    let c = service::cluster();
+    c.psql(
+        c.primary.port,
+        "CREATE TABLE IF NOT EXISTS psycopg_latin9 (id serial, v text)",
+    )
+    .unwrap();
+    c.wait_replayed().unwrap();
+    let script = root().join("tests/drivers/psycopg_protocol.py");
+    let out = tokio::task::block_in_place(|| {
+        run(
+            Command::new("python3").arg(&script).env(
+                "SB_DSN",
+                format!(
+                    "host=127.0.0.1 port={} user=postgres dbname=postgres",
+                    server.addr.port()
+                ),
+            ),
+            "python3 psycopg_protocol.py (needs psycopg 3: `cargo xtask setup`)",
+        )
+    });
+    let v: serde_json::Value =
+        serde_json::from_str(out.trim()).unwrap_or_else(|e| panic!("{e}: {out}"));
+    assert_eq!(v["pipeline_error"], "42P01", "{out}");
+    assert_eq!(v["before"], "before", "{out}");
+    assert_eq!(
+        v["after_pipeline"],
+        serde_json::json!([0, 2, 4, 6, 8]),
+        "{out}"
+    );
+    assert_eq!(v["after_plain"], "plain", "{out}");
+    assert_eq!(v["notified"], serde_json::json!(["while idle"]), "{out}");
+    assert!(v["notify_seconds"].as_f64().unwrap() < 5.0, "{out}");
+    assert_eq!(v["client_encoding"], "LATIN9", "{out}");
+    assert_eq!(v["inserted"], "é€", "{out}");
+    assert_eq!(v["read"], "é€", "{out}");
+    // Stored as 'é€' (UTF-8 on the server), not as mojibake.
+    let n = c
+        .psql(
+            c.primary.port,
+            "SELECT count(*) FROM psycopg_latin9 WHERE v = 'é€'",
+        )
+        .unwrap();
+    assert!(n.trim().parse::<u32>().unwrap() >= 1, "{n}");
+}

@@ -942,3 +942,100 @@ async fn portals_stream_rows_across_syncs_inside_a_transaction() {
     assert_eq!(got, (1..=10).collect::<Vec<_>>());
     tx.commit().await.unwrap();
 }
+
+/// libpq over TLS with SCRAM: `sslmode=require` logs in (SCRAM-SHA-256-PLUS
+/// with `tls-server-end-point` binding), `channel_binding=require` holds,
+/// the default `sslmode=prefer` stays encrypted instead of falling back to
+/// plain text, and a wrong password still fails.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn scram_over_tls_with_channel_binding() {
+    let dir = tempfile::tempdir().unwrap();
+    let (cert, key) = self_signed(dir.path());
+    let server = start(&format!(
+        "[tls]\ncert = {cert:?}\nkey = {key:?}\n[auth]\nmethod = \"scram-sha-256\"\n\
+         [[auth.users]]\nname = \"postgres\"\npassword = \"tls-pw\"\n"
+    ))
+    .await;
+    let p = server.addr.port();
+    let psql = |options: &str, password: &str| {
+        let out = std::process::Command::new("psql")
+            .arg(format!(
+                "host=127.0.0.1 port={p} user=postgres dbname=postgres {options}"
+            ))
+            .args([
+                "-XAt",
+                "-c",
+                "\\conninfo",
+                "-c",
+                "SELECT 'through-signalbox'",
+            ])
+            .env("PGPASSWORD", password)
+            .output()
+            .expect("run psql");
+        (
+            out.status.success(),
+            format!(
+                "{}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            ),
+        )
+    };
+    let verify = format!("sslmode=verify-full sslrootcert={}", cert.display());
+    for options in [
+        "sslmode=require".to_string(),
+        "sslmode=require channel_binding=require".to_string(),
+        "sslmode=prefer".to_string(),
+        format!("{verify} channel_binding=require"),
+    ] {
+        let (ok, out) = tokio::task::block_in_place(|| psql(&options, "tls-pw"));
+        assert!(
+            ok && out.contains("SSL connection") && out.contains("through-signalbox"),
+            "{options}: {out}"
+        );
+    }
+    let (ok, out) =
+        tokio::task::block_in_place(|| psql("sslmode=require channel_binding=require", "wrong"));
+    assert!(
+        !ok && out.contains("password authentication failed"),
+        "{out}"
+    );
+    // Plain text: SCRAM without binding works; binding cannot be had.
+    let (ok, out) = tokio::task::block_in_place(|| psql("sslmode=disable", "tls-pw"));
+    assert!(ok && !out.contains("SSL connection"), "{out}");
+    let (ok, out) =
+        tokio::task::block_in_place(|| psql("sslmode=disable channel_binding=require", "tls-pw"));
+    assert!(!ok && out.contains("channel binding"), "{out}");
+}
+
+/// A client that stops in the middle of SCRAM is disconnected at the login
+/// deadline with PostgreSQL's message.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_stalling_mid_login_is_timed_out() {
+    let server = start(
+        "[clients]\nlogin_timeout_s = 2\n[auth]\nmethod = \"scram-sha-256\"\n\
+         [[auth.users]]\nname = \"postgres\"\npassword = \"pw\"\n",
+    )
+    .await;
+    let mut c = tokio::net::TcpStream::connect(server.addr).await.unwrap();
+    tokio::io::AsyncWriteExt::write_all(
+        &mut c,
+        &signalbox_tests::raw::startup("postgres", "postgres"),
+    )
+    .await
+    .unwrap();
+    let started = std::time::Instant::now();
+    let mut got = Vec::new();
+    let read = tokio::io::AsyncReadExt::read_to_end(&mut c, &mut got);
+    tokio::time::timeout(Duration::from_secs(20), read)
+        .await
+        .expect("signalbox closes the connection")
+        .unwrap();
+    assert!(started.elapsed() >= Duration::from_secs(1));
+    let text = String::from_utf8_lossy(&got);
+    assert!(text.contains("SCRAM-SHA-256"), "SASL was offered: {text}");
+    assert!(
+        text.contains("canceling authentication due to timeout"),
+        "{text}"
+    );
+}

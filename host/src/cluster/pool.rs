@@ -139,6 +139,10 @@ impl Pools {
         };
         let pool = Pool::builder(manager)
             .max_size(self.settings.size)
+            // The most recently released connection first: one client
+            // running one statement at a time stays on one warm connection,
+            // and surplus connections age out by the idle timeout.
+            .queue_mode(managed::QueueMode::Lifo)
             .runtime(deadpool::Runtime::Tokio1)
             .build()
             .expect("a pool with a runtime and a positive size always builds");

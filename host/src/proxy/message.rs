@@ -4,8 +4,6 @@
 //! only pass through (Execute, CopyData, ...) are not decoded; the frame is
 //! kept and forwarded as it came.
 
-use std::sync::Arc;
-
 use bytes::Bytes;
 
 use crate::wire::{Fields, Frame, WireError};
@@ -15,9 +13,10 @@ use crate::wire::{Fields, Frame, WireError};
 pub enum Kind {
     /// Simple query; its text is [`Message::query_text`].
     Query,
+    /// `text`: the SQL as the client sent it, in its client encoding.
     Parse {
         name: String,
-        sql: Arc<str>,
+        text: Bytes,
         param_types: Bytes,
     },
     Bind {
@@ -63,29 +62,31 @@ impl Message {
                 Kind::Query
             }
             b'P' => {
-                let name = f.cstr()?.to_owned();
-                let sql = Arc::from(f.cstr()?);
+                let name = name(&mut f)?;
+                let text = f.cbytes()?;
+                let start = text.as_ptr() as usize - frame.body.as_ptr() as usize;
+                let text = frame.body.slice(start..start + text.len());
                 let rest = f.rest();
                 let param_types = frame.body.slice(frame.body.len() - rest.len()..);
                 Kind::Parse {
                     name,
-                    sql,
+                    text,
                     param_types,
                 }
             }
             b'B' => {
-                let _portal = f.cstr()?;
+                let _portal = f.cbytes()?;
                 Kind::Bind {
-                    statement: f.cstr()?.to_owned(),
+                    statement: name(&mut f)?,
                 }
             }
             b'D' => Kind::Describe {
                 kind: f.u8()?,
-                name: f.cstr()?.to_owned(),
+                name: name(&mut f)?,
             },
             b'C' => Kind::Close {
                 kind: f.u8()?,
-                name: f.cstr()?.to_owned(),
+                name: name(&mut f)?,
             },
             b'E' => Kind::Execute,
             b'S' => Kind::Sync,
@@ -97,12 +98,18 @@ impl Message {
         Ok(Message { frame, kind })
     }
 
-    /// The SQL bytes of a Query (up to its NUL); not necessarily UTF-8.
+    /// The SQL bytes of a Query (up to its NUL), in the client encoding.
     pub fn query_text(&self) -> &[u8] {
         let body = &self.frame.body;
         let end = body.iter().position(|&b| b == 0).unwrap_or(body.len());
         &body[..end]
     }
+}
+
+/// A statement or portal name. In a client encoding other than UTF-8 it may
+/// not be UTF-8: it is only ever a key, so a lossy reading serves.
+fn name(f: &mut Fields<'_>) -> Result<String, WireError> {
+    Ok(String::from_utf8_lossy(f.cbytes()?).into_owned())
 }
 
 #[cfg(test)]
@@ -121,14 +128,14 @@ mod tests {
     #[test]
     fn decodes_what_routing_needs() {
         let p = Message::decode(frame(|o| {
-            crate::wire::parse(o, "s1", "SELECT $1", &[0, 1, 0, 0, 0, 23])
+            crate::wire::parse(o, "s1", b"SELECT $1", &[0, 1, 0, 0, 0, 23])
         }))
         .unwrap();
         assert_eq!(
             p.kind,
             Kind::Parse {
                 name: "s1".into(),
-                sql: Arc::from("SELECT $1"),
+                text: Bytes::from_static(b"SELECT $1"),
                 param_types: Bytes::from_static(&[0, 1, 0, 0, 0, 23]),
             }
         );

@@ -3,6 +3,7 @@
 //! to a [`session::Session`].
 
 pub mod auth;
+pub mod encoding;
 pub mod message;
 pub mod relay;
 pub mod session;
@@ -38,7 +39,7 @@ pub struct Shared {
     /// sessions are greeted without taking a pooled connection.
     pub server_params: Mutex<HashMap<(String, String), ServerParams>>,
     /// TLS for clients, and whether it is required.
-    pub tls: Option<(crate::tls::TlsAcceptor, bool)>,
+    pub tls: Option<crate::tls::ClientTls>,
     /// Set once when signalbox begins to shut down: no new clients, and
     /// sessions end at their next moment outside a transaction.
     pub shutdown: tokio::sync::watch::Sender<bool>,
@@ -54,7 +55,7 @@ impl Shared {
         config: Arc<Config>,
         cluster: Arc<Cluster>,
         router: Arc<Router>,
-        tls: Option<(crate::tls::TlsAcceptor, bool)>,
+        tls: Option<crate::tls::ClientTls>,
     ) -> Arc<Self> {
         let nodes = cluster.nodes.len();
         let message_budget = Arc::new(relay::MessageBudget::new(
@@ -238,7 +239,7 @@ async fn handle(tcp: TcpStream, shared: Arc<Shared>) -> Result<(), WireError> {
     let login_deadline =
         tokio::time::Instant::now() + Duration::from_secs(limits.login_timeout_s.max(1));
     // Startup negotiation, bounded in time: a silent client cannot hold us.
-    let params =
+    let (params, encrypted) =
         match tokio::time::timeout_at(login_deadline, negotiate(&mut stream, &shared)).await {
             Ok(Ok(Some(p))) => p,
             Ok(Ok(None)) => return Ok(()),
@@ -274,16 +275,16 @@ async fn handle(tcp: TcpStream, shared: Arc<Shared>) -> Result<(), WireError> {
         .metrics
         .sessions_active
         .fetch_add(1, Ordering::Relaxed);
-    session::Session::run(
-        shared.clone(),
+    let accepted = session::Accepted {
         stream,
         peer,
         params,
+        tls: encrypted,
         key,
         id,
         login_deadline,
-    )
-    .await;
+    };
+    session::Session::run(shared.clone(), accepted).await;
     shared
         .metrics
         .sessions_active
@@ -299,12 +300,13 @@ async fn refuse(stream: &mut BoxStream, code: &str, message: &str) {
     let _ = stream.write_all(&out).await;
 }
 
-/// Read startup packets until a StartupMessage; `None` for a cancel request.
-/// An `SSLRequest` upgrades `stream` to TLS when configured.
+/// Read startup packets until a StartupMessage: its parameters, and whether
+/// the connection is now TLS; `None` for a cancel request. An `SSLRequest`
+/// upgrades `stream` to TLS when configured.
 async fn negotiate(
     stream: &mut BoxStream,
     shared: &Shared,
-) -> Result<Option<Vec<(String, String)>>, WireError> {
+) -> Result<Option<(Vec<(String, String)>, bool)>, WireError> {
     let mut encrypted = false;
     loop {
         let body = wire::read_startup(stream).await?;
@@ -315,12 +317,12 @@ async fn negotiate(
         match code {
             wire::SSL_REQUEST if !encrypted && shared.tls.is_some() => {
                 stream.write_all(b"S").await?;
-                let Some((acceptor, _)) = shared.tls.as_ref() else {
+                let Some(tls) = shared.tls.as_ref() else {
                     continue;
                 };
                 // Take the plain stream out (leaving an inert one) to wrap it.
                 let plain = std::mem::replace(stream, Box::new(tokio::io::duplex(1).0));
-                *stream = Box::new(acceptor.accept(plain).await?);
+                *stream = Box::new(tls.acceptor.accept(plain).await?);
                 encrypted = true;
             }
             wire::SSL_REQUEST | wire::GSSENC_REQUEST => {
@@ -347,12 +349,12 @@ async fn negotiate(
                 if !params.iter().any(|(k, _)| k == "user") {
                     return Err(WireError::Protocol("no user in startup packet".into()));
                 }
-                if !encrypted && shared.tls.as_ref().is_some_and(|(_, required)| *required) {
+                if !encrypted && shared.tls.as_ref().is_some_and(|t| t.required) {
                     return Err(WireError::Protocol(
                         "signalbox requires TLS: connect with sslmode=require".into(),
                     ));
                 }
-                return Ok(Some(params));
+                return Ok(Some((params, encrypted)));
             }
             other => {
                 return Err(WireError::Protocol(format!(

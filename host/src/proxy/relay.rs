@@ -48,6 +48,8 @@ pub struct Outcome {
     /// Parse slots skipped or failed because of an error: those statements
     /// are not prepared on the connection.
     pub failed_parses: Vec<u32>,
+    /// The `client_encoding` the server reported (a SET, or its rollback).
+    pub client_encoding: Option<String>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -75,6 +77,9 @@ pub struct ClientIo {
     pub limits: ClientLimits,
     /// Bytes of the message now arriving that count against the budget.
     pub reserved: usize,
+    /// (server pid, pid the client was given): a notification the client's
+    /// own server connection sent names the pid the client knows.
+    pub pid_alias: Option<(i32, i32)>,
 }
 
 impl Drop for ClientIo {
@@ -232,7 +237,8 @@ pub async fn relay(
                 return Err(RelayError::Terminated(frame));
             }
             emit_synthetic(plan, &mut client.out);
-            let copy_in = handle(&frame, plan, &mut outcome, &mut client.out);
+            let alias = client.pid_alias;
+            let copy_in = handle(&frame, plan, &mut outcome, &mut client.out, alias);
             if copy_in {
                 client.flush().await.map_err(RelayError::Client)?;
                 pump_copy_in(conn, client).await?;
@@ -299,6 +305,7 @@ fn handle(
     plan: &mut VecDeque<Step>,
     outcome: &mut Outcome,
     out: &mut BytesMut,
+    alias: Option<(i32, i32)>,
 ) -> bool {
     let front = plan.front().copied();
     let mut forward = true;
@@ -313,6 +320,12 @@ fn handle(
                     _ => {}
                 }
                 plan.pop_front();
+            }
+        }
+        b'S' => {
+            let mut f = wire::Fields::new(&frame.body);
+            if let (Ok("client_encoding"), Ok(value)) = (f.cstr(), f.cstr()) {
+                outcome.client_encoding = Some(value.to_owned());
             }
         }
         b'Z' => {
@@ -348,9 +361,25 @@ fn handle(
         _ => {}
     }
     if forward {
-        frame.encode_into(out);
+        self::forward(frame, alias, out);
     }
     frame.tag == b'G'
+}
+
+/// Pass a server frame on to the client. A `NotificationResponse` sent by
+/// the client's own server connection (it ran `NOTIFY` itself) names the
+/// pid the client was given, as drivers compare it with their own.
+pub fn forward(frame: &Frame, alias: Option<(i32, i32)>, out: &mut BytesMut) {
+    match (frame.tag, alias) {
+        (b'A', Some((server, client))) if frame.body.get(..4) == Some(&server.to_be_bytes()) => {
+            let mut f = frame.clone();
+            let mut body = BytesMut::from(&frame.body[..]);
+            body[..4].copy_from_slice(&client.to_be_bytes());
+            f.body = body.freeze();
+            f.encode_into(out);
+        }
+        _ => frame.encode_into(out),
+    }
 }
 
 /// Forward the client's COPY data until it ends the COPY.
@@ -404,7 +433,7 @@ mod tests {
         emit_synthetic(&mut plan, &mut out);
         for f in server {
             emit_synthetic(&mut plan, &mut out);
-            handle(f, &mut plan, &mut outcome, &mut out);
+            handle(f, &mut plan, &mut outcome, &mut out, Some((7, 4_200_000)));
         }
         emit_synthetic(&mut plan, &mut out);
         let seen: String = wire::frames(&out).map(|(t, _)| t as char).collect();

@@ -20,7 +20,10 @@ use crate::wire::{self, WireError};
 /// A statement the client prepared.
 #[derive(Clone, Debug)]
 pub struct Prepared {
+    /// The text as UTF-8, for the classifier and the policy.
     pub sql: Arc<str>,
+    /// The text as the client sent it (its client encoding): what servers get.
+    pub text: Bytes,
     pub param_types: Bytes,
     /// Empty for the unnamed statement (never kept across connections).
     pub server_name: String,
@@ -28,14 +31,21 @@ pub struct Prepared {
 }
 
 impl Prepared {
-    pub fn new(name: &str, sql: Arc<str>, param_types: Bytes, class: Arc<Classified>) -> Self {
+    pub fn new(
+        name: &str,
+        sql: Arc<str>,
+        text: Bytes,
+        param_types: Bytes,
+        class: Arc<Classified>,
+    ) -> Self {
         let server_name = if name.is_empty() {
             String::new()
         } else {
-            server_name(&sql, &param_types)
+            server_name(&text, &param_types)
         };
         Self {
             sql,
+            text,
             param_types,
             server_name,
             class,
@@ -174,7 +184,7 @@ impl Statements {
         if name.is_empty() {
             if !*unnamed_parsed {
                 if let Some(p) = &self.unnamed {
-                    wire::parse(&mut t.bytes, "", &p.sql, &p.param_types);
+                    wire::parse(&mut t.bytes, "", &p.text, &p.param_types);
                     t.parse(false, None);
                     *unnamed_parsed = true;
                 }
@@ -200,7 +210,7 @@ impl Translated {
     }
 
     fn reparse(&mut self, p: &Prepared, forward: bool, on_server: &mut HashSet<String>) {
-        wire::parse(&mut self.bytes, &p.server_name, &p.sql, &p.param_types);
+        wire::parse(&mut self.bytes, &p.server_name, &p.text, &p.param_types);
         on_server.insert(p.server_name.clone());
         self.parse(forward, Some(p.server_name.clone()));
     }
@@ -208,9 +218,9 @@ impl Translated {
 
 /// Server-side statement name: the same SQL and parameter types share one
 /// prepared statement per backend connection, whichever client prepared it.
-pub fn server_name(sql: &str, types: &[u8]) -> String {
+pub fn server_name(text: &[u8], types: &[u8]) -> String {
     let mut h = std::collections::hash_map::DefaultHasher::new();
-    sql.hash(&mut h);
+    text.hash(&mut h);
     types.hash(&mut h);
     format!("sb_{:016x}", h.finish())
 }
@@ -228,7 +238,7 @@ mod tests {
     }
 
     fn parse(name: &str, sql: &str) -> Message {
-        msg(|o| wire::parse(o, name, sql, &[0, 0]))
+        msg(|o| wire::parse(o, name, sql.as_bytes(), &[0, 0]))
     }
 
     fn bind(stmt: &str) -> Message {
@@ -260,14 +270,15 @@ mod tests {
         for m in batch {
             if let Kind::Parse {
                 name,
-                sql,
+                text,
                 param_types,
             } = &m.kind
             {
                 let class = Arc::new(Classified::nothing());
+                let sql = Arc::from(String::from_utf8_lossy(text).as_ref());
                 st.define(
                     name,
-                    Prepared::new(name, sql.clone(), param_types.clone(), class),
+                    Prepared::new(name, sql, text.clone(), param_types.clone(), class),
                 );
             }
         }
@@ -290,7 +301,7 @@ mod tests {
     #[test]
     fn translation_table() {
         let sql = "SELECT $1";
-        let server = server_name(sql, &[0, 0]);
+        let server = server_name(sql.as_bytes(), &[0, 0]);
         let p = || Step::Parse {
             forward: true,
             slot: 0,

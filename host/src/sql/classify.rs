@@ -47,8 +47,10 @@ pub struct Classified {
     pub begins_read_only: bool,
     /// `BEGIN`/`START TRANSACTION` (any mode).
     pub begins: bool,
-    /// `DROP DATABASE name`.
-    pub drops_database: Option<String>,
+    /// A database no other session may be connected to for this statement
+    /// to succeed: `DROP DATABASE name`, the template of `CREATE DATABASE`
+    /// (`template1` by default), `ALTER DATABASE name RENAME`/`SET TABLESPACE`.
+    pub needs_database_alone: Option<String>,
     /// The parser rejected the text (it will go to the primary and fail there).
     pub parse_error: bool,
     /// It may change session state signalbox cannot track (a function or
@@ -81,7 +83,7 @@ impl Classified {
             effects: Vec::new(),
             begins_read_only: false,
             begins: false,
-            drops_database: None,
+            needs_database_alone: None,
             parse_error: true,
             touches_session: true,
         }
@@ -360,7 +362,7 @@ pub fn classify(sql: &str) -> Classified {
         effects: Vec::new(),
         begins_read_only: false,
         begins: false,
-        drops_database: None,
+        needs_database_alone: None,
         parse_error: false,
         touches_session: false,
     };
@@ -605,7 +607,22 @@ fn statement(node: &NodeEnum, text: &str, c: &mut Classified) -> (StatementKind,
             (K::Ddl, false)
         }
         NodeEnum::DropdbStmt(d) => {
-            c.drops_database = Some(d.dbname.clone());
+            c.needs_database_alone = Some(d.dbname.clone());
+            (K::Ddl, false)
+        }
+        NodeEnum::CreatedbStmt(d) => {
+            let template = option_string(&d.options, "template");
+            c.needs_database_alone = Some(template.unwrap_or_else(|| "template1".into()));
+            (K::Ddl, false)
+        }
+        NodeEnum::RenameStmt(r)
+            if r.rename_type() == pg_query::protobuf::ObjectType::ObjectDatabase =>
+        {
+            c.needs_database_alone = Some(r.subname.clone());
+            (K::Ddl, false)
+        }
+        NodeEnum::AlterDatabaseStmt(d) if option_string(&d.options, "tablespace").is_some() => {
+            c.needs_database_alone = Some(d.dbname.clone());
             (K::Ddl, false)
         }
         n if is_ddl(n) => (K::Ddl, false),
@@ -678,6 +695,24 @@ fn const_string(node: Option<&protobuf::Node>) -> Option<String> {
         Some(NodeEnum::String(s)) => Some(s.sval.to_ascii_lowercase()),
         _ => None,
     }
+}
+
+/// The value of option `name` in a DDL option list, as written (names are
+/// case-folded by the parser already).
+fn option_string(options: &[protobuf::Node], name: &str) -> Option<String> {
+    options.iter().find_map(|o| match o.node.as_ref() {
+        Some(NodeEnum::DefElem(d)) if d.defname == name => {
+            match d.arg.as_deref().and_then(|n| n.node.as_ref()) {
+                Some(NodeEnum::AConst(a)) => match &a.val {
+                    Some(a_const::Val::Sval(s)) => Some(s.sval.clone()),
+                    _ => None,
+                },
+                Some(NodeEnum::String(s)) => Some(s.sval.clone()),
+                _ => None,
+            }
+        }
+        _ => None,
+    })
 }
 
 /// BEGIN READ ONLY may run on a standby; a serializable transaction may not
@@ -789,7 +824,7 @@ impl Classifier {
             }
         }
         let c = Arc::new(classify(sql));
-        let maskable = c.effects.is_empty() && c.drops_database.is_none();
+        let maskable = c.effects.is_empty() && c.needs_database_alone.is_none();
         match masked {
             Some(m) if maskable => insert(&self.masked, m, c.clone(), self.capacity),
             _ => insert(&self.exact, sql.into(), c.clone(), self.capacity),
@@ -1031,8 +1066,30 @@ mod tests {
             SessionEffect::Pin(_)
         ));
         assert_eq!(
-            classify("DROP DATABASE shop").drops_database.as_deref(),
+            classify("DROP DATABASE shop")
+                .needs_database_alone
+                .as_deref(),
             Some("shop")
+        );
+        for (sql, db) in [
+            ("CREATE DATABASE copy", "template1"),
+            ("CREATE DATABASE copy TEMPLATE shop", "shop"),
+            (
+                "CREATE DATABASE copy WITH TEMPLATE = 'shop' OWNER x",
+                "shop",
+            ),
+            ("ALTER DATABASE shop RENAME TO store", "shop"),
+            ("ALTER DATABASE shop SET TABLESPACE fast", "shop"),
+        ] {
+            assert_eq!(
+                classify(sql).needs_database_alone.as_deref(),
+                Some(db),
+                "{sql}"
+            );
+        }
+        assert_eq!(
+            classify("ALTER DATABASE shop SET work_mem = '1MB'").needs_database_alone,
+            None
         );
         let b = classify("BEGIN READ ONLY");
         assert!(b.begins && b.begins_read_only);

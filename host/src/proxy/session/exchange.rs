@@ -160,6 +160,7 @@ impl Session {
                 Ok(lease) => {
                     node = lease.node();
                     self.shared.cancel.set(self.key, lease.addr(), lease.key());
+                    self.client.pid_alias = Some((lease.key().0, self.key.0));
                     self.lease = Some(lease);
                 }
                 Err((code, msg)) => {
@@ -262,6 +263,14 @@ impl Session {
                             }
                         }
                     }
+                    if let Some(e) = outcome.client_encoding.as_deref() {
+                        if let Some(e) = crate::proxy::encoding::ClientEncoding::lookup(e) {
+                            self.encoding = e;
+                        }
+                    }
+                    // An error with no Sync after it: the server skips to
+                    // the client's Sync.
+                    self.skipping = outcome.error && outcome.status.is_none();
                     self.after_exchange(class, &outcome);
                     // (Such a statement is never read-only: the pin is on the primary.)
                     if class.touches_session
@@ -320,30 +329,88 @@ impl Session {
         }
     }
 
-    /// Tell the client its node connection was lost (the transaction, if
-    /// any, is gone with it). A server that ended the connection with a
-    /// FATAL error ends the session the same way, as PostgreSQL would: its
-    /// error is forwarded and the client connection closed, so drivers'
-    /// pools discard it.
+    /// Tell the client its node connection was lost. A server that ended
+    /// the connection with a FATAL error ends the session the same way, as
+    /// PostgreSQL would: its error is forwarded and the client connection
+    /// closed, so drivers' pools discard it. A lost connection that held
+    /// the client's transaction or its whole session (pinned, session mode)
+    /// ends the session too, with `08006`: what the client relied on is
+    /// gone. Only a transaction-pooled client between transactions goes on,
+    /// with an error for the statement that was running.
     pub(super) async fn lost_backend(&mut self, lost: Lost) -> Result<(), SessionError> {
+        let held_session = self.tx != TxState::Idle
+            || self.pin_reason.is_some()
+            || self.session_pooling
+            || self.skipping
+            || self.lease.is_some();
+        self.release(true);
         let e = match lost {
-            Lost::Io(e) => e,
             Lost::Fatal(frame) => {
                 frame.encode_into(&mut self.client.out);
                 let _ = self.client.flush().await;
                 return Err(SessionError::Backend(WireError::Closed));
             }
+            Lost::Io(e) if held_session => {
+                let what = if self.tx != TxState::Idle {
+                    "during a transaction (it was rolled back)"
+                } else {
+                    "that held this session"
+                };
+                let msg = format!(
+                    "terminating connection: signalbox lost the server connection {what}: {e}"
+                );
+                self.fatal("08006", &msg).await;
+                return Err(SessionError::Backend(e));
+            }
+            Lost::Io(e) => e,
         };
-        let was = self.tx;
-        self.tx = TxState::Idle;
         self.pending_effects.clear();
-        let msg = if was == TxState::Idle {
-            format!("signalbox: lost the connection to the node: {e}")
-        } else {
-            format!("signalbox: lost the connection to the node during a transaction (it was rolled back): {e}")
-        };
         self.refresh_route_session();
-        self.error("08006", &msg).await
+        self.error(
+            "08006",
+            &format!("signalbox: lost the connection to the node: {e}"),
+        )
+        .await
+    }
+
+    /// The held server connection spoke (or closed) while the client was
+    /// idle. Notifications, notices and parameter changes go to the client
+    /// now, as PostgreSQL sends them; a connection that died ends the
+    /// session the way a direct connection would end.
+    pub(super) async fn backend_spoke(
+        &mut self,
+        filled: Result<(), WireError>,
+    ) -> Result<(), SessionError> {
+        let Some(lease) = self.lease.as_mut() else {
+            return Ok(());
+        };
+        let conn = lease.conn();
+        let mut lost = filled.err().map(Lost::Io);
+        while lost.is_none() {
+            match conn.take_frame() {
+                Ok(None) => break,
+                Ok(Some(f)) if f.tag == b'E' && wire::is_fatal(&f.body) => {
+                    lost = Some(Lost::Fatal(f))
+                }
+                Ok(Some(f)) if matches!(f.tag, b'A' | b'N' | b'S') => {
+                    relay::forward(&f, self.client.pid_alias, &mut self.client.out)
+                }
+                Ok(Some(f)) => {
+                    let msg = format!("unexpected message '{}' from an idle server", f.tag as char);
+                    lost = Some(Lost::Io(WireError::Protocol(msg)));
+                }
+                Err(e) => lost = Some(Lost::Io(e)),
+            }
+        }
+        match lost {
+            None => self.client.flush().await.map_err(SessionError::Client),
+            Some(lost) => {
+                // An idle client is between statements: even a transaction-
+                // pooled one learns of it only if the connection was its own.
+                let _ = self.client.flush().await;
+                self.lost_backend(lost).await
+            }
+        }
     }
 
     /// What a statement did to the connection beyond its result.

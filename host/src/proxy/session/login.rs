@@ -14,14 +14,41 @@ impl Session {
                 .config
                 .password_for(&self.user)
                 .map(str::to_owned);
-            let verdict =
-                crate::proxy::auth::scram(&mut self.client, &self.user, password.as_deref())
-                    .await
-                    .map_err(SessionError::Client)?;
+            let end_point = match &self.shared.tls {
+                Some(t) if self.tls => t.end_point.clone(),
+                _ => None,
+            };
+            let verdict = crate::proxy::auth::scram(
+                &mut self.client,
+                &self.user,
+                password.as_deref(),
+                end_point.as_deref(),
+            )
+            .await
+            .map_err(SessionError::Client)?;
             if let crate::proxy::auth::Verdict::Refused(code, msg) = verdict {
                 self.fatal(code, &msg).await;
                 return Err(SessionError::Client(WireError::Closed));
             }
+        }
+        let asked = self
+            .startup_params
+            .iter()
+            .find(|(n, _)| n.eq_ignore_ascii_case("client_encoding"))
+            .map(|(_, v)| v.clone());
+        if let Some(asked) = asked {
+            match crate::proxy::encoding::ClientEncoding::lookup(&asked) {
+                Some(e) => self.encoding = e,
+                None => {
+                    let msg =
+                        format!("invalid value for parameter \"client_encoding\": \"{asked}\"");
+                    self.fatal("22023", &msg).await;
+                    return Err(SessionError::Client(WireError::Closed));
+                }
+            }
+        }
+        if self.session_pooling {
+            return self.session_login().await;
         }
         let cache_key = (self.user.clone(), self.database.clone());
         let cached = self
@@ -72,6 +99,47 @@ impl Session {
         Ok(lease.conn().params().to_vec())
     }
 
+    /// Session mode: the client gets its own server connection (on the
+    /// primary) now, and is told that backend's real process id and cancel
+    /// key, so `pg_backend_pid()`, `pg_terminate_backend()` and cancel
+    /// requests mean exactly what they mean on PostgreSQL.
+    async fn session_login(&mut self) -> Result<(), SessionError> {
+        let Some(node) = self.shared.cluster.view().primary() else {
+            self.fatal("57P03", "signalbox: no primary to serve this session")
+                .await;
+            return Err(SessionError::Backend(WireError::Closed));
+        };
+        match self.checkout(node).await {
+            Ok(lease) => self.lease = Some(lease),
+            Err((code, msg)) => {
+                self.fatal(&code, &msg).await;
+                return Err(SessionError::Backend(WireError::Closed));
+            }
+        }
+        let failed = match self.sync_state().await {
+            Ok(None) => None,
+            Ok(Some((code, msg))) => Some((code, format!("signalbox: {msg}"))),
+            Err(e) => Some((
+                "08006".to_owned(),
+                format!("signalbox: lost the server connection while applying the session's settings: {e}"),
+            )),
+        };
+        if let Some((code, msg)) = failed {
+            self.release(true);
+            self.fatal(&code, &msg).await;
+            return Err(SessionError::Backend(WireError::Closed));
+        }
+        let Some(lease) = self.lease.as_mut() else {
+            return Err(SessionError::Backend(WireError::Closed));
+        };
+        let (addr, key) = (lease.addr(), lease.key());
+        let params = lease.conn().params().to_vec();
+        self.shared.cancel.forget(self.key);
+        self.key = key;
+        self.shared.cancel.set(key, addr, key);
+        self.greet(&params).await
+    }
+
     pub(super) async fn greet(&mut self, params: &[(String, String)]) -> Result<(), SessionError> {
         let out = &mut self.client.out;
         wire::auth_ok(out);
@@ -82,6 +150,11 @@ impl Session {
                 .iter()
                 .find(|(n, _)| n.eq_ignore_ascii_case(name))
                 .map(|(_, v)| v.as_str());
+            // (client_encoding as PostgreSQL names it: `UTF8` for `utf8`.)
+            if name == "client_encoding" {
+                wire::parameter_status(out, name, self.encoding.name);
+                continue;
+            }
             wire::parameter_status(out, name, asked.unwrap_or(value));
         }
         wire::backend_key_data(out, self.key.0, self.key.1);

@@ -16,6 +16,7 @@ use std::sync::Arc;
 
 use bytes::BytesMut;
 
+use super::encoding::ClientEncoding;
 use super::message::{Kind, Message};
 use super::relay::{ClientIo, RelayError};
 use super::state::{attribute_values, startup_sets, SessionState};
@@ -46,6 +47,10 @@ pub struct Session {
     temp_tables: HashSet<String>,
     statements: Statements,
     batch: Vec<Message>,
+    /// An error ended an exchange that had no Sync: the server now ignores
+    /// every message up to the next Sync, and so does signalbox (no reply
+    /// is owed for them).
+    skipping: bool,
     route_session: Arc<RouteSession>,
     /// Pool handles by node, looked up once per session.
     pools: Vec<Option<crate::cluster::pool::Pool>>,
@@ -53,6 +58,17 @@ pub struct Session {
     startup_params: Vec<(String, String)>,
     client_addr: String,
     attributes: Vec<(String, String)>,
+    /// The client connection is TLS (channel binding can be offered).
+    tls: bool,
+    /// The session's `client_encoding`, as the server last reported it.
+    encoding: ClientEncoding,
+}
+
+/// What ended the serve loop's wait.
+enum Wake {
+    Client(Result<Frame, WireError>),
+    Shutdown,
+    Backend(Result<(), WireError>),
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -73,17 +89,32 @@ impl From<RelayError> for SessionError {
     }
 }
 
+/// A client connection past its startup packet.
+pub struct Accepted {
+    pub stream: crate::tls::BoxStream,
+    pub peer: String,
+    pub params: Vec<(String, String)>,
+    /// The connection is TLS.
+    pub tls: bool,
+    /// The cancel key issued to it (session mode replaces it with the
+    /// server's own).
+    pub key: (i32, i32),
+    pub id: u64,
+    pub login_deadline: tokio::time::Instant,
+}
+
 impl Session {
     /// Run a session on an accepted connection until the client leaves.
-    pub async fn run(
-        shared: Arc<Shared>,
-        stream: crate::tls::BoxStream,
-        peer: String,
-        params: Vec<(String, String)>,
-        key: (i32, i32),
-        id: u64,
-        login_deadline: tokio::time::Instant,
-    ) {
+    pub async fn run(shared: Arc<Shared>, accepted: Accepted) {
+        let Accepted {
+            stream,
+            peer,
+            params,
+            tls,
+            key,
+            id,
+            login_deadline,
+        } = accepted;
         let (read, write) = tokio::io::split(stream);
         let client = ClientIo {
             read,
@@ -96,6 +127,7 @@ impl Session {
                 shared.message_budget.clone(),
             ),
             reserved: 0,
+            pid_alias: None,
         };
         let get = |k: &str| params.iter().find(|(n, _)| n == k).map(|(_, v)| v.clone());
         let user = get("user").unwrap_or_default();
@@ -122,11 +154,14 @@ impl Session {
             temp_tables: HashSet::new(),
             statements: Statements::default(),
             batch: Vec::new(),
+            skipping: false,
             route_session: Arc::default(),
             pools: Vec::new(),
             application_name,
             client_addr: peer,
             attributes,
+            tls,
+            encoding: super::encoding::UTF8,
             startup_params: params.clone(),
             shared,
         };
@@ -182,19 +217,40 @@ impl Session {
         let mut shutdown = self.shared.shutdown.subscribe();
         loop {
             // Between transactions, a shutdown ends the session the way
-            // PostgreSQL's own shutdown does; inside one, it waits.
+            // PostgreSQL's own shutdown does; inside one, it waits. A held
+            // server connection (a transaction, a pinned or session-mode
+            // client) is watched too: what it says while the client is idle
+            // (notifications, its death) reaches the client at once.
             let idle = self.tx == TxState::Idle && self.batch.is_empty();
-            let next = tokio::select! {
-                f = self.client.next() => Some(f),
-                _ = shutdown.wait_for(|stop| *stop), if idle => None,
+            let wake = {
+                let held = self.lease.as_mut().map(Lease::conn);
+                let watch = held.is_some();
+                let backend = async move {
+                    match held {
+                        Some(conn) => conn.fill().await,
+                        None => std::future::pending().await,
+                    }
+                };
+                tokio::select! {
+                    f = self.client.next() => Wake::Client(f),
+                    _ = shutdown.wait_for(|stop| *stop), if idle => Wake::Shutdown,
+                    r = backend, if watch => Wake::Backend(r),
+                }
             };
-            let Some(next) = next else {
-                self.fatal(
-                    "57P01",
-                    "terminating connection due to administrator command",
-                )
-                .await;
-                return Ok(());
+            let next = match wake {
+                Wake::Client(f) => f,
+                Wake::Shutdown => {
+                    self.fatal(
+                        "57P01",
+                        "terminating connection due to administrator command",
+                    )
+                    .await;
+                    return Ok(());
+                }
+                Wake::Backend(r) => {
+                    self.backend_spoke(r).await?;
+                    continue;
+                }
             };
             let frame = match next {
                 Ok(f) => f,
@@ -216,16 +272,17 @@ impl Session {
                     return Err(SessionError::Client(e));
                 }
             };
+            if self.skipping && !matches!(msg.kind, Kind::Sync | Kind::Terminate) {
+                // Discarded up to the Sync, simple queries included, as the
+                // server discards them.
+                continue;
+            }
             match msg.kind {
                 Kind::Query => {
-                    // Bytes that are not UTF-8 go through untouched (the
-                    // server judges them by client_encoding) and to the primary.
-                    let text = msg.query_text();
-                    let (sql, utf8) = match std::str::from_utf8(text) {
-                        Ok(sql) => (sql.to_owned(), true),
-                        Err(_) => (String::from_utf8_lossy(text).into_owned(), false),
-                    };
-                    self.simple_query(&msg.frame, &sql, utf8).await?
+                    // The bytes go through untouched (the server reads them
+                    // in the client encoding); the classifier reads UTF-8.
+                    let (sql, readable) = self.readable(msg.query_text());
+                    self.simple_query(&msg.frame, &sql, readable).await?
                 }
                 Kind::Parse { .. }
                 | Kind::Bind { .. }
@@ -281,24 +338,36 @@ impl Session {
         }
     }
 
-    /// `utf8`: the text is what the client sent; otherwise it was not UTF-8
-    /// and `sql` is a lossy copy, good for nothing but the primary.
+    /// Statement text in the client encoding as UTF-8, and whether it could
+    /// be read; if not, the text is a lossy copy, good for nothing but the
+    /// primary.
+    fn readable(&self, text: &[u8]) -> (String, bool) {
+        match self.encoding.decode(text) {
+            Some(sql) => (sql.into_owned(), true),
+            None => (String::from_utf8_lossy(text).into_owned(), false),
+        }
+    }
+
+    /// Classify statement text; text that could not be read is never
+    /// judged read-only.
+    fn classify(&self, sql: &str, readable: bool) -> Arc<Classified> {
+        let class = self.shared.classifier.classify(sql);
+        if readable || !class.read_only {
+            return class;
+        }
+        let mut c = (*class).clone();
+        c.read_only = false;
+        Arc::new(c)
+    }
+
     async fn simple_query(
         &mut self,
         frame: &Frame,
         sql: &str,
-        utf8: bool,
+        readable: bool,
     ) -> Result<(), SessionError> {
-        let mut class = self.shared.classifier.classify(sql);
-        if !utf8 {
-            let mut c = (*class).clone();
-            c.read_only = false;
-            class = Arc::new(c);
-        }
-        if let Some(db) = &class.drops_database {
-            // Our idle connections must not block DROP DATABASE.
-            self.shared.cluster.pools.drop_idle(|_, d| d == db);
-        }
+        let class = self.classify(sql, readable);
+        self.free_database(&class);
         if self.answer_locally(&class).await? {
             return Ok(());
         }
@@ -307,9 +376,26 @@ impl Session {
         self.run_routed(&class, &sql, Work::Query(&bytes)).await
     }
 
+    /// Our idle connections must not block DROP DATABASE, CREATE DATABASE
+    /// from a template, or renaming a database: close them first.
+    fn free_database(&self, class: &Classified) {
+        if let Some(db) = &class.needs_database_alone {
+            self.shared.cluster.pools.drop_idle(|_, d| d == db);
+        }
+    }
+
     /// Route and run the extended-protocol messages received up to Sync/Flush.
     async fn run_batch(&mut self) -> Result<(), SessionError> {
-        let batch = std::mem::take(&mut self.batch);
+        let mut batch = std::mem::take(&mut self.batch);
+        if self.skipping {
+            // Only the Sync counts (PostgreSQL discards the rest unanswered);
+            // a Flush-ended batch has nothing to send at all.
+            batch.retain(|m| m.kind == Kind::Sync);
+            if batch.is_empty() {
+                return Ok(());
+            }
+            self.skipping = false;
+        }
         // Register statements and classify what this batch prepares/executes.
         let mut classes: Vec<Arc<Classified>> = Vec::new();
         let mut first_sql: Option<Arc<str>> = None;
@@ -318,13 +404,15 @@ impl Session {
             match &m.kind {
                 Kind::Parse {
                     name,
-                    sql,
+                    text,
                     param_types,
                 } => {
-                    let class = self.shared.classifier.classify(sql);
+                    let (sql, readable) = self.readable(text);
+                    let class = self.classify(&sql, readable);
+                    let sql: Arc<str> = Arc::from(sql);
                     first_sql.get_or_insert_with(|| sql.clone());
                     classes.push(class.clone());
-                    let p = Prepared::new(name, sql.clone(), param_types.clone(), class);
+                    let p = Prepared::new(name, sql, text.clone(), param_types.clone(), class);
                     self.statements.define(name, p);
                 }
                 Kind::Bind { statement } => {
@@ -336,6 +424,9 @@ impl Session {
                 }
                 _ => {}
             }
+        }
+        for class in &classes {
+            self.free_database(class);
         }
         let mut merged = merge(&classes);
         merged.effects = effects;

@@ -1,0 +1,618 @@
+//! Protocol fidelity against a real primary + streaming replicas, with a raw
+//! protocol client: extended-protocol errors with and without Sync, servers
+//! that end connections, cancel keys, notifications, databases that must be
+//! alone, and which pooled connection a client gets.
+
+use std::time::Duration;
+
+use signalbox_tests::raw::{self, data_row, sqlstate, Msg, Raw};
+use signalbox_tests::service::{cluster, database, port_of, start};
+
+const POOL1: &str = "[pool]\nsize = 1\ncheckout_timeout_ms = 20000\n";
+
+fn tags(msgs: &[Msg]) -> String {
+    msgs.iter().map(|(t, _)| *t as char).collect()
+}
+
+/// Messages that arrive within `limit` (none expected: the server owes nothing).
+async fn quiet_for(c: &mut Raw, limit: Duration) -> Vec<Msg> {
+    let mut got = Vec::new();
+    while let Some(m) = c.next_within(limit).await {
+        got.push(m);
+    }
+    got
+}
+
+/// The pid and secret of the BackendKeyData a client was given at login.
+fn backend_key(c: &Raw) -> (i32, i32) {
+    let (_, body) = c
+        .login
+        .iter()
+        .find(|(t, _)| *t == b'K')
+        .expect("BackendKeyData at login");
+    (
+        i32::from_be_bytes([body[0], body[1], body[2], body[3]]),
+        i32::from_be_bytes([body[4], body[5], body[6], body[7]]),
+    )
+}
+
+/// Server connections (client backends) to `db` on every node.
+fn server_connections(db: &str) -> usize {
+    let c = cluster();
+    c.all_nodes()
+        .map(|n| {
+            c.psql(
+                n.port,
+                &format!(
+                    "SELECT count(*) FROM pg_stat_activity WHERE datname = '{db}' \
+                     AND backend_type = 'client backend' AND pid <> pg_backend_pid()"
+                ),
+            )
+            .ok()
+            .and_then(|v| v.trim().parse::<usize>().ok())
+            .unwrap_or(usize::MAX)
+        })
+        .sum()
+}
+
+/// The trace from the issue, byte for byte: Parse/Bind/Describe/Flush, then
+/// Execute/Flush sent before the error arrives. The server skips everything
+/// up to Sync; so must signalbox, and the session and its server connection
+/// must come back to work on the client's Sync.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn error_in_a_flush_ended_exchange_skips_to_sync() {
+    let server = start(POOL1).await;
+    let port = server.addr.port();
+    let mut c = Raw::connect(port, "postgres", "postgres").await;
+    let mut bytes = raw::parse("", "SELECT * FROM no_such_table_anywhere");
+    bytes.extend(raw::bind("", ""));
+    bytes.extend(raw::describe_portal(""));
+    bytes.extend(raw::flush());
+    bytes.extend(raw::execute("", 0));
+    bytes.extend(raw::flush());
+    c.send(&bytes).await;
+    let first = c.next().await;
+    assert_eq!(first.0, b'E', "{first:?}");
+    assert_eq!(sqlstate(&first.1), "42P01");
+    let more = quiet_for(&mut c, Duration::from_millis(500)).await;
+    assert!(more.is_empty(), "nothing is owed before Sync: {more:?}");
+    c.send(&raw::sync()).await;
+    let z = c.next().await;
+    assert_eq!((z.0, z.1.as_slice()), (b'Z', &b"I"[..]));
+    // The same session and the (only) server connection work on.
+    let msgs = c.simple("SELECT 'after', 1").await;
+    assert_eq!(tags(&msgs), "TDCZ", "{msgs:?}");
+
+    // An error during Execute of a Flush-driven stream (a cursor fetching
+    // in pieces), then more Execute/Flush before the client notices.
+    let mut bytes = raw::parse("", "SELECT 10 / (5 - g) FROM generate_series(1, 10) g");
+    bytes.extend(raw::bind("", ""));
+    bytes.extend(raw::describe_portal(""));
+    bytes.extend(raw::execute("", 2));
+    bytes.extend(raw::flush());
+    c.send(&bytes).await;
+    let mut got = Vec::new();
+    for _ in 0..6 {
+        got.push(c.next().await);
+    }
+    assert_eq!(tags(&got), "12TDDs", "{got:?}");
+    let mut bytes = raw::execute("", 4);
+    bytes.extend(raw::flush());
+    bytes.extend(raw::execute("", 4));
+    bytes.extend(raw::flush());
+    c.send(&bytes).await;
+    let mut got = Vec::new();
+    loop {
+        let m = c.next().await;
+        let err = m.0 == b'E';
+        got.push(m);
+        if err {
+            break;
+        }
+    }
+    assert_eq!(tags(&got), "DDE", "{got:?}");
+    assert_eq!(sqlstate(&got[2].1), "22012");
+    let more = quiet_for(&mut c, Duration::from_millis(500)).await;
+    assert!(more.is_empty(), "nothing is owed before Sync: {more:?}");
+    c.send(&raw::sync()).await;
+    assert_eq!(c.next().await.0, b'Z');
+    assert_eq!(tags(&c.simple("SELECT 2").await), "TDCZ");
+}
+
+/// Errors inside pipelines: with a Sync per statement the next one runs;
+/// without, everything up to the Sync is skipped and answered by nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn errors_in_pipelines_with_and_without_sync() {
+    let server = start(POOL1).await;
+    let port = server.addr.port();
+    let mut c = Raw::connect(port, "postgres", "postgres").await;
+    let stmt = |sql: &str| {
+        let mut b = raw::parse("", sql);
+        b.extend(raw::bind("", ""));
+        b.extend(raw::execute("", 0));
+        b
+    };
+    // Sync after each: the failing one is alone in its segment.
+    let fails = "SELECT * FROM no_such_table_anywhere";
+    let mut bytes = stmt(fails);
+    bytes.extend(raw::sync());
+    bytes.extend(stmt("SELECT 'second'"));
+    bytes.extend(raw::sync());
+    c.send(&bytes).await;
+    let mut got = c.until_ready().await;
+    got.extend(c.until_ready().await);
+    assert_eq!(tags(&got), "EZ12DCZ", "{got:?}");
+    assert_eq!(data_row(&got[4].1), [Some("second".to_string())]);
+    // One Sync at the end: the statements after the error never run.
+    let mut bytes = stmt("SELECT 'first'");
+    bytes.extend(stmt(fails));
+    bytes.extend(stmt("SELECT 'skipped'"));
+    bytes.extend(raw::sync());
+    c.send(&bytes).await;
+    let got = c.until_ready().await;
+    assert_eq!(tags(&got), "12DCEZ", "{got:?}");
+    // The same with a Flush between the statements (pipeline mode in libpq
+    // and psycopg sends these), the Sync arriving late.
+    let mut bytes = stmt(fails);
+    bytes.extend(raw::flush());
+    bytes.extend(stmt("SELECT 'skipped'"));
+    bytes.extend(raw::flush());
+    // A simple query too is discarded until the Sync.
+    bytes.extend(raw::query("SELECT 'ignored until Sync'"));
+    c.send(&bytes).await;
+    let got = quiet_for(&mut c, Duration::from_millis(800)).await;
+    assert_eq!(tags(&got), "E", "{got:?}");
+    c.send(&raw::sync()).await;
+    assert_eq!(tags(&c.until_ready().await), "Z");
+    let got = c.simple("SELECT 'still here'").await;
+    assert_eq!(tags(&got), "TDCZ", "{got:?}");
+}
+
+/// A server that terminates the connection looks to the client exactly as
+/// on PostgreSQL: the FATAL arrives and the connection closes, whether the
+/// client was running a statement or idle in a transaction (it learns at
+/// once, without sending anything).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_terminated_server_connection_ends_the_client_connection() {
+    let server = start("").await;
+    let port = server.addr.port();
+    let primary = port_of("primary");
+    let c = cluster();
+    // Idle inside a transaction.
+    let mut a = Raw::connect(port, "postgres", "postgres").await;
+    let msgs = a
+        .simple("BEGIN; SELECT pg_backend_pid(), txid_current()")
+        .await;
+    let pid = data_row(&msgs.iter().find(|m| m.0 == b'D').unwrap().1)[0]
+        .clone()
+        .unwrap();
+    c.psql(primary, &format!("SELECT pg_terminate_backend({pid})"))
+        .unwrap();
+    let fatal = a
+        .try_next()
+        .await
+        .expect("the FATAL reaches the idle client");
+    assert_eq!(fatal.0, b'E');
+    assert_eq!(raw::field(&fatal.1, b'S'), "FATAL");
+    assert_eq!(sqlstate(&fatal.1), "57P01");
+    assert!(a.try_next().await.is_none(), "the connection is closed");
+
+    // Running a statement.
+    let mut b = Raw::connect(port, "postgres", "postgres").await;
+    b.send(&raw::query(
+        "SELECT txid_current(), pg_sleep(30), 'to-be-terminated'",
+    ))
+    .await;
+    let killed = tokio::task::block_in_place(|| {
+        signalbox_tests::wait_until(Duration::from_secs(10), || {
+            c.psql(
+                primary,
+                "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity \
+                 WHERE query LIKE '%to-be-terminated%' AND pid <> pg_backend_pid()",
+            )
+            .map(|v| v.trim() == "1")
+            .unwrap_or(false)
+        })
+    });
+    assert!(killed);
+    // (The row description may come first: the query had started.)
+    let fatal = loop {
+        let m = b.next().await;
+        if m.0 == b'E' {
+            break m;
+        }
+    };
+    assert_eq!(raw::field(&fatal.1, b'S'), "FATAL");
+    assert_eq!(sqlstate(&fatal.1), "57P01", "{fatal:?}");
+    assert!(b.try_next().await.is_none(), "the connection is closed");
+
+    // Between transactions, a transaction-pooled client holds no server
+    // connection: terminating pooled backends costs it nothing.
+    // (A database of its own: other tests' connections are left alone.)
+    database("protocol_terminated");
+    let mut d = Raw::connect(port, "postgres", "protocol_terminated").await;
+    assert_eq!(tags(&d.simple("SELECT txid_current() > 0").await), "TDCZ");
+    let killed = c
+        .psql(
+            primary,
+            "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity \
+             WHERE datname = 'protocol_terminated'",
+        )
+        .unwrap();
+    assert_eq!(killed.trim(), "1", "the pooled connection was there");
+    let msgs = d.simple("SELECT txid_current() > 0").await;
+    assert_eq!(tags(&msgs), "TDCZ", "{msgs:?}");
+}
+
+/// Transaction mode: the pid a client is told can never be a server's pid.
+/// Session mode: it is the real backend's, and cancel requests with that
+/// key stop the client's query.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn backend_key_data_is_never_someone_elses_pid() {
+    let server = start("").await;
+    let port = server.addr.port();
+    let mut keys = std::collections::HashSet::new();
+    for _ in 0..20 {
+        let c = Raw::connect(port, "postgres", "postgres").await;
+        let (pid, _) = backend_key(&c);
+        assert!(pid > 1 << 22, "pid {pid} is in the kernel's pid range");
+        assert!(keys.insert(backend_key(&c)), "a key was handed out twice");
+    }
+    drop(server);
+
+    let server = start("[pool]\nmode = \"session\"\n").await;
+    let port = server.addr.port();
+    let mut c = Raw::connect(port, "postgres", "postgres").await;
+    let (pid, secret) = backend_key(&c);
+    let msgs = c.simple("SELECT pg_backend_pid()").await;
+    let real = data_row(&msgs[1].1)[0].clone().unwrap();
+    assert_eq!(real, pid.to_string(), "session mode tells the real pid");
+    // A cancel request to signalbox with that key stops the query.
+    c.send(&raw::query("SELECT pg_sleep(30)")).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let mut cancel = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .unwrap();
+    let mut packet = 16i32.to_be_bytes().to_vec();
+    packet.extend(80_877_102i32.to_be_bytes());
+    packet.extend(pid.to_be_bytes());
+    packet.extend(secret.to_be_bytes());
+    tokio::io::AsyncWriteExt::write_all(&mut cancel, &packet)
+        .await
+        .unwrap();
+    let started = std::time::Instant::now();
+    let msgs = c.until_ready().await;
+    let err = msgs.iter().find(|m| m.0 == b'E').expect("canceled");
+    assert_eq!(sqlstate(&err.1), "57014", "{msgs:?}");
+    assert!(started.elapsed() < Duration::from_secs(20));
+}
+
+/// A LISTENing client that sits idle gets notifications as they arrive,
+/// the first one included; its own NOTIFY names the pid it was given.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_listener_receives_notifications_at_once() {
+    let server = start("").await;
+    let port = server.addr.port();
+    let mut l = Raw::connect(port, "postgres", "postgres").await;
+    let (my_pid, _) = backend_key(&l);
+    assert_eq!(tags(&l.simple("LISTEN signalbox_news").await), "CZ");
+    let mut n = Raw::connect(port, "postgres", "postgres").await;
+    for i in 0..3 {
+        n.simple(&format!("NOTIFY signalbox_news, 'hello {i}'"))
+            .await;
+        let m = l
+            .try_next()
+            .await
+            .expect("the notification arrives while the listener is idle");
+        assert_eq!(m.0, b'A', "{m:?}");
+        let text = String::from_utf8_lossy(&m.1[4..]).into_owned();
+        assert!(text.contains(&format!("hello {i}")), "{text}");
+    }
+    // Its own notification carries the pid it was told at login.
+    let msgs = l.simple("NOTIFY signalbox_news, 'self'").await;
+    let a = msgs.iter().find(|m| m.0 == b'A').expect("own notification");
+    let pid = i32::from_be_bytes([a.1[0], a.1[1], a.1[2], a.1[3]]);
+    assert_eq!(pid, my_pid);
+}
+
+/// Pooled idle connections to a template database do not block `CREATE
+/// DATABASE … TEMPLATE`, nor renaming a database.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pooled_connections_do_not_block_create_database_from_a_template() {
+    let server = start("").await;
+    let port = server.addr.port();
+    database("tmpl_src");
+    let c = cluster();
+    let _ = c.psql(c.primary.port, "DROP DATABASE IF EXISTS tmpl_copy");
+    let _ = c.psql(c.primary.port, "DROP DATABASE IF EXISTS tmpl_moved");
+    // Leave idle pooled connections to tmpl_src on the primary.
+    for _ in 0..3 {
+        let mut a = Raw::connect(port, "postgres", "tmpl_src").await;
+        assert_eq!(tags(&a.simple("SELECT txid_current() > 0").await), "TDCZ");
+    }
+    assert!(
+        server_connections("tmpl_src") > 0,
+        "the pool kept connections"
+    );
+    let mut admin = Raw::connect(port, "postgres", "postgres").await;
+    let msgs = admin
+        .simple("CREATE DATABASE tmpl_copy TEMPLATE tmpl_src")
+        .await;
+    assert_eq!(tags(&msgs), "CZ", "{msgs:?}");
+    for _ in 0..2 {
+        let mut a = Raw::connect(port, "postgres", "tmpl_copy").await;
+        assert_eq!(tags(&a.simple("SELECT txid_current() > 0").await), "TDCZ");
+    }
+    let msgs = admin
+        .simple("ALTER DATABASE tmpl_copy RENAME TO tmpl_moved")
+        .await;
+    assert_eq!(tags(&msgs), "CZ", "{msgs:?}");
+    let msgs = admin.simple("DROP DATABASE tmpl_moved").await;
+    assert_eq!(tags(&msgs), "CZ", "{msgs:?}");
+}
+
+/// One client running one statement at a time stays on one server
+/// connection even when the pool holds several idle ones.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sequential_client_reuses_the_most_recent_connection() {
+    let server = start("[pool]\nsize = 4\n").await;
+    let port = server.addr.port();
+    // Four connections to the primary, all idle afterwards.
+    let mut holders = Vec::new();
+    for _ in 0..4 {
+        let mut h = Raw::connect(port, "postgres", "postgres").await;
+        assert_eq!(
+            tags(&h.simple("BEGIN; SELECT txid_current()").await),
+            "CTDCZ"
+        );
+        holders.push(h);
+    }
+    for h in &mut holders {
+        assert_eq!(tags(&h.simple("COMMIT").await), "CZ");
+    }
+    let mut c = Raw::connect(port, "postgres", "postgres").await;
+    let mut pids = std::collections::HashSet::new();
+    for _ in 0..20 {
+        let msgs = c.simple("SELECT pg_backend_pid(), txid_current()").await;
+        pids.insert(data_row(&msgs[1].1)[0].clone().unwrap());
+    }
+    assert_eq!(pids.len(), 1, "one client, one connection: {pids:?}");
+}
+
+/// The `client_encoding` ParameterStatus a client gets at login.
+fn reported_encoding(c: &Raw) -> String {
+    c.login
+        .iter()
+        .filter(|(t, _)| *t == b'S')
+        .find_map(|(_, body)| {
+            let mut parts = body.split(|b| *b == 0);
+            (parts.next() == Some(b"client_encoding"))
+                .then(|| String::from_utf8_lossy(parts.next().unwrap_or_default()).into_owned())
+        })
+        .expect("client_encoding reported")
+}
+
+/// A LATIN9 client: its bytes reach the server untouched (simple and
+/// extended protocol), its reads are still classified and offloaded, and
+/// names are reported as PostgreSQL reports them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn non_utf8_clients_are_served_and_classified() {
+    let server = start("").await;
+    let port = server.addr.port();
+    let c = cluster();
+    c.psql(
+        c.primary.port,
+        "CREATE TABLE IF NOT EXISTS enc_latin9 (id serial, v text)",
+    )
+    .unwrap();
+    let utf = Raw::connect_with(port, "postgres", "postgres", &[("client_encoding", "utf8")]).await;
+    assert_eq!(reported_encoding(&utf), "UTF8");
+    let mut l = Raw::connect_with(
+        port,
+        "postgres",
+        "postgres",
+        &[("client_encoding", "iso-8859-15")],
+    )
+    .await;
+    assert_eq!(reported_encoding(&l), "LATIN9");
+    let euro = b"'\xe9\xa4'"; // 'é€' in LATIN9
+    let mut insert = b"INSERT INTO enc_latin9 (v) VALUES (".to_vec();
+    insert.extend_from_slice(euro);
+    insert.extend_from_slice(b") RETURNING v, pg_is_in_recovery()");
+    l.send(&raw::query_bytes(&insert)).await;
+    let msgs = l.until_ready().await;
+    assert_eq!(tags(&msgs), "TDCZ", "{msgs:?}");
+    let row = raw::data_row_bytes(&msgs[1].1);
+    assert_eq!(row[0].as_deref(), Some(&b"\xe9\xa4"[..]));
+    assert_eq!(
+        row[1].as_deref(),
+        Some(&b"f"[..]),
+        "the write ran on the primary"
+    );
+    // The same bytes through Parse/Bind/Execute.
+    let mut bytes = raw::parse_bytes("", &insert);
+    bytes.extend(raw::bind("", ""));
+    bytes.extend(raw::execute("", 0));
+    bytes.extend(raw::sync());
+    l.send(&bytes).await;
+    let msgs = l.until_ready().await;
+    assert_eq!(tags(&msgs), "12DCZ", "{msgs:?}");
+    assert_eq!(
+        raw::data_row_bytes(&msgs[2].1)[0].as_deref(),
+        Some(&b"\xe9\xa4"[..])
+    );
+    // The server stored UTF-8 'é€'.
+    let stored = c
+        .psql(
+            c.primary.port,
+            "SELECT count(*) FROM enc_latin9 WHERE v = 'é€'",
+        )
+        .unwrap();
+    assert!(stored.trim().parse::<u32>().unwrap() >= 2, "{stored}");
+    c.wait_replayed().unwrap();
+    // A read with LATIN9 text is classified (read-only) and offloaded.
+    let mut read = b"SELECT count(*) > 0, pg_is_in_recovery() FROM enc_latin9 WHERE v = ".to_vec();
+    read.extend_from_slice(euro);
+    l.send(&raw::query_bytes(&read)).await;
+    let msgs = l.until_ready().await;
+    let row = data_row(&msgs[1].1);
+    assert_eq!(
+        row,
+        [Some("t".to_string()), Some("t".to_string())],
+        "found, on a replica"
+    );
+    // SET client_encoding mid-session is followed (the server reports it).
+    let msgs = l.simple("SET client_encoding = 'UTF8'").await;
+    assert_eq!(tags(&msgs), "CSZ", "{msgs:?}");
+    let msgs = l
+        .simple("SELECT v, pg_is_in_recovery() FROM enc_latin9 WHERE v = 'é€' LIMIT 1")
+        .await;
+    let row = data_row(&msgs[1].1);
+    assert_eq!(row, [Some("é€".to_string()), Some("t".to_string())]);
+    // An unknown encoding is refused as PostgreSQL refuses it.
+    let mut bad = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .unwrap();
+    tokio::io::AsyncWriteExt::write_all(
+        &mut bad,
+        &raw::startup_with("postgres", "postgres", &[("client_encoding", "klingon")]),
+    )
+    .await
+    .unwrap();
+    let mut got = Vec::new();
+    let _ = tokio::time::timeout(
+        Duration::from_secs(10),
+        tokio::io::AsyncReadExt::read_to_end(&mut bad, &mut got),
+    )
+    .await;
+    let text = String::from_utf8_lossy(&got);
+    assert!(
+        text.contains("22023") && text.contains("client_encoding"),
+        "{text}"
+    );
+}
+
+/// 200 clients vanish at random moments of pipelines and streams (mid-row,
+/// after a Flush-ended error, idle in a transaction, mid-COPY, while the
+/// server sleeps), some with a TCP reset, some with a plain close. Nothing
+/// is left behind: no signalbox session, no busy server connection, no
+/// leased connection, and no more server connections than the pool allows.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn random_disconnects_leave_no_session_or_server_connection_behind() {
+    database("protocol_chaos");
+    let server = start("[pool]\nsize = 3\ncheckout_timeout_ms = 20000\n").await;
+    let port = server.addr.port();
+    let metrics = &server.shared.metrics;
+    let sessions = || {
+        metrics
+            .sessions_active
+            .load(std::sync::atomic::Ordering::Relaxed)
+    };
+    let big = "SELECT repeat('x', 40) || g FROM generate_series(1, 200000) g";
+    let mut seed: u64 = 0x5157_a1b0_c0ff_ee00;
+    let mut next = move || {
+        seed = seed
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        (seed >> 33) as usize
+    };
+    for i in 0..200 {
+        let mut c = Raw::connect(port, "postgres", "protocol_chaos").await;
+        match next() % 7 {
+            0 => {
+                c.send(&raw::query(big)).await;
+                c.read_some(next() % 4096 + 1).await;
+            }
+            1 => {
+                let mut b = raw::parse("", big);
+                b.extend(raw::bind("", ""));
+                b.extend(raw::describe_portal(""));
+                b.extend(raw::execute("", 1000));
+                b.extend(raw::flush());
+                c.send(&b).await;
+                c.read_some(next() % 4096 + 1).await;
+            }
+            2 => {
+                let mut b = raw::parse("", "SELECT * FROM no_such_table_anywhere");
+                b.extend(raw::bind("", ""));
+                b.extend(raw::flush());
+                b.extend(raw::execute("", 0));
+                b.extend(raw::flush());
+                c.send(&b).await;
+                assert_eq!(c.next().await.0, b'E', "iteration {i}");
+            }
+            3 => {
+                let mut b = Vec::new();
+                for n in 0..20 {
+                    b.extend(raw::parse("", &format!("SELECT {n}, pg_sleep(0.01)")));
+                    b.extend(raw::bind("", ""));
+                    b.extend(raw::execute("", 0));
+                    if n % 5 == 4 {
+                        b.extend(raw::sync());
+                    }
+                }
+                c.send(&b).await;
+                c.read_some(next() % 512 + 1).await;
+            }
+            4 => {
+                c.simple("BEGIN; SELECT txid_current()").await;
+            }
+            5 => {
+                c.send(&raw::query(
+                    "COPY (SELECT g, repeat('y', 50) FROM generate_series(1, 200000) g) TO STDOUT",
+                ))
+                .await;
+                c.read_some(next() % 8192 + 1).await;
+            }
+            _ => {
+                c.send(&raw::query("SELECT pg_sleep(10), 'sleeper'")).await;
+                tokio::time::sleep(Duration::from_millis(next() as u64 % 50)).await;
+            }
+        }
+        if next() % 2 == 0 {
+            c.reset();
+        } else {
+            drop(c);
+        }
+    }
+    let c = cluster();
+    let busy = |c: &signalbox::local::LocalCluster| {
+        c.all_nodes()
+            .map(|n| {
+                c.psql(
+                    n.port,
+                    "SELECT count(*) FROM pg_stat_activity WHERE datname = 'protocol_chaos' \
+                     AND state <> 'idle'",
+                )
+                .ok()
+                .and_then(|v| v.trim().parse::<usize>().ok())
+                .unwrap_or(usize::MAX)
+            })
+            .sum::<usize>()
+    };
+    let settled = tokio::task::block_in_place(|| {
+        signalbox_tests::wait_until(Duration::from_secs(30), || {
+            sessions() == 0
+                && (0..3).all(|n| server.shared.cluster.pools.in_flight(n) == 0)
+                && busy(c) == 0
+        })
+    });
+    assert!(
+        settled,
+        "left behind: {} sessions, in flight {:?}, {} busy server connections",
+        sessions(),
+        (0..3)
+            .map(|n| server.shared.cluster.pools.in_flight(n))
+            .collect::<Vec<_>>(),
+        busy(c)
+    );
+    let total = server_connections("protocol_chaos");
+    assert!(
+        total <= 3 * 3,
+        "{total} server connections for pools of 3 on 3 nodes"
+    );
+    // And the next client is served normally.
+    let mut last = Raw::connect(port, "postgres", "protocol_chaos").await;
+    let msgs = last.simple("SELECT 'mine', 42").await;
+    assert_eq!(tags(&msgs), "TDCZ", "{msgs:?}");
+}
