@@ -1039,3 +1039,60 @@ async fn a_client_stalling_mid_login_is_timed_out() {
         "{text}"
     );
 }
+
+/// A policy that routes by node name sees the real cluster's names, never
+/// the made-up cluster it was validated against: rw-split with `read` set
+/// to one real replica (names unlike any example's) sends every read there,
+/// after the initial load and after a reload.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn policy_routes_by_the_real_node_names() {
+    let c = service::cluster();
+    let dir = tempfile::tempdir().unwrap();
+    let wasm = dir.path().join("policy.wasm");
+    std::fs::copy(example("rw-split"), &wasm).unwrap();
+    let names = ["main-db", "reader-east", "reader-west"];
+    let mut text = format!(
+        "listen = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\n{}\
+         [policy.config]\nread = [\"reader-west\"]\n",
+        policy_section(&wasm)
+    );
+    for (name, node) in names.iter().zip(c.all_nodes()) {
+        let role = if node.name == "primary" {
+            "primary"
+        } else {
+            "replica"
+        };
+        text.push_str(&format!(
+            "\n[[nodes]]\nname = \"{name}\"\nurl = \"postgres://postgres@127.0.0.1:{}/postgres\"\nrole = \"{role}\"\n",
+            node.port
+        ));
+    }
+    let west = c.all_nodes().nth(2).unwrap().port;
+    let config =
+        signalbox::config::Config::parse(&text, &dir.path().join("signalbox.toml")).unwrap();
+    let server = signalbox::server::Server::start(config).await.unwrap();
+    let client = connect(server.addr.port(), "postgres").await;
+    for round in 0..2 {
+        for _ in 0..6 {
+            assert_eq!(
+                port(&client, "SELECT inet_server_port()").await,
+                west,
+                "round {round}: reads go to reader-west only"
+            );
+        }
+        // Reload the policy (validated again against made-up nodes): the
+        // same code, made a new version by a trailing custom section.
+        let mut bytes = std::fs::read(&wasm).unwrap();
+        bytes.extend_from_slice(&[0x00, 0x05, 0x04, b'n', b'e', b'x', b't']);
+        std::fs::write(&wasm, &bytes).unwrap();
+        let event = server.policy.reload("test");
+        assert!(
+            matches!(
+                event.outcome,
+                signalbox::policy::reload::Outcome::Activated { .. }
+            ),
+            "{:?}",
+            event.outcome
+        );
+    }
+}

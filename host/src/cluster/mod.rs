@@ -45,6 +45,8 @@ pub struct Cluster {
     states: ArcSwap<Vec<NodeState>>,
     failures: std::sync::Mutex<Vec<u32>>,
     health: HealthConfig,
+    /// The generation of `nodes` (see [`crate::route::next_generation`]).
+    generation: u64,
 }
 
 impl Cluster {
@@ -125,6 +127,7 @@ impl Cluster {
             control,
             states: ArcSwap::from_pointee(states),
             health: config.health.clone(),
+            generation: crate::route::next_generation(),
         }))
     }
 
@@ -230,7 +233,7 @@ impl Cluster {
             s.in_flight = self.pools.in_flight(i as NodeId);
         }
         Arc::new(ClusterView {
-            generation: 1,
+            generation: self.generation,
             nodes: self.nodes.clone(),
             states,
         })

@@ -60,7 +60,7 @@ pub fn cluster_for(file: &FixtureFile, case: Option<&Case>) -> ClusterView {
         })
         .collect();
     ClusterView {
-        generation: 1,
+        generation: crate::route::next_generation(),
         nodes: Arc::new(nodes),
         states,
     }
@@ -151,7 +151,7 @@ pub fn shipped_with(policy_path: &Path) -> Option<PathBuf> {
 /// A minimal cluster (primary + two replicas) for the smoke stage.
 pub fn smoke_inputs() -> Vec<RouteInput> {
     let cluster = Arc::new(ClusterView {
-        generation: 1,
+        generation: crate::route::next_generation(),
         nodes: Arc::new(
             ["primary", "replica-1", "replica-2"]
                 .iter()
@@ -243,7 +243,7 @@ pub fn realistic_input() -> RouteInput {
         statement: Arc::new(statement),
         session: Arc::new(session),
         cluster: Arc::new(ClusterView {
-            generation: 1,
+            generation: crate::route::next_generation(),
             nodes: Arc::new(nodes),
             states,
         }),

@@ -333,10 +333,22 @@ impl LoadedPolicy {
         result
     }
 
-    /// Forget validation calls: stats and age count from going live.
-    pub(crate) fn reset_for_live(&mut self) {
+    /// Make a validated version ready for live traffic with nothing of its
+    /// validation left: the instances that answered smoke and fixture calls
+    /// (their memory, caches and the made-up clusters they saw) are dropped,
+    /// the key/value store becomes `kv` (validation wrote to a scratch one),
+    /// and stats and age count from now. One fresh instance is initialised
+    /// against the live store before the swap.
+    pub(crate) fn reset_for_live(&mut self, kv: Arc<KvStore>) -> Result<(), LoadError> {
+        while self.idle.pop().is_some() {}
+        self.spec.kv = kv;
+        let ready = self
+            .fresh(Determinism::default())
+            .map_err(|e| LoadError::new(Stage::Init, e))?;
+        let _ = self.idle.push(ready);
         self.stats = Stats::default();
         self.went_live = Instant::now();
+        Ok(())
     }
 
     pub fn spec(&self) -> &LoadSpec {

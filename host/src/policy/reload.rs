@@ -412,7 +412,8 @@ impl PolicyManager {
             name: self.settings.name.clone(),
             config_json: self.settings.config_json.clone(),
             limits: self.settings.limits.clone(),
-            kv: self.kv.clone(),
+            // Validation never touches the live store.
+            kv: Arc::default(),
             path: Some(self.settings.path.clone()),
             engine: super::engine::EngineKind::Service,
         };
@@ -428,7 +429,7 @@ impl PolicyManager {
         if let Some(path) = fixtures::shipped_with(&self.settings.path) {
             check_fixtures(&candidate, &path)?;
         }
-        candidate.reset_for_live();
+        candidate.reset_for_live(self.kv.clone())?;
         Ok(candidate)
     }
 

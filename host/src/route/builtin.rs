@@ -45,7 +45,7 @@ mod tests {
 
     fn view(states: Vec<(Role, bool, u32, u32)>) -> ClusterView {
         ClusterView {
-            generation: 1,
+            generation: crate::route::next_generation(),
             nodes: Arc::new(
                 states
                     .iter()

@@ -187,7 +187,7 @@ mod tests {
         states[2].healthy = false;
         states[3].in_flight = 5;
         ClusterView {
-            generation: 1,
+            generation: crate::route::next_generation(),
             nodes: Arc::new(
                 (0..4)
                     .map(|i| NodeInfo {

@@ -117,10 +117,20 @@ impl NodeState {
     }
 }
 
+/// A cluster generation no other view in this process has: every set of
+/// node descriptions (the live cluster, each validation and fixture view)
+/// takes its own, so a policy's per-generation cache can never serve one
+/// cluster's nodes for another.
+pub fn next_generation() -> u64 {
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+    NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+}
+
 /// The cluster as seen at one instant. Node ids index both vectors.
 #[derive(Clone, Debug)]
 pub struct ClusterView {
-    /// Bumped whenever `nodes` changes, so policies can cache it.
+    /// Changes whenever `nodes` changes, and differs between any two sets
+    /// of nodes ([`next_generation`]), so policies can cache by it.
     pub generation: u64,
     pub nodes: Arc<Vec<NodeInfo>>,
     pub states: Vec<NodeState>,
