@@ -12,6 +12,8 @@ use pg_query::{Context, NodeEnum, NodeRef};
 
 use crate::route::StatementKind;
 use crate::sql::hints;
+pub use crate::sql::walk::Name;
+use crate::sql::walk::{walk, Walk};
 
 /// What a statement does to the session beyond its result.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -32,6 +34,20 @@ pub enum SessionEffect {
     DiscardAll,
 }
 
+/// Calls, relations, operators and cast types of the read-only statements
+/// of a message, for the judgement that needs the database's catalog.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Facts {
+    pub calls: Vec<Name>,
+    pub relations: Vec<Name>,
+    pub operators: Vec<Name>,
+    pub types: Vec<Name>,
+    /// Calls only planned, never run (EXPLAIN without ANALYZE): user
+    /// functions still count (the planner folds IMMUTABLE ones), built-in
+    /// writers do not.
+    pub explain_only: bool,
+}
+
 /// The classifier's verdict for a whole message (all statements of it).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Classified {
@@ -41,12 +57,17 @@ pub struct Classified {
     pub statements: usize,
     pub tables: Vec<String>,
     pub functions: Vec<String>,
+    /// What the fail-closed walk found in statements judged read-only so
+    /// far: the catalog judges these per database (see `sql::catalog`).
+    pub facts: Facts,
     pub hints: Vec<(String, String)>,
     pub effects: Vec<SessionEffect>,
     /// `BEGIN`/`START TRANSACTION` with READ ONLY.
     pub begins_read_only: bool,
     /// `BEGIN`/`START TRANSACTION` (any mode).
     pub begins: bool,
+    /// `BEGIN ISOLATION LEVEL SERIALIZABLE` (a standby refuses it).
+    pub begins_serializable: bool,
     /// A database no other session may be connected to for this statement
     /// to succeed: `DROP DATABASE name`, the template of `CREATE DATABASE`
     /// (`template1` by default), `ALTER DATABASE name RENAME`/`SET TABLESPACE`.
@@ -79,10 +100,12 @@ impl Classified {
             statements: 1,
             tables: Vec::new(),
             functions: Vec::new(),
+            facts: Facts::default(),
             hints: hints::parse(sql),
             effects: Vec::new(),
             begins_read_only: false,
             begins: false,
+            begins_serializable: false,
             needs_database_alone: None,
             parse_error: true,
             touches_session: true,
@@ -339,6 +362,53 @@ const SAFE_FUNCTIONS: &[&str] = &[
     "inet_server_addr",
     "inet_client_addr",
     "pg_sleep",
+    // TABLESAMPLE methods
+    "bernoulli",
+    "system",
+    // STABLE/IMMUTABLE built-ins ORMs and reports use
+    "jsonb_path_query_array",
+    "jsonb_path_query_first",
+    "jsonb_path_exists",
+    "enum_range",
+    "enum_first",
+    "enum_last",
+    "array_dims",
+    "array_ndims",
+    "array_fill",
+    "to_tsvector",
+    "to_tsquery",
+    "plainto_tsquery",
+    "phraseto_tsquery",
+    "websearch_to_tsquery",
+    "ts_rank",
+    "ts_headline",
+    "date_add",
+    "date_subtract",
+    "num_nonnulls",
+    "num_nulls",
+    "jsonb_object",
+    "json_object",
+    "json_strip_nulls",
+    "jsonb_agg_strict",
+    "array_to_tsvector",
+    "any_value",
+    "regexp_count",
+    "regexp_instr",
+    "regexp_like",
+    "regexp_substr",
+    "string_to_table",
+    "trim_array",
+    "gcd",
+    "lcm",
+    "factorial",
+    "pi",
+    "degrees",
+    "radians",
+    "sin",
+    "cos",
+    "tan",
+    "cbrt",
+    "pg_input_is_valid",
 ];
 
 fn safe_function(name: &str) -> bool {
@@ -358,22 +428,33 @@ pub fn classify(sql: &str) -> Classified {
         statements: parsed.protobuf.stmts.len(),
         tables: parsed.tables(),
         functions: parsed.functions(),
+        facts: Facts::default(),
         hints: hints::parse(sql),
         effects: Vec::new(),
         begins_read_only: false,
         begins: false,
+        begins_serializable: false,
         needs_database_alone: None,
         parse_error: false,
         touches_session: false,
     };
+    let nodes: Vec<&NodeEnum> = parsed
+        .protobuf
+        .stmts
+        .iter()
+        .filter_map(|raw| raw.stmt.as_ref().and_then(|n| n.node.as_ref()))
+        .collect();
     for (i, raw) in parsed.protobuf.stmts.iter().enumerate() {
         let Some(node) = raw.stmt.as_ref().and_then(|n| n.node.as_ref()) else {
             continue;
         };
         let text = statement_text(sql, raw);
-        let (kind, ro) = statement(node, text, &mut c);
+        let (kind, mut ro) = statement(node, text, &mut c);
         if i == 0 {
             c.kind = kind;
+            // `BEGIN; <reads>; COMMIT` in one message is a read like any
+            // other: the transaction starts and ends on the same node.
+            ro |= c.begins && !c.begins_serializable && wrapped_in_commit(&nodes);
         }
         c.read_only &= ro;
     }
@@ -406,20 +487,18 @@ pub fn classify(sql: &str) -> Classified {
         Context::DML => !copied_out.contains(t),
         _ => false,
     });
-    if writes {
+    // EXPLAIN without ANALYZE was judged by its walk alone: its tables are
+    // planned, not written, and its built-in calls are not run.
+    let only_planned =
+        c.facts.explain_only && nodes.iter().all(|n| matches!(n, NodeEnum::ExplainStmt(_)));
+    if writes && !only_planned {
         c.read_only = false;
     }
-    for (node, _, _, _) in parsed.protobuf.nodes() {
-        if let NodeRef::SelectStmt(s) = node {
-            if !s.locking_clause.is_empty() || s.into_clause.is_some() {
-                c.read_only = false;
-            }
-        }
-    }
-    if !c
-        .functions
-        .iter()
-        .all(|f| safe_function(&f.to_ascii_lowercase()))
+    if !only_planned
+        && !c
+            .functions
+            .iter()
+            .all(|f| safe_function(&f.to_ascii_lowercase()))
     {
         c.read_only = false;
     }
@@ -490,18 +569,31 @@ fn session_calls(parsed: &pg_query::ParseResult, c: &mut Classified) {
         }
         match set_config_args(&call.args) {
             Some((_, _, true)) => {} // transaction-local: dies with it
-            Some((name, value, false)) => c.effects.push(SessionEffect::Set {
-                sql: format!(
-                    "SELECT pg_catalog.set_config('{}', '{}', false)",
-                    name.replace('\'', "''"),
-                    value.replace('\'', "''")
-                ),
-                name,
-            }),
+            Some((name, value, false)) if serializable_default(&name, &value) => {
+                c.effects
+                    .push(SessionEffect::Pin("serializable default isolation"));
+                c.effects.push(set_config_effect(name, value));
+            }
+            Some((name, value, false)) => c.effects.push(set_config_effect(name, value)),
             None => c
                 .effects
                 .push(SessionEffect::Pin("set_config with computed arguments")),
         }
+    }
+}
+
+fn serializable_default(name: &str, value: &str) -> bool {
+    name == "default_transaction_isolation" && value.eq_ignore_ascii_case("serializable")
+}
+
+fn set_config_effect(name: String, value: String) -> SessionEffect {
+    SessionEffect::Set {
+        sql: format!(
+            "SELECT pg_catalog.set_config('{}', '{}', false)",
+            name.replace('\'', "''"),
+            value.replace('\'', "''")
+        ),
+        name,
     }
 }
 
@@ -550,11 +642,12 @@ fn statement_text<'a>(sql: &'a str, raw: &protobuf::RawStmt) -> &'a str {
 fn statement(node: &NodeEnum, text: &str, c: &mut Classified) -> (StatementKind, bool) {
     use StatementKind as K;
     match node {
-        NodeEnum::SelectStmt(_) => (K::Select, true),
-        NodeEnum::InsertStmt(_) => (K::Insert, false),
-        NodeEnum::UpdateStmt(_) => (K::Update, false),
-        NodeEnum::DeleteStmt(_) => (K::Delete, false),
-        NodeEnum::MergeStmt(_) => (K::Merge, false),
+        NodeEnum::SelectStmt(_) => (K::Select, walked(node, c)),
+        NodeEnum::InsertStmt(_) => (K::Insert, walked(node, c)),
+        NodeEnum::UpdateStmt(_) => (K::Update, walked(node, c)),
+        NodeEnum::DeleteStmt(_) => (K::Delete, walked(node, c)),
+        NodeEnum::MergeStmt(_) => (K::Merge, walked(node, c)),
+        NodeEnum::UnlistenStmt(_) => (K::Utility, true),
         NodeEnum::VariableShowStmt(_) => (K::Show, true),
         NodeEnum::TransactionStmt(t) => (K::Transaction, transaction(t, c)),
         NodeEnum::VariableSetStmt(v) => (K::Session, variable_set(v, text, c)),
@@ -566,7 +659,7 @@ fn statement(node: &NodeEnum, text: &str, c: &mut Classified) -> (StatementKind,
             }
             (K::Session, true)
         }
-        NodeEnum::ExplainStmt(e) => (K::Explain, inner(&e.query, text, c).unwrap_or(false)),
+        NodeEnum::ExplainStmt(e) => (K::Explain, explain(e, text, c)),
         NodeEnum::CopyStmt(copy) => {
             let ro = !copy.is_from
                 && !copy.is_program
@@ -630,7 +723,184 @@ fn statement(node: &NodeEnum, text: &str, c: &mut Classified) -> (StatementKind,
     }
 }
 
-/// Read-only verdict of a statement nested in another (EXPLAIN, COPY, DECLARE).
+/// Walk a SELECT or DML statement; read-only when nothing in it writes,
+/// every node kind is known and every call and operator is safe as far as
+/// the text shows (the catalog judges the rest per database).
+fn walked(node: &NodeEnum, c: &mut Classified) -> bool {
+    let w = walk(node);
+    let calls_safe = w
+        .calls
+        .iter()
+        .all(|f| safe_function(&f.display().to_ascii_lowercase()));
+    let ops_safe = w.operators.iter().all(builtin_operator);
+    let ro = w.writes.is_none() && w.unknown.is_none() && calls_safe && ops_safe;
+    if ro {
+        record(w, c);
+    }
+    ro
+}
+
+fn record(w: Walk, c: &mut Classified) {
+    c.facts.calls.extend(w.calls);
+    c.facts.relations.extend(w.relations);
+    c.facts.operators.extend(w.operators);
+    c.facts.types.extend(w.types);
+}
+
+/// `EXPLAIN` without `ANALYZE` runs nothing: any statement the walker knows
+/// may be explained on a standby (unless it touches relations a standby
+/// refuses, which the catalog judges). With `ANALYZE` it runs the statement.
+fn explain(e: &protobuf::ExplainStmt, text: &str, c: &mut Classified) -> bool {
+    let analyze = e.options.iter().any(|o| match o.node.as_ref() {
+        Some(NodeEnum::DefElem(d)) if d.defname == "analyze" => {
+            d.arg.is_none() || const_truthy(d.arg.as_deref()) != Some(false)
+        }
+        _ => false,
+    });
+    let Some(node) = e.query.as_ref().and_then(|q| q.node.as_ref()) else {
+        return false;
+    };
+    if analyze {
+        return statement(node, text, c).1;
+    }
+    if !matches!(
+        node,
+        NodeEnum::SelectStmt(_)
+            | NodeEnum::InsertStmt(_)
+            | NodeEnum::UpdateStmt(_)
+            | NodeEnum::DeleteStmt(_)
+            | NodeEnum::MergeStmt(_)
+    ) {
+        return false;
+    }
+    let mut w = walk(node);
+    if w.unknown.is_some() || !w.operators.iter().all(builtin_operator) {
+        return false;
+    }
+    // Built-ins are only planned; user functions are judged (a function
+    // declared IMMUTABLE is run by the planner).
+    w.calls.retain(|f| !builtin_name(f));
+    if !w.calls.is_empty() {
+        return false;
+    }
+    c.facts.explain_only = true;
+    record(w, c);
+    true
+}
+
+/// A function name known to be PostgreSQL's own (safe or not).
+fn builtin_name(f: &Name) -> bool {
+    let name = f.name.to_ascii_lowercase();
+    let schema_ok = f.schema.as_deref().is_none_or(|s| s == "pg_catalog");
+    schema_ok
+        && (SAFE_FUNCTIONS.contains(&name.as_str())
+            || NO_SESSION_STATE.contains(&name.as_str())
+            || SESSION_LOCKS.contains(&name.as_str())
+            || name == "set_config")
+}
+
+/// Operators of PostgreSQL's built-in types. A user-defined operator (any
+/// other name, or one qualified with another schema) runs a user function:
+/// not read-only.
+fn builtin_operator(op: &Name) -> bool {
+    const BUILTIN: &[&str] = &[
+        "=",
+        "<>",
+        "!=",
+        "<",
+        ">",
+        "<=",
+        ">=",
+        "+",
+        "-",
+        "*",
+        "/",
+        "%",
+        "^",
+        "||",
+        "~~",
+        "!~~",
+        "~~*",
+        "!~~*",
+        "~",
+        "~*",
+        "!~",
+        "!~*",
+        "@>",
+        "<@",
+        "&&",
+        "?",
+        "?|",
+        "?&",
+        "->",
+        "->>",
+        "#>",
+        "#>>",
+        "#-",
+        "@?",
+        "@@",
+        "@@@",
+        "|/",
+        "||/",
+        "@",
+        "&",
+        "|",
+        "#",
+        "<<",
+        ">>",
+        "-|-",
+        "&<",
+        "&>",
+        "<<|",
+        "|>>",
+        "&<|",
+        "|&>",
+        "<->",
+        "<#>",
+        "<<=",
+        ">>=",
+        "!!",
+        "<^",
+        ">^",
+        "?#",
+        "?-",
+        "?|",
+        "?-|",
+        "?||",
+        "##",
+        "<<@",
+        "@>>",
+        // BETWEEN is spelled as an operator name; it expands to <= and >=.
+        "BETWEEN",
+        "NOT BETWEEN",
+        "BETWEEN SYMMETRIC",
+        "NOT BETWEEN SYMMETRIC",
+    ];
+    op.schema.as_deref().is_none_or(|s| s == "pg_catalog") && BUILTIN.contains(&op.name.as_str())
+}
+
+/// Whether the message is `BEGIN; …; COMMIT` with no other transaction
+/// control in between.
+fn wrapped_in_commit(nodes: &[&NodeEnum]) -> bool {
+    let Some((NodeEnum::TransactionStmt(last), middle)) = nodes
+        .get(1..)
+        .and_then(|rest| rest.split_last())
+        .map(|(l, m)| (*l, m))
+    else {
+        return false;
+    };
+    let commit = matches!(
+        TransactionStmtKind::try_from(last.kind),
+        Ok(TransactionStmtKind::TransStmtCommit)
+    );
+    commit
+        && !last.chain
+        && middle
+            .iter()
+            .all(|n| !matches!(n, NodeEnum::TransactionStmt(_)))
+}
+
+/// Read-only verdict of a statement nested in another (COPY, DECLARE).
 fn inner(query: &Option<Box<protobuf::Node>>, text: &str, c: &mut Classified) -> Option<bool> {
     let node = query.as_ref().and_then(|q| q.node.as_ref())?;
     Some(statement(node, text, c).1)
@@ -738,6 +1008,7 @@ fn transaction(t: &protobuf::TransactionStmt, c: &mut Classified) -> bool {
                 }
             }
             c.begins_read_only = read_only && !serializable;
+            c.begins_serializable = serializable;
             c.begins_read_only
         }
         TransactionStmtKind::TransStmtPrepare
@@ -768,13 +1039,25 @@ fn variable_set(v: &protobuf::VariableSetStmt, text: &str, c: &mut Classified) -
                     .as_deref()
                     == Some("serializable")
             {
+                // A standby refuses serializable transactions: the session
+                // keeps a primary connection (this SET runs there too).
                 c.effects
                     .push(SessionEffect::Pin("serializable default isolation"));
+                c.effects.push(SessionEffect::Set {
+                    name,
+                    sql: text.to_owned(),
+                });
+                return false;
             }
+            // transaction_read_only = off makes the transaction read-write.
+            let read_write = name == "transaction_read_only";
             c.effects.push(SessionEffect::Set {
                 name,
                 sql: text.to_owned(),
-            })
+            });
+            if read_write {
+                return false;
+            }
         }
         // SET TRANSACTION / SET SESSION CHARACTERISTICS and friends.
         VariableSetKind::VarSetMulti => {
@@ -1125,5 +1408,198 @@ mod tests {
         assert!(Arc::ptr_eq(&a, &b));
         // Function names are not literals: a write function never shares a read's verdict.
         assert!(!c.classify("SELECT nextval('s')").read_only);
+    }
+
+    #[test]
+    fn settings_that_need_the_primary_are_not_reads() {
+        for sql in [
+            "SET default_transaction_isolation = 'serializable'",
+            "SET SESSION CHARACTERISTICS AS TRANSACTION ISOLATION LEVEL SERIALIZABLE",
+            "SET SESSION CHARACTERISTICS AS TRANSACTION READ WRITE",
+            "SET transaction_read_only = off",
+            "SELECT set_config('default_transaction_isolation', 'serializable', false)",
+        ] {
+            assert!(!classify(sql).read_only, "{sql}");
+        }
+        let c =
+            classify("SELECT set_config('default_transaction_isolation', 'serializable', false)");
+        assert!(c.effects.iter().any(|e| matches!(e, SessionEffect::Pin(_))));
+        assert!(c
+            .effects
+            .iter()
+            .any(|e| matches!(e, SessionEffect::Set { .. })));
+        assert!(classify("SET default_transaction_isolation = 'read committed'").read_only);
+        assert!(classify("SET work_mem = '64MB'").read_only);
+    }
+
+    #[test]
+    fn safe_statements_are_offloaded() {
+        for sql in [
+            "EXPLAIN SELECT * FROM t",
+            "EXPLAIN INSERT INTO t VALUES (nextval('s'))",
+            "EXPLAIN (COSTS OFF) UPDATE t SET x = 1",
+            "EXPLAIN ANALYZE SELECT * FROM t",
+            "BEGIN; SELECT * FROM t; SELECT count(*) FROM u; COMMIT;",
+            "START TRANSACTION; SELECT 1; END",
+            "UNLISTEN *",
+            "UNLISTEN chan",
+            "SELECT jsonb_path_query_array('{}'::jsonb, '$.a')",
+            "SELECT enum_range(NULL::mood)",
+            "SELECT x FROM t WHERE y BETWEEN 1 AND 2",
+        ] {
+            assert!(classify(sql).read_only, "{sql}");
+        }
+        for sql in [
+            "EXPLAIN ANALYZE INSERT INTO t VALUES (1)",
+            "EXPLAIN ANALYZE SELECT nextval('s')",
+            "EXPLAIN SELECT my_fn()",
+            "BEGIN; SELECT 1; UPDATE t SET x = 1; COMMIT;",
+            "BEGIN; SELECT 1;",
+            "BEGIN ISOLATION LEVEL SERIALIZABLE; SELECT 1; COMMIT;",
+            "BEGIN; SELECT 1; COMMIT; BEGIN; SELECT 2;",
+            "BEGIN; SELECT 1; COMMIT AND CHAIN;",
+            "SELECT a OPERATOR(public.###) b FROM t",
+            "SELECT a ### b FROM t",
+            "SELECT xmlelement(name a, 'b')",
+        ] {
+            assert!(!classify(sql).read_only, "{sql}");
+        }
+    }
+
+    /// Random read statements built from a small grammar; `writer` (if any)
+    /// is planted at one random leaf of one random expression slot.
+    struct Gen {
+        seed: u64,
+    }
+
+    impl Gen {
+        fn next(&mut self, n: usize) -> usize {
+            self.seed = self
+                .seed
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            ((self.seed >> 33) as usize) % n
+        }
+
+        /// An expression; when `plant` is set, exactly one leaf is `writer`.
+        fn expr(&mut self, depth: u32, plant: Option<&str>) -> String {
+            const LEAVES: &[&str] = &["1", "'a'", "x", "t.y", "$1", "NULL", "true", "2.5"];
+            if depth == 0 || self.next(3) == 0 {
+                return match plant {
+                    Some(w) => w.to_owned(),
+                    None => LEAVES[self.next(LEAVES.len())].to_owned(),
+                };
+            }
+            const SHAPES: &[&str] = &[
+                "({a} + {b})",
+                "({a} || {b})",
+                "lower({a})",
+                "coalesce({a}, {b})",
+                "CASE WHEN {a} THEN {b} ELSE 0 END",
+                "ARRAY[{a}, {b}]",
+                "ROW({a}, {b})",
+                "({a})::text",
+                "({a} IS NULL)",
+                "({a} IN ({b}, 1))",
+                "(SELECT {a})",
+                "EXISTS (SELECT {a} FROM u WHERE {b})",
+                "greatest({a}, {b})",
+                "({a} BETWEEN {b} AND 3)",
+                "(NOT ({a} = {b}))",
+                "(ARRAY[{a}])[{b}]",
+                "({a} LIKE {b})",
+                "({a} = ANY (ARRAY[{b}]))",
+                "(SELECT max({a}) FROM u GROUP BY {b})",
+                "(SELECT count(*) FILTER (WHERE {a}) FROM u WHERE {b})",
+                "(SELECT sum({a}) OVER (PARTITION BY {b}) FROM u LIMIT 1)",
+                "(SELECT string_agg({a}, ',' ORDER BY {b}) FROM u)",
+                "({a} COLLATE \"C\")",
+                "(SELECT v FROM (VALUES ({a}), ({b})) s(v) LIMIT 1)",
+                "(SELECT g FROM generate_series(1, {a}) g WHERE {b} LIMIT 1)",
+                "(WITH c AS (SELECT {a} AS v) SELECT v FROM c WHERE {b})",
+                "(SELECT 1 UNION ALL SELECT {a} LIMIT {b})",
+                "NULLIF({a}, {b})",
+                "({a} IS DISTINCT FROM {b})",
+            ];
+            let shape = SHAPES[self.next(SHAPES.len())];
+            let (a_plant, b_plant) = match (plant, self.next(2)) {
+                (Some(w), 0) => (Some(w), None),
+                (Some(w), _) => (None, Some(w)),
+                (None, _) => (None, None),
+            };
+            // A shape without a B slot takes the plant in A.
+            let (a_plant, b_plant) = if shape.contains("{b}") {
+                (a_plant, b_plant)
+            } else {
+                (a_plant.or(b_plant), None)
+            };
+            let a = self.expr(depth - 1, a_plant);
+            let b = self.expr(depth - 1, b_plant);
+            shape.replace("{a}", &a).replace("{b}", &b)
+        }
+
+        fn statement(&mut self, writer: Option<&str>) -> String {
+            const TEMPLATES: &[&str] = &[
+                "SELECT {}, {} FROM t WHERE {}",
+                "SELECT x FROM t GROUP BY {} HAVING {} ORDER BY {} LIMIT {} OFFSET {}",
+                "VALUES ({}, {}), ({}, 1)",
+                "WITH c AS (SELECT {} AS a) SELECT a FROM c WHERE {}",
+                "SELECT * FROM t JOIN u ON {} LEFT JOIN v ON {}",
+                "SELECT {} UNION ALL SELECT {} EXCEPT SELECT {}",
+                "SELECT * FROM (SELECT {}) s, LATERAL (SELECT {}) l",
+                "SELECT * FROM t WHERE x IN (SELECT {} FROM u WHERE {})",
+                "SELECT count(*) FILTER (WHERE {}) FROM t",
+                "SELECT sum(x) OVER (PARTITION BY {} ORDER BY {}) FROM t",
+                "SELECT * FROM generate_series(1, {}) g WHERE {}",
+                "SELECT DISTINCT ON ({}) x FROM t ORDER BY {}",
+                "SELECT x FROM t WINDOW w AS (ORDER BY {}) ORDER BY {}",
+                "EXPLAIN ANALYZE SELECT {} FROM t WHERE {}",
+                "COPY (SELECT {} FROM t WHERE {}) TO STDOUT",
+                "DECLARE c CURSOR FOR SELECT {} FROM t WHERE {}",
+                "SELECT * FROM t TABLESAMPLE bernoulli ({}) WHERE {}",
+            ];
+            let template = TEMPLATES[self.next(TEMPLATES.len())];
+            let slots = template.matches("{}").count();
+            let planted = self.next(slots);
+            let mut out = String::new();
+            for (i, part) in template.split("{}").enumerate() {
+                out.push_str(part);
+                if i < slots {
+                    let plant = writer.filter(|_| i == planted);
+                    let depth = 1 + self.next(4) as u32;
+                    out.push_str(&self.expr(depth, plant));
+                }
+            }
+            out
+        }
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(2000))]
+
+        /// A writing call planted anywhere in a read makes it primary-only;
+        /// the same statement without it is read-only (so the grammar is
+        /// one the walker knows, and the first property means something).
+        #[test]
+        fn a_planted_writing_call_is_always_found(seed in proptest::prelude::any::<u64>(), w in 0usize..8) {
+            const WRITERS: &[&str] = &[
+                "nextval('s')",
+                "my_writing_fn()",
+                "public.audit(1)",
+                "setval('s', 1)",
+                "pg_advisory_lock(1)",
+                "lo_create(0)",
+                "txid_current()",
+                "x OPERATOR(public.###) 1",
+            ];
+            let clean = Gen { seed }.statement(None);
+            let c = classify(&clean);
+            proptest::prop_assert!(!c.parse_error, "does not parse: {}", clean);
+            proptest::prop_assert!(c.read_only, "a clean read was not read-only: {}", clean);
+            let planted = Gen { seed }.statement(Some(WRITERS[w]));
+            let c = classify(&planted);
+            proptest::prop_assert!(!c.parse_error, "does not parse: {}", planted);
+            proptest::prop_assert!(!c.read_only, "missed the writer: {}", planted);
+        }
     }
 }
