@@ -310,11 +310,12 @@ pub fn describe(out: &mut BytesMut, kind: u8, name: &str) {
 /// A `Bind` message with its statement name replaced.
 pub fn bind_renamed(out: &mut BytesMut, body: &[u8], statement: &str) -> Result<(), WireError> {
     let mut f = Fields::new(body);
-    let portal = f.cstr()?;
-    let _old = f.cstr()?;
+    let portal = f.cbytes()?;
+    let _old = f.cbytes()?;
     let rest = f.rest();
     message(out, b'B', |b| {
-        put_cstr(b, portal);
+        b.put_slice(portal);
+        b.put_u8(0);
         put_cstr(b, statement);
         b.put_slice(rest);
     });

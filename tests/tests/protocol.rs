@@ -267,6 +267,7 @@ async fn backend_key_data_is_never_someone_elses_pid() {
     let msgs = c.simple("SELECT pg_backend_pid()").await;
     let real = data_row(&msgs[1].1)[0].clone().unwrap();
     assert_eq!(real, pid.to_string(), "session mode tells the real pid");
+
     // A cancel request to signalbox with that key stops the query.
     c.send(&raw::query("SELECT pg_sleep(30)")).await;
     tokio::time::sleep(Duration::from_millis(300)).await;
@@ -285,6 +286,14 @@ async fn backend_key_data_is_never_someone_elses_pid() {
     let err = msgs.iter().find(|m| m.0 == b'E').expect("canceled");
     assert_eq!(sqlstate(&err.1), "57014", "{msgs:?}");
     assert!(started.elapsed() < Duration::from_secs(20));
+    // One backend per session: once this client has left, the next session
+    // never gets its backend (whose key this client knows).
+    drop(c);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let mut next = Raw::connect(port, "postgres", "postgres").await;
+    assert_ne!(backend_key(&next), (pid, secret));
+    let msgs = next.simple("SELECT pg_backend_pid()").await;
+    assert_ne!(data_row(&msgs[1].1)[0].clone().unwrap(), real);
 }
 
 /// A LISTENing client that sits idle gets notifications as they arrive,
@@ -615,4 +624,104 @@ async fn random_disconnects_leave_no_session_or_server_connection_behind() {
     let mut last = Raw::connect(port, "postgres", "protocol_chaos").await;
     let msgs = last.simple("SELECT 'mine', 42").await;
     assert_eq!(tags(&msgs), "TDCZ", "{msgs:?}");
+}
+
+/// A frame built from parts (for names that are not UTF-8).
+fn frame(tag: u8, parts: &[&[u8]]) -> Vec<u8> {
+    let body: Vec<u8> = parts.concat();
+    let mut out = vec![tag];
+    out.extend_from_slice(&(body.len() as i32 + 4).to_be_bytes());
+    out.extend_from_slice(&body);
+    out
+}
+
+/// Flush-ended work that fails before reaching any server (here: the pool
+/// is exhausted) gets an error and no ReadyForQuery; what follows up to the
+/// client's Sync is skipped, as the server would skip it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flush_ended_batch_refused_by_signalbox_skips_to_sync() {
+    database("protocol_exhausted");
+    let server = start("[pool]\nsize = 1\ncheckout_timeout_ms = 300\n").await;
+    let port = server.addr.port();
+    let mut holder = Raw::connect(port, "postgres", "protocol_exhausted").await;
+    assert_eq!(
+        tags(&holder.simple("BEGIN; SELECT txid_current()").await),
+        "CTDCZ"
+    );
+    let mut c = Raw::connect(port, "postgres", "protocol_exhausted").await;
+    let mut bytes = raw::parse("", "SELECT txid_current()");
+    bytes.extend(raw::bind("", ""));
+    bytes.extend(raw::execute("", 0));
+    bytes.extend(raw::flush());
+    c.send(&bytes).await;
+    let e = c.next().await;
+    assert_eq!((e.0, sqlstate(&e.1).as_str()), (b'E', "53300"), "{e:?}");
+    let mut more = raw::execute("", 0);
+    more.extend(raw::flush());
+    c.send(&more).await;
+    let got = quiet_for(&mut c, Duration::from_millis(800)).await;
+    assert!(got.is_empty(), "nothing is owed before Sync: {got:?}");
+    c.send(&raw::sync()).await;
+    assert_eq!(tags(&c.until_ready().await), "Z");
+    assert_eq!(tags(&holder.simple("COMMIT").await), "CZ");
+    assert_eq!(tags(&c.simple("SELECT 1").await), "TDCZ");
+}
+
+/// Clients in different encodings share pooled connections safely: the
+/// settings of a UTF-8 client are restored intact on a connection a LATIN9
+/// client left; the same statement bytes in two encodings are two
+/// statements; names that are not UTF-8 work.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clients_in_different_encodings_share_connections_safely() {
+    database("protocol_encodings");
+    let server = start(POOL1).await;
+    let port = server.addr.port();
+    let db = "protocol_encodings";
+    let latin9 = [("client_encoding", "LATIN9")];
+    // A UTF-8 literal prepared by a UTF-8 client under a name ...
+    let text = "SELECT 'é' || $1::text".as_bytes();
+    let named = |name: &[u8], portal: &[u8]| {
+        let mut b = frame(b'P', &[name, b"\0", text, b"\0", &[0, 0]]);
+        b.extend(frame(
+            b'B',
+            &[
+                portal,
+                b"\0",
+                name,
+                b"\0",
+                &[0, 0, 0, 1, 0, 0, 0, 1, b'x', 0, 0],
+            ],
+        ));
+        b.extend(frame(b'E', &[portal, b"\0", &[0, 0, 0, 0]]));
+        b.extend(raw::sync());
+        b
+    };
+    let mut u = Raw::connect(port, "postgres", db).await;
+    u.send(&named(b"s1", b"")).await;
+    let msgs = u.until_ready().await;
+    assert_eq!(tags(&msgs), "12DCZ", "{msgs:?}");
+    assert_eq!(
+        raw::data_row_bytes(&msgs[2].1)[0].as_deref(),
+        Some("éx".as_bytes())
+    );
+    // ... and the same bytes from a LATIN9 client mean 'Ã©': its own statement.
+    let mut l = Raw::connect_with(port, "postgres", db, &latin9).await;
+    l.send(&named(b"s1\xe9", b"p\xe9")).await;
+    let msgs = l.until_ready().await;
+    assert_eq!(tags(&msgs), "12DCZ", "{msgs:?}");
+    assert_eq!(
+        raw::data_row_bytes(&msgs[2].1)[0].as_deref(),
+        Some(&b"\xc3\xa9x"[..]),
+        "LATIN9 bytes C3 A9 are 'Ã©', returned as C3 A9"
+    );
+    drop(l);
+    // The only connection now had LATIN9; a UTF-8 client's non-ASCII
+    // settings are restored on it intact.
+    let mut v = Raw::connect_with(port, "postgres", db, &[("myapp.label", "café€")]).await;
+    let msgs = v.simple("SELECT current_setting('myapp.label')").await;
+    assert_eq!(
+        data_row(&msgs[1].1),
+        [Some("café€".to_string())],
+        "{msgs:?}"
+    );
 }

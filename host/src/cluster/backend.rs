@@ -419,6 +419,11 @@ impl BackendConn {
     }
 
     /// Read more bytes from the server (at least one, or an error).
+    /// Bytes from the server not yet taken as frames.
+    pub fn has_buffered(&self) -> bool {
+        !self.rbuf.is_empty()
+    }
+
     pub async fn fill(&mut self) -> Result<(), WireError> {
         self.rbuf.reserve(16 * 1024);
         match self.stream.read_buf(&mut self.rbuf).await {

@@ -72,6 +72,36 @@ impl Keys {
     }
 }
 
+/// Derived keys by (user, password): PBKDF2's 4096 rounds run once per
+/// user, not on every login (an unauthenticated client could otherwise
+/// make signalbox burn CPU at will). An unknown user gets stable keys from
+/// a random password, so repeated attempts see the same salt, as with
+/// PostgreSQL's mock authentication.
+fn keys_for(user: &str, password: Option<&str>) -> std::sync::Arc<Keys> {
+    use std::collections::HashMap;
+    use std::sync::{Arc, Mutex, OnceLock};
+    type Cache = Mutex<HashMap<(String, Option<String>), Arc<Keys>>>;
+    static CACHE: OnceLock<Cache> = OnceLock::new();
+    let cache = CACHE.get_or_init(Mutex::default);
+    let key = (user.to_owned(), password.map(str::to_owned));
+    if let Some(k) = cache.lock().unwrap_or_else(|p| p.into_inner()).get(&key) {
+        return k.clone();
+    }
+    let keys = Arc::new(Keys::derive(&password.map(str::to_owned).unwrap_or_else(
+        || {
+            let mut r = [0u8; 16];
+            random(&mut r);
+            hex::encode(r)
+        },
+    )));
+    let mut map = cache.lock().unwrap_or_else(|p| p.into_inner());
+    if map.len() >= 10_000 {
+        map.clear(); // bounded: made-up user names cannot grow it forever
+    }
+    map.insert(key, keys.clone());
+    keys
+}
+
 fn random(buf: &mut [u8]) {
     if getrandom::getrandom(buf).is_err() {
         buf.iter_mut().for_each(|b| *b = fastrand::u8(..));
@@ -249,11 +279,7 @@ pub async fn scram(
     };
     // An unknown user still goes through the exchange (with a random
     // secret), so a client cannot tell unknown users from wrong passwords.
-    let keys = Keys::derive(&password.map(str::to_owned).unwrap_or_else(|| {
-        let mut r = [0u8; 16];
-        random(&mut r);
-        hex::encode(r)
-    }));
+    let keys = keys_for(user, password);
     let mut server_nonce = [0u8; 18];
     random(&mut server_nonce);
     let nonce = format!("{}{}", first.nonce, B64.encode(server_nonce));

@@ -111,6 +111,16 @@ fn startup_settings(params: &[(String, String)]) -> Vec<(String, String)> {
     out
 }
 
+/// The value a client asked for at startup for setting `name` (a startup
+/// parameter or `options=-c name=value`; the last one wins, as in PostgreSQL).
+pub fn startup_value(params: &[(String, String)], name: &str) -> Option<String> {
+    startup_settings(params)
+        .into_iter()
+        .rev()
+        .find(|(n, _)| n == name)
+        .map(|(_, v)| v)
+}
+
 /// Startup settings as the SETs that recreate them on any connection.
 pub fn startup_sets(params: &[(String, String)]) -> Vec<(String, String)> {
     startup_settings(params)

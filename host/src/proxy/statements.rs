@@ -37,11 +37,12 @@ impl Prepared {
         text: Bytes,
         param_types: Bytes,
         class: Arc<Classified>,
+        encoding: &str,
     ) -> Self {
         let server_name = if name.is_empty() {
             String::new()
         } else {
-            server_name(&text, &param_types)
+            server_name(&text, &param_types, encoding)
         };
         Self {
             sql,
@@ -218,9 +219,11 @@ impl Translated {
 
 /// Server-side statement name: the same SQL and parameter types share one
 /// prepared statement per backend connection, whichever client prepared it.
-pub fn server_name(text: &[u8], types: &[u8]) -> String {
+/// The same bytes in another client encoding are another statement.
+pub fn server_name(text: &[u8], types: &[u8], encoding: &str) -> String {
     let mut h = std::collections::hash_map::DefaultHasher::new();
     text.hash(&mut h);
+    encoding.hash(&mut h);
     types.hash(&mut h);
     format!("sb_{:016x}", h.finish())
 }
@@ -278,7 +281,7 @@ mod tests {
                 let sql = Arc::from(String::from_utf8_lossy(text).as_ref());
                 st.define(
                     name,
-                    Prepared::new(name, sql, text.clone(), param_types.clone(), class),
+                    Prepared::new(name, sql, text.clone(), param_types.clone(), class, "UTF8"),
                 );
             }
         }
@@ -301,7 +304,7 @@ mod tests {
     #[test]
     fn translation_table() {
         let sql = "SELECT $1";
-        let server = server_name(sql.as_bytes(), &[0, 0]);
+        let server = server_name(sql.as_bytes(), &[0, 0], "UTF8");
         let p = || Step::Parse {
             forward: true,
             slot: 0,

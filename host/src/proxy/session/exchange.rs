@@ -79,6 +79,18 @@ impl Session {
             return Ok(None);
         }
         let sql = self.state.replay_sql(conn.needs_full_reset());
+        if !sql.is_ascii() {
+            // The server converts a whole Query from the connection's
+            // client_encoding, which the previous client may have changed:
+            // make it UTF-8 first, so non-ASCII values arrive intact.
+            if let Some(failed) = conn
+                .execute_silently("SET client_encoding = 'UTF8'")
+                .await
+                .map_err(SessionError::Backend)?
+            {
+                return Ok(Some(failed));
+            }
+        }
         let failed = conn
             .execute_silently(&sql)
             .await
@@ -227,6 +239,9 @@ impl Session {
         work: Work<'_>,
     ) -> Result<(), SessionError> {
         let mut failed_node = None;
+        // A connection held from earlier work (a transaction, a pin, a
+        // Flush-ended exchange) carries what the client relies on.
+        let held = self.lease.is_some();
         for attempt in 0..2 {
             let retriable = attempt == 0 && self.lease.is_none() && self.tx == TxState::Idle;
             if !self.acquire(class, sql, failed_node).await? {
@@ -287,7 +302,7 @@ impl Session {
                     self.client.out.clear();
                     tracing::debug!(error = ?e, "read retried on a fresh connection");
                 }
-                Err(e) => return self.lost_backend(e).await,
+                Err(e) => return self.lost_backend(e, held).await,
             }
         }
         Ok(())
@@ -337,11 +352,15 @@ impl Session {
     /// ends the session too, with `08006`: what the client relied on is
     /// gone. Only a transaction-pooled client between transactions goes on,
     /// with an error for the statement that was running.
-    pub(super) async fn lost_backend(&mut self, lost: Lost) -> Result<(), SessionError> {
-        let held_session = self.tx != TxState::Idle
+    pub(super) async fn lost_backend(
+        &mut self,
+        lost: Lost,
+        held: bool,
+    ) -> Result<(), SessionError> {
+        let held_session = held
+            || self.tx != TxState::Idle
             || self.pin_reason.is_some()
             || self.session_pooling
-            || self.skipping
             || self.lease.is_some();
         self.release(true);
         let e = match lost {
@@ -352,7 +371,7 @@ impl Session {
             }
             Lost::Io(e) if held_session => {
                 let what = if self.tx != TxState::Idle {
-                    "during a transaction (it was rolled back)"
+                    "during a transaction (if it was committing, whether it committed is unknown; otherwise it was rolled back)"
                 } else {
                     "that held this session"
                 };
@@ -408,7 +427,7 @@ impl Session {
                 // An idle client is between statements: even a transaction-
                 // pooled one learns of it only if the connection was its own.
                 let _ = self.client.flush().await;
-                self.lost_backend(lost).await
+                self.lost_backend(lost, true).await
             }
         }
     }
@@ -465,6 +484,7 @@ impl Session {
             Some(SessionEffect::DiscardAll) if !holds_connection && self.tx == TxState::Idle => {
                 self.statements.clear();
                 self.pending_effects.clear();
+                self.encoding = self.startup_encoding;
                 self.state
                     .apply(&[SessionEffect::DiscardAll], &self.startup_sets);
                 "DISCARD ALL"

@@ -31,14 +31,13 @@ impl Session {
                 return Err(SessionError::Client(WireError::Closed));
             }
         }
-        let asked = self
-            .startup_params
-            .iter()
-            .find(|(n, _)| n.eq_ignore_ascii_case("client_encoding"))
-            .map(|(_, v)| v.clone());
+        let asked = crate::proxy::state::startup_value(&self.startup_params, "client_encoding");
         if let Some(asked) = asked {
             match crate::proxy::encoding::ClientEncoding::lookup(&asked) {
-                Some(e) => self.encoding = e,
+                Some(e) => {
+                    self.encoding = e;
+                    self.startup_encoding = e;
+                }
                 None => {
                     let msg =
                         format!("invalid value for parameter \"client_encoding\": \"{asked}\"");

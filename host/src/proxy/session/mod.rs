@@ -51,6 +51,9 @@ pub struct Session {
     /// every message up to the next Sync, and so does signalbox (no reply
     /// is owed for them).
     skipping: bool,
+    /// The work in hand ends with Sync or is a simple Query: a
+    /// ReadyForQuery is owed when it is done.
+    owes_ready: bool,
     route_session: Arc<RouteSession>,
     /// Pool handles by node, looked up once per session.
     pools: Vec<Option<crate::cluster::pool::Pool>>,
@@ -62,6 +65,8 @@ pub struct Session {
     tls: bool,
     /// The session's `client_encoding`, as the server last reported it.
     encoding: ClientEncoding,
+    /// The one asked for at startup (what `RESET ALL`/`DISCARD ALL` restore).
+    startup_encoding: ClientEncoding,
 }
 
 /// What ended the serve loop's wait.
@@ -155,6 +160,7 @@ impl Session {
             statements: Statements::default(),
             batch: Vec::new(),
             skipping: false,
+            owes_ready: true,
             route_session: Arc::default(),
             pools: Vec::new(),
             application_name,
@@ -162,6 +168,7 @@ impl Session {
             attributes,
             tls,
             encoding: super::encoding::UTF8,
+            startup_encoding: super::encoding::UTF8,
             startup_params: params.clone(),
             shared,
         };
@@ -171,8 +178,9 @@ impl Session {
         }
         s.shared.cancel.forget(s.key);
         if let Some(lease) = s.lease.take() {
-            // A connection mid-transaction cannot be reused.
-            if s.tx != TxState::Idle || s.pin_reason.is_some() {
+            // A connection mid-transaction cannot be reused, nor one whose
+            // real cancel key a session-mode client was told.
+            if s.tx != TxState::Idle || s.pin_reason.is_some() || s.session_pooling {
                 lease.discard();
             }
         }
@@ -222,6 +230,11 @@ impl Session {
             // client) is watched too: what it says while the client is idle
             // (notifications, its death) reaches the client at once.
             let idle = self.tx == TxState::Idle && self.batch.is_empty();
+            // What the held connection sent along with its last answer
+            // (a notification of the client's own NOTIFY) goes out first.
+            if self.lease.as_mut().is_some_and(|l| l.conn().has_buffered()) {
+                self.backend_spoke(Ok(())).await?;
+            }
             let wake = {
                 let held = self.lease.as_mut().map(Lease::conn);
                 let watch = held.is_some();
@@ -323,10 +336,18 @@ impl Session {
         let _ = self.client.flush().await;
     }
 
+    /// An error of signalbox's own for the work in hand. Work that ends in
+    /// Sync (or a simple Query) gets its ReadyForQuery; a Flush-ended batch
+    /// does not, and the session then skips to the client's Sync, as the
+    /// server would have.
     async fn error(&mut self, code: &str, message: &str) -> Result<(), SessionError> {
         wire::error_response(&mut self.client.out, "ERROR", code, message);
-        let status = self.tx_status();
-        wire::ready_for_query(&mut self.client.out, status);
+        if self.owes_ready {
+            let status = self.tx_status();
+            wire::ready_for_query(&mut self.client.out, status);
+        } else {
+            self.skipping = true;
+        }
         self.client.flush().await.map_err(SessionError::Client)
     }
 
@@ -366,6 +387,7 @@ impl Session {
         sql: &str,
         readable: bool,
     ) -> Result<(), SessionError> {
+        self.owes_ready = true;
         let class = self.classify(sql, readable);
         self.free_database(&class);
         if self.answer_locally(&class).await? {
@@ -412,7 +434,14 @@ impl Session {
                     let sql: Arc<str> = Arc::from(sql);
                     first_sql.get_or_insert_with(|| sql.clone());
                     classes.push(class.clone());
-                    let p = Prepared::new(name, sql, text.clone(), param_types.clone(), class);
+                    let p = Prepared::new(
+                        name,
+                        sql,
+                        text.clone(),
+                        param_types.clone(),
+                        class,
+                        self.encoding.name,
+                    );
                     self.statements.define(name, p);
                 }
                 Kind::Bind { statement } => {
@@ -428,6 +457,7 @@ impl Session {
         for class in &classes {
             self.free_database(class);
         }
+        self.owes_ready = batch.last().is_some_and(|m| m.kind == Kind::Sync);
         let mut merged = merge(&classes);
         merged.effects = effects;
         let sql = first_sql.unwrap_or_else(|| Arc::from(""));
