@@ -31,6 +31,8 @@ pub struct Config {
     pub health: HealthConfig,
     #[serde(default)]
     pub auth: AuthConfig,
+    #[serde(default)]
+    pub classifier: ClassifierConfig,
     /// TLS for clients connecting to signalbox.
     pub tls: Option<TlsConfig>,
     /// Without a policy, built-in routing applies.
@@ -179,6 +181,34 @@ impl Default for HealthConfig {
             interval_ms: 500,
             failures_to_ban: 2,
             probe_timeout_ms: 2000,
+        }
+    }
+}
+
+/// `[classifier]`: catalog facts behind read-only verdicts.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ClassifierConfig {
+    /// Fetch catalog facts (relation persistence, views, function
+    /// volatility and bodies) from the primary for each database served.
+    pub catalog: bool,
+    /// Refresh every database's facts this often (DDL seen through
+    /// signalbox refreshes them at once).
+    pub refresh_s: u64,
+    /// How long one fetch may take.
+    pub fetch_timeout_ms: u64,
+    /// Functions (`name` or `schema.name`) the operator vouches never
+    /// write, whatever their language: they may run on replicas.
+    pub read_only_functions: Vec<String>,
+}
+
+impl Default for ClassifierConfig {
+    fn default() -> Self {
+        Self {
+            catalog: true,
+            refresh_s: 30,
+            fetch_timeout_ms: 5000,
+            read_only_functions: Vec::new(),
         }
     }
 }

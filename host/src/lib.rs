@@ -10,6 +10,7 @@
 //! - [`cli`]: the `signalbox` command line.
 
 pub mod admin;
+pub mod catalog;
 pub mod cli;
 pub mod cluster;
 pub mod config;

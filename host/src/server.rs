@@ -62,6 +62,9 @@ impl Server {
             .with_context(|| format!("listen: cannot bind {}", config.listen))?;
         let addr = listener.local_addr()?;
         let mut tasks = vec![cluster.spawn_health()];
+        if config.classifier.catalog {
+            tasks.push(spawn_catalog_refresh(shared.clone()));
+        }
         let s = shared.clone();
         tasks.push(tokio::spawn(proxy::serve(listener, s)));
         let admin_addr = match config.admin_listen {
@@ -164,4 +167,23 @@ impl Drop for Server {
             t.abort();
         }
     }
+}
+
+/// Refresh every served database's catalog facts on the configured interval.
+fn spawn_catalog_refresh(shared: Arc<Shared>) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let period = std::time::Duration::from_secs(shared.config.classifier.refresh_s.max(1));
+        let mut tick = tokio::time::interval(period);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        tick.tick().await;
+        loop {
+            tick.tick().await;
+            for db in shared.catalogs.databases() {
+                let _ = shared
+                    .catalogs
+                    .refresh(&shared.cluster, &shared.config.classifier, &db)
+                    .await;
+            }
+        }
+    })
 }

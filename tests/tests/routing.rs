@@ -23,7 +23,13 @@ async fn row(c: &mut Raw, sql: &str) -> Vec<Option<String>> {
         .unwrap_or_default()
 }
 
+/// Objects the tests use, created once per test binary.
 fn setup() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(create_objects);
+}
+
+fn create_objects() {
     let c = cluster();
     c.psql(
         c.primary.port,
@@ -107,4 +113,129 @@ async fn safe_statements_are_offloaded_to_replicas() {
         assert!(msgs.iter().all(|m| m.0 != b'E'), "{sql}: {msgs:?}");
         assert_eq!(replicas(), before + 1, "{sql} was not offloaded");
     }
+}
+
+fn catalog_setup() {
+    setup();
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(create_catalog_objects);
+}
+
+fn create_catalog_objects() {
+    let c = cluster();
+    c.psql(
+        c.primary.port,
+        "CREATE UNLOGGED TABLE IF NOT EXISTS routing_unlogged (n int); \
+         CREATE OR REPLACE VIEW routing_noisy AS SELECT routing_writer() AS w; \
+         CREATE OR REPLACE VIEW routing_calm AS SELECT n FROM routing_log; \
+         CREATE OR REPLACE FUNCTION routing_bump() RETURNS bigint LANGUAGE sql \
+           AS 'SELECT nextval(''routing_seq'')'; \
+         CREATE OR REPLACE FUNCTION routing_total() RETURNS bigint LANGUAGE sql STABLE \
+           AS 'SELECT count(*) FROM routing_log'; \
+         CREATE OR REPLACE FUNCTION routing_report() RETURNS bigint LANGUAGE plpgsql STABLE \
+           AS $$BEGIN RETURN (SELECT count(*) FROM routing_log); END$$; \
+         CREATE OR REPLACE FUNCTION routing_op_writer(int, int) RETURNS int LANGUAGE plpgsql \
+           AS $$BEGIN INSERT INTO routing_log VALUES ($1); RETURN $2; END$$; \
+         CREATE OR REPLACE FUNCTION routing_op_reader(int, int) RETURNS int LANGUAGE sql \
+           IMMUTABLE AS 'SELECT $1 + $2'; \
+         DO $$BEGIN \
+           IF NOT EXISTS (SELECT 1 FROM pg_operator WHERE oprname = '###') THEN \
+             CREATE OPERATOR ### (LEFTARG = int, RIGHTARG = int, FUNCTION = routing_op_writer); \
+           END IF; \
+           IF NOT EXISTS (SELECT 1 FROM pg_operator WHERE oprname = '=+=') THEN \
+             CREATE OPERATOR =+= (LEFTARG = int, RIGHTARG = int, FUNCTION = routing_op_reader); \
+           END IF; \
+         END$$;",
+    )
+    .unwrap();
+    c.wait_replayed().unwrap();
+}
+
+/// Catalog facts: relations a standby refuses, views over writing
+/// functions, SQL function bodies, plpgsql (primary unless listed),
+/// user operators — each read runs where it can, never fails on a standby.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn catalog_facts_route_what_text_cannot_show() {
+    catalog_setup();
+    let server = start("[classifier]\nread_only_functions = [\"routing_report\"]\n").await;
+    let mut c = Raw::connect(server.addr.port(), "postgres", "postgres").await;
+    for (sql, on_replica) in [
+        (
+            "SELECT count(*), pg_is_in_recovery() FROM routing_unlogged",
+            false,
+        ),
+        (
+            "SELECT count(*), pg_is_in_recovery() FROM routing_noisy",
+            false,
+        ),
+        (
+            "SELECT count(*), pg_is_in_recovery() FROM routing_calm",
+            true,
+        ),
+        ("SELECT routing_bump(), pg_is_in_recovery()", false),
+        ("SELECT routing_total(), pg_is_in_recovery()", true),
+        ("SELECT routing_report(), pg_is_in_recovery()", true),
+        ("SELECT 1 ### 2, pg_is_in_recovery()", false),
+        ("SELECT 1 =+= 2, pg_is_in_recovery()", true),
+        (
+            "SELECT count(*), pg_is_in_recovery() FROM routing_log",
+            true,
+        ),
+    ] {
+        let r = row(&mut c, sql).await;
+        let expected = if on_replica { "t" } else { "f" };
+        assert_eq!(r[1].as_deref(), Some(expected), "{sql}");
+    }
+    // EXPLAIN and COPY of an unlogged table are refused by a standby too.
+    for sql in [
+        "EXPLAIN SELECT * FROM routing_unlogged",
+        "COPY routing_unlogged TO STDOUT",
+    ] {
+        let msgs = c.simple(sql).await;
+        assert!(msgs.iter().all(|m| m.0 != b'E'), "{sql}: {msgs:?}");
+    }
+}
+
+/// `CREATE OR REPLACE FUNCTION` through signalbox changes the verdict of
+/// the very next statement.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ddl_through_signalbox_refreshes_the_catalog_at_once() {
+    setup();
+    let server = start("").await;
+    let mut c = Raw::connect(server.addr.port(), "postgres", "postgres").await;
+    row(
+        &mut c,
+        "CREATE OR REPLACE FUNCTION routing_flip() RETURNS bigint LANGUAGE sql AS 'SELECT 1::bigint'",
+    )
+    .await;
+    cluster().wait_replayed().unwrap();
+    let r = row(&mut c, "SELECT routing_flip(), pg_is_in_recovery()").await;
+    assert_eq!(
+        r[1].as_deref(),
+        Some("t"),
+        "a reading SQL function runs on a replica"
+    );
+    for _ in 0..5 {
+        row(
+            &mut c,
+            "CREATE OR REPLACE FUNCTION routing_flip() RETURNS bigint LANGUAGE sql \
+             AS 'SELECT nextval(''routing_seq'')'",
+        )
+        .await;
+        let r = row(&mut c, "SELECT routing_flip(), pg_is_in_recovery()").await;
+        assert_eq!(r[1].as_deref(), Some("f"), "now it writes: the primary");
+        row(
+            &mut c,
+            "CREATE OR REPLACE FUNCTION routing_flip() RETURNS bigint LANGUAGE sql AS 'SELECT 1::bigint'",
+        )
+        .await;
+        cluster().wait_replayed().unwrap();
+        let r = row(&mut c, "SELECT routing_flip(), pg_is_in_recovery()").await;
+        assert_eq!(r[1].as_deref(), Some("t"));
+    }
+    let fetched = server.shared.catalogs.fetches.load(Ordering::Relaxed);
+    assert!(
+        fetched >= 11,
+        "one fetch at login and one per DDL: {fetched}"
+    );
 }

@@ -42,6 +42,9 @@ pub struct Cluster {
     pub pools: Arc<Pools>,
     configured: Vec<NodeRole>,
     control: Vec<PgPool>,
+    /// How the control plane connects to each node (catalog fetches use
+    /// them with another database).
+    control_options: Vec<PgConnectOptions>,
     states: ArcSwap<Vec<NodeState>>,
     failures: std::sync::Mutex<Vec<u32>>,
     health: HealthConfig,
@@ -54,6 +57,7 @@ impl Cluster {
     pub fn new(config: &Config) -> Result<Arc<Self>, String> {
         let mut addrs = Vec::new();
         let mut control = Vec::new();
+        let mut control_options = Vec::new();
         for (i, n) in config.nodes.iter().enumerate() {
             let addr = NodeAddr::parse(&n.url).map_err(|e| format!("nodes[{i}].url: {e}"))?;
             let opts = PgConnectOptions::from_str(&n.url)
@@ -65,8 +69,9 @@ impl Cluster {
                     .max_connections(2)
                     .min_connections(0)
                     .acquire_timeout(Duration::from_millis(config.health.probe_timeout_ms))
-                    .connect_lazy_with(opts),
+                    .connect_lazy_with(opts.clone()),
             );
+            control_options.push(opts);
             addrs.push(addr);
         }
         let nodes: Vec<NodeInfo> = config
@@ -125,6 +130,7 @@ impl Cluster {
             pools: Arc::new(pools),
             configured,
             control,
+            control_options,
             states: ArcSwap::from_pointee(states),
             health: config.health.clone(),
             generation: crate::route::next_generation(),
@@ -237,6 +243,13 @@ impl Cluster {
             nodes: self.nodes.clone(),
             states,
         })
+    }
+
+    /// Control-plane connection options for `node`, on `database`.
+    pub fn control_options(&self, node: NodeId, database: &str) -> Option<PgConnectOptions> {
+        self.control_options
+            .get(node as usize)
+            .map(|o| o.clone().database(database))
     }
 
     pub fn states(&self) -> Arc<Vec<NodeState>> {

@@ -45,6 +45,8 @@ pub struct Shared {
     pub shutdown: tokio::sync::watch::Sender<bool>,
     /// Shared by every client's partly received large messages.
     pub message_budget: Arc<relay::MessageBudget>,
+    /// Catalog facts per database, for read-only verdicts.
+    pub catalogs: Arc<crate::catalog::Catalogs>,
     /// Connected clients (past the TCP accept), for `max_connections`.
     clients: AtomicU64,
     next_session: AtomicU64,
@@ -72,6 +74,7 @@ impl Shared {
             server_params: Mutex::default(),
             shutdown: tokio::sync::watch::channel(false).0,
             message_budget,
+            catalogs: Arc::default(),
             clients: AtomicU64::new(0),
             next_session: AtomicU64::new(1),
         })

@@ -46,6 +46,12 @@ pub struct Facts {
     /// functions still count (the planner folds IMMUTABLE ones), built-in
     /// writers do not.
     pub explain_only: bool,
+    /// Every statement is read-only, or would be if the catalog clears its
+    /// calls and operators (user functions, user operators): the verdict
+    /// with a catalog is `catalog.judge(facts)` instead of `read_only`.
+    pub catalog_candidate: bool,
+    /// Statements whose walk found nothing but calls and operators to judge.
+    clean: usize,
 }
 
 /// The classifier's verdict for a whole message (all statements of it).
@@ -68,6 +74,8 @@ pub struct Classified {
     pub begins: bool,
     /// `BEGIN ISOLATION LEVEL SERIALIZABLE` (a standby refuses it).
     pub begins_serializable: bool,
+    /// DDL (or code that may run DDL): catalog facts change when it commits.
+    pub changes_catalog: bool,
     /// A database no other session may be connected to for this statement
     /// to succeed: `DROP DATABASE name`, the template of `CREATE DATABASE`
     /// (`template1` by default), `ALTER DATABASE name RENAME`/`SET TABLESPACE`.
@@ -89,6 +97,10 @@ impl Classified {
             statements: 0,
             parse_error: false,
             touches_session: false,
+            facts: Facts {
+                catalog_candidate: true,
+                ..Facts::default()
+            },
             ..Self::unknown("")
         }
     }
@@ -106,6 +118,7 @@ impl Classified {
             begins_read_only: false,
             begins: false,
             begins_serializable: false,
+            changes_catalog: false,
             needs_database_alone: None,
             parse_error: true,
             touches_session: true,
@@ -434,6 +447,7 @@ pub fn classify(sql: &str) -> Classified {
         begins_read_only: false,
         begins: false,
         begins_serializable: false,
+        changes_catalog: false,
         needs_database_alone: None,
         parse_error: false,
         touches_session: false,
@@ -444,11 +458,23 @@ pub fn classify(sql: &str) -> Classified {
         .iter()
         .filter_map(|raw| raw.stmt.as_ref().and_then(|n| n.node.as_ref()))
         .collect();
+    c.facts.catalog_candidate = true;
+    c.changes_catalog = nodes.iter().any(|n| {
+        is_ddl(n)
+            || matches!(
+                n,
+                NodeEnum::CreateStmt(_)
+                    | NodeEnum::CreateTableAsStmt(_)
+                    | NodeEnum::DoStmt(_)
+                    | NodeEnum::CallStmt(_)
+            )
+    });
     for (i, raw) in parsed.protobuf.stmts.iter().enumerate() {
         let Some(node) = raw.stmt.as_ref().and_then(|n| n.node.as_ref()) else {
             continue;
         };
         let text = statement_text(sql, raw);
+        let clean_before = c.facts.clean;
         let (kind, mut ro) = statement(node, text, &mut c);
         if i == 0 {
             c.kind = kind;
@@ -457,6 +483,7 @@ pub fn classify(sql: &str) -> Classified {
             ro |= c.begins && !c.begins_serializable && wrapped_in_commit(&nodes);
         }
         c.read_only &= ro;
+        c.facts.catalog_candidate &= ro || c.facts.clean > clean_before;
     }
     if c.statements == 0 {
         // Empty query: answered with EmptyQueryResponse anywhere.
@@ -493,6 +520,7 @@ pub fn classify(sql: &str) -> Classified {
         c.facts.explain_only && nodes.iter().all(|n| matches!(n, NodeEnum::ExplainStmt(_)));
     if writes && !only_planned {
         c.read_only = false;
+        c.facts.catalog_candidate = false;
     }
     if !only_planned
         && !c
@@ -665,6 +693,13 @@ fn statement(node: &NodeEnum, text: &str, c: &mut Classified) -> (StatementKind,
                 && !copy.is_program
                 && copy.filename.is_empty()
                 && inner(&copy.query, text, c).unwrap_or(true);
+            if let Some(r) = copy.relation.as_ref().filter(|_| ro) {
+                // Its persistence is the catalog's to judge (UNLOGGED).
+                c.facts.relations.push(Name {
+                    schema: (!r.schemaname.is_empty()).then(|| r.schemaname.clone()),
+                    name: r.relname.clone(),
+                });
+            }
             (K::Copy, ro)
         }
         NodeEnum::CallStmt(_) => (K::Call, false),
@@ -733,11 +768,12 @@ fn walked(node: &NodeEnum, c: &mut Classified) -> bool {
         .iter()
         .all(|f| safe_function(&f.display().to_ascii_lowercase()));
     let ops_safe = w.operators.iter().all(builtin_operator);
-    let ro = w.writes.is_none() && w.unknown.is_none() && calls_safe && ops_safe;
-    if ro {
+    let clean = w.writes.is_none() && w.unknown.is_none();
+    if clean {
+        c.facts.clean += 1;
         record(w, c);
     }
-    ro
+    clean && calls_safe && ops_safe
 }
 
 fn record(w: Walk, c: &mut Classified) {

@@ -108,13 +108,14 @@ impl Session {
     pub(super) async fn acquire(
         &mut self,
         class: &Classified,
+        judged: bool,
         sql: &Arc<str>,
         avoid: Option<NodeId>,
     ) -> Result<bool, SessionError> {
         if self.lease.is_some() {
             return Ok(true);
         }
-        let mut read_only = class.read_only;
+        let mut read_only = judged;
         if class.tables.iter().any(|t| self.temp_tables.contains(t)) {
             read_only = false;
         }
@@ -242,13 +243,14 @@ impl Session {
         // A connection held from earlier work (a transaction, a pin, a
         // Flush-ended exchange) carries what the client relies on.
         let held = self.lease.is_some();
+        let judged = self.judged_read_only(class);
         for attempt in 0..2 {
             let retriable = attempt == 0 && self.lease.is_none() && self.tx == TxState::Idle;
-            if !self.acquire(class, sql, failed_node).await? {
+            if !self.acquire(class, judged, sql, failed_node).await? {
                 // The error went out; the rest of the work is dropped.
                 return Ok(());
             }
-            let read_only = self.lease_is_read_only(class);
+            let read_only = self.lease_is_read_only(judged);
             // A batch is rewritten for each connection it lands on.
             let mut translated;
             let (bytes, mut plan, slots): (&[u8], _, &[Option<String>]) = match work {
@@ -295,6 +297,13 @@ impl Session {
                         self.pin_reason = Some("function that may change session state");
                     }
                     self.finish(&outcome, class.effects.clone(), class.begins_read_only);
+                    if class.changes_catalog {
+                        self.catalog_dirty = true;
+                    }
+                    if self.catalog_dirty && self.tx == TxState::Idle {
+                        self.catalog_dirty = false;
+                        self.refresh_catalog().await;
+                    }
                     return Ok(());
                 }
                 Err(e) if hold && !self.client.progressed_since(mark) => {
@@ -309,8 +318,56 @@ impl Session {
     }
 
     /// Whether the statement was routed as a read (so a retry is harmless).
-    pub(super) fn lease_is_read_only(&self, class: &Classified) -> bool {
-        class.read_only && self.pin_reason.is_none() && !self.session_pooling
+    pub(super) fn lease_is_read_only(&self, read_only: bool) -> bool {
+        read_only && self.pin_reason.is_none() && !self.session_pooling
+    }
+
+    /// May `class` run on a standby? With this database's catalog facts,
+    /// the catalog decides for statements whose text is clean (unlogged
+    /// and temporary relations, views, function volatility and bodies);
+    /// without them, the text alone.
+    pub(super) fn judged_read_only(&self, class: &Classified) -> bool {
+        if !class.facts.catalog_candidate {
+            return class.read_only;
+        }
+        match self.shared.catalogs.get(&self.database) {
+            Some(cat) => {
+                let j = cat.judge(&class.facts);
+                if !j.read_only || class.read_only != j.read_only {
+                    tracing::debug!(
+                        session = self.id,
+                        read_only = j.read_only,
+                        reasons = ?j.reasons,
+                        "catalog verdict"
+                    );
+                }
+                j.read_only
+            }
+            None => class.read_only,
+        }
+    }
+
+    /// The first session of a database fetches its catalog facts.
+    pub(super) async fn load_catalog(&mut self) {
+        let shared = self.shared.clone();
+        if shared.config.classifier.catalog && shared.catalogs.get(&self.database).is_none() {
+            let _ = shared
+                .catalogs
+                .refresh(&shared.cluster, &shared.config.classifier, &self.database)
+                .await;
+        }
+    }
+
+    /// After DDL committed: this session's next statement is judged with
+    /// facts that include it.
+    pub(super) async fn refresh_catalog(&mut self) {
+        let shared = self.shared.clone();
+        if shared.config.classifier.catalog {
+            let _ = shared
+                .catalogs
+                .refresh(&shared.cluster, &shared.config.classifier, &self.database)
+                .await;
+        }
     }
 
     /// Send `bytes` on the leased connection and relay the answers. A failed

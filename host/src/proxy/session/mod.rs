@@ -54,6 +54,8 @@ pub struct Session {
     /// The work in hand ends with Sync or is a simple Query: a
     /// ReadyForQuery is owed when it is done.
     owes_ready: bool,
+    /// DDL ran: refresh the catalog facts once its transaction is over.
+    catalog_dirty: bool,
     route_session: Arc<RouteSession>,
     /// Pool handles by node, looked up once per session.
     pools: Vec<Option<crate::cluster::pool::Pool>>,
@@ -161,6 +163,7 @@ impl Session {
             batch: Vec::new(),
             skipping: false,
             owes_ready: true,
+            catalog_dirty: false,
             route_session: Arc::default(),
             pools: Vec::new(),
             application_name,
@@ -222,6 +225,7 @@ impl Session {
                 return Ok(());
             }
         }
+        self.load_catalog().await;
         let mut shutdown = self.shared.shutdown.subscribe();
         loop {
             // Between transactions, a shutdown ends the session the way
@@ -481,6 +485,13 @@ fn merge(classes: &[Arc<Classified>]) -> Classified {
     let mut m = (**first).clone();
     for c in it {
         m.read_only &= c.read_only;
+        m.changes_catalog |= c.changes_catalog;
+        m.facts.catalog_candidate &= c.facts.catalog_candidate;
+        m.facts.explain_only &= c.facts.explain_only;
+        m.facts.calls.extend(c.facts.calls.iter().cloned());
+        m.facts.relations.extend(c.facts.relations.iter().cloned());
+        m.facts.operators.extend(c.facts.operators.iter().cloned());
+        m.facts.types.extend(c.facts.types.iter().cloned());
         m.touches_session |= c.touches_session;
         m.begins_read_only &= c.begins_read_only;
         m.tables.extend(c.tables.iter().cloned());
