@@ -147,6 +147,10 @@ pub struct PoolConfig {
     pub session_databases: Vec<String>,
     /// Users whose clients get session pooling.
     pub session_users: Vec<String>,
+    /// In session mode, reads outside transactions still go where the
+    /// policy sends them (replicas), on pooled connections; the session's
+    /// own primary connection serves everything else.
+    pub session_reads_on_replicas: bool,
 }
 
 impl Default for PoolConfig {
@@ -157,6 +161,7 @@ impl Default for PoolConfig {
             connect_timeout_ms: 5000,
             idle_timeout_s: 300,
             max_lifetime_s: 3600,
+            session_reads_on_replicas: true,
             mode: PoolMode::Transaction,
             untracked_state: UntrackedState::Reset,
             session_databases: Vec::new(),

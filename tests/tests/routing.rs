@@ -239,3 +239,55 @@ async fn ddl_through_signalbox_refreshes_the_catalog_at_once() {
         "one fetch at login and one per DDL: {fetched}"
     );
 }
+
+/// Session mode keeps one primary connection per client and still sends
+/// its reads outside transactions to replicas, with its settings; a
+/// temporary table pins the session to its primary connection.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn session_mode_reads_land_on_replicas_until_pinned() {
+    setup();
+    let server = start("[pool]\nmode = \"session\"\n").await;
+    let mut c = Raw::connect(server.addr.port(), "postgres", "postgres").await;
+    let own = row(&mut c, "SELECT inet_server_port(), pg_is_in_recovery()").await;
+    assert_eq!(own[1].as_deref(), Some("t"), "a read goes to a replica");
+    row(&mut c, "SET work_mem = '5MB'").await;
+    for _ in 0..3 {
+        let r = row(
+            &mut c,
+            "SELECT current_setting('work_mem'), pg_is_in_recovery()",
+        )
+        .await;
+        assert_eq!(r, [Some("5MB".into()), Some("t".into())]);
+    }
+    let r = row(
+        &mut c,
+        "INSERT INTO routing_log VALUES (7) RETURNING pg_is_in_recovery()",
+    )
+    .await;
+    assert_eq!(r[0].as_deref(), Some("f"));
+    // Inside a transaction: the session's own connection.
+    row(&mut c, "BEGIN").await;
+    let r = row(&mut c, "SELECT pg_is_in_recovery()").await;
+    assert_eq!(r[0].as_deref(), Some("f"));
+    row(&mut c, "COMMIT").await;
+    // The session's primary connection is the one it was told about (a
+    // read asking for its own backend stays there too).
+    let (_, body) = c.login.iter().find(|(t, _)| *t == b'K').unwrap();
+    let pid = i32::from_be_bytes([body[0], body[1], body[2], body[3]]);
+    let r = row(&mut c, "SELECT pg_backend_pid(), txid_current()").await;
+    assert_eq!(r[0].as_deref(), Some(pid.to_string().as_str()));
+    let r = row(&mut c, "SELECT pg_backend_pid()").await;
+    assert_eq!(r[0].as_deref(), Some(pid.to_string().as_str()));
+    // A temporary table pins: reads of it (and everything else) stay there.
+    row(&mut c, "CREATE TEMP TABLE routing_tmp (x int)").await;
+    for _ in 0..3 {
+        let r = row(
+            &mut c,
+            "SELECT count(*), pg_is_in_recovery() FROM routing_tmp",
+        )
+        .await;
+        assert_eq!(r[1].as_deref(), Some("f"));
+        let r = row(&mut c, "SELECT pg_is_in_recovery()").await;
+        assert_eq!(r[0].as_deref(), Some("f"));
+    }
+}

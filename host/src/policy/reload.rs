@@ -401,6 +401,11 @@ impl PolicyManager {
                 }
             }
         };
+        // A watcher reload that started before this version was rolled
+        // back must not bring it back once validated.
+        if !explicit && lock(&self.refused).contains(&hash) {
+            return Outcome::Unchanged { sha256: hash };
+        }
         *lock(&self.last_good) = current;
         self.current.store(Some(Arc::new(candidate)));
         Outcome::Activated { sha256: hash }

@@ -119,7 +119,7 @@ impl Session {
         if class.tables.iter().any(|t| self.temp_tables.contains(t)) {
             read_only = false;
         }
-        if self.pin_reason.is_some() || self.session_pooling {
+        if self.pin_reason.is_some() || (self.session_pooling && !self.offloading) {
             // One connection for the rest of the session: it must be the primary's.
             read_only = false;
         }
@@ -239,6 +239,57 @@ impl Session {
         sql: &Arc<str>,
         work: Work<'_>,
     ) -> Result<(), SessionError> {
+        if !self.offloadable(class) {
+            return self.run_routed_here(class, sql, work).await;
+        }
+        // Session mode: a read outside a transaction runs on a pooled
+        // connection the policy chooses (a replica), while the session's own
+        // primary connection waits; it comes back for everything else.
+        let parked = self.lease.take();
+        self.offloading = true;
+        let result = self.run_routed_here(class, sql, work).await;
+        self.offloading = false;
+        if self.lease.is_some() {
+            let idle = self.tx == TxState::Idle;
+            self.release(!idle);
+        }
+        if let Some(own) = parked {
+            self.shared.cancel.set(self.key, own.addr(), own.key());
+            self.lease = Some(own);
+        }
+        result
+    }
+
+    /// Whether a session-mode client's statement may run on a replica: a
+    /// read (judged with the catalog) outside any transaction, ending in
+    /// Sync, from a session nothing pins to its connection, that does not
+    /// ask about its own backend (`pg_backend_pid()` names the connection
+    /// the client was told about).
+    fn offloadable(&self, class: &Classified) -> bool {
+        let asks_own_backend = class
+            .facts
+            .calls
+            .iter()
+            .any(|f| f.name.eq_ignore_ascii_case("pg_backend_pid"));
+        self.session_pooling
+            && self.shared.config.pool.session_reads_on_replicas
+            && self.pin_reason.is_none()
+            && self.tx == TxState::Idle
+            && self.owes_ready
+            && !self.skipping
+            && !class.begins
+            && class.effects.is_empty()
+            && !class.touches_session
+            && !asks_own_backend
+            && self.judged_read_only(class)
+    }
+
+    async fn run_routed_here(
+        &mut self,
+        class: &Classified,
+        sql: &Arc<str>,
+        work: Work<'_>,
+    ) -> Result<(), SessionError> {
         let mut failed_node = None;
         // A connection held from earlier work (a transaction, a pin, a
         // Flush-ended exchange) carries what the client relies on.
@@ -319,7 +370,7 @@ impl Session {
 
     /// Whether the statement was routed as a read (so a retry is harmless).
     pub(super) fn lease_is_read_only(&self, read_only: bool) -> bool {
-        read_only && self.pin_reason.is_none() && !self.session_pooling
+        read_only && self.pin_reason.is_none() && (!self.session_pooling || self.offloading)
     }
 
     /// May `class` run on a standby? With this database's catalog facts,
@@ -417,7 +468,7 @@ impl Session {
         let held_session = held
             || self.tx != TxState::Idle
             || self.pin_reason.is_some()
-            || self.session_pooling
+            || (self.session_pooling && !self.offloading)
             || self.lease.is_some();
         self.release(true);
         let e = match lost {
@@ -616,7 +667,7 @@ impl Session {
         }
         if self.tx == TxState::Idle {
             self.read_only_tx = false;
-            if self.pin_reason.is_none() && !self.session_pooling {
+            if self.pin_reason.is_none() && (!self.session_pooling || self.offloading) {
                 self.release(false);
             }
         }

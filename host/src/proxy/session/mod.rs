@@ -56,6 +56,9 @@ pub struct Session {
     owes_ready: bool,
     /// DDL ran: refresh the catalog facts once its transaction is over.
     catalog_dirty: bool,
+    /// Session mode, running a read on a pooled replica connection while
+    /// the session's own connection waits.
+    offloading: bool,
     route_session: Arc<RouteSession>,
     /// Pool handles by node, looked up once per session.
     pools: Vec<Option<crate::cluster::pool::Pool>>,
@@ -164,6 +167,7 @@ impl Session {
             skipping: false,
             owes_ready: true,
             catalog_dirty: false,
+            offloading: false,
             route_session: Arc::default(),
             pools: Vec::new(),
             application_name,
