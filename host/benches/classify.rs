@@ -41,8 +41,13 @@ fn s(v: &str) -> String {
 fn catalog() -> DbCatalog {
     let mut rows = Rows::default();
     for i in 0..3000 {
-        rows.functions
-            .push((s("pg_catalog"), format!("builtin_{i}"), s("i"), s("internal"), None));
+        rows.functions.push((
+            s("pg_catalog"),
+            format!("builtin_{i}"),
+            s("i"),
+            s("internal"),
+            None,
+        ));
     }
     for f in ["now", "sum", "count", "rank", "coalesce", "lower"] {
         rows.functions
@@ -53,7 +58,8 @@ fn catalog() -> DbCatalog {
             .push((s("public"), format!("table_{i}"), s("p"), s("r"), None));
     }
     for t in ["users", "orders", "customers", "order_items"] {
-        rows.relations.push((s("public"), s(t), s("p"), s("r"), None));
+        rows.relations
+            .push((s("public"), s(t), s("p"), s("r"), None));
     }
     DbCatalog::build(&rows, &[])
 }

@@ -35,9 +35,12 @@ pub fn router(shared: Arc<Shared>, policy: Arc<PolicyManager>) -> Router {
 
 async fn health(State(s): State<AppState>) -> Response {
     let view = s.shared.cluster.view();
-    match view.primary() {
-        Some(_) => (StatusCode::OK, "ok\n").into_response(),
-        None => (StatusCode::SERVICE_UNAVAILABLE, "no healthy primary\n").into_response(),
+    let fence = s.shared.cluster.fence_reason();
+    match (view.primary(), fence) {
+        (Some(_), None) => (StatusCode::OK, "ok\n").into_response(),
+        (Some(_), Some(f)) => (StatusCode::OK, format!("ok; {f}\n")).into_response(),
+        (None, Some(f)) => (StatusCode::SERVICE_UNAVAILABLE, format!("{f}\n")).into_response(),
+        (None, None) => (StatusCode::SERVICE_UNAVAILABLE, "no healthy primary\n").into_response(),
     }
 }
 
@@ -138,6 +141,30 @@ async fn metrics(State(s): State<AppState>) -> Response {
         "counter",
         "Cancel requests forwarded.",
         one(m.cancels.load(Ordering::Relaxed)),
+    );
+    metric(
+        "signalbox_split_brain_probe_rounds_total",
+        "counter",
+        "Probe rounds in which more than one node claimed to be the primary.",
+        one(s.shared.cluster.split_brain_rounds.load(Ordering::Relaxed)),
+    );
+    metric(
+        "signalbox_writes_fenced",
+        "gauge",
+        "1 while a node claiming to be primary is fenced (former primary, or split brain).",
+        one(u64::from(s.shared.cluster.fence_reason().is_some())),
+    );
+    metric(
+        "signalbox_catalog_fetches_total",
+        "counter",
+        "Catalog fact fetches (first use of a database, DDL, interval).",
+        one(s.shared.catalogs.fetches.load(Ordering::Relaxed)),
+    );
+    metric(
+        "signalbox_catalog_fetch_errors_total",
+        "counter",
+        "Catalog fact fetches that failed (verdicts stay as they were).",
+        one(s.shared.catalogs.fetch_errors.load(Ordering::Relaxed)),
     );
     metric(
         "signalbox_accept_errors_total",

@@ -26,7 +26,9 @@ use crate::route::{ClusterView, NodeId, NodeInfo, NodeState, Role};
 const PROBE_SQL: &str = "SELECT pg_is_in_recovery(), \
     (CASE WHEN pg_is_in_recovery() THEN COALESCE(pg_last_wal_replay_lsn(), '0/0'::pg_lsn) \
           ELSE pg_current_wal_lsn() END - '0/0'::pg_lsn)::bigint, \
-    COALESCE((EXTRACT(EPOCH FROM now() - pg_last_xact_replay_timestamp()) * 1000)::bigint, 0)";
+    COALESCE((EXTRACT(EPOCH FROM now() - pg_last_xact_replay_timestamp()) * 1000)::bigint, 0), \
+    CASE WHEN pg_is_in_recovery() THEN 0 \
+         ELSE ('x' || substr(pg_walfile_name(pg_current_wal_lsn()), 1, 8))::bit(32)::bigint END";
 
 /// What one probe saw.
 #[derive(Clone, Copy, Debug)]
@@ -34,6 +36,19 @@ struct Probe {
     in_recovery: bool,
     lsn: u64,
     replay_age_ms: u64,
+    /// The WAL timeline a primary writes on (0 for a node in recovery).
+    timeline: u32,
+}
+
+/// Who may take writes when nodes disagree about being the primary.
+#[derive(Debug, Default)]
+struct Fence {
+    /// The newest timeline any primary has been seen writing on: a node
+    /// claiming to be primary on an older one is a former primary that came
+    /// back (its writes would be lost), and never takes writes.
+    newest_timeline: u32,
+    /// Why writes are fenced now (for errors, `/health`, `/status`).
+    reason: Option<String>,
 }
 
 pub struct Cluster {
@@ -48,6 +63,9 @@ pub struct Cluster {
     states: ArcSwap<Vec<NodeState>>,
     failures: std::sync::Mutex<Vec<u32>>,
     health: HealthConfig,
+    fence: std::sync::Mutex<Fence>,
+    /// Probe rounds that found more than one node claiming to be primary.
+    pub split_brain_rounds: std::sync::atomic::AtomicU64,
     /// The generation of `nodes` (see [`crate::route::next_generation`]).
     generation: u64,
 }
@@ -133,18 +151,22 @@ impl Cluster {
             control_options,
             states: ArcSwap::from_pointee(states),
             health: config.health.clone(),
+            fence: std::sync::Mutex::default(),
+            split_brain_rounds: std::sync::atomic::AtomicU64::new(0),
             generation: crate::route::next_generation(),
         }))
     }
 
     async fn probe(&self, node: usize) -> Result<Probe, String> {
         let timeout = Duration::from_millis(self.health.probe_timeout_ms);
-        let q = sqlx::query_as::<_, (bool, i64, i64)>(PROBE_SQL).fetch_one(&self.control[node]);
+        let q =
+            sqlx::query_as::<_, (bool, i64, i64, i64)>(PROBE_SQL).fetch_one(&self.control[node]);
         match tokio::time::timeout(timeout, q).await {
-            Ok(Ok((in_recovery, lsn, age))) => Ok(Probe {
+            Ok(Ok((in_recovery, lsn, age, timeline))) => Ok(Probe {
                 in_recovery,
                 lsn: lsn.max(0) as u64,
                 replay_age_ms: age.max(0) as u64,
+                timeline: u32::try_from(timeline).unwrap_or(0),
             }),
             Ok(Err(e)) => Err(e.to_string()),
             Err(_) => Err(format!("no answer within {} ms", timeout.as_millis())),
@@ -162,6 +184,15 @@ impl Cluster {
             .filter(|p| !p.in_recovery)
             .map(|p| p.lsn)
             .max();
+        let timelines: Vec<Option<u32>> = probes
+            .iter()
+            .map(|p| {
+                p.as_ref()
+                    .ok()
+                    .filter(|p| !p.in_recovery)
+                    .map(|p| p.timeline)
+            })
+            .collect();
         let mut states = Vec::with_capacity(probes.len());
         for (i, probe) in probes.into_iter().enumerate() {
             let prev = &old[i];
@@ -215,7 +246,82 @@ impl Cluster {
             };
             states.push(state);
         }
+        self.fence_split_brain(&mut states, &timelines);
         self.states.store(Arc::new(states));
+    }
+
+    /// More than one node claims to be the primary (a promotion, then the
+    /// old primary restarted; or two promotions). A claimant on an older
+    /// timeline than the newest one seen is a former primary: it is fenced
+    /// (no writes, no reads). Two claimants on the newest timeline cannot
+    /// be told apart: all of them are fenced and writes go nowhere until
+    /// exactly one remains. Fenced nodes show as unhealthy.
+    fn fence_split_brain(&self, states: &mut [NodeState], timelines: &[Option<u32>]) {
+        let mut fence = self.fence.lock().unwrap_or_else(|p| p.into_inner());
+        let claimants: Vec<usize> = (0..states.len())
+            .filter(|&i| states[i].healthy && timelines[i].is_some())
+            .collect();
+        let newest = claimants
+            .iter()
+            .filter_map(|&i| timelines[i])
+            .max()
+            .unwrap_or(0)
+            .max(fence.newest_timeline);
+        fence.newest_timeline = newest;
+        let name = |i: usize| self.nodes[i].name.clone();
+        let stale: Vec<usize> = claimants
+            .iter()
+            .copied()
+            .filter(|&i| timelines[i].unwrap_or(0) < newest)
+            .collect();
+        let current: Vec<usize> = claimants
+            .iter()
+            .copied()
+            .filter(|&i| timelines[i].unwrap_or(0) >= newest)
+            .collect();
+        let mut reasons = Vec::new();
+        for &i in &stale {
+            reasons.push(format!(
+                "{} claims to be primary on timeline {} but a primary was seen on timeline {newest}: a former primary, fenced",
+                name(i),
+                timelines[i].unwrap_or(0)
+            ));
+            states[i].healthy = false;
+        }
+        if current.len() > 1 {
+            let names: Vec<String> = current.iter().map(|&i| name(i)).collect();
+            reasons.push(format!(
+                "split brain: {} all claim to be primary on timeline {newest}; writes are refused until one remains",
+                names.join(" and ")
+            ));
+            for &i in &current {
+                states[i].healthy = false;
+            }
+        }
+        if claimants.len() > 1 {
+            self.split_brain_rounds
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
+        let reason = (!reasons.is_empty()).then(|| reasons.join("; "));
+        if reason != fence.reason {
+            match &reason {
+                Some(r) => tracing::error!(reason = %r, "fencing nodes that claim to be primary"),
+                None if fence.reason.is_some() => {
+                    tracing::info!("one primary again: fence lifted")
+                }
+                None => {}
+            }
+            fence.reason = reason;
+        }
+    }
+
+    /// Why some node is fenced now, if one is.
+    pub fn fence_reason(&self) -> Option<String> {
+        self.fence
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .reason
+            .clone()
     }
 
     /// Probe forever, every `health.interval_ms`.

@@ -150,7 +150,11 @@ impl Session {
                 return Ok(false);
             }
             Routed::Unavailable(msg) => {
-                self.error("57P03", &format!("signalbox: {msg}")).await?;
+                let msg = match self.shared.cluster.fence_reason() {
+                    Some(f) => format!("signalbox: {msg} ({f})"),
+                    None => format!("signalbox: {msg}"),
+                };
+                self.error("57P03", &msg).await?;
                 return Ok(false);
             }
         };

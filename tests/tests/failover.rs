@@ -1,0 +1,106 @@
+//! Failover without split brain, on a cluster of its own: a replica is
+//! promoted and the primary killed under a write loop; writes follow the
+//! promotion without a restart. Then the old primary comes back as a
+//! primary (on its old timeline): no write ever lands on it, and the
+//! service says why.
+
+use std::time::{Duration, Instant};
+
+use signalbox::local::LocalCluster;
+use signalbox_tests::raw::{data_row, Raw};
+
+/// One write through signalbox on a fresh connection: the port of the node
+/// that took it, or None when it was refused or failed.
+async fn write(port: u16, i: u32) -> Option<u16> {
+    let connect = tokio::time::timeout(Duration::from_secs(3), async {
+        tokio::net::TcpStream::connect(("127.0.0.1", port)).await
+    })
+    .await;
+    if !matches!(connect, Ok(Ok(_))) {
+        return None;
+    }
+    let mut c = Raw::connect(port, "postgres", "postgres").await;
+    c.send(&signalbox_tests::raw::query(&format!(
+        "INSERT INTO fo (v) VALUES ({i}) RETURNING inet_server_port()"
+    )))
+    .await;
+    let mut port = None;
+    while let Some(m) = c.try_next().await {
+        match m.0 {
+            b'D' => port = data_row(&m.1)[0].as_deref().and_then(|p| p.parse().ok()),
+            b'E' => return None,
+            b'Z' => break,
+            _ => {}
+        }
+    }
+    port
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn promotion_is_followed_and_a_returning_old_primary_is_fenced() {
+    let c = tokio::task::block_in_place(|| LocalCluster::start(1))
+        .unwrap_or_else(|e| panic!("cannot start the PostgreSQL test cluster: {e:#}"));
+    c.psql(c.primary.port, "CREATE TABLE fo (id serial, v int)")
+        .unwrap();
+    c.wait_replayed().unwrap();
+    let text = format!(
+        "listen = \"127.0.0.1:0\"\n[health]\ninterval_ms = 200\nfailures_to_ban = 1\nprobe_timeout_ms = 500\n{}",
+        c.nodes_toml()
+    );
+    let config =
+        signalbox::config::Config::parse(&text, std::path::Path::new("failover.toml")).unwrap();
+    let server = signalbox::server::Server::start(config).await.unwrap();
+    let port = server.addr.port();
+    let (old, new) = (c.primary.port, c.replicas[0].port);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    for i in 0..5 {
+        assert_eq!(write(port, i).await, Some(old));
+    }
+    // Promote the replica, kill the primary; keep writing.
+    let promoted = Instant::now();
+    c.psql(new, "SELECT pg_promote()").unwrap();
+    tokio::task::block_in_place(|| c.kill(&c.primary)).unwrap();
+    let killed = promoted;
+    let mut first_on_new = None;
+    for i in 100..400 {
+        match write(port, i).await {
+            Some(p) if p == new => {
+                first_on_new = Some(killed.elapsed());
+                break;
+            }
+            Some(p) => panic!("a write landed on {p} after the primary was killed"),
+            None => tokio::time::sleep(Duration::from_millis(50)).await,
+        }
+    }
+    let gap = first_on_new.expect("writes resume on the promoted replica");
+    eprintln!("failover: writes resumed on the new primary {gap:?} after pg_promote() was called");
+    let rows_on_old = || c.psql(old, "SELECT count(*) FROM fo").unwrap();
+    // The old primary comes back, as a primary on its old timeline.
+    tokio::task::block_in_place(|| c.restart(&c.primary)).unwrap();
+    let before = rows_on_old();
+    let until = Instant::now() + Duration::from_secs(4);
+    let mut i = 1000;
+    while Instant::now() < until {
+        i += 1;
+        let took = write(port, i).await;
+        assert_eq!(took, Some(new), "write {i} went to {took:?}");
+    }
+    assert_eq!(rows_on_old(), before, "no write landed on the old primary");
+    let reason = server.shared.cluster.fence_reason().expect("fenced");
+    assert!(reason.contains("former primary"), "{reason}");
+    assert!(
+        server
+            .shared
+            .cluster
+            .split_brain_rounds
+            .load(std::sync::atomic::Ordering::Relaxed)
+            > 0
+    );
+    // Stop the old primary: the fence lifts, the new primary keeps writing.
+    tokio::task::block_in_place(|| c.kill(&c.primary)).unwrap();
+    assert!(tokio::task::block_in_place(|| signalbox_tests::wait_until(
+        Duration::from_secs(5),
+        || server.shared.cluster.fence_reason().is_none()
+    )));
+    assert_eq!(write(port, 9999).await, Some(new));
+}
