@@ -115,6 +115,10 @@ const DENY: &[&str] = &[
     "lowrite",
     "loread",
     "pg_log_backend_memory_contexts",
+    // Refused during recovery.
+    "pg_walfile_name",
+    "pg_walfile_name_offset",
+    "pg_split_walfile_name",
 ];
 
 /// Prefixes of built-in families that write or lock.
@@ -217,7 +221,14 @@ struct Builder<'a> {
     relations: HashMap<usize, Verdict>,
     /// Rows being judged (a cycle is not read-only): (is a relation, row).
     busy: HashSet<(bool, usize)>,
+    /// Nesting of bodies and views being judged: bounded, so a long chain
+    /// of functions calling functions cannot exhaust the stack.
+    depth: usize,
 }
+
+/// Deeper chains of SQL functions and views than this are not judged
+/// read-only.
+const MAX_DEPTH: usize = 16;
 
 impl<'a> Builder<'a> {
     fn function(&mut self, i: usize) -> Verdict {
@@ -246,6 +257,11 @@ impl<'a> Builder<'a> {
         if schema == "pg_catalog" {
             return judge_builtin(name, volatility);
         }
+        if language == "aggregate" {
+            return Verdict::unsafe_(format!(
+                "{qualified}: user aggregate (its support functions are not judged; list it in read_only_functions if they never write)"
+            ));
+        }
         match (language, body) {
             ("sql", Some(body)) => {
                 let key = (false, row);
@@ -272,6 +288,16 @@ impl<'a> Builder<'a> {
 
     /// The verdict of SQL text (a function body, a view definition).
     fn text(&mut self, sql: &str) -> Verdict {
+        if self.depth >= MAX_DEPTH {
+            return Verdict::unsafe_(format!("nested more than {MAX_DEPTH} levels deep"));
+        }
+        self.depth += 1;
+        let v = self.text_inner(sql);
+        self.depth -= 1;
+        v
+    }
+
+    fn text_inner(&mut self, sql: &str) -> Verdict {
         let c = classify(sql);
         if !c.facts.catalog_candidate || c.parse_error {
             return Verdict::unsafe_("writes or is not understood");
@@ -376,9 +402,8 @@ impl<'a> Builder<'a> {
     }
 }
 
-/// Rows matching a possibly unqualified name. Unqualified names resolve
-/// to `pg_catalog` first (it is searched first); otherwise every schema's
-/// object of that name counts (the client's search_path is not known).
+/// Rows matching a possibly unqualified name: every schema's object of
+/// that name (the client's search_path is not known).
 fn candidates<T>(rows: &[T], name: &Name, key: impl Fn(&T) -> (&String, &String)) -> Vec<usize> {
     let matching = |schema: Option<&str>| -> Vec<usize> {
         rows.iter()
@@ -392,14 +417,7 @@ fn candidates<T>(rows: &[T], name: &Name, key: impl Fn(&T) -> (&String, &String)
     };
     match &name.schema {
         Some(s) => matching(Some(s)),
-        None => {
-            let system = matching(Some("pg_catalog"));
-            if system.is_empty() {
-                matching(None)
-            } else {
-                system
-            }
-        }
+        None => matching(None),
     }
 }
 
@@ -413,6 +431,7 @@ impl DbCatalog {
             functions: HashMap::new(),
             relations: HashMap::new(),
             busy: HashSet::new(),
+            depth: 0,
         };
         let mut cat = DbCatalog {
             fetched: Some(Instant::now()),
@@ -464,20 +483,19 @@ impl DbCatalog {
             j.reasons.push(v.why.to_string());
         };
         for f in &facts.calls {
-            // EXPLAIN without ANALYZE runs no built-in.
-            if facts.explain_only
-                && lookup(&self.functions, f)
-                    .iter()
-                    .all(|(s, _)| s == "pg_catalog")
-            {
-                continue;
-            }
             match lookup(&self.functions, f).as_slice() {
                 [] => note(
                     &Verdict::unsafe_(format!("{}: not in the catalog", f.display())),
                     &mut j,
                 ),
                 found => found.iter().for_each(|(_, v)| note(v, &mut j)),
+            }
+        }
+        // `t.name` is a column unless a function of that name exists; then
+        // it may be a call `name(t)`, judged like one.
+        for a in &facts.attributes {
+            for (_, v) in self.functions.get(a).into_iter().flatten() {
+                note(v, &mut j);
             }
         }
         for r in &facts.relations {
@@ -527,27 +545,32 @@ fn lookup<'a>(
     let Some(all) = map.get(&name.name) else {
         return Vec::new();
     };
+    // The client's search_path is not known: an unqualified name may be
+    // any schema's object of that name (a user overload of a built-in too).
     match &name.schema {
         Some(s) => all.iter().filter(|(schema, _)| schema == s).collect(),
-        None => {
-            let system: Vec<_> = all.iter().filter(|(s, _)| s == "pg_catalog").collect();
-            if system.is_empty() {
-                all.iter().collect()
-            } else {
-                system
-            }
-        }
+        None => all.iter().collect(),
     }
 }
 
-const RELATIONS: &str = "SELECT n.nspname::text, c.relname::text, c.relpersistence::text, \
+/// A relation whose partitions or inheritance children include an
+/// UNLOGGED or temporary one counts as UNLOGGED (a standby refuses the scan).
+const RELATIONS: &str = "WITH RECURSIVE d(root, child) AS ( \
+      SELECT inhparent, inhrelid FROM pg_catalog.pg_inherits \
+      UNION SELECT d.root, i.inhrelid FROM d JOIN pg_catalog.pg_inherits i ON i.inhparent = d.child), \
+    impure AS (SELECT DISTINCT d.root FROM d JOIN pg_catalog.pg_class ch ON ch.oid = d.child \
+      WHERE ch.relpersistence <> 'p') \
+    SELECT n.nspname::text, c.relname::text, \
+    CASE WHEN c.oid IN (SELECT root FROM impure) THEN 'u' ELSE c.relpersistence::text END, \
     c.relkind::text, CASE WHEN c.relkind = 'v' AND n.nspname NOT IN ('pg_catalog', 'information_schema') \
     THEN pg_catalog.pg_get_viewdef(c.oid) END \
     FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace \
     WHERE c.relkind IN ('r', 'v', 'm', 'f', 'p') AND n.nspname NOT LIKE 'pg\\_toast%' \
     AND n.nspname NOT LIKE 'pg\\_temp%'";
 
-const FUNCTIONS: &str = "SELECT n.nspname::text, p.proname::text, p.provolatile::text, l.lanname::text, \
+/// User aggregates show as language `aggregate`.
+const FUNCTIONS: &str = "SELECT n.nspname::text, p.proname::text, p.provolatile::text, \
+    CASE WHEN p.prokind = 'a' THEN 'aggregate' ELSE l.lanname::text END, \
     CASE WHEN l.lanname = 'sql' THEN coalesce(pg_catalog.pg_get_function_sqlbody(p.oid), p.prosrc) END \
     FROM pg_catalog.pg_proc p JOIN pg_catalog.pg_namespace n ON n.oid = p.pronamespace \
     JOIN pg_catalog.pg_language l ON l.oid = p.prolang";
@@ -602,8 +625,9 @@ pub async fn fetch(options: PgConnectOptions, timeout: Duration) -> Result<Rows,
 #[derive(Default)]
 pub struct Catalogs {
     dbs: Mutex<HashMap<String, Arc<DbCatalog>>>,
-    /// Databases being fetched right now (one fetch at a time each).
-    loading: Mutex<HashSet<String>>,
+    /// One fetch at a time per database. A caller waits for its own
+    /// fetch: one already running may have started before its DDL.
+    locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
     pub fetches: std::sync::atomic::AtomicU64,
     pub fetch_errors: std::sync::atomic::AtomicU64,
 }
@@ -618,15 +642,47 @@ impl Catalogs {
         config: &crate::config::ClassifierConfig,
         database: &str,
     ) -> Result<(), String> {
-        use std::sync::atomic::Ordering;
-        if !self
-            .loading
+        self.refresh_inner(cluster, config, database, false).await
+    }
+
+    /// Fetch `database`'s facts unless some session already did.
+    pub async fn ensure(
+        &self,
+        cluster: &crate::cluster::Cluster,
+        config: &crate::config::ClassifierConfig,
+        database: &str,
+    ) -> Result<(), String> {
+        self.refresh_inner(cluster, config, database, true).await
+    }
+
+    async fn refresh_inner(
+        &self,
+        cluster: &crate::cluster::Cluster,
+        config: &crate::config::ClassifierConfig,
+        database: &str,
+        only_if_missing: bool,
+    ) -> Result<(), String> {
+        let lock = self
+            .locks
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .insert(database.to_owned())
-        {
+            .entry(database.to_owned())
+            .or_default()
+            .clone();
+        let _one_at_a_time = lock.lock().await;
+        if only_if_missing && self.get(database).is_some() {
             return Ok(());
         }
+        self.fetch_once(cluster, config, database).await
+    }
+
+    async fn fetch_once(
+        &self,
+        cluster: &crate::cluster::Cluster,
+        config: &crate::config::ClassifierConfig,
+        database: &str,
+    ) -> Result<(), String> {
+        use std::sync::atomic::Ordering;
         let view = cluster.view();
         let node = view.primary().or_else(|| {
             view.states
@@ -638,10 +694,6 @@ impl Catalogs {
             Some(options) => fetch(options, Duration::from_millis(config.fetch_timeout_ms)).await,
             None => Err("no healthy node".into()),
         };
-        self.loading
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(database);
         self.fetches.fetch_add(1, Ordering::Relaxed);
         match result {
             Ok(rows) => {
@@ -827,5 +879,66 @@ mod tests {
             assert_eq!(j.read_only, read_only, "{sql}: {j:?}");
             assert!(j.reasons.iter().any(|r| r.contains(why)), "{sql}: {j:?}");
         }
+    }
+
+    #[test]
+    fn attribute_calls_overloads_depth_and_aggregates() {
+        let mut rows = rows();
+        rows.functions.extend([
+            (
+                s("pg_catalog"),
+                s("pg_walfile_name"),
+                s("i"),
+                s("internal"),
+                None,
+            ),
+            (s("public"), s("my_agg"), s("i"), s("aggregate"), None),
+        ]);
+        for i in 0..40 {
+            let body = format!("SELECT chain_{}()", i + 1);
+            rows.functions.push((
+                s("public"),
+                format!("chain_{i}"),
+                s("s"),
+                s("sql"),
+                Some(body),
+            ));
+        }
+        rows.functions.push((
+            s("public"),
+            s("chain_40"),
+            s("s"),
+            s("sql"),
+            Some(s("SELECT 1")),
+        ));
+        let cat = DbCatalog::build(&rows, &[]);
+        for (sql, read_only, why) in [
+            (
+                "SELECT o.audit FROM orders o",
+                false,
+                "public.audit: LANGUAGE plpgsql",
+            ),
+            ("SELECT o.id FROM orders o", true, "public.orders: table"),
+            ("SELECT chain_0()", false, "levels deep"),
+            ("SELECT pg_walfile_name('0/0')", false, "writes, locks"),
+            ("SELECT my_agg(1)", false, "user aggregate"),
+            (
+                "WITH scratch AS (SELECT * FROM scratch) SELECT * FROM scratch",
+                false,
+                "UNLOGGED",
+            ),
+        ] {
+            let j = judge(&cat, sql);
+            assert_eq!(j.read_only, read_only, "{sql}: {j:?}");
+            assert!(j.reasons.iter().any(|r| r.contains(why)), "{sql}: {j:?}");
+        }
+        // A user overload of a built-in name counts too.
+        let mut overloaded = super::tests::rows();
+        overloaded
+            .functions
+            .push((s("public"), s("lower"), s("v"), s("plpgsql"), None));
+        let cat = DbCatalog::build(&overloaded, &[]);
+        let j = judge(&cat, "SELECT lower('A')");
+        assert!(!j.read_only, "{j:?}");
     }
 }

@@ -36,7 +36,9 @@ fn create_objects() {
         "CREATE SEQUENCE IF NOT EXISTS routing_seq; \
          CREATE TABLE IF NOT EXISTS routing_log (n int); \
          CREATE OR REPLACE FUNCTION routing_writer() RETURNS int LANGUAGE plpgsql AS \
-         $$BEGIN INSERT INTO routing_log VALUES (1); RETURN 1; END$$;",
+         $$BEGIN INSERT INTO routing_log VALUES (1); RETURN 1; END$$; \
+         CREATE OR REPLACE FUNCTION routing_set_tenant(t text) RETURNS void LANGUAGE plpgsql AS \
+         $$BEGIN PERFORM set_config('app.tenant', t, false); END$$;",
     )
     .unwrap();
     c.wait_replayed().unwrap();
@@ -289,5 +291,26 @@ async fn session_mode_reads_land_on_replicas_until_pinned() {
         assert_eq!(r[1].as_deref(), Some("f"));
         let r = row(&mut c, "SELECT pg_is_in_recovery()").await;
         assert_eq!(r[0].as_deref(), Some("f"));
+    }
+}
+
+/// Session mode: once code ran that may set state signalbox cannot see (a
+/// function that calls set_config), the session's reads stay on its own
+/// connection, where that state lives.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn session_mode_reads_stay_home_after_untracked_state() {
+    setup();
+    let server = start("[pool]\nmode = \"session\"\n").await;
+    let mut c = Raw::connect(server.addr.port(), "postgres", "postgres").await;
+    let r = row(&mut c, "SELECT pg_is_in_recovery()").await;
+    assert_eq!(r[0].as_deref(), Some("t"));
+    row(&mut c, "SELECT routing_set_tenant('42')").await;
+    for _ in 0..3 {
+        let r = row(
+            &mut c,
+            "SELECT current_setting('app.tenant', true), pg_is_in_recovery()",
+        )
+        .await;
+        assert_eq!(r, [Some("42".to_string()), Some("f".to_string())]);
     }
 }

@@ -42,6 +42,8 @@ pub struct Facts {
     pub relations: Vec<Name>,
     pub operators: Vec<Name>,
     pub types: Vec<Name>,
+    /// `x.name` that may be a call of a function `name(x)`.
+    pub attributes: Vec<String>,
     /// Calls only planned, never run (EXPLAIN without ANALYZE): user
     /// functions still count (the planner folds IMMUTABLE ones), built-in
     /// writers do not.
@@ -72,7 +74,8 @@ pub struct Classified {
     pub begins_read_only: bool,
     /// `BEGIN`/`START TRANSACTION` (any mode).
     pub begins: bool,
-    /// `BEGIN ISOLATION LEVEL SERIALIZABLE` (a standby refuses it).
+    /// `BEGIN ISOLATION LEVEL SERIALIZABLE` or `BEGIN READ WRITE`: a
+    /// standby refuses it.
     pub begins_serializable: bool,
     /// DDL (or code that may run DDL): catalog facts change when it commits.
     pub changes_catalog: bool,
@@ -781,6 +784,7 @@ fn record(w: Walk, c: &mut Classified) {
     c.facts.relations.extend(w.relations);
     c.facts.operators.extend(w.operators);
     c.facts.types.extend(w.types);
+    c.facts.attributes.extend(w.attributes);
 }
 
 /// `EXPLAIN` without `ANALYZE` runs nothing: any statement the walker knows
@@ -1035,7 +1039,11 @@ fn transaction(t: &protobuf::TransactionStmt, c: &mut Classified) -> bool {
                 if let Some(NodeEnum::DefElem(d)) = opt.node.as_ref() {
                     let arg = d.arg.as_deref();
                     match d.defname.as_str() {
-                        "transaction_read_only" => read_only = const_truthy(arg) == Some(true),
+                        "transaction_read_only" => {
+                            read_only = const_truthy(arg) == Some(true);
+                            // BEGIN READ WRITE: a standby refuses it.
+                            serializable |= const_truthy(arg) == Some(false);
+                        }
                         "transaction_isolation" => {
                             serializable = const_string(arg).as_deref() == Some("serializable")
                         }
@@ -1100,6 +1108,11 @@ fn variable_set(v: &protobuf::VariableSetStmt, text: &str, c: &mut Classified) -
             if name == "session characteristics" {
                 c.effects
                     .push(SessionEffect::Pin("SET SESSION CHARACTERISTICS"));
+                return false;
+            }
+            // SET TRANSACTION (READ WRITE, SERIALIZABLE, SNAPSHOT …): the
+            // primary, where every mode works.
+            if name == "transaction" {
                 return false;
             }
         }
@@ -1497,6 +1510,10 @@ mod tests {
             "SELECT a OPERATOR(public.###) b FROM t",
             "SELECT a ### b FROM t",
             "SELECT xmlelement(name a, 'b')",
+            "BEGIN READ WRITE; SELECT 1; COMMIT;",
+            "BEGIN; SET TRANSACTION ISOLATION LEVEL SERIALIZABLE; SELECT 1; COMMIT;",
+            "SET TRANSACTION READ WRITE",
+            "SELECT nextval('s'); EXPLAIN SELECT 1",
         ] {
             assert!(!classify(sql).read_only, "{sql}");
         }

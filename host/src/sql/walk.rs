@@ -63,6 +63,9 @@ pub struct Walk {
     pub relations: Vec<Name>,
     /// Types cast to.
     pub types: Vec<Name>,
+    /// Names used as `x.name` / `(row).name`: a column, or a call of
+    /// function `name(x)` (PostgreSQL's attribute notation).
+    pub attributes: Vec<String>,
     /// The statement writes or locks, whatever it calls: why.
     pub writes: Option<&'static str>,
     /// The first node kind the walker does not know.
@@ -125,22 +128,30 @@ impl Walk {
         let scope = self.ctes.len();
         let Some(protobuf::WithClause {
             ctes,
-            recursive: _,
+            recursive,
             location: _,
         }) = w
         else {
             return scope;
         };
-        // Every CTE name is in scope for all of them (recursive or not, a
-        // name that shadows a table must not be judged as that table).
-        for c in ctes {
-            if let Some(NodeEnum::CommonTableExpr(c)) = c.node.as_ref() {
-                self.ctes.push(c.ctename.clone());
+        // In WITH RECURSIVE every name is in scope in every body; otherwise
+        // a CTE is in scope only after its own body (inside it, and in the
+        // ones before it, the same name is the table).
+        if *recursive {
+            for c in ctes {
+                if let Some(NodeEnum::CommonTableExpr(c)) = c.node.as_ref() {
+                    self.ctes.push(c.ctename.clone());
+                }
             }
         }
         for c in ctes {
             match c.node.as_ref() {
-                Some(NodeEnum::CommonTableExpr(c)) => self.cte(c),
+                Some(NodeEnum::CommonTableExpr(c)) => {
+                    self.cte(c);
+                    if !*recursive {
+                        self.ctes.push(c.ctename.clone());
+                    }
+                }
                 Some(other) => self.unknown(other),
                 None => {}
             }
@@ -481,6 +492,11 @@ impl Walk {
                     fields,
                     location: _,
                 } = c;
+                if fields.len() > 1 {
+                    if let Some(NodeEnum::String(s)) = fields.last().and_then(|f| f.node.as_ref()) {
+                        self.attributes.push(s.sval.clone());
+                    }
+                }
                 self.all(fields);
             }
             N::AStar(_) => {}
@@ -667,6 +683,11 @@ impl Walk {
             N::AIndirection(a) => {
                 let protobuf::AIndirection { arg, indirection } = a.as_ref();
                 self.opt(arg);
+                for i in indirection {
+                    if let Some(NodeEnum::String(s)) = i.node.as_ref() {
+                        self.attributes.push(s.sval.clone());
+                    }
+                }
                 self.all(indirection);
             }
             N::AIndices(a) => {
@@ -888,6 +909,15 @@ mod tests {
         let w = walked("WITH t AS (SELECT 1) SELECT * FROM t, public.u, v");
         let rels: Vec<String> = w.relations.iter().map(Name::display).collect();
         assert_eq!(rels, ["public.u", "v"]);
+        // Inside its own body (not recursive), the name is the table.
+        let w = walked("WITH scratch AS (SELECT * FROM scratch) SELECT * FROM scratch");
+        let rels: Vec<String> = w.relations.iter().map(Name::display).collect();
+        assert_eq!(rels, ["scratch"]);
+        let w = walked("WITH a AS (SELECT * FROM b), b AS (SELECT 1) SELECT * FROM a, b");
+        let rels: Vec<String> = w.relations.iter().map(Name::display).collect();
+        assert_eq!(rels, ["b"]);
+        let w = walked("WITH RECURSIVE r AS (SELECT 1 UNION SELECT * FROM r) SELECT * FROM r");
+        assert!(w.relations.is_empty());
         let w = walked("SELECT 1::my_type, 'x'::text");
         let types: Vec<String> = w.types.iter().map(Name::display).collect();
         assert_eq!(types, ["my_type", "text"]);

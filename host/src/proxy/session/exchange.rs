@@ -284,6 +284,8 @@ impl Session {
             && !class.begins
             && class.effects.is_empty()
             && !class.touches_session
+            && !self.untracked_state
+            && class.kind != crate::route::StatementKind::Session
             && !asks_own_backend
             && self.judged_read_only(class)
     }
@@ -344,6 +346,11 @@ impl Session {
                     // the client's Sync.
                     self.skipping = outcome.error && outcome.status.is_none();
                     self.after_exchange(class, &outcome);
+                    // In session mode, what such code set lives on the
+                    // session's own connection: its reads stay there.
+                    if class.touches_session && self.session_pooling {
+                        self.untracked_state = true;
+                    }
                     // (Such a statement is never read-only: the pin is on the primary.)
                     if class.touches_session
                         && !class.read_only
@@ -408,7 +415,7 @@ impl Session {
         if shared.config.classifier.catalog && shared.catalogs.get(&self.database).is_none() {
             let _ = shared
                 .catalogs
-                .refresh(&shared.cluster, &shared.config.classifier, &self.database)
+                .ensure(&shared.cluster, &shared.config.classifier, &self.database)
                 .await;
         }
     }

@@ -59,6 +59,9 @@ pub struct Session {
     /// Session mode, running a read on a pooled replica connection while
     /// the session's own connection waits.
     offloading: bool,
+    /// Session mode: code ran that may have set state signalbox cannot
+    /// see (a function, procedure or DO block): no more reads elsewhere.
+    untracked_state: bool,
     route_session: Arc<RouteSession>,
     /// Pool handles by node, looked up once per session.
     pools: Vec<Option<crate::cluster::pool::Pool>>,
@@ -168,6 +171,7 @@ impl Session {
             owes_ready: true,
             catalog_dirty: false,
             offloading: false,
+            untracked_state: false,
             route_session: Arc::default(),
             pools: Vec::new(),
             application_name,
@@ -179,6 +183,13 @@ impl Session {
             startup_params: params.clone(),
             shared,
         };
+        // A standby refuses serializable transactions: a session that
+        // starts with them by default keeps a primary connection.
+        let isolation =
+            super::state::startup_value(&s.startup_params, "default_transaction_isolation");
+        if isolation.is_some_and(|v| v.eq_ignore_ascii_case("serializable")) {
+            s.pin_reason = Some("serializable default isolation");
+        }
         s.refresh_route_session();
         if let Err(e) = s.serve(login_deadline).await {
             tracing::debug!(session = s.id, error = %e, "session ended");
@@ -381,11 +392,12 @@ impl Session {
     /// judged read-only.
     fn classify(&self, sql: &str, readable: bool) -> Arc<Classified> {
         let class = self.shared.classifier.classify(sql);
-        if readable || !class.read_only {
+        if readable || (!class.read_only && !class.facts.catalog_candidate) {
             return class;
         }
         let mut c = (*class).clone();
         c.read_only = false;
+        c.facts.catalog_candidate = false;
         Arc::new(c)
     }
 
@@ -490,12 +502,18 @@ fn merge(classes: &[Arc<Classified>]) -> Classified {
     for c in it {
         m.read_only &= c.read_only;
         m.changes_catalog |= c.changes_catalog;
+        m.begins |= c.begins;
+        m.begins_serializable |= c.begins_serializable;
+        m.parse_error |= c.parse_error;
         m.facts.catalog_candidate &= c.facts.catalog_candidate;
         m.facts.explain_only &= c.facts.explain_only;
         m.facts.calls.extend(c.facts.calls.iter().cloned());
         m.facts.relations.extend(c.facts.relations.iter().cloned());
         m.facts.operators.extend(c.facts.operators.iter().cloned());
         m.facts.types.extend(c.facts.types.iter().cloned());
+        m.facts
+            .attributes
+            .extend(c.facts.attributes.iter().cloned());
         m.touches_session |= c.touches_session;
         m.begins_read_only &= c.begins_read_only;
         m.tables.extend(c.tables.iter().cloned());
