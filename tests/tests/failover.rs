@@ -104,3 +104,60 @@ async fn promotion_is_followed_and_a_returning_old_primary_is_fenced() {
     )));
     assert_eq!(write(port, 9999).await, Some(new));
 }
+
+/// A killed replica is banned fast (each node is probed on its own clock,
+/// and a data-path connect failure bans at once); a paused replica's time
+/// lag is the age of its oldest unreplayed write, not the quiet time before
+/// it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replica_ban_and_time_lag() {
+    let c = tokio::task::block_in_place(|| LocalCluster::start(1))
+        .unwrap_or_else(|e| panic!("cannot start the PostgreSQL test cluster: {e:#}"));
+    c.psql(c.primary.port, "CREATE TABLE fo (id serial, v int)")
+        .unwrap();
+    c.wait_replayed().unwrap();
+    let text = format!(
+        "listen = \"127.0.0.1:0\"\n[health]\ninterval_ms = 200\n{}",
+        c.nodes_toml()
+    );
+    let config = signalbox::config::Config::parse(&text, std::path::Path::new("lag.toml")).unwrap();
+    let server = signalbox::server::Server::start(config).await.unwrap();
+    let cluster = server.shared.cluster.clone();
+    let replica = || cluster.view().states[1].clone();
+    assert!(tokio::task::block_in_place(|| signalbox_tests::wait_until(
+        Duration::from_secs(5),
+        || replica().healthy && replica().lag_ms == Some(0)
+    )));
+    // Pause replay; stay quiet for 3 s; then write once and wait 1 s.
+    c.psql(c.replicas[0].port, "SELECT pg_wal_replay_pause()")
+        .unwrap();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    c.psql(c.primary.port, "INSERT INTO fo (v) VALUES (1)")
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    let lag = replica().lag_ms.unwrap();
+    eprintln!("lag of a replica paused 4 s, 1 s after the first write it missed: {lag} ms");
+    assert!(
+        lag > 0 && lag < 3000,
+        "the quiet time does not count: {lag} ms"
+    );
+    assert!(replica().lag_bytes > 0);
+    c.psql(c.replicas[0].port, "SELECT pg_wal_replay_resume()")
+        .unwrap();
+    assert!(tokio::task::block_in_place(|| signalbox_tests::wait_until(
+        Duration::from_secs(5),
+        || replica().lag_ms == Some(0)
+    )));
+    // Kill the replica: banned quickly.
+    tokio::task::block_in_place(|| c.kill(&c.replicas[0])).unwrap();
+    let killed = Instant::now();
+    assert!(tokio::task::block_in_place(|| signalbox_tests::wait_until(
+        Duration::from_secs(5),
+        || !replica().healthy
+    )));
+    eprintln!("replica banned {:?} after it was killed", killed.elapsed());
+    // Reads still work (on the primary).
+    let mut r = Raw::connect(server.addr.port(), "postgres", "postgres").await;
+    let msgs = r.simple("SELECT pg_is_in_recovery()").await;
+    assert_eq!(data_row(&msgs[1].1)[0].as_deref(), Some("f"));
+}

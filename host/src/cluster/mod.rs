@@ -35,7 +35,6 @@ const PROBE_SQL: &str = "SELECT pg_is_in_recovery(), \
 struct Probe {
     in_recovery: bool,
     lsn: u64,
-    replay_age_ms: u64,
     /// The WAL timeline a primary writes on (0 for a node in recovery).
     timeline: u32,
 }
@@ -62,6 +61,11 @@ pub struct Cluster {
     control_options: Vec<PgConnectOptions>,
     states: ArcSwap<Vec<NodeState>>,
     failures: std::sync::Mutex<Vec<u32>>,
+    /// The latest probe of each node (None: not probed yet).
+    latest: std::sync::Mutex<Vec<Option<Result<Probe, String>>>>,
+    /// The primary's WAL position over time, for replicas' time lag.
+    history: std::sync::Mutex<std::collections::VecDeque<(std::time::Instant, u64)>>,
+    publishing: std::sync::Mutex<()>,
     health: HealthConfig,
     fence: std::sync::Mutex<Fence>,
     /// Probe rounds that found more than one node claiming to be primary.
@@ -86,7 +90,11 @@ impl Cluster {
                 PgPoolOptions::new()
                     .max_connections(2)
                     .min_connections(0)
-                    .acquire_timeout(Duration::from_millis(config.health.probe_timeout_ms))
+                    // sqlx retries a refused connect until this: a node
+                    // that is down must fail its probe fast, not wait it out.
+                    .acquire_timeout(Duration::from_millis(
+                        config.health.probe_timeout_ms.min(500),
+                    ))
                     .connect_lazy_with(opts.clone()),
             );
             control_options.push(opts);
@@ -143,6 +151,9 @@ impl Cluster {
             .collect();
         Ok(Arc::new(Self {
             failures: std::sync::Mutex::new(vec![0; nodes.len()]),
+            latest: std::sync::Mutex::new(vec![None; nodes.len()]),
+            history: std::sync::Mutex::default(),
+            publishing: std::sync::Mutex::default(),
             nodes: Arc::new(nodes),
             addrs,
             pools: Arc::new(pools),
@@ -162,10 +173,9 @@ impl Cluster {
         let q =
             sqlx::query_as::<_, (bool, i64, i64, i64)>(PROBE_SQL).fetch_one(&self.control[node]);
         match tokio::time::timeout(timeout, q).await {
-            Ok(Ok((in_recovery, lsn, age, timeline))) => Ok(Probe {
+            Ok(Ok((in_recovery, lsn, _replay_age, timeline))) => Ok(Probe {
                 in_recovery,
                 lsn: lsn.max(0) as u64,
-                replay_age_ms: age.max(0) as u64,
                 timeline: u32::try_from(timeline).unwrap_or(0),
             }),
             Ok(Err(e)) => Err(e.to_string()),
@@ -173,41 +183,96 @@ impl Cluster {
         }
     }
 
-    /// Probe every node once and publish the new states.
+    /// Probe every node once (concurrently) and publish the new states.
     pub async fn probe_all(&self) {
         let probes = futures::future::join_all((0..self.nodes.len()).map(|i| self.probe(i))).await;
+        for (i, p) in probes.into_iter().enumerate() {
+            self.record(i, p);
+        }
+        self.publish();
+    }
+
+    /// Probe one node and publish: a slow or dead node delays no other.
+    pub async fn probe_node(&self, node: usize) {
+        let p = self.probe(node).await;
+        self.record(node, p);
+        self.publish();
+    }
+
+    fn record(&self, node: usize, probe: Result<Probe, String>) {
+        {
+            let mut failures = lock(&self.failures);
+            failures[node] = match probe {
+                Ok(_) => 0,
+                Err(_) => failures[node].saturating_add(1),
+            };
+        }
+        lock(&self.latest)[node] = Some(probe);
+    }
+
+    /// The data path could not connect to `node`: ban it now rather than
+    /// at the next failed probes (the next probe that answers lifts it).
+    pub fn report_down(&self, node: NodeId, why: &str) {
+        let i = node as usize;
+        if i >= self.nodes.len() || !self.states.load()[i].healthy {
+            return;
+        }
+        lock(&self.failures)[i] = self.health.failures_to_ban.max(1);
+        lock(&self.latest)[i] = Some(Err(format!("data path: {why}")));
+        self.publish();
+    }
+
+    /// Recompute every node's state from the latest probe of each.
+    fn publish(&self) {
+        let _one_at_a_time = lock(&self.publishing);
+        let latest = lock(&self.latest).clone();
+        let failures = lock(&self.failures).clone();
         let old = self.states.load_full();
-        let mut failures = self.failures.lock().unwrap_or_else(|p| p.into_inner());
-        let primary_lsn = probes
+        let primary_lsn = latest
             .iter()
-            .filter_map(|p| p.as_ref().ok())
+            .filter_map(|p| p.as_ref().and_then(|p| p.as_ref().ok()))
             .filter(|p| !p.in_recovery)
             .map(|p| p.lsn)
             .max();
-        let timelines: Vec<Option<u32>> = probes
+        let timelines: Vec<Option<u32>> = latest
             .iter()
             .map(|p| {
                 p.as_ref()
-                    .ok()
+                    .and_then(|p| p.as_ref().ok())
                     .filter(|p| !p.in_recovery)
                     .map(|p| p.timeline)
             })
             .collect();
-        let mut states = Vec::with_capacity(probes.len());
-        for (i, probe) in probes.into_iter().enumerate() {
+        let history = {
+            let mut h = lock(&self.history);
+            if let Some(plsn) = primary_lsn {
+                if h.back().is_none_or(|(_, last)| plsn > *last) {
+                    h.push_back((std::time::Instant::now(), plsn));
+                    if h.len() > 4096 {
+                        h.pop_front();
+                    }
+                }
+            }
+            h.clone()
+        };
+        let mut states = Vec::with_capacity(latest.len());
+        for (i, probe) in latest.into_iter().enumerate() {
             let prev = &old[i];
             let state = match probe {
-                Ok(p) => {
-                    if failures[i] >= self.health.failures_to_ban || !prev.healthy {
+                None => prev.clone(),
+                Some(Ok(p)) => {
+                    if !prev.healthy {
                         tracing::info!(node = %self.nodes[i].name, in_recovery = p.in_recovery, "node is up");
                     }
-                    failures[i] = 0;
                     let role = if p.in_recovery {
                         Role::Replica
                     } else {
                         Role::Primary
                     };
-                    if role == Role::Primary && self.configured[i] == NodeRole::Replica {
+                    if role == Role::Primary
+                        && self.configured[i] == NodeRole::Replica
+                        && prev.role != Role::Primary
+                    {
                         tracing::warn!(node = %self.nodes[i].name, "node configured as replica reports it is a primary");
                     }
                     let lag_bytes = match (role, primary_lsn) {
@@ -217,13 +282,8 @@ impl Cluster {
                     NodeState {
                         role,
                         healthy: true,
-                        lag_ms: (role == Role::Replica).then(|| {
-                            if lag_bytes == 0 {
-                                0
-                            } else {
-                                p.replay_age_ms.min(u64::from(u32::MAX)) as u32
-                            }
-                        }),
+                        lag_ms: (role == Role::Replica)
+                            .then(|| lag_ms(p.lsn, primary_lsn, &history)),
                         lag_bytes,
                         replay_lsn: p.lsn,
                         in_flight: 0,
@@ -231,9 +291,8 @@ impl Cluster {
                         latency_us: 0,
                     }
                 }
-                Err(e) => {
-                    failures[i] = failures[i].saturating_add(1);
-                    let banned = failures[i] >= self.health.failures_to_ban;
+                Some(Err(e)) => {
+                    let banned = failures[i] >= self.health.failures_to_ban.max(1);
                     if banned && prev.healthy {
                         tracing::warn!(node = %self.nodes[i].name, error = %e, "node is down; banned until it answers again");
                         self.pools.drop_idle(|n, _| n == i as NodeId);
@@ -324,16 +383,26 @@ impl Cluster {
             .clone()
     }
 
-    /// Probe forever, every `health.interval_ms`.
+    /// Probe every node forever, each on its own clock every
+    /// `health.interval_ms`: one slow or dead node delays no other's state.
+    /// Aborting the returned task stops them all.
     pub fn spawn_health(self: &Arc<Self>) -> tokio::task::JoinHandle<()> {
         let me = self.clone();
         tokio::spawn(async move {
-            let mut tick = tokio::time::interval(Duration::from_millis(me.health.interval_ms));
-            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-            loop {
-                tick.tick().await;
-                me.probe_all().await;
+            let mut probes = tokio::task::JoinSet::new();
+            for i in 0..me.nodes.len() {
+                let me = me.clone();
+                probes.spawn(async move {
+                    let mut tick =
+                        tokio::time::interval(Duration::from_millis(me.health.interval_ms));
+                    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                    loop {
+                        tick.tick().await;
+                        me.probe_node(i).await;
+                    }
+                });
             }
+            while probes.join_next().await.is_some() {}
         })
     }
 
@@ -360,5 +429,29 @@ impl Cluster {
 
     pub fn states(&self) -> Arc<Vec<NodeState>> {
         self.states.load_full()
+    }
+}
+
+fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// A replica's time lag: how long ago the primary first stood beyond the
+/// position the replica has replayed, i.e. the age of the oldest write it
+/// has not replayed (to within one probe interval); 0 when caught up. Not
+/// "time since the last replayed commit", which grows during quiet periods
+/// on a replica that is fully caught up.
+fn lag_ms(
+    replayed: u64,
+    primary: Option<u64>,
+    history: &std::collections::VecDeque<(std::time::Instant, u64)>,
+) -> u32 {
+    match primary {
+        Some(p) if replayed < p => history
+            .iter()
+            .find(|(_, lsn)| *lsn > replayed)
+            .map(|(t, _)| t.elapsed().as_millis().min(u128::from(u32::MAX)) as u32)
+            .unwrap_or(0),
+        _ => 0,
     }
 }

@@ -68,6 +68,16 @@ pub enum CheckoutError {
 }
 
 impl CheckoutError {
+    /// The node did not accept a connection at all (refused, timed out):
+    /// it is down, as far as anyone can tell.
+    pub fn node_unreachable(&self) -> bool {
+        matches!(
+            self,
+            CheckoutError::Backend(BackendError::Connect { .. })
+                | CheckoutError::Backend(BackendError::ConnectTimeout { .. })
+        )
+    }
+
     pub fn sqlstate(&self) -> &str {
         match self {
             // too_many_connections

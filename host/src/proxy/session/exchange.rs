@@ -49,7 +49,13 @@ impl Session {
             .pools
             .checkout_from(&pool, node)
             .await
-            .map_err(|e| (e.sqlstate().to_owned(), format!("signalbox: {e}")))
+            .map_err(|e| {
+                if e.node_unreachable() {
+                    // Banned now, not at the next failed probes.
+                    self.shared.cluster.report_down(node, &e.to_string());
+                }
+                (e.sqlstate().to_owned(), format!("signalbox: {e}"))
+            })
     }
 
     pub(super) fn new_pool(&self, node: NodeId) -> crate::cluster::pool::Pool {
