@@ -142,6 +142,21 @@ async fn metrics(State(s): State<AppState>) -> Response {
         "Cancel requests forwarded.",
         one(m.cancels.load(Ordering::Relaxed)),
     );
+    let reasons: Vec<(String, u64)> = {
+        let map = m.reasons.lock().unwrap_or_else(|p| p.into_inner());
+        let mut rows: Vec<(String, u64)> = map
+            .iter()
+            .map(|(r, n)| (format!("{{reason=\"{}\"}}", label(r)), *n))
+            .collect();
+        rows.sort();
+        rows
+    };
+    metric(
+        "signalbox_policy_reasons_total",
+        "counter",
+        "Policy decisions by the reason the policy gave (the first 64 distinct reasons; the rest as \"other\").",
+        reasons,
+    );
     metric(
         "signalbox_split_brain_probe_rounds_total",
         "counter",
@@ -283,4 +298,11 @@ async fn reload(State(s): State<AppState>) -> Response {
         }
         Err(e) => (StatusCode::INTERNAL_SERVER_ERROR, e.to_string()).into_response(),
     }
+}
+
+/// A Prometheus label value: backslash, quote and newline escaped.
+fn label(v: &str) -> String {
+    v.replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
 }

@@ -1096,3 +1096,64 @@ async fn policy_routes_by_the_real_node_names() {
         );
     }
 }
+
+/// Contract fields as a policy receives them in the running service: the
+/// statement's fingerprint (pg_query's, the same for other literals), each
+/// node's exchange latency and idle pooled connections; and the policy's
+/// reason is recorded (a metric per reason).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn contract_fields_are_true_in_the_service() {
+    let server = start(&policy_section(&faulty(&["echo"]))).await;
+    let client = connect(server.addr.port(), "postgres").await;
+    for i in 0..5 {
+        client
+            .simple_query(&format!("SELECT {i} AS n, now()"))
+            .await
+            .unwrap();
+    }
+    let reasons = || -> Vec<String> {
+        let map = server.shared.metrics.reasons.lock().unwrap();
+        map.keys().cloned().collect()
+    };
+    let fp = signalbox::sql::classify::classify("SELECT 1 AS n, now()").fingerprint;
+    assert_ne!(fp, 0);
+    let mine: Vec<String> = reasons()
+        .into_iter()
+        .filter(|r| r.starts_with(&format!("fp={fp:016x}")))
+        .collect();
+    assert!(
+        !mine.is_empty(),
+        "no reason with fingerprint {fp:016x}: {:?}",
+        reasons()
+    );
+    // "fp=… I lat=<µs>,idle=<n>": outside a transaction; after the first
+    // statement the primary has a latency and an idle pooled connection.
+    let parsed: Vec<(u32, u32)> = mine
+        .iter()
+        .map(|r| {
+            assert!(r.contains(" I "), "{r}");
+            let p = r.rsplit(' ').next().unwrap();
+            let v: Vec<u32> = p
+                .split(&['=', ','][..])
+                .filter_map(|x| x.parse().ok())
+                .collect();
+            (v[0], v[1])
+        })
+        .collect();
+    assert!(
+        parsed.iter().any(|(lat, idle)| *lat > 0 && *idle >= 1),
+        "latency and idle as received: {mine:?}"
+    );
+    // Other literals, same fingerprint: counted under reasons with it.
+    let count: u64 = server
+        .shared
+        .metrics
+        .reasons
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|(r, _)| r.starts_with(&format!("fp={fp:016x}")))
+        .map(|(_, n)| *n)
+        .sum();
+    assert_eq!(count, 5);
+}

@@ -63,6 +63,8 @@ pub struct Cluster {
     failures: std::sync::Mutex<Vec<u32>>,
     /// The latest probe of each node (None: not probed yet).
     latest: std::sync::Mutex<Vec<Option<Result<Probe, String>>>>,
+    /// Exchange time per node, an exponentially weighted moving average (µs).
+    latency_us: Vec<std::sync::atomic::AtomicU32>,
     /// The primary's WAL position over time, for replicas' time lag.
     history: std::sync::Mutex<std::collections::VecDeque<(std::time::Instant, u64)>>,
     publishing: std::sync::Mutex<()>,
@@ -152,6 +154,9 @@ impl Cluster {
         Ok(Arc::new(Self {
             failures: std::sync::Mutex::new(vec![0; nodes.len()]),
             latest: std::sync::Mutex::new(vec![None; nodes.len()]),
+            latency_us: (0..nodes.len())
+                .map(|_| std::sync::atomic::AtomicU32::new(0))
+                .collect(),
             history: std::sync::Mutex::default(),
             publishing: std::sync::Mutex::default(),
             nodes: Arc::new(nodes),
@@ -410,14 +415,34 @@ impl Cluster {
     pub fn view(&self) -> Arc<ClusterView> {
         let states = self.states.load();
         let mut states: Vec<NodeState> = states.as_ref().clone();
+        let idle = self.pools.idle();
         for (i, s) in states.iter_mut().enumerate() {
             s.in_flight = self.pools.in_flight(i as NodeId);
+            s.idle = idle.get(i).copied().unwrap_or(0);
+            s.latency_us = self.latency_us[i].load(std::sync::atomic::Ordering::Relaxed);
         }
         Arc::new(ClusterView {
             generation: self.generation,
             nodes: self.nodes.clone(),
             states,
         })
+    }
+
+    /// Fold one exchange's duration into `node`'s latency average (weight
+    /// 1/8 for the new sample).
+    pub fn observe_latency(&self, node: NodeId, took: Duration) {
+        use std::sync::atomic::Ordering;
+        let Some(avg) = self.latency_us.get(node as usize) else {
+            return;
+        };
+        let sample = took.as_micros().min(u128::from(u32::MAX)) as u32;
+        let _ = avg.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |old| {
+            Some(if old == 0 {
+                sample.max(1)
+            } else {
+                ((u64::from(old) * 7 + u64::from(sample)) / 8).max(1) as u32
+            })
+        });
     }
 
     /// Control-plane connection options for `node`, on `database`.

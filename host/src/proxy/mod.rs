@@ -134,7 +134,13 @@ pub struct Metrics {
     pub accept_errors: AtomicU64,
     /// Clients turned away by `[clients] max_connections`.
     pub refused_connections: AtomicU64,
+    /// Decisions by the policy's reason: the first [`REASONS`] distinct
+    /// reasons get their own count, the rest count as `other`.
+    pub reasons: Mutex<HashMap<String, u64>>,
 }
+
+/// Distinct policy reasons counted by name (bounded label cardinality).
+pub const REASONS: usize = 64;
 
 impl Metrics {
     fn new(nodes: usize) -> Self {
@@ -149,6 +155,19 @@ impl Metrics {
             exchange_us_total: AtomicU64::new(0),
             accept_errors: AtomicU64::new(0),
             refused_connections: AtomicU64::new(0),
+            reasons: Mutex::default(),
+        }
+    }
+
+    /// Count a decision's reason.
+    pub fn reason(&self, reason: &str) {
+        let mut map = self.reasons.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(n) = map.get_mut(reason) {
+            *n += 1;
+        } else if map.len() < REASONS {
+            map.insert(reason.to_owned(), 1);
+        } else {
+            *map.entry("other".to_owned()).or_default() += 1;
         }
     }
 

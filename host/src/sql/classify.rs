@@ -61,6 +61,9 @@ pub struct Facts {
 pub struct Classified {
     /// Kind of the first statement.
     pub kind: StatementKind,
+    /// `pg_query::fingerprint` of the text: the same for statements that
+    /// differ only in literals (0 when the text does not parse).
+    pub fingerprint: u64,
     pub read_only: bool,
     pub statements: usize,
     pub tables: Vec<String>,
@@ -111,6 +114,7 @@ impl Classified {
     fn unknown(sql: &str) -> Self {
         Self {
             kind: StatementKind::Utility,
+            fingerprint: 0,
             read_only: false,
             statements: 1,
             tables: Vec::new(),
@@ -440,6 +444,13 @@ pub fn classify(sql: &str) -> Classified {
     };
     let mut c = Classified {
         kind: StatementKind::Utility,
+        fingerprint: pg_query::fingerprint(
+            sql,
+            pg_query::ParserOptions::DEFAULT,
+            pg_query::FingerprintOptions::FULL_RELNAME,
+        )
+        .map(|f| f.value)
+        .unwrap_or(0),
         read_only: true,
         statements: parsed.protobuf.stmts.len(),
         tables: parsed.tables(),

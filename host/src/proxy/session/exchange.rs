@@ -132,7 +132,7 @@ impl Session {
         let statement = Statement {
             kind: class.kind,
             read_only,
-            fingerprint: 0,
+            fingerprint: class.fingerprint,
             sql: sql.clone(),
             tables: class.tables.clone(),
             functions: class.functions.clone(),
@@ -144,6 +144,10 @@ impl Session {
             cluster: self.shared.cluster.view(),
         };
         let routing = self.shared.router.route(&input);
+        if let Some(reason) = &routing.reason {
+            self.shared.metrics.reason(reason);
+            tracing::debug!(session = self.id, %reason, "policy decision");
+        }
         let node = match routing.enforced.routed {
             Routed::Node(n) => n,
             Routed::Reject(msg) => {
@@ -455,6 +459,11 @@ impl Session {
             Err(e) => Err(RelayError::Backend(e)),
         };
         self.shared.metrics.latency(started.elapsed());
+        if let Some(l) = self.lease.as_ref() {
+            self.shared
+                .cluster
+                .observe_latency(l.node(), started.elapsed());
+        }
         match result {
             Ok(o) => Ok(Ok(o)),
             Err(RelayError::Backend(e)) => {

@@ -15,7 +15,17 @@ impl Policy for Faulty {
         Ok(Self { hoard: Vec::new() })
     }
 
-    fn route(&mut self, stmt: &Statement, _session: &Session, _backends: &Backends) -> Decision {
+    fn route(&mut self, stmt: &Statement, session: &Session, backends: &Backends) -> Decision {
+        if cfg!(feature = "echo") {
+            // The facts as the policy receives them, for the service tests.
+            // (Reasons are at most 64 bytes: the primary's facts only.)
+            let p = backends
+                .primary()
+                .map(|b| format!("lat={},idle={}", b.latency_us, b.idle))
+                .unwrap_or_default();
+            let tx = if session.in_transaction() { "T" } else { "I" };
+            return Decision::primary().because(format!("fp={:016x} {tx} {p}", stmt.fingerprint));
+        }
         if cfg!(feature = "trap") {
             panic!("policy bug on every call");
         }
