@@ -33,6 +33,8 @@ pub struct Config {
     pub auth: AuthConfig,
     #[serde(default)]
     pub classifier: ClassifierConfig,
+    #[serde(default)]
+    pub read_your_writes: RywConfig,
     /// TLS for clients connecting to signalbox.
     pub tls: Option<TlsConfig>,
     /// Without a policy, built-in routing applies.
@@ -188,6 +190,30 @@ impl Default for HealthConfig {
             probe_timeout_ms: 2000,
         }
     }
+}
+
+/// `[read_your_writes]`: after a transaction that wrote commits, its WAL
+/// position is recorded under these scopes, and the policy sees, per
+/// replica, whether it has replayed past the position of the statement's
+/// scopes (`replayed-last-write`) and how long ago they wrote.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RywConfig {
+    /// Any of `session`, `user`, `application`, `database`. Empty: off.
+    pub scopes: Vec<RywScope>,
+    /// A read whose scope wrote and that no replica has replayed yet waits
+    /// up to this long (ms) for one to catch up, probing the replicas
+    /// meanwhile; then the policy decides (0: decide at once).
+    pub wait_for_replay_ms: u64,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RywScope {
+    Session,
+    User,
+    Application,
+    Database,
 }
 
 /// `[classifier]`: catalog facts behind read-only verdicts.

@@ -292,6 +292,32 @@ impl BackendConn {
         }
     }
 
+    /// The first column of the first row of `sql` as text (None: no row,
+    /// NULL, or an error, which is swallowed like `execute_silently`'s).
+    pub async fn query_value(&mut self, sql: &str) -> Result<Option<String>, WireError> {
+        let mut out = BytesMut::new();
+        wire::query(&mut out, sql);
+        self.send_frames(&out).await?;
+        let mut value = None;
+        loop {
+            let f = self.next_frame().await?;
+            match f.tag {
+                b'D' if value.is_none() => {
+                    let body = &f.body;
+                    if body.len() >= 6 {
+                        let len = i32::from_be_bytes([body[2], body[3], body[4], body[5]]);
+                        if let Some(v) = usize::try_from(len).ok().and_then(|l| body.get(6..6 + l))
+                        {
+                            value = Some(String::from_utf8_lossy(v).into_owned());
+                        }
+                    }
+                }
+                b'Z' if self.owed == 0 => return Ok(value),
+                _ => {}
+            }
+        }
+    }
+
     pub fn node(&self) -> NodeId {
         self.node
     }

@@ -63,6 +63,8 @@ pub struct Cluster {
     failures: std::sync::Mutex<Vec<u32>>,
     /// The latest probe of each node (None: not probed yet).
     latest: std::sync::Mutex<Vec<Option<Result<Probe, String>>>>,
+    /// A probe of the node is running (on-demand probes skip it then).
+    probing: Vec<std::sync::atomic::AtomicBool>,
     /// Exchange time per node, an exponentially weighted moving average (µs).
     latency_us: Vec<std::sync::atomic::AtomicU32>,
     /// The primary's WAL position over time, for replicas' time lag.
@@ -157,6 +159,9 @@ impl Cluster {
             latency_us: (0..nodes.len())
                 .map(|_| std::sync::atomic::AtomicU32::new(0))
                 .collect(),
+            probing: (0..nodes.len())
+                .map(|_| std::sync::atomic::AtomicBool::new(false))
+                .collect(),
             history: std::sync::Mutex::default(),
             publishing: std::sync::Mutex::default(),
             nodes: Arc::new(nodes),
@@ -198,10 +203,42 @@ impl Cluster {
     }
 
     /// Probe one node and publish: a slow or dead node delays no other.
+    /// A probe of the node already running makes this one a no-op.
     pub async fn probe_node(&self, node: usize) {
+        use std::sync::atomic::Ordering;
+        let Some(flag) = self.probing.get(node) else {
+            return;
+        };
+        if flag.swap(true, Ordering::AcqRel) {
+            return;
+        }
         let p = self.probe(node).await;
+        flag.store(false, Ordering::Release);
         self.record(node, p);
         self.publish();
+    }
+
+    /// Wait up to `limit` for a healthy replica to replay `lsn`, probing
+    /// the replicas meanwhile; whether one has.
+    pub async fn wait_for_replay(&self, lsn: u64, limit: Duration) -> bool {
+        let deadline = tokio::time::Instant::now() + limit;
+        loop {
+            let view = self.view();
+            let replicas: Vec<usize> = (0..view.states.len())
+                .filter(|&i| view.states[i].role == Role::Replica && view.states[i].healthy)
+                .collect();
+            if replicas.iter().any(|&i| view.states[i].replay_lsn >= lsn) {
+                return true;
+            }
+            if replicas.is_empty() || tokio::time::Instant::now() >= deadline {
+                return false;
+            }
+            let probes = futures::future::join_all(replicas.iter().map(|&i| self.probe_node(i)));
+            if tokio::time::timeout_at(deadline, probes).await.is_err() {
+                return false;
+            }
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
     }
 
     fn record(&self, node: usize, probe: Result<Probe, String>) {

@@ -47,6 +47,9 @@ pub struct Shared {
     pub message_budget: Arc<relay::MessageBudget>,
     /// Catalog facts per database, for read-only verdicts.
     pub catalogs: Arc<crate::catalog::Catalogs>,
+    /// Read-your-writes: WAL position and time of the last committed write
+    /// per shared scope (`user:…`, `application:…`, `database:…`).
+    pub writes: Mutex<HashMap<String, (u64, std::time::Instant)>>,
     /// Connected clients (past the TCP accept), for `max_connections`.
     clients: AtomicU64,
     next_session: AtomicU64,
@@ -75,6 +78,7 @@ impl Shared {
             shutdown: tokio::sync::watch::channel(false).0,
             message_budget,
             catalogs: Arc::default(),
+            writes: Mutex::default(),
             clients: AtomicU64::new(0),
             next_session: AtomicU64::new(1),
         })

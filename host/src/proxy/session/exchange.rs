@@ -129,6 +129,16 @@ impl Session {
             // One connection for the rest of the session: it must be the primary's.
             read_only = false;
         }
+        let ryw = &self.shared.config.read_your_writes;
+        if !ryw.scopes.is_empty() {
+            if read_only && ryw.wait_for_replay_ms > 0 && self.tx == TxState::Idle {
+                if let Some((lsn, _)) = self.write_position() {
+                    let limit = std::time::Duration::from_millis(ryw.wait_for_replay_ms);
+                    self.shared.cluster.wait_for_replay(lsn, limit).await;
+                }
+            }
+            self.refresh_route_session();
+        }
         let statement = Statement {
             kind: class.kind,
             read_only,
@@ -350,6 +360,20 @@ impl Session {
                     if let Some(e) = outcome.client_encoding.as_deref() {
                         if let Some(e) = crate::proxy::encoding::ClientEncoding::lookup(e) {
                             self.encoding = e;
+                        }
+                    }
+                    if !self.shared.config.read_your_writes.scopes.is_empty() {
+                        self.tx_wrote |= !judged && class.statements > 0;
+                        if outcome.status.is_some() && self.tx_wrote {
+                            let committed = outcome.status == Some(b'I')
+                                && !outcome.error
+                                && outcome.last_tag.as_deref() != Some("ROLLBACK");
+                            if committed {
+                                self.record_write().await;
+                            }
+                        }
+                        if outcome.status == Some(b'I') {
+                            self.tx_wrote = false;
                         }
                     }
                     // An error with no Sync after it: the server skips to

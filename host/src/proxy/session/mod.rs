@@ -59,6 +59,10 @@ pub struct Session {
     /// Session mode, running a read on a pooled replica connection while
     /// the session's own connection waits.
     offloading: bool,
+    /// Read-your-writes: the open transaction wrote.
+    tx_wrote: bool,
+    /// Read-your-writes: this session's last committed write position.
+    own_write: Option<(u64, std::time::Instant)>,
     /// Session mode: code ran that may have set state signalbox cannot
     /// see (a function, procedure or DO block): no more reads elsewhere.
     untracked_state: bool,
@@ -171,6 +175,8 @@ impl Session {
             owes_ready: true,
             catalog_dirty: false,
             offloading: false,
+            tx_wrote: false,
+            own_write: None,
             untracked_state: false,
             route_session: Arc::default(),
             pools: Vec::new(),
@@ -208,11 +214,16 @@ impl Session {
     /// most statements nothing did: the clones are not worth repeating).
     fn refresh_route_session(&mut self) {
         let pinned = self.lease.as_ref().map(Lease::node);
+        let written = self.write_position();
+        let last_write_lsn = written.map(|(lsn, _)| lsn);
+        let ms_since_last_write = written.map(|(_, at)| at.elapsed().as_millis() as u64);
         let current = &self.route_session;
         if current.id == self.id
             && current.tx_state == self.tx
             && current.read_only_tx == self.read_only_tx
             && current.pinned == pinned
+            && current.last_write_lsn == last_write_lsn
+            && current.ms_since_last_write == ms_since_last_write
         {
             return;
         }
@@ -225,10 +236,77 @@ impl Session {
             attributes: self.attributes.clone(),
             tx_state: self.tx,
             read_only_tx: self.read_only_tx,
-            ms_since_last_write: None,
-            last_write_lsn: None,
+            ms_since_last_write,
+            last_write_lsn,
             pinned,
         });
+    }
+
+    /// Read-your-writes: the newest committed write position (and when)
+    /// among this session's configured scopes.
+    fn write_position(&self) -> Option<(u64, std::time::Instant)> {
+        use crate::config::RywScope;
+        let scopes = &self.shared.config.read_your_writes.scopes;
+        if scopes.is_empty() {
+            return None;
+        }
+        let mut best = if scopes.contains(&RywScope::Session) {
+            self.own_write
+        } else {
+            None
+        };
+        let shared = self.shared.writes.lock().unwrap_or_else(|p| p.into_inner());
+        for key in self.scope_keys() {
+            if let Some(&(lsn, at)) = shared.get(&key) {
+                if best.is_none_or(|(b, _)| lsn > b) {
+                    best = Some((lsn, at));
+                }
+            }
+        }
+        best
+    }
+
+    /// Keys of the shared scopes this session writes under.
+    fn scope_keys(&self) -> Vec<String> {
+        use crate::config::RywScope;
+        self.shared
+            .config
+            .read_your_writes
+            .scopes
+            .iter()
+            .filter_map(|s| match s {
+                RywScope::Session => None,
+                RywScope::User => Some(format!("user:{}", self.user)),
+                RywScope::Application => Some(format!("application:{}", self.application_name)),
+                RywScope::Database => Some(format!("database:{}", self.database)),
+            })
+            .collect()
+    }
+
+    /// After a transaction that wrote committed: record the primary's WAL
+    /// position (one round trip on the connection that ran it, before it
+    /// goes back to the pool) under every configured scope.
+    async fn record_write(&mut self) {
+        let Some(lease) = self.lease.as_mut() else {
+            return;
+        };
+        let sql = "SELECT (pg_catalog.pg_current_wal_insert_lsn() - '0/0'::pg_lsn)::bigint";
+        let Ok(Some(v)) = lease.conn().query_value(sql).await else {
+            return;
+        };
+        let Ok(lsn) = v.parse::<u64>() else {
+            return;
+        };
+        let now = std::time::Instant::now();
+        self.own_write = Some((lsn, now));
+        let keys = self.scope_keys();
+        let mut shared = self.shared.writes.lock().unwrap_or_else(|p| p.into_inner());
+        for key in keys {
+            let e = shared.entry(key).or_insert((lsn, now));
+            if lsn >= e.0 {
+                *e = (lsn, now);
+            }
+        }
     }
 
     async fn serve(&mut self, login_deadline: tokio::time::Instant) -> Result<(), SessionError> {
