@@ -12,9 +12,19 @@ async fn stale_reads(port: u16, n: u32) -> (u32, u32) {
     let b = connect(port, "postgres").await;
     let (mut stale, mut on_replica) = (0, 0);
     for i in 0..n {
-        a.execute("INSERT INTO ryw (v) VALUES ($1)", &[&(i as i32)])
-            .await
-            .unwrap();
+        // Every other write inside an explicit transaction: its COMMIT
+        // records the position.
+        if i % 2 == 0 {
+            a.execute("INSERT INTO ryw (v) VALUES ($1)", &[&(i as i32)])
+                .await
+                .unwrap();
+        } else {
+            a.batch_execute("BEGIN").await.unwrap();
+            a.execute("INSERT INTO ryw (v) VALUES ($1)", &[&(i as i32)])
+                .await
+                .unwrap();
+            a.batch_execute("COMMIT").await.unwrap();
+        }
         let row = b
             .query_one(
                 "SELECT count(*), pg_is_in_recovery() FROM ryw WHERE v = $1",

@@ -363,7 +363,11 @@ impl Session {
                         }
                     }
                     if !self.shared.config.read_your_writes.scopes.is_empty() {
-                        self.tx_wrote |= !judged && class.statements > 0;
+                        // A lone BEGIN/COMMIT writes nothing: a read-only
+                        // transaction on the primary records no position.
+                        let lone_control = class.statements == 1
+                            && class.kind == crate::route::StatementKind::Transaction;
+                        self.tx_wrote |= !judged && class.statements > 0 && !lone_control;
                         if outcome.status.is_some() && self.tx_wrote {
                             let committed = outcome.status == Some(b'I')
                                 && !outcome.error

@@ -579,6 +579,7 @@ fn merge(classes: &[Arc<Classified>]) -> Classified {
     let mut m = (**first).clone();
     for c in it {
         m.read_only &= c.read_only;
+        m.statements += c.statements;
         m.changes_catalog |= c.changes_catalog;
         m.begins |= c.begins;
         m.begins_serializable |= c.begins_serializable;
