@@ -452,15 +452,16 @@ impl DbCatalog {
                 schema: Some(fschema.clone()),
                 name: fname.clone(),
             };
-            let found = candidates(&rows.functions, &f, |r| (&r.0, &r.1));
-            let v = found
+            // Any overload that may write makes the operator unsafe.
+            let verdicts: Vec<Verdict> = candidates(&rows.functions, &f, |r| (&r.0, &r.1))
                 .into_iter()
                 .map(|i| b.function(i))
+                .collect();
+            let v = verdicts
+                .iter()
                 .find(|v| !v.safe)
-                .or_else(|| {
-                    let i = *candidates(&rows.functions, &f, |r| (&r.0, &r.1)).first()?;
-                    Some(b.function(i))
-                })
+                .or(verdicts.first())
+                .cloned()
                 .unwrap_or_else(|| Verdict::unsafe_("its function is not in the catalog"));
             let v = Verdict {
                 safe: v.safe,

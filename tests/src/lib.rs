@@ -382,10 +382,6 @@ pub mod raw {
 
     /// The columns of a DataRow body as bytes (NULL as None).
     pub fn data_row_bytes(body: &[u8]) -> Vec<Option<Vec<u8>>> {
-        data_row_lossless(body)
-    }
-
-    fn data_row_lossless(body: &[u8]) -> Vec<Option<Vec<u8>>> {
         let n = i16::from_be_bytes([body[0], body[1]]) as usize;
         let mut pos = 2;
         let mut out = Vec::with_capacity(n);
@@ -404,23 +400,10 @@ pub mod raw {
 
     /// The text columns of a DataRow body (NULL as None).
     pub fn data_row(body: &[u8]) -> Vec<Option<String>> {
-        let n = i16::from_be_bytes([body[0], body[1]]) as usize;
-        let mut pos = 2;
-        let mut out = Vec::with_capacity(n);
-        for _ in 0..n {
-            let len = i32::from_be_bytes([body[pos], body[pos + 1], body[pos + 2], body[pos + 3]]);
-            pos += 4;
-            if len < 0 {
-                out.push(None);
-            } else {
-                let l = len as usize;
-                out.push(Some(
-                    String::from_utf8_lossy(&body[pos..pos + l]).into_owned(),
-                ));
-                pos += l;
-            }
-        }
-        out
+        data_row_bytes(body)
+            .into_iter()
+            .map(|c| c.map(|b| String::from_utf8_lossy(&b).into_owned()))
+            .collect()
     }
 
     impl Raw {

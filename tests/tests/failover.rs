@@ -36,20 +36,28 @@ async fn write(port: u16, i: u32) -> Option<u16> {
     port
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn promotion_is_followed_and_a_returning_old_primary_is_fenced() {
+/// A primary and one replica of their own with table `fo`, and signalbox
+/// in front probing every 200 ms (`health` adds to `[health]`).
+async fn primary_replica_and_signalbox(health: &str) -> (LocalCluster, signalbox::server::Server) {
     let c = tokio::task::block_in_place(|| LocalCluster::start(1))
         .unwrap_or_else(|e| panic!("cannot start the PostgreSQL test cluster: {e:#}"));
     c.psql(c.primary.port, "CREATE TABLE fo (id serial, v int)")
         .unwrap();
     c.wait_replayed().unwrap();
     let text = format!(
-        "listen = \"127.0.0.1:0\"\n[health]\ninterval_ms = 200\nfailures_to_ban = 1\nprobe_timeout_ms = 500\n{}",
+        "listen = \"127.0.0.1:0\"\n[health]\ninterval_ms = 200\n{health}{}",
         c.nodes_toml()
     );
     let config =
         signalbox::config::Config::parse(&text, std::path::Path::new("failover.toml")).unwrap();
     let server = signalbox::server::Server::start(config).await.unwrap();
+    (c, server)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn promotion_is_followed_and_a_returning_old_primary_is_fenced() {
+    let (c, server) =
+        primary_replica_and_signalbox("failures_to_ban = 1\nprobe_timeout_ms = 500\n").await;
     let port = server.addr.port();
     let (old, new) = (c.primary.port, c.replicas[0].port);
     tokio::time::sleep(Duration::from_millis(500)).await;
@@ -111,17 +119,7 @@ async fn promotion_is_followed_and_a_returning_old_primary_is_fenced() {
 /// it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn replica_ban_and_time_lag() {
-    let c = tokio::task::block_in_place(|| LocalCluster::start(1))
-        .unwrap_or_else(|e| panic!("cannot start the PostgreSQL test cluster: {e:#}"));
-    c.psql(c.primary.port, "CREATE TABLE fo (id serial, v int)")
-        .unwrap();
-    c.wait_replayed().unwrap();
-    let text = format!(
-        "listen = \"127.0.0.1:0\"\n[health]\ninterval_ms = 200\n{}",
-        c.nodes_toml()
-    );
-    let config = signalbox::config::Config::parse(&text, std::path::Path::new("lag.toml")).unwrap();
-    let server = signalbox::server::Server::start(config).await.unwrap();
+    let (c, server) = primary_replica_and_signalbox("").await;
     let cluster = server.shared.cluster.clone();
     let replica = || cluster.view().states[1].clone();
     assert!(tokio::task::block_in_place(|| signalbox_tests::wait_until(

@@ -278,41 +278,31 @@ impl BackendConn {
         &mut self,
         sql: &str,
     ) -> Result<Option<(String, String)>, WireError> {
-        let mut out = BytesMut::new();
-        wire::query(&mut out, sql);
-        self.send_frames(&out).await?;
-        let mut error = None;
-        loop {
-            let f = self.next_frame().await?;
-            match f.tag {
-                b'E' if error.is_none() => error = Some(wire::error_fields(&f.body)),
-                b'Z' if self.owed == 0 => return Ok(error),
-                _ => {}
-            }
-        }
+        Ok(self.simple(sql).await?.0)
     }
 
     /// The first column of the first row of `sql` as text (None: no row,
     /// NULL, or an error, which is swallowed like `execute_silently`'s).
     pub async fn query_value(&mut self, sql: &str) -> Result<Option<String>, WireError> {
+        Ok(self.simple(sql).await?.1)
+    }
+
+    /// Run a simple query of signalbox's own to its ReadyForQuery: the
+    /// first error's (SQLSTATE, message) and the first row's first value.
+    async fn simple(
+        &mut self,
+        sql: &str,
+    ) -> Result<(Option<(String, String)>, Option<String>), WireError> {
         let mut out = BytesMut::new();
         wire::query(&mut out, sql);
         self.send_frames(&out).await?;
-        let mut value = None;
+        let (mut error, mut value) = (None, None);
         loop {
             let f = self.next_frame().await?;
             match f.tag {
-                b'D' if value.is_none() => {
-                    let body = &f.body;
-                    if body.len() >= 6 {
-                        let len = i32::from_be_bytes([body[2], body[3], body[4], body[5]]);
-                        if let Some(v) = usize::try_from(len).ok().and_then(|l| body.get(6..6 + l))
-                        {
-                            value = Some(String::from_utf8_lossy(v).into_owned());
-                        }
-                    }
-                }
-                b'Z' if self.owed == 0 => return Ok(value),
+                b'E' if error.is_none() => error = Some(wire::error_fields(&f.body)),
+                b'D' if value.is_none() => value = first_value(&f.body),
+                b'Z' if self.owed == 0 => return Ok((error, value)),
                 _ => {}
             }
         }
@@ -549,4 +539,11 @@ async fn negotiate_tls(mut tcp: TcpStream, spec: &LoginSpec) -> Result<BoxStream
             detail: format!("unexpected answer {other:#x} to SSLRequest"),
         }),
     }
+}
+
+/// The first column of a DataRow body as text (None for NULL or a short row).
+fn first_value(body: &[u8]) -> Option<String> {
+    let len = i32::from_be_bytes(body.get(2..6)?.try_into().ok()?);
+    let v = body.get(6..6 + usize::try_from(len).ok()?)?;
+    Some(String::from_utf8_lossy(v).into_owned())
 }

@@ -263,15 +263,16 @@ impl Session {
         sql: &Arc<str>,
         work: Work<'_>,
     ) -> Result<(), SessionError> {
-        if !self.offloadable(class) {
-            return self.run_routed_here(class, sql, work).await;
+        let judged = self.judged_read_only(class);
+        if !self.offloadable(class, judged) {
+            return self.run_routed_here(class, judged, sql, work).await;
         }
         // Session mode: a read outside a transaction runs on a pooled
         // connection the policy chooses (a replica), while the session's own
         // primary connection waits; it comes back for everything else.
         let parked = self.lease.take();
         self.offloading = true;
-        let result = self.run_routed_here(class, sql, work).await;
+        let result = self.run_routed_here(class, judged, sql, work).await;
         self.offloading = false;
         if self.lease.is_some() {
             let idle = self.tx == TxState::Idle;
@@ -289,7 +290,7 @@ impl Session {
     /// Sync, from a session nothing pins to its connection, that does not
     /// ask about its own backend (`pg_backend_pid()` names the connection
     /// the client was told about).
-    fn offloadable(&self, class: &Classified) -> bool {
+    fn offloadable(&self, class: &Classified, judged: bool) -> bool {
         let asks_own_backend = class
             .facts
             .calls
@@ -307,12 +308,13 @@ impl Session {
             && !self.untracked_state
             && class.kind != crate::route::StatementKind::Session
             && !asks_own_backend
-            && self.judged_read_only(class)
+            && judged
     }
 
     async fn run_routed_here(
         &mut self,
         class: &Classified,
+        judged: bool,
         sql: &Arc<str>,
         work: Work<'_>,
     ) -> Result<(), SessionError> {
@@ -320,7 +322,6 @@ impl Session {
         // A connection held from earlier work (a transaction, a pin, a
         // Flush-ended exchange) carries what the client relies on.
         let held = self.lease.is_some();
-        let judged = self.judged_read_only(class);
         for attempt in 0..2 {
             let retriable = attempt == 0 && self.lease.is_none() && self.tx == TxState::Idle;
             if !self.acquire(class, judged, sql, failed_node).await? {

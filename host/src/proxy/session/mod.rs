@@ -63,6 +63,8 @@ pub struct Session {
     tx_wrote: bool,
     /// Read-your-writes: this session's last committed write position.
     own_write: Option<(u64, std::time::Instant)>,
+    /// Read-your-writes: keys of the shared scopes it writes under.
+    ryw_keys: Vec<String>,
     /// Session mode: code ran that may have set state signalbox cannot
     /// see (a function, procedure or DO block): no more reads elsewhere.
     untracked_state: bool,
@@ -80,6 +82,9 @@ pub struct Session {
     /// The one asked for at startup (what `RESET ALL`/`DISCARD ALL` restore).
     startup_encoding: ClientEncoding,
 }
+
+/// How long recording a write's WAL position may take.
+const RECORD_WRITE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// What ended the serve loop's wait.
 enum Wake {
@@ -177,6 +182,7 @@ impl Session {
             offloading: false,
             tx_wrote: false,
             own_write: None,
+            ryw_keys: Vec::new(),
             untracked_state: false,
             route_session: Arc::default(),
             pools: Vec::new(),
@@ -196,6 +202,7 @@ impl Session {
         if isolation.is_some_and(|v| v.eq_ignore_ascii_case("serializable")) {
             s.pin_reason = Some("serializable default isolation");
         }
+        s.ryw_keys = s.scope_keys();
         s.refresh_route_session();
         if let Err(e) = s.serve(login_deadline).await {
             tracing::debug!(session = s.id, error = %e, "session ended");
@@ -256,8 +263,8 @@ impl Session {
             None
         };
         let shared = self.shared.writes.lock().unwrap_or_else(|p| p.into_inner());
-        for key in self.scope_keys() {
-            if let Some(&(lsn, at)) = shared.get(&key) {
+        for key in &self.ryw_keys {
+            if let Some(&(lsn, at)) = shared.get(key) {
                 if best.is_none_or(|(b, _)| lsn > b) {
                     best = Some((lsn, at));
                 }
@@ -266,7 +273,8 @@ impl Session {
         best
     }
 
-    /// Keys of the shared scopes this session writes under.
+    /// Keys of the shared scopes this session writes under (computed once:
+    /// user, application name and database are fixed at startup).
     fn scope_keys(&self) -> Vec<String> {
         use crate::config::RywScope;
         self.shared
@@ -291,18 +299,25 @@ impl Session {
             return;
         };
         let sql = "SELECT (pg_catalog.pg_current_wal_insert_lsn() - '0/0'::pg_lsn)::bigint";
-        let Ok(Some(v)) = lease.conn().query_value(sql).await else {
-            return;
+        // Bounded: a primary that stops answering costs this connection
+        // (discarded when released), not the session.
+        let asked = tokio::time::timeout(RECORD_WRITE_TIMEOUT, lease.conn().query_value(sql)).await;
+        let v = match asked {
+            Ok(Ok(Some(v))) => v,
+            Ok(_) => return,
+            Err(_) => {
+                lease.conn().mark_broken();
+                return;
+            }
         };
         let Ok(lsn) = v.parse::<u64>() else {
             return;
         };
         let now = std::time::Instant::now();
         self.own_write = Some((lsn, now));
-        let keys = self.scope_keys();
         let mut shared = self.shared.writes.lock().unwrap_or_else(|p| p.into_inner());
-        for key in keys {
-            let e = shared.entry(key).or_insert((lsn, now));
+        for key in &self.ryw_keys {
+            let e = shared.entry(key.clone()).or_insert((lsn, now));
             if lsn >= e.0 {
                 *e = (lsn, now);
             }
