@@ -233,6 +233,29 @@ pub fn error_fields(body: &[u8]) -> (String, String) {
     (code, msg)
 }
 
+/// `RowDescription` of one text column named `name` (as `SHOW` answers).
+pub fn text_row_description(out: &mut BytesMut, name: &str) {
+    message(out, b'T', |b| {
+        b.put_i16(1);
+        put_cstr(b, name);
+        b.put_i32(0); // table oid
+        b.put_i16(0); // column number
+        b.put_i32(25); // text
+        b.put_i16(-1);
+        b.put_i32(-1);
+        b.put_i16(0); // text format
+    });
+}
+
+/// `DataRow` of one text value.
+pub fn text_data_row(out: &mut BytesMut, value: &str) {
+    message(out, b'D', |b| {
+        b.put_i16(1);
+        b.put_i32(value.len() as i32);
+        b.put_slice(value.as_bytes());
+    });
+}
+
 /// `CommandComplete` with `tag` (e.g. `DEALLOCATE ALL`).
 pub fn command_complete(out: &mut BytesMut, tag: &str) {
     message(out, b'C', |b| put_cstr(b, tag));

@@ -55,8 +55,138 @@ fn policy(path: &std::path::Path, config: &str) -> String {
     )
 }
 
+/// The tests of this file pause and resume replay on the shared cluster.
+static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+/// The one value a simple query returns.
+async fn value(client: &tokio_postgres::Client, sql: &str) -> String {
+    let rows = client.simple_query(sql).await.unwrap();
+    rows.iter()
+        .find_map(|m| match m {
+            tokio_postgres::SimpleQueryMessage::Row(r) => r.get(0).map(str::to_owned),
+            _ => None,
+        })
+        .unwrap_or_else(|| panic!("{sql}: no row"))
+}
+
+/// How a read on the second instance is told the position to wait for.
+#[derive(Clone, Copy)]
+enum Token {
+    None,
+    Hint,
+    Set,
+}
+
+/// Insert through instance A, then read the row through instance B,
+/// carrying A's `signalbox.write_lsn` as `token`; (stale, on a replica).
+async fn stale_across(a_port: u16, b_port: u16, n: u32, token: Token) -> (u32, u32) {
+    let a = connect(a_port, "postgres").await;
+    let b = connect(b_port, "postgres").await;
+    let (mut stale, mut on_replica) = (0, 0);
+    for i in 0..n {
+        let v = 1_000_000 + i as i32;
+        a.execute("INSERT INTO ryw (v) VALUES ($1)", &[&v])
+            .await
+            .unwrap();
+        let lsn = value(&a, "SHOW signalbox.write_lsn").await;
+        let select = "SELECT count(*), pg_is_in_recovery() FROM ryw WHERE v = $1";
+        let sql = match token {
+            Token::None => select.to_owned(),
+            Token::Hint => format!("/* signalbox: min_lsn={lsn} */ {select}"),
+            Token::Set => {
+                b.batch_execute(&format!("SET signalbox.min_lsn = '{lsn}'"))
+                    .await
+                    .unwrap();
+                select.to_owned()
+            }
+        };
+        let row = b.query_one(&sql, &[&v]).await.unwrap();
+        stale += u32::from(row.get::<_, i64>(0) == 0);
+        on_replica += u32::from(row.get::<_, bool>(1));
+        b.execute("DELETE FROM ryw WHERE v = $1", &[&v])
+            .await
+            .unwrap();
+    }
+    (stale, on_replica)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_token_carries_a_write_to_another_instance() {
+    let _serial = SERIAL.lock().await;
+    let c = cluster();
+    c.psql(c.primary.port, "CREATE TABLE IF NOT EXISTS ryw (v int)")
+        .unwrap();
+    c.wait_replayed().unwrap();
+    let paused = c.replicas[1].port;
+    c.psql(paused, "SELECT pg_wal_replay_pause()").unwrap();
+
+    // A records its sessions' positions; B knows nothing of A's writes.
+    let policy = policy(&example("read-your-writes"), "");
+    let a = start(&format!(
+        "{policy}[read_your_writes]\nscopes = [\"session\"]\n"
+    ))
+    .await;
+    let b = start(&policy).await;
+    let (a_port, b_port) = (a.addr.port(), b.addr.port());
+
+    // The position reads back as PostgreSQL prints a pg_lsn.
+    let client = connect(a_port, "postgres").await;
+    assert_eq!(value(&client, "SHOW signalbox.write_lsn").await, "0/0");
+    client
+        .execute("INSERT INTO ryw (v) VALUES (-1)", &[])
+        .await
+        .unwrap();
+    let lsn = value(&client, "SHOW signalbox.write_lsn").await;
+    let primary_lsn = c
+        .psql(
+            c.primary.port,
+            &format!("SELECT pg_current_wal_insert_lsn() >= '{lsn}'::pg_lsn"),
+        )
+        .unwrap_or_default();
+    assert!(
+        lsn != "0/0" && primary_lsn.contains('t'),
+        "{lsn}: {primary_lsn}"
+    );
+    // A bad token is a clear error, and the session goes on.
+    let err = client
+        .batch_execute("SET signalbox.min_lsn = 'yesterday'")
+        .await
+        .unwrap_err();
+    assert_eq!(err.code().map(|c| c.code()), Some("22023"), "{err}");
+    let err = client
+        .batch_execute("SHOW signalbox.nonsense")
+        .await
+        .unwrap_err();
+    assert_eq!(err.code().map(|c| c.code()), Some("42704"), "{err}");
+    client
+        .batch_execute("SET signalbox.min_lsn = '1/0'")
+        .await
+        .unwrap();
+    assert_eq!(value(&client, "SHOW signalbox.min_lsn").await, "1/0");
+    client
+        .batch_execute("RESET signalbox.min_lsn")
+        .await
+        .unwrap();
+    assert_eq!(value(&client, "SHOW signalbox.min_lsn").await, "0/0");
+
+    // Without the token, B's reads miss rows: the loop can fail.
+    let (stale, _) = stale_across(a_port, b_port, 200, Token::None).await;
+    assert!(stale > 0, "without a token the loop must see stale reads");
+    for token in [Token::Hint, Token::Set] {
+        let (stale, on_replica) = stale_across(a_port, b_port, 500, token).await;
+        let how = match token {
+            Token::Hint => "a min_lsn hint",
+            _ => "SET signalbox.min_lsn",
+        };
+        eprintln!("across two instances with {how}: {stale} stale of 500; {on_replica} reads on a replica");
+        assert_eq!(stale, 0, "{how}");
+    }
+    c.psql(paused, "SELECT pg_wal_replay_resume()").unwrap();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reads_see_writes_made_on_other_connections() {
+    let _serial = SERIAL.lock().await;
     let c = cluster();
     c.psql(
         c.primary.port,

@@ -32,7 +32,26 @@ pub enum SessionEffect {
     Deallocate(Option<String>),
     /// `DISCARD ALL`: everything above, for this client only.
     DiscardAll,
+    /// `SET`/`RESET`/`SHOW` of one of signalbox's own `signalbox.*`
+    /// settings: answered by signalbox, never sent to a node.
+    Own(OwnSetting),
 }
+
+/// A statement about a `signalbox.*` setting (name without the prefix).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum OwnSetting {
+    /// `SET` (`Some(value)`) or `RESET` / `SET ... TO DEFAULT` (`None`).
+    Set {
+        name: String,
+        value: Option<String>,
+    },
+    Show {
+        name: String,
+    },
+}
+
+/// The prefix of signalbox's own settings.
+pub const OWN_PREFIX: &str = "signalbox.";
 
 /// Calls, relations, operators and cast types of the read-only statements
 /// of a message, for the judgement that needs the database's catalog.
@@ -690,7 +709,15 @@ fn statement(node: &NodeEnum, text: &str, c: &mut Classified) -> (StatementKind,
         NodeEnum::DeleteStmt(_) => (K::Delete, walked(node, c)),
         NodeEnum::MergeStmt(_) => (K::Merge, walked(node, c)),
         NodeEnum::UnlistenStmt(_) => (K::Utility, true),
-        NodeEnum::VariableShowStmt(_) => (K::Show, true),
+        NodeEnum::VariableShowStmt(v) => {
+            let name = v.name.to_ascii_lowercase();
+            if let Some(own) = name.strip_prefix(OWN_PREFIX) {
+                c.effects.push(SessionEffect::Own(OwnSetting::Show {
+                    name: own.to_owned(),
+                }));
+            }
+            (K::Show, true)
+        }
         NodeEnum::TransactionStmt(t) => (K::Transaction, transaction(t, c)),
         NodeEnum::VariableSetStmt(v) => (K::Session, variable_set(v, text, c)),
         NodeEnum::DiscardStmt(d) => {
@@ -1077,10 +1104,27 @@ fn transaction(t: &protobuf::TransactionStmt, c: &mut Classified) -> bool {
 /// session uses); a standby accepts it, so it is read-only by itself.
 /// Settings a standby would refuse for later transactions pin to the primary.
 fn variable_set(v: &protobuf::VariableSetStmt, text: &str, c: &mut Classified) -> bool {
+    let name = v.name.to_ascii_lowercase();
+    if let Some(own) = name.strip_prefix(OWN_PREFIX) {
+        let kind = VariableSetKind::try_from(v.kind).unwrap_or(VariableSetKind::Undefined);
+        let value = match kind {
+            VariableSetKind::VarSetValue => Some(
+                v.args
+                    .first()
+                    .and_then(|a| const_string(Some(a)))
+                    .unwrap_or_default(),
+            ),
+            _ => None,
+        };
+        c.effects.push(SessionEffect::Own(OwnSetting::Set {
+            name: own.to_owned(),
+            value,
+        }));
+        return true;
+    }
     if v.is_local {
         return true;
     }
-    let name = v.name.to_ascii_lowercase();
     match VariableSetKind::try_from(v.kind).unwrap_or(VariableSetKind::Undefined) {
         VariableSetKind::VarResetAll => c.effects.push(SessionEffect::ResetAll),
         VariableSetKind::VarReset | VariableSetKind::VarSetDefault => {

@@ -129,8 +129,10 @@ impl Session {
             // One connection for the rest of the session: it must be the primary's.
             read_only = false;
         }
+        self.statement_lsn =
+            Self::hinted_lsn(&class.hints).map(|lsn| (lsn, std::time::Instant::now()));
         let ryw = &self.shared.config.read_your_writes;
-        if !ryw.scopes.is_empty() {
+        if !ryw.scopes.is_empty() || self.min_lsn.is_some() || self.statement_lsn.is_some() {
             if read_only && ryw.wait_for_replay_ms > 0 && self.tx == TxState::Idle {
                 if let Some((lsn, _)) = self.write_position() {
                     let limit = std::time::Duration::from_millis(ryw.wait_for_replay_ms);
@@ -154,6 +156,9 @@ impl Session {
             cluster: self.shared.cluster.view(),
         };
         let routing = self.shared.router.route(&input);
+        if self.statement_lsn.take().is_some() {
+            self.refresh_route_session();
+        }
         if let Some(reason) = &routing.reason {
             self.shared.metrics.reason(reason);
             tracing::debug!(session = self.id, %reason, "policy decision");
@@ -617,6 +622,9 @@ impl Session {
                     }
                     if !outcome.error {
                         self.statements.clear();
+                        if matches!(e, SessionEffect::DiscardAll) {
+                            self.min_lsn = None;
+                        }
                     }
                 }
                 _ => {}
@@ -635,6 +643,14 @@ impl Session {
         if class.statements != 1 || self.tx == TxState::Failed {
             return Ok(false);
         }
+        if let Some(SessionEffect::Own(setting)) = class.effects.first() {
+            let setting = setting.clone();
+            self.own_setting(&setting);
+            let status = self.tx_status();
+            wire::ready_for_query(&mut self.client.out, status);
+            self.client.flush().await.map_err(SessionError::Client)?;
+            return Ok(true);
+        }
         let holds_connection = self.lease.is_some();
         let tag = match class.effects.first() {
             Some(SessionEffect::Deallocate(Some(name))) if self.statements.forget(name) => {
@@ -647,6 +663,7 @@ impl Session {
             Some(SessionEffect::DiscardAll) if !holds_connection && self.tx == TxState::Idle => {
                 self.statements.clear();
                 self.pending_effects.clear();
+                self.min_lsn = None;
                 self.encoding = self.startup_encoding;
                 self.state
                     .apply(&[SessionEffect::DiscardAll], &self.startup_sets);

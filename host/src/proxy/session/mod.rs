@@ -10,6 +10,7 @@
 
 mod exchange;
 mod login;
+mod ryw;
 
 use std::collections::HashSet;
 use std::sync::Arc;
@@ -65,6 +66,11 @@ pub struct Session {
     own_write: Option<(u64, std::time::Instant)>,
     /// Read-your-writes: keys of the shared scopes it writes under.
     ryw_keys: Vec<String>,
+    /// Read-your-writes: a position the client presented
+    /// (`SET signalbox.min_lsn`), and when.
+    min_lsn: Option<(u64, std::time::Instant)>,
+    /// Read-your-writes: the `min_lsn` hint of the statement being routed.
+    statement_lsn: Option<(u64, std::time::Instant)>,
     /// Session mode: code ran that may have set state signalbox cannot
     /// see (a function, procedure or DO block): no more reads elsewhere.
     untracked_state: bool,
@@ -82,9 +88,6 @@ pub struct Session {
     /// The one asked for at startup (what `RESET ALL`/`DISCARD ALL` restore).
     startup_encoding: ClientEncoding,
 }
-
-/// How long recording a write's WAL position may take.
-const RECORD_WRITE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// What ended the serve loop's wait.
 enum Wake {
@@ -183,6 +186,8 @@ impl Session {
             tx_wrote: false,
             own_write: None,
             ryw_keys: Vec::new(),
+            min_lsn: None,
+            statement_lsn: None,
             untracked_state: false,
             route_session: Arc::default(),
             pools: Vec::new(),
@@ -247,81 +252,6 @@ impl Session {
             last_write_lsn,
             pinned,
         });
-    }
-
-    /// Read-your-writes: the newest committed write position (and when)
-    /// among this session's configured scopes.
-    fn write_position(&self) -> Option<(u64, std::time::Instant)> {
-        use crate::config::RywScope;
-        let scopes = &self.shared.config.read_your_writes.scopes;
-        if scopes.is_empty() {
-            return None;
-        }
-        let mut best = if scopes.contains(&RywScope::Session) {
-            self.own_write
-        } else {
-            None
-        };
-        let shared = self.shared.writes.lock().unwrap_or_else(|p| p.into_inner());
-        for key in &self.ryw_keys {
-            if let Some(&(lsn, at)) = shared.get(key) {
-                if best.is_none_or(|(b, _)| lsn > b) {
-                    best = Some((lsn, at));
-                }
-            }
-        }
-        best
-    }
-
-    /// Keys of the shared scopes this session writes under (computed once:
-    /// user, application name and database are fixed at startup).
-    fn scope_keys(&self) -> Vec<String> {
-        use crate::config::RywScope;
-        self.shared
-            .config
-            .read_your_writes
-            .scopes
-            .iter()
-            .filter_map(|s| match s {
-                RywScope::Session => None,
-                RywScope::User => Some(format!("user:{}", self.user)),
-                RywScope::Application => Some(format!("application:{}", self.application_name)),
-                RywScope::Database => Some(format!("database:{}", self.database)),
-            })
-            .collect()
-    }
-
-    /// After a transaction that wrote committed: record the primary's WAL
-    /// position (one round trip on the connection that ran it, before it
-    /// goes back to the pool) under every configured scope.
-    async fn record_write(&mut self) {
-        let Some(lease) = self.lease.as_mut() else {
-            return;
-        };
-        let sql = "SELECT (pg_catalog.pg_current_wal_insert_lsn() - '0/0'::pg_lsn)::bigint";
-        // Bounded: a primary that stops answering costs this connection
-        // (discarded when released), not the session.
-        let asked = tokio::time::timeout(RECORD_WRITE_TIMEOUT, lease.conn().query_value(sql)).await;
-        let v = match asked {
-            Ok(Ok(Some(v))) => v,
-            Ok(_) => return,
-            Err(_) => {
-                lease.conn().mark_broken();
-                return;
-            }
-        };
-        let Ok(lsn) = v.parse::<u64>() else {
-            return;
-        };
-        let now = std::time::Instant::now();
-        self.own_write = Some((lsn, now));
-        let mut shared = self.shared.writes.lock().unwrap_or_else(|p| p.into_inner());
-        for key in &self.ryw_keys {
-            let e = shared.entry(key.clone()).or_insert((lsn, now));
-            if lsn >= e.0 {
-                *e = (lsn, now);
-            }
-        }
     }
 
     async fn serve(&mut self, login_deadline: tokio::time::Instant) -> Result<(), SessionError> {

@@ -1,0 +1,194 @@
+//! Read-your-writes for one session: the write positions it must see
+//! (its own, its scopes', a token the client presented), recording a
+//! committed write's position, and the `signalbox.*` settings through
+//! which a client reads and presents its position as a token.
+
+use std::time::{Duration, Instant};
+
+use super::Session;
+use crate::config::RywScope;
+use crate::sql::classify::OwnSetting;
+use crate::wire;
+
+/// How long recording a write's WAL position may take.
+const RECORD_WRITE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// A WAL position as PostgreSQL prints a `pg_lsn`: `16/B374D848`.
+pub fn format_lsn(lsn: u64) -> String {
+    format!("{:X}/{:X}", lsn >> 32, lsn & 0xffff_ffff)
+}
+
+/// Parse a `pg_lsn` text (`16/B374D848`, case-insensitive).
+pub fn parse_lsn(text: &str) -> Option<u64> {
+    let (hi, lo) = text.trim().split_once('/')?;
+    let valid = |p: &str| !p.is_empty() && p.len() <= 8;
+    if !valid(hi) || !valid(lo) {
+        return None;
+    }
+    let hi = u32::from_str_radix(hi, 16).ok()?;
+    let lo = u32::from_str_radix(lo, 16).ok()?;
+    Some((u64::from(hi) << 32) | u64::from(lo))
+}
+
+impl Session {
+    /// The newest write position this session's reads must see (and when
+    /// it was written or presented): its own last commit, its scopes'
+    /// (user, application, database), a `signalbox.min_lsn` token, and the
+    /// current statement's `min_lsn` hint.
+    pub(super) fn write_position(&self) -> Option<(u64, Instant)> {
+        let scopes = &self.shared.config.read_your_writes.scopes;
+        let mut best = self.min_lsn;
+        let mut consider = |candidate: Option<(u64, Instant)>| {
+            if let Some((lsn, at)) = candidate {
+                if best.is_none_or(|(b, _)| lsn > b) {
+                    best = Some((lsn, at));
+                }
+            }
+        };
+        consider(self.statement_lsn);
+        if scopes.contains(&RywScope::Session) {
+            consider(self.own_write);
+        }
+        if !self.ryw_keys.is_empty() {
+            let shared = self.shared.writes.lock().unwrap_or_else(|p| p.into_inner());
+            for key in &self.ryw_keys {
+                consider(shared.get(key).copied());
+            }
+        }
+        best
+    }
+
+    /// Keys of the shared scopes this session writes under (computed once:
+    /// user, application name and database are fixed at startup).
+    pub(super) fn scope_keys(&self) -> Vec<String> {
+        self.shared
+            .config
+            .read_your_writes
+            .scopes
+            .iter()
+            .filter_map(|s| match s {
+                RywScope::Session => None,
+                RywScope::User => Some(format!("user:{}", self.user)),
+                RywScope::Application => Some(format!("application:{}", self.application_name)),
+                RywScope::Database => Some(format!("database:{}", self.database)),
+            })
+            .collect()
+    }
+
+    /// After a transaction that wrote committed: record the primary's WAL
+    /// position (one round trip on the connection that ran it, before it
+    /// goes back to the pool) under every configured scope.
+    pub(super) async fn record_write(&mut self) {
+        let Some(lease) = self.lease.as_mut() else {
+            return;
+        };
+        let sql = "SELECT (pg_catalog.pg_current_wal_insert_lsn() - '0/0'::pg_lsn)::bigint";
+        // Bounded: a primary that stops answering costs this connection
+        // (discarded when released), not the session.
+        let asked = tokio::time::timeout(RECORD_WRITE_TIMEOUT, lease.conn().query_value(sql)).await;
+        let v = match asked {
+            Ok(Ok(Some(v))) => v,
+            Ok(_) => return,
+            Err(_) => {
+                lease.conn().mark_broken();
+                return;
+            }
+        };
+        let Ok(lsn) = v.parse::<u64>() else {
+            return;
+        };
+        let now = Instant::now();
+        self.own_write = Some((lsn, now));
+        let mut shared = self.shared.writes.lock().unwrap_or_else(|p| p.into_inner());
+        for key in &self.ryw_keys {
+            let e = shared.entry(key.clone()).or_insert((lsn, now));
+            if lsn >= e.0 {
+                *e = (lsn, now);
+            }
+        }
+    }
+
+    /// A `min_lsn` routing hint on the statement being routed.
+    pub(super) fn hinted_lsn(hints: &[(String, String)]) -> Option<u64> {
+        hints
+            .iter()
+            .find(|(k, _)| k == "min_lsn")
+            .and_then(|(_, v)| parse_lsn(v))
+    }
+
+    /// Answer `SET`/`RESET`/`SHOW signalbox.*` (the reply is queued; the
+    /// caller adds ReadyForQuery and flushes).
+    pub(super) fn own_setting(&mut self, setting: &OwnSetting) {
+        let reply = self.apply_own(setting);
+        let out = &mut self.client.out;
+        match reply {
+            Ok(Own::Shown(name, value)) => {
+                wire::text_row_description(out, &format!("signalbox.{name}"));
+                wire::text_data_row(out, &value);
+                wire::command_complete(out, "SHOW");
+            }
+            Ok(Own::Set) => wire::command_complete(out, "SET"),
+            Err((code, message)) => wire::error_response(out, "ERROR", code, &message),
+        }
+    }
+
+    fn apply_own(&mut self, setting: &OwnSetting) -> Result<Own, (&'static str, String)> {
+        match setting {
+            OwnSetting::Show { name } if name == "write_lsn" || name == "min_lsn" => {
+                let lsn = match name.as_str() {
+                    "write_lsn" => self.write_position().map(|(l, _)| l),
+                    _ => self.min_lsn.map(|(l, _)| l),
+                };
+                Ok(Own::Shown(name.clone(), format_lsn(lsn.unwrap_or(0))))
+            }
+            OwnSetting::Set { name, value } if name == "min_lsn" => {
+                self.min_lsn = match value.as_deref() {
+                    None => None,
+                    Some(v) => match parse_lsn(v) {
+                        Some(0) => None,
+                        Some(lsn) => Some((lsn, Instant::now())),
+                        None => {
+                            return Err((
+                                "22023",
+                                format!(
+                                    "invalid value for parameter \"signalbox.min_lsn\": \"{v}\" (expected a WAL position such as 16/B374D848, from SHOW signalbox.write_lsn)"
+                                ),
+                            ))
+                        }
+                    },
+                };
+                self.refresh_route_session();
+                Ok(Own::Set)
+            }
+            OwnSetting::Set { name, .. } | OwnSetting::Show { name } => Err((
+                "42704",
+                format!(
+                    "unrecognized configuration parameter \"signalbox.{name}\" (signalbox knows signalbox.write_lsn and signalbox.min_lsn)"
+                ),
+            )),
+        }
+    }
+}
+
+/// What a `signalbox.*` statement answers.
+enum Own {
+    Shown(String, String),
+    Set,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lsn_text_round_trips() {
+        for lsn in [0, 1, 0x16_B374_D848, u64::MAX] {
+            assert_eq!(parse_lsn(&format_lsn(lsn)), Some(lsn));
+        }
+        assert_eq!(format_lsn(0x16_B374_D848), "16/B374D848");
+        assert_eq!(parse_lsn("16/b374d848"), Some(0x16_B374_D848));
+        for bad in ["", "16", "/1", "1/", "x/1", "1/123456789", "1/2/3"] {
+            assert_eq!(parse_lsn(bad), None, "{bad:?}");
+        }
+    }
+}
