@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use crate::policy::{CallFailure, PolicyManager};
 use crate::route::guardrails::{self, Enforced, Override};
-use crate::route::RouteInput;
+use crate::route::{RouteInput, Target};
 
 /// The decision for one statement.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -16,6 +16,8 @@ pub struct Routing {
     /// The policy's reason (or `fallback:<kind>`).
     pub reason: Option<String>,
     pub failure: Option<CallFailure>,
+    /// The policy's target (before the guardrails).
+    pub target: Target,
 }
 
 /// Counters of guardrail overrides by kind.
@@ -66,6 +68,7 @@ impl Router {
             enforced,
             reason: outcome.reason,
             failure: outcome.failure,
+            target: outcome.target,
         }
     }
 }

@@ -78,9 +78,9 @@ fn scaffold_test_build_check_and_run() {
     let c = signalbox(&["policy", "check", wasm.to_str().unwrap()]);
     let out = text(&c);
     assert!(c.status.success(), "{out}");
-    assert!(out.contains("signalbox:policy@0.1.0 (supported)"), "{out}");
+    assert!(out.contains("signalbox:policy@0.2.0 (supported)"), "{out}");
     assert!(out.contains("exports:     init, route"), "{out}");
-    assert!(out.contains("signalbox:policy/host@0.1.0"), "{out}");
+    assert!(out.contains("signalbox:policy/host@0.2.0"), "{out}");
     assert!(!out.contains("wasi"), "{out}");
 
     let fixtures = crate_dir.join("fixtures.toml");

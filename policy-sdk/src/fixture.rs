@@ -19,7 +19,7 @@
 //! [[cases]]
 //! name = "reads go to a replica"
 //! sql = "SELECT * FROM users"
-//! expect = "replica-a"      # a node name, "primary", "any-replica", "default",
+//! expect = "replica-a"      # a node name, "primary", "any-replica", "caught-up-replica", "default",
 //!                           # "reject", or a list of node names (any of them)
 //! ```
 
@@ -108,6 +108,8 @@ pub struct SessionSpec {
     #[serde(default)]
     pub read_only_tx: bool,
     pub ms_since_last_write: Option<u64>,
+    /// Defaults to a position when `ms_since_last_write` is set.
+    pub write_lsn: Option<u64>,
 }
 
 #[derive(Clone, Debug, Deserialize)]
@@ -244,6 +246,7 @@ impl FixtureFile {
         match (expect, target) {
             ("primary", Target::Primary) => true,
             ("any-replica", Target::AnyReplica) => true,
+            ("caught-up-replica", Target::CaughtUpReplica(_)) => true,
             ("default", Target::Default) => true,
             ("reject", Target::Reject(_)) => true,
             (name, Target::Replica(id)) => self.node_id(name) == Some(*id),
@@ -256,6 +259,7 @@ impl FixtureFile {
         match target {
             Target::Primary => "primary".into(),
             Target::AnyReplica => "any-replica".into(),
+            Target::CaughtUpReplica(ms) => format!("caught-up-replica (waiting up to {ms} ms)"),
             Target::Default => "default".into(),
             Target::Reject(m) => format!("reject({m:?})"),
             Target::Replica(id) => match self.nodes.get(*id as usize) {

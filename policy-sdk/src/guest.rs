@@ -5,15 +5,14 @@ use std::cell::RefCell;
 use std::rc::Rc;
 
 use crate::types::{
-    Backend, Backends, Lazy, Level, NodeInfo, Role, Session, Statement, StatementKind, Target,
-    TxState,
+    Backend, Backends, Lazy, Level, NodeInfo, Session, Statement, StatementKind, Target, TxState,
 };
 use crate::{Config, Policy};
 
 #[doc(hidden)]
 pub mod bindings {
     wit_bindgen::generate!({
-        path: "wit/v0.1.0",
+        path: "wit/v0.2.0",
         world: "policy",
         pub_export_macro: true,
         export_macro_name: "__export_world",
@@ -71,6 +70,7 @@ pub fn route(statement: wit::StatementInfo, session: wit::SessionInfo) -> wit::D
         },
         read_only_tx: session.read_only_tx,
         ms_since_last_write: session.ms_since_last_write,
+        write_lsn: session.write_lsn,
         ..Session::default()
     };
     let backends = Backends::default();
@@ -83,6 +83,7 @@ pub fn route(statement: wit::StatementInfo, session: wit::SessionInfo) -> wit::D
             Target::Primary => wit::Target::Primary,
             Target::Replica(id) => wit::Target::Replica(id),
             Target::AnyReplica => wit::Target::AnyReplica,
+            Target::CaughtUpReplica(ms) => wit::Target::CaughtUpReplica(ms),
             Target::Default => wit::Target::Default,
             Target::Reject(message) => wit::Target::Reject(message),
         },
@@ -164,13 +165,20 @@ pub(crate) mod fetch {
     }
 
     pub(crate) fn backends() -> Vec<Backend> {
+        use crate::packed;
         let nodes = nodes();
-        host::backends()
-            .into_iter()
-            .map(|s| {
+        let words = host::backend_states();
+        words
+            .chunks_exact(packed::WORDS)
+            .map(|w| {
+                let mut chunk = [0u64; packed::WORDS];
+                chunk.copy_from_slice(w);
+                let s = packed::decode(&chunk);
+                // Nodes come in id order: the id is the index when it fits.
                 let info = nodes
-                    .iter()
-                    .find(|n| n.id == s.id)
+                    .get(s.id as usize)
+                    .filter(|n| n.id == s.id)
+                    .or_else(|| nodes.iter().find(|n| n.id == s.id))
                     .cloned()
                     .unwrap_or_else(|| {
                         Rc::new(NodeInfo {
@@ -181,11 +189,7 @@ pub(crate) mod fetch {
                     });
                 Backend {
                     id: s.id,
-                    role: match s.role {
-                        wit::Role::Primary => Role::Primary,
-                        wit::Role::Replica => Role::Replica,
-                        wit::Role::Unknown => Role::Unknown,
-                    },
+                    role: s.role,
                     healthy: s.healthy,
                     lag_ms: s.lag_ms,
                     lag_bytes: s.lag_bytes,

@@ -35,6 +35,7 @@ extern crate self as signalbox_policy;
 #[cfg(not(target_arch = "wasm32"))]
 pub mod fixture;
 pub mod host;
+pub mod packed;
 pub mod select;
 #[cfg(not(target_arch = "wasm32"))]
 pub mod testing;
@@ -52,7 +53,7 @@ pub use types::{
 
 /// The contract version this SDK builds policies for. The host reads it from
 /// the policy's `signalbox-policy-abi` custom section before compiling it.
-pub const ABI_VERSION: &str = "0.1.0";
+pub const ABI_VERSION: &str = "0.2.0";
 
 /// Everything a policy usually needs, in one `use`.
 pub mod prelude {
@@ -137,7 +138,7 @@ macro_rules! export {
 
             #[used]
             #[link_section = "signalbox-policy-abi"]
-            static __SIGNALBOX_POLICY_ABI: [u8; 5] = *b"0.1.0";
+            static __SIGNALBOX_POLICY_ABI: [u8; 5] = *b"0.2.0";
         };
     };
 }

@@ -183,6 +183,7 @@ pub fn case_inputs(
         .with_tx_state(s.tx_state);
     session.read_only_tx = s.read_only_tx;
     session.ms_since_last_write = s.ms_since_last_write;
+    session.write_lsn = s.write_lsn.or(s.ms_since_last_write.map(|_| 1));
     for (k, v) in &s.attributes {
         session = session.with_attribute(k, v);
     }
@@ -204,7 +205,9 @@ pub fn case_inputs(
             b.healthy = state.healthy.unwrap_or(true);
             b.lag_ms = state.lag_ms.or(b.lag_ms);
             b.lag_bytes = state.lag_bytes.unwrap_or(0);
-            b.replayed_last_write = state.replayed_last_write.unwrap_or(true);
+            // As in the host: without a write position, every node is past it.
+            b.replayed_last_write =
+                state.replayed_last_write.unwrap_or(true) || session.write_lsn.is_none();
             b.in_flight = state.in_flight.unwrap_or(0);
             b.idle = state.idle.unwrap_or(0);
             b.latency_us = state.latency_us.unwrap_or(0);

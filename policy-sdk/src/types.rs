@@ -224,6 +224,9 @@ pub struct Session {
     pub tx_state: TxState,
     pub read_only_tx: bool,
     pub ms_since_last_write: Option<u64>,
+    /// The WAL position this session's reads must see (its scopes' last
+    /// committed write, or a `signalbox.min_lsn` token); none if nothing.
+    pub write_lsn: Option<u64>,
     pub(crate) user: Lazy<String>,
     pub(crate) database: Lazy<String>,
     pub(crate) application_name: Lazy<String>,
@@ -278,6 +281,7 @@ impl Session {
 
     pub fn with_last_write_ms_ago(mut self, ms: u64) -> Self {
         self.ms_since_last_write = Some(ms);
+        self.write_lsn = self.write_lsn.or(Some(1));
         self
     }
 
@@ -472,6 +476,9 @@ pub enum Target {
     Primary,
     Replica(u32),
     AnyReplica,
+    /// A healthy replica that replayed the session's `write_lsn`; if none
+    /// has, wait up to this many milliseconds for one, then the primary.
+    CaughtUpReplica(u32),
     Default,
     Reject(String),
 }
@@ -494,6 +501,13 @@ impl Decision {
 
     pub fn any_replica() -> Self {
         Self::to(Target::AnyReplica)
+    }
+
+    /// A replica that has replayed this session's last write, waiting up to
+    /// `wait_ms` for one to catch up (the host watches the replicas'
+    /// positions), else the primary. Without a write it is any replica.
+    pub fn caught_up_replica(wait_ms: u32) -> Self {
+        Self::to(Target::CaughtUpReplica(wait_ms))
     }
 
     /// Let the host's built-in routing decide.

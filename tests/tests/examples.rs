@@ -6,14 +6,24 @@ use signalbox_policy::fixture::FixtureFile;
 use signalbox_tests::{example, root};
 
 fn check_example(name: &str) {
-    let wasm = example(name);
     let fixture_path = root().join("policies").join(name).join("fixtures.toml");
-    let file = FixtureFile::load(&fixture_path).expect("fixture file");
-    let bytes = std::fs::read(&wasm).expect("read wasm");
+    check(
+        name,
+        &example(name),
+        &fixture_path,
+        signalbox_policy::ABI_VERSION,
+    );
+}
+
+/// Run the fixtures of `fixture_path` against the policy file `wasm`,
+/// which must target contract `version`.
+fn check(name: &str, wasm: &std::path::Path, fixture_path: &std::path::Path, version: &str) {
+    let file = FixtureFile::load(fixture_path).expect("fixture file");
+    let bytes = std::fs::read(wasm).expect("read wasm");
     let mut spec = LoadSpec::new(name);
     spec.config_json = file.config_json();
     let policy = LoadedPolicy::load(&bytes, spec).unwrap_or_else(|e| panic!("{name}: {e}"));
-    assert_eq!(policy.info.abi_version, "0.1.0");
+    assert_eq!(policy.info.abi_version, version);
     let results = fixtures::run(&policy, &file).expect("run fixtures");
     assert_eq!(results.len(), file.cases.len());
     let failures: Vec<String> = results
@@ -46,6 +56,25 @@ fn zone_affinity_fixtures_in_wasm() {
 #[test]
 fn canary_fixtures_in_wasm() {
     check_example("canary");
+}
+
+/// Policies built with the 0.1.0 SDK (kept as built, in
+/// `tests/fixtures/contract-0.1.0`) still load and decide as they did.
+#[test]
+fn contract_0_1_0_policies_still_load_and_decide() {
+    let dir = root().join("tests/fixtures/contract-0.1.0");
+    check(
+        "lag-aware-0.1.0",
+        &dir.join("lag-aware.wasm"),
+        &dir.join("lag-aware.fixtures.toml"),
+        "0.1.0",
+    );
+    check(
+        "zone-affinity-0.1.0",
+        &dir.join("zone-affinity.wasm"),
+        &root().join("policies/zone-affinity/fixtures.toml"),
+        "0.1.0",
+    );
 }
 
 #[test]

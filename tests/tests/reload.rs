@@ -183,7 +183,8 @@ fn a_not_wasm_is_rejected() {
 #[test]
 fn b_wrong_version_marker_is_rejected() {
     let mut bytes = std::fs::read(example("rw-split")).unwrap();
-    let marker = b"signalbox-policy-abi0.1.0";
+    let marker = format!("signalbox-policy-abi{}", signalbox_policy::ABI_VERSION);
+    let marker = marker.as_bytes();
     let mut replaced = 0;
     let mut i = 0;
     while i + marker.len() <= bytes.len() {
@@ -194,7 +195,8 @@ fn b_wrong_version_marker_is_rejected() {
         i += 1;
     }
     assert!(replaced >= 1, "marker not found in the component");
-    rejected_candidate(&bytes, Stage::Version, "signalbox:policy@9.1.0");
+    let wrong = format!("signalbox:policy@9{}", &signalbox_policy::ABI_VERSION[1..]);
+    rejected_candidate(&bytes, Stage::Version, &wrong);
 }
 
 #[test]

@@ -2,8 +2,10 @@
 //! (one replica with replay paused, one replaying normally): a row
 //! inserted through one connection is read at once through another.
 
-use signalbox_tests::example;
+use std::sync::atomic::Ordering;
+
 use signalbox_tests::service::{cluster, config_text, connect};
+use signalbox_tests::{example, root};
 
 /// Insert on connection A, then read the row on connection B, `n` times;
 /// how many reads did not see their row, and how many ran on a replica.
@@ -121,7 +123,8 @@ async fn a_token_carries_a_write_to_another_instance() {
     c.psql(paused, "SELECT pg_wal_replay_pause()").unwrap();
 
     // A records its sessions' positions; B knows nothing of A's writes.
-    let policy = policy(&example("read-your-writes"), "");
+    // B's policy waits up to 50 ms for a replica to replay the token.
+    let policy = policy(&example("read-your-writes"), "wait_ms = 50");
     let a = start(&format!(
         "{policy}[read_your_writes]\nscopes = [\"session\"]\n"
     ))
@@ -180,6 +183,10 @@ async fn a_token_carries_a_write_to_another_instance() {
         };
         eprintln!("across two instances with {how}: {stale} stale of 500; {on_replica} reads on a replica");
         assert_eq!(stale, 0, "{how}");
+        assert!(
+            on_replica > 250,
+            "{how}: reads wait for the replica that keeps up"
+        );
     }
     c.psql(paused, "SELECT pg_wal_replay_resume()").unwrap();
 }
@@ -233,5 +240,209 @@ async fn reads_see_writes_made_on_other_connections() {
         on_replica > 0,
         "waiting for replay lets reads use the replica"
     );
+    drop(waiting);
+
+    // The policy chooses to wait (contract 0.2.0 `caught-up-replica`, here
+    // up to 50 ms) instead of the operator's global wait: the same result.
+    let policy_waits = start(&format!(
+        "{}[read_your_writes]\nscopes = [\"user\"]\n",
+        policy(&example("read-your-writes"), "wait_ms = 50")
+    ))
+    .await;
+    let (stale, on_replica) = stale_reads(policy_waits.addr.port(), 1000).await;
+    eprintln!(
+        "read-your-writes, user scope, the policy waiting up to 50 ms: {stale} stale of 1000; {on_replica} reads on a replica"
+    );
+    assert_eq!(stale, 0);
+    assert!(
+        on_replica > 900,
+        "the wait lets reads use the replica that keeps up"
+    );
     c.psql(paused, "SELECT pg_wal_replay_resume()").unwrap();
+}
+
+/// Run the Sequelize application of `tests/drivers/sequelize_ryw.js`
+/// through `server`; its JSON report, and how many statements each node ran.
+async fn sequelize_app(
+    server: &signalbox::server::Server,
+    iterations: u32,
+) -> (serde_json::Value, Vec<u64>) {
+    let drivers = root().join("tests/drivers");
+    assert!(
+        drivers.join("node_modules/sequelize").is_dir(),
+        "node packages missing: run `cargo xtask setup` (or `npm ci --prefix tests/drivers`)"
+    );
+    let routed = |s: &signalbox::server::Server| -> Vec<u64> {
+        s.shared
+            .metrics
+            .routed
+            .iter()
+            .map(|c| c.load(Ordering::Relaxed))
+            .collect()
+    };
+    let before = routed(server);
+    let url = format!(
+        "postgres://postgres@127.0.0.1:{}/postgres",
+        server.addr.port()
+    );
+    let out = tokio::task::spawn_blocking(move || {
+        std::process::Command::new("node")
+            .arg(drivers.join("sequelize_ryw.js"))
+            .env("SB_URL", url)
+            .env("ITERATIONS", iterations.to_string())
+            .output()
+    })
+    .await
+    .unwrap()
+    .unwrap_or_else(|e| {
+        panic!("cannot run node: {e}. `cargo xtask setup` installs it; this test does not skip.")
+    });
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "node sequelize_ryw.js failed:\n{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let report: serde_json::Value =
+        serde_json::from_str(stdout.trim()).unwrap_or_else(|e| panic!("{e}: {stdout}"));
+    let after = routed(server);
+    (
+        report,
+        after.iter().zip(&before).map(|(a, b)| a - b).collect(),
+    )
+}
+
+/// An application written for one PostgreSQL (Sequelize with its own pool,
+/// no replication settings) runs unchanged with read-your-writes on, one
+/// replica replaying 500 ms late: every read sees the write before it, and
+/// most reads still run on a replica.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sequelize_reads_its_writes_from_replicas() {
+    let _serial = SERIAL.lock().await;
+    let c = cluster();
+    let late = c.replicas[1].port;
+    c.psql(late, "ALTER SYSTEM SET recovery_min_apply_delay = '500ms'")
+        .unwrap();
+    c.psql(late, "SELECT pg_reload_conf()").unwrap();
+
+    // Off (reads to the late replica): the application sees stale data.
+    let off = start(&policy(&example("rw-split"), "read = [\"replica-2\"]")).await;
+    let (report, _) = sequelize_app(&off, 20).await;
+    assert!(
+        report["stale"].as_u64().unwrap() > 0,
+        "the app must be able to see stale reads: {report}"
+    );
+    drop(off);
+
+    let on = start(&format!(
+        "{}[read_your_writes]\nscopes = [\"session\", \"user\"]\n",
+        policy(&example("read-your-writes"), "wait_ms = 100")
+    ))
+    .await;
+    let (report, routed) = sequelize_app(&on, 200).await;
+    let reads = report["reads"].as_u64().unwrap();
+    let on_replicas = routed[1] + routed[2];
+    eprintln!(
+        "Sequelize, read-your-writes on (session+user, policy waits up to 100 ms, replica-2 500 ms late): {} stale of {reads} reads; {on_replicas} statements on replicas ({:.0} % of reads), {} on the primary",
+        report["stale"], 100.0 * on_replicas as f64 / reads as f64, routed[0]
+    );
+    assert_eq!(report["stale"], 0, "{report}");
+    assert!(
+        on_replicas * 2 > reads,
+        "most reads run on a replica: {on_replicas} of {reads}"
+    );
+    drop(on);
+    c.psql(late, "ALTER SYSTEM RESET recovery_min_apply_delay")
+        .unwrap();
+    c.psql(late, "SELECT pg_reload_conf()").unwrap();
+}
+
+/// `lag-aware` (max 200 ms, probes every 100 ms) under a steady write load:
+/// replay paused on its replica, reads leave it within about the bound plus
+/// two probe intervals; resumed, they come back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lag_aware_leaves_a_paused_replica_and_returns() {
+    let _serial = SERIAL.lock().await;
+    let c = cluster();
+    c.psql(
+        c.primary.port,
+        "CREATE TABLE IF NOT EXISTS lag_load (v int)",
+    )
+    .unwrap();
+    c.wait_replayed().unwrap();
+    // replica-1 takes no reads (weight 0), so every read is replica-2's to lose.
+    let nodes = c.nodes_toml().replace(
+        "name = \"replica-1\"\n",
+        "name = \"replica-1\"\nweight = 0\n",
+    );
+    let text = format!(
+        "listen = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\n[health]\ninterval_ms = 100\n{}{nodes}",
+        policy(&example("lag-aware"), "max_lag_ms = 200")
+    );
+    let config = signalbox::config::Config::parse(&text, std::path::Path::new("lag.toml")).unwrap();
+    let server = signalbox::server::Server::start(config).await.unwrap();
+    let (primary, late) = (c.primary.port, c.replicas[1].port);
+
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let writer = {
+        let stop = stop.clone();
+        let w = connect(primary, "postgres").await;
+        tokio::spawn(async move {
+            while !stop.load(Ordering::Relaxed) {
+                w.execute("INSERT INTO lag_load VALUES (1)", &[])
+                    .await
+                    .unwrap();
+                tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+            }
+        })
+    };
+    let reader = connect(server.addr.port(), "postgres").await;
+    let port = || async {
+        value(&reader, "SELECT inet_server_port()")
+            .await
+            .parse::<u16>()
+            .unwrap()
+    };
+    let deadline = |s| tokio::time::Instant::now() + std::time::Duration::from_secs(s);
+
+    // Caught up: reads run on replica-2.
+    let until = deadline(5);
+    while port().await != late {
+        assert!(
+            tokio::time::Instant::now() < until,
+            "reads never reached replica-2"
+        );
+    }
+    c.psql(late, "SELECT pg_wal_replay_pause()").unwrap();
+    let paused = std::time::Instant::now();
+    // Reads leave it; then none returns while it stays paused.
+    let mut last_on_late = std::time::Duration::ZERO;
+    let until = deadline(3);
+    while tokio::time::Instant::now() < until {
+        if port().await == late {
+            last_on_late = paused.elapsed();
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    }
+    eprintln!("lag-aware: last read on the paused replica {last_on_late:?} after the pause (bound 200 ms, probes every 100 ms)");
+    assert!(
+        last_on_late < std::time::Duration::from_millis(1000),
+        "reads kept going to the paused replica for {last_on_late:?}"
+    );
+    c.psql(late, "SELECT pg_wal_replay_resume()").unwrap();
+    let resumed = std::time::Instant::now();
+    let until = deadline(5);
+    while port().await != late {
+        assert!(
+            tokio::time::Instant::now() < until,
+            "reads never came back to replica-2"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    }
+    eprintln!(
+        "lag-aware: reads back on the replica {:?} after resuming",
+        resumed.elapsed()
+    );
+    stop.store(true, Ordering::Relaxed);
+    writer.await.unwrap();
 }

@@ -1,6 +1,5 @@
-//! The policy contract as the host sees it: generated bindings for every
-//! released WIT version, the version marker, and turning a policy file into a
-//! component.
+//! The policy contract's version marker (reading and checking it), and
+//! turning a policy file into a component.
 //!
 //! A policy file may be a component (what `signalbox policy build` writes) or
 //! a core wasm module built by `cargo build --target wasm32-unknown-unknown`
@@ -10,20 +9,12 @@ use std::fmt;
 
 use wasmparser::{Parser, Payload};
 
-/// Bindings for contract version 0.1.0 (frozen in `policy-sdk/wit/v0.1.0`).
-pub mod v0_1 {
-    wasmtime::component::bindgen!({
-        path: "../policy-sdk/wit/v0.1.0",
-        world: "policy",
-    });
-}
-
 /// Name of the custom section holding the contract version a policy targets.
 pub const ABI_SECTION: &str = "signalbox-policy-abi";
 
 /// Contract versions this host accepts, as `(major, minor)`; for a `0.x`
 /// version the minor is the breaking part (semver).
-const SUPPORTED: &[(u32, u32)] = &[(0, 1)];
+const SUPPORTED: &[(u32, u32)] = &[(0, 1), (0, 2)];
 
 /// A contract version read from a policy.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -207,7 +198,8 @@ mod tests {
     fn versions() {
         let v = AbiVersion::parse("0.1.0").unwrap();
         assert!(v.is_supported());
-        assert!(!AbiVersion::parse("0.2.0").unwrap().is_supported());
+        assert!(AbiVersion::parse("0.2.0").unwrap().is_supported());
+        assert!(!AbiVersion::parse("0.3.0").unwrap().is_supported());
         assert!(!AbiVersion::parse("9.1.0").unwrap().is_supported());
         assert!(AbiVersion::parse("0.1").is_none());
         assert!(AbiVersion::parse("0.1.0.0").is_none());

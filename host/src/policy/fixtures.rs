@@ -91,7 +91,8 @@ pub fn input_for(file: &FixtureFile, case: &Case) -> RouteInput {
         tx_state: s.tx_state,
         read_only_tx: s.read_only_tx,
         ms_since_last_write: s.ms_since_last_write,
-        last_write_lsn: Some(1),
+        // As natively: a position when the case says the session wrote.
+        last_write_lsn: s.write_lsn.or(s.ms_since_last_write.map(|_| 1)),
         pinned: None,
     };
     RouteInput {

@@ -6,13 +6,11 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use wasmtime::component::HasSelf;
 use wasmtime::{ResourceLimiter, Store, Trap, UpdateDeadline};
 
-use super::abi::v0_1::signalbox::policy::{host, types as wit};
-use super::abi::v0_1::{Policy as PolicyBindings, PolicyPre};
+use super::contract::{Bindings, Pre};
 use super::kv::{self, KvStore};
-use crate::route::{Role, RouteInput, StatementKind, Target, TxState};
+use crate::route::{RouteInput, Target};
 
 /// The most SQL text a policy can read; longer statements are cut (on a char
 /// boundary) — `statement-info.sql-len` still tells the full length.
@@ -101,7 +99,7 @@ impl HostState {
     /// from then on, check every tick and stop the call once it has kept the
     /// CPU busy for a quarter deadline and at least half of the overtime, or
     /// once it is far over budget whatever the reason.
-    fn now(&self) -> u64 {
+    pub(super) fn now(&self) -> u64 {
         self.determinism.now_ms.unwrap_or_else(kv::now_ms)
     }
 
@@ -170,24 +168,21 @@ impl ResourceLimiter for HostState {
     }
 }
 
-impl wit::Host for HostState {}
-
-fn pairs(p: &[(String, String)]) -> Vec<(String, String)> {
-    p.to_vec()
-}
-
-impl host::Host for HostState {
-    fn log(&mut self, level: wit::Level, message: String) {
+/// The host side of the contract, shared by every version's imports
+/// (see [`super::contract`]).
+impl HostState {
+    pub(super) fn log_line(&mut self, level: signalbox_policy::Level, message: String) {
+        use signalbox_policy::Level;
         self.logs_this_call += 1;
         if self.logs_this_call > LOG_LINES_PER_CALL {
             return;
         }
         let level_name = match level {
-            wit::Level::Trace => "trace",
-            wit::Level::Debug => "debug",
-            wit::Level::Info => "info",
-            wit::Level::Warn => "warn",
-            wit::Level::Error => "error",
+            Level::Trace => "trace",
+            Level::Debug => "debug",
+            Level::Info => "info",
+            Level::Warn => "warn",
+            Level::Error => "error",
         };
         if let Some(logs) = self.captured_logs.as_mut() {
             logs.push((level_name.to_owned(), message));
@@ -195,28 +190,24 @@ impl host::Host for HostState {
         }
         let policy = &*self.name;
         match level {
-            wit::Level::Trace => tracing::trace!(policy, "{message}"),
-            wit::Level::Debug => tracing::debug!(policy, "{message}"),
-            wit::Level::Info => tracing::info!(policy, "{message}"),
-            wit::Level::Warn => tracing::warn!(policy, "{message}"),
-            wit::Level::Error => tracing::error!(policy, "{message}"),
+            Level::Trace => tracing::trace!(policy, "{message}"),
+            Level::Debug => tracing::debug!(policy, "{message}"),
+            Level::Info => tracing::info!(policy, "{message}"),
+            Level::Warn => tracing::warn!(policy, "{message}"),
+            Level::Error => tracing::error!(policy, "{message}"),
         }
     }
 
-    fn now_ms(&mut self) -> u64 {
-        self.now()
-    }
-
-    fn random(&mut self) -> u64 {
+    pub(super) fn random_u64(&mut self) -> u64 {
         self.determinism.random.unwrap_or_else(|| self.rng.u64(..))
     }
 
-    fn kv_get(&mut self, key: String) -> Option<String> {
-        self.kv.get(&key, self.now())
+    pub(super) fn kv_get_value(&mut self, key: &str) -> Option<String> {
+        self.kv.get(key, self.now())
     }
 
-    fn kv_set(&mut self, key: String, value: String, ttl_ms: Option<u64>) {
-        if !self.kv.set(&key, &value, ttl_ms, self.now()) {
+    pub(super) fn kv_set_value(&mut self, key: &str, value: &str, ttl_ms: Option<u64>) {
+        if !self.kv.set(key, value, ttl_ms, self.now()) {
             tracing::warn!(
                 policy = &*self.name,
                 key,
@@ -225,128 +216,25 @@ impl host::Host for HostState {
         }
     }
 
-    fn kv_delete(&mut self, key: String) {
-        self.kv.delete(&key);
+    pub(super) fn kv_delete_key(&mut self, key: &str) {
+        self.kv.delete(key);
     }
 
-    fn statement_sql(&mut self) -> String {
-        let Some(input) = &self.input else {
-            return String::new();
-        };
-        let sql = &*input.statement.sql;
-        let mut end = sql.len().min(SQL_CAP);
-        while !sql.is_char_boundary(end) {
-            end -= 1;
-        }
-        sql[..end].to_owned()
+    /// `f` of the statement being routed; the default outside `route`.
+    pub(super) fn with_input<T: Default>(&self, f: impl FnOnce(&RouteInput) -> T) -> T {
+        self.input.as_ref().map(f).unwrap_or_default()
     }
 
-    fn statement_tables(&mut self) -> Vec<String> {
-        self.input
-            .as_ref()
-            .map(|i| i.statement.tables.clone())
-            .unwrap_or_default()
-    }
-
-    fn statement_functions(&mut self) -> Vec<String> {
-        self.input
-            .as_ref()
-            .map(|i| i.statement.functions.clone())
-            .unwrap_or_default()
-    }
-
-    fn statement_hints(&mut self) -> Vec<(String, String)> {
-        self.input
-            .as_ref()
-            .map(|i| pairs(&i.statement.hints))
-            .unwrap_or_default()
-    }
-
-    fn session_user(&mut self) -> String {
-        self.input
-            .as_ref()
-            .map(|i| i.session.user.clone())
-            .unwrap_or_default()
-    }
-
-    fn session_database(&mut self) -> String {
-        self.input
-            .as_ref()
-            .map(|i| i.session.database.clone())
-            .unwrap_or_default()
-    }
-
-    fn session_application_name(&mut self) -> String {
-        self.input
-            .as_ref()
-            .map(|i| i.session.application_name.clone())
-            .unwrap_or_default()
-    }
-
-    fn session_client_addr(&mut self) -> String {
-        self.input
-            .as_ref()
-            .map(|i| i.session.client_addr.clone())
-            .unwrap_or_default()
-    }
-
-    fn session_attributes(&mut self) -> Vec<(String, String)> {
-        self.input
-            .as_ref()
-            .map(|i| pairs(&i.session.attributes))
-            .unwrap_or_default()
-    }
-
-    fn backends(&mut self) -> Vec<wit::BackendState> {
-        let Some(input) = &self.input else {
-            return Vec::new();
-        };
-        let cluster = &input.cluster;
-        cluster
-            .states
-            .iter()
-            .enumerate()
-            .map(|(i, s)| wit::BackendState {
-                id: i as u32,
-                role: match s.role {
-                    Role::Primary => wit::Role::Primary,
-                    Role::Replica => wit::Role::Replica,
-                    Role::Unknown => wit::Role::Unknown,
-                },
-                healthy: s.healthy,
-                lag_ms: s.lag_ms,
-                lag_bytes: s.lag_bytes,
-                replayed_last_write: cluster.replayed(i as u32, &input.session),
-                in_flight: s.in_flight,
-                idle: s.idle,
-                latency_us: s.latency_us,
-            })
-            .collect()
-    }
-
-    fn cluster_generation(&mut self) -> u64 {
-        self.input
-            .as_ref()
-            .map(|i| i.cluster.generation)
-            .unwrap_or(0)
-    }
-
-    fn nodes(&mut self) -> Vec<wit::NodeInfo> {
-        let Some(input) = &self.input else {
-            return Vec::new();
-        };
-        input
-            .cluster
-            .nodes
-            .iter()
-            .enumerate()
-            .map(|(i, n)| wit::NodeInfo {
-                id: i as u32,
-                name: n.name.clone(),
-                weight: n.weight,
-                tags: pairs(&n.tags),
-            })
-            .collect()
+    /// The statement text, cut at [`SQL_CAP`] on a char boundary.
+    pub(super) fn sql_text(&self) -> String {
+        self.with_input(|input| {
+            let sql = &*input.statement.sql;
+            let mut end = sql.len().min(SQL_CAP);
+            while !sql.is_char_boundary(end) {
+                end -= 1;
+            }
+            sql[..end].to_owned()
+        })
     }
 }
 
@@ -360,7 +248,7 @@ pub struct PolicyDecision {
 /// One live instance of a policy version.
 pub struct Instance {
     store: Store<HostState>,
-    bindings: PolicyBindings,
+    bindings: Bindings,
     deadline_ticks: u64,
     metered: bool,
     /// Instructions (fuel) used by the last call, on a metered engine.
@@ -372,7 +260,7 @@ const FUEL_BUDGET: u64 = u64::MAX / 4;
 impl Instance {
     /// Instantiate (no `init` yet).
     pub fn new(
-        pre: &PolicyPre<HostState>,
+        pre: &Pre,
         mut state: HostState,
         deadline: Duration,
         metered: bool,
@@ -420,7 +308,7 @@ impl Instance {
     /// Call the policy's `init(config)`. `Ok(Err(msg))` is the policy refusing.
     pub fn init(&mut self, config: &str) -> Result<Result<(), String>, CallFailure> {
         self.arm();
-        let result = self.bindings.call_init(&mut self.store, config);
+        let result = self.bindings.init(&mut self.store, config);
         self.fuel_used();
         result.map_err(|e| self.failure(e))
     }
@@ -428,32 +316,12 @@ impl Instance {
     /// Ask for a decision. On `Err` the instance must not be reused.
     pub fn route(&mut self, input: &RouteInput) -> Result<PolicyDecision, CallFailure> {
         self.arm();
-        let statement = wit::StatementInfo {
-            kind: kind_to_wit(input.statement.kind),
-            read_only: input.statement.read_only,
-            fingerprint: input.statement.fingerprint,
-            sql_len: input.statement.sql.len() as u32,
-            hint_count: input.statement.hints.len() as u32,
-        };
-        let s = &input.session;
-        let session = wit::SessionInfo {
-            id: s.id,
-            tx_state: match s.tx_state {
-                TxState::Idle => wit::TxState::Idle,
-                TxState::InTransaction => wit::TxState::InTransaction,
-                TxState::Failed => wit::TxState::Failed,
-            },
-            read_only_tx: s.read_only_tx,
-            ms_since_last_write: s.ms_since_last_write,
-        };
         self.store.data_mut().input = Some(input.clone());
-        let result = self
-            .bindings
-            .call_route(&mut self.store, statement, session);
+        let result = self.bindings.route(&mut self.store, input);
         self.store.data_mut().input = None;
         self.fuel_used();
-        let decision = result.map_err(|e| self.failure(e))?;
-        validate(decision)
+        let (target, reason) = result.map_err(|e| self.failure(e))?;
+        validate(target, reason)
     }
 
     fn failure(&mut self, e: wasmtime::Error) -> CallFailure {
@@ -476,58 +344,20 @@ fn classify(store: &Store<HostState>, e: wasmtime::Error) -> Result<CallFailure,
     }
 }
 
-fn validate(d: wit::Decision) -> Result<PolicyDecision, CallFailure> {
-    if let Some(reason) = &d.reason {
+fn validate(target: Target, reason: Option<String>) -> Result<PolicyDecision, CallFailure> {
+    if let Some(reason) = &reason {
         if reason.len() > MAX_REASON || reason.chars().any(char::is_control) {
             return Err(CallFailure::Invalid(format!(
                 "reason must be at most {MAX_REASON} printable bytes"
             )));
         }
     }
-    let target = match d.target {
-        wit::Target::Primary => Target::Primary,
-        wit::Target::Replica(id) => Target::Replica(id),
-        wit::Target::AnyReplica => Target::AnyReplica,
-        wit::Target::Default => Target::Default,
-        wit::Target::Reject(message) => {
-            if message.trim().is_empty() || message.len() > MAX_REJECT {
-                return Err(CallFailure::Invalid(format!(
-                    "reject message must be 1 to {MAX_REJECT} bytes"
-                )));
-            }
-            Target::Reject(message)
+    if let Target::Reject(message) = &target {
+        if message.trim().is_empty() || message.len() > MAX_REJECT {
+            return Err(CallFailure::Invalid(format!(
+                "reject message must be 1 to {MAX_REJECT} bytes"
+            )));
         }
-    };
-    Ok(PolicyDecision {
-        target,
-        reason: d.reason,
-    })
-}
-
-fn kind_to_wit(kind: StatementKind) -> wit::StatementKind {
-    use wit::StatementKind as W;
-    match kind {
-        StatementKind::Select => W::Select,
-        StatementKind::Insert => W::Insert,
-        StatementKind::Update => W::Update,
-        StatementKind::Delete => W::Delete,
-        StatementKind::Merge => W::Merge,
-        StatementKind::Ddl => W::Ddl,
-        StatementKind::Transaction => W::Transaction,
-        StatementKind::Session => W::Session,
-        StatementKind::Copy => W::Copy,
-        StatementKind::Call => W::Call,
-        StatementKind::Explain => W::Explain,
-        StatementKind::Show => W::Show,
-        StatementKind::Utility => W::Utility,
     }
-}
-
-/// Register the host imports.
-pub fn linker(
-    engine: &wasmtime::Engine,
-) -> wasmtime::Result<wasmtime::component::Linker<HostState>> {
-    let mut linker = wasmtime::component::Linker::new(engine);
-    PolicyBindings::add_to_linker::<HostState, HasSelf<HostState>>(&mut linker, |s| s)?;
-    Ok(linker)
+    Ok(PolicyDecision { target, reason })
 }

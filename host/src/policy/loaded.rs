@@ -16,9 +16,10 @@ use serde::Serialize;
 use sha2::{Digest, Sha256};
 use wasmtime::component::Component;
 
-use super::abi::{self, v0_1::PolicyPre};
+use super::abi;
+use super::contract::{self, Pre};
 use super::engine::{self, EngineKind};
-use super::instance::{self, CallFailure, Determinism, HostState, Instance, PolicyDecision};
+use super::instance::{CallFailure, Determinism, HostState, Instance, PolicyDecision};
 use super::kv::KvStore;
 use crate::route::RouteInput;
 
@@ -208,7 +209,7 @@ fn compiled(
 
 pub struct LoadedPolicy {
     pub info: PolicyInfo,
-    pre: PolicyPre<HostState>,
+    pre: Pre,
     spec: LoadSpec,
     idle: ArrayQueue<Instance>,
     pub stats: Stats,
@@ -259,9 +260,9 @@ impl LoadedPolicy {
             Component::new(&engine, &component_bytes)
         })
         .map_err(|e| LoadError::new(Stage::Compile, format!("{e:#}")))?;
-        let pre = instance::linker(&engine)
+        let pre = contract::linker(&engine)
             .and_then(|l| l.instantiate_pre(&component))
-            .and_then(PolicyPre::new)
+            .and_then(|pre| Pre::new(version, pre))
             .map_err(|e| LoadError::new(Stage::Imports, format!("{e:#}")))?;
         let info = PolicyInfo {
             name: spec.name.clone(),

@@ -1,6 +1,7 @@
 //! The policy runtime: WebAssembly routing policies, sandboxed and hot-reloadable.
 //!
 //! - [`abi`]: the contract versions the host speaks and how a file becomes a component;
+//! - [`contract`]: one module per contract version: bindings, host imports, conversions;
 //! - [`engine`]: the process-wide wasmtime engine and the epoch ticker for deadlines;
 //! - [`instance`]: one sandboxed instance and the host side of the contract;
 //! - [`loaded`]: a compiled version with its pool of ready instances;
@@ -10,6 +11,7 @@
 
 pub mod abi;
 pub mod build;
+pub mod contract;
 pub mod engine;
 pub mod fixtures;
 pub mod instance;

@@ -8,6 +8,15 @@ use super::{ClusterView, NodeId, Role};
 /// The healthy replica with the fewest in-flight statements per unit of weight.
 /// Ties rotate by `tiebreak` (a random number) so equal nodes share the load.
 pub fn choose_replica(cluster: &ClusterView, tiebreak: u64) -> Option<NodeId> {
+    choose_replica_where(cluster, tiebreak, |_| true)
+}
+
+/// [`choose_replica`] among the replicas `keep` accepts.
+pub fn choose_replica_where(
+    cluster: &ClusterView,
+    tiebreak: u64,
+    keep: impl Fn(NodeId) -> bool,
+) -> Option<NodeId> {
     let candidates = || {
         cluster
             .states
@@ -16,6 +25,7 @@ pub fn choose_replica(cluster: &ClusterView, tiebreak: u64) -> Option<NodeId> {
             .filter(|(i, s)| {
                 s.role == Role::Replica
                     && s.healthy
+                    && keep(*i as NodeId)
                     && cluster.nodes.get(*i).is_some_and(|n| n.weight > 0)
             })
             .map(|(i, s)| {

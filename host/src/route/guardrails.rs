@@ -89,7 +89,9 @@ pub fn enforce(
                 Target::Replica(id) => *id == pin,
                 Target::Primary => cluster.primary() == Some(pin),
                 Target::Default => true,
-                Target::AnyReplica => cluster.state(pin).is_some_and(|s| s.role == Role::Replica),
+                Target::AnyReplica | Target::CaughtUpReplica(_) => {
+                    cluster.state(pin).is_some_and(|s| s.role == Role::Replica)
+                }
                 Target::Reject(_) => false,
             };
             let routed = Routed::Node(pin);
@@ -111,7 +113,9 @@ pub fn enforce(
             Target::Replica(id) if cluster.state(*id).is_some_and(|s| s.role != Role::Primary) => {
                 Enforced::overridden(routed, Override::WriteToReplica)
             }
-            Target::AnyReplica => Enforced::overridden(routed, Override::WriteToReplica),
+            Target::AnyReplica | Target::CaughtUpReplica(_) => {
+                Enforced::overridden(routed, Override::WriteToReplica)
+            }
             _ => Enforced::keep(routed),
         };
     }
@@ -120,6 +124,14 @@ pub fn enforce(
         Target::Primary => Enforced::keep(primary(cluster)),
         Target::Default | Target::AnyReplica => {
             Enforced::keep(replica_or_primary(cluster, tiebreak))
+        }
+        // The wait, when there is one to do, is the session's (it is async).
+        Target::CaughtUpReplica(_) => {
+            let caught_up = |id| cluster.replayed(id, session);
+            match builtin::choose_replica_where(cluster, tiebreak, caught_up) {
+                Some(id) => Enforced::keep(Routed::Node(id)),
+                None => Enforced::keep(primary(cluster)),
+            }
         }
         Target::Replica(id) => match cluster.state(*id) {
             None => Enforced::overridden(

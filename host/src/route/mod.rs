@@ -155,6 +155,26 @@ impl ClusterView {
             .unwrap_or("?")
     }
 
+    /// Node `id`'s live state as the policy contract carries it.
+    pub fn contract_state(
+        &self,
+        id: NodeId,
+        session: &Session,
+    ) -> Option<signalbox_policy::packed::State> {
+        let s = self.state(id)?;
+        Some(signalbox_policy::packed::State {
+            id,
+            role: s.role,
+            healthy: s.healthy,
+            replayed_last_write: self.replayed(id, session),
+            lag_ms: s.lag_ms,
+            latency_us: s.latency_us,
+            lag_bytes: s.lag_bytes,
+            in_flight: s.in_flight,
+            idle: s.idle,
+        })
+    }
+
     /// Whether node `id` has replayed `session`'s last write.
     pub fn replayed(&self, id: NodeId, session: &Session) -> bool {
         match (self.state(id), session.last_write_lsn) {

@@ -1,6 +1,7 @@
 //! `lag-aware`: reads go to the least-loaded healthy replica whose replay lag is
-//! within a bound; when every replica lags, reads go to the primary rather than
-//! return stale data.
+//! within a bound and that has replayed the session's own last write (when
+//! read-your-writes or a `signalbox.min_lsn` token gives one); when every
+//! replica lags, reads go to the primary rather than return stale data.
 
 use serde::Deserialize;
 use signalbox_policy::prelude::*;
@@ -39,6 +40,7 @@ impl Policy for LagAware {
             .healthy_replicas()
             .max_lag_ms(self.0.max_lag_ms)
             .max_lag_bytes(max_bytes)
+            .replayed_last_write()
             .least_outstanding();
         match pick {
             Some(b) => Decision::replica(b.id).because("fresh replica"),

@@ -14,6 +14,9 @@ pub struct RywConfig {
     pub window_ms: Option<u64>,
     /// Additionally bound lag for reads outside the window.
     pub max_lag_ms: Option<u32>,
+    /// When no replica has replayed the write yet, wait up to this long
+    /// (ms) for one to before using the primary; 0 = use the primary at once.
+    pub wait_ms: u32,
 }
 
 pub struct ReadYourWrites(RywConfig);
@@ -46,6 +49,9 @@ impl Policy for ReadYourWrites {
             .least_outstanding()
         {
             Some(b) => Decision::replica(b.id).because("caught up"),
+            None if self.0.wait_ms > 0 => {
+                Decision::caught_up_replica(self.0.wait_ms).because("waiting for replay")
+            }
             None => Decision::primary().because("not replayed yet"),
         }
     }
@@ -84,6 +90,18 @@ mod tests {
         let s = testing::session().with_last_write_ms_ago(5);
         let d = p.route(&Statement::read("SELECT 1"), &s, &b);
         assert_eq!(d, Decision::primary().because("not replayed yet"));
+    }
+
+    #[test]
+    fn nobody_caught_up_can_wait_for_replay() {
+        let mut p = ReadYourWrites::new(&Config::new(r#"{"wait_ms": 50}"#)).unwrap();
+        let b = Backends::new(vec![
+            Backend::primary(0, "p"),
+            Backend::replica(1, "r1").behind_last_write(),
+        ]);
+        let s = testing::session().with_last_write_ms_ago(5);
+        let d = p.route(&Statement::read("SELECT 1"), &s, &b);
+        assert_eq!(d.target, Target::CaughtUpReplica(50));
     }
 
     #[test]

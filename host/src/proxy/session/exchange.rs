@@ -13,9 +13,12 @@ use crate::config::UntrackedState;
 use crate::proxy::message::Message;
 use crate::proxy::relay::{self, Outcome, RelayError, Step};
 use crate::route::guardrails::Routed;
-use crate::route::{NodeId, RouteInput, Statement, TxState};
+use crate::route::{NodeId, RouteInput, Statement, Target, TxState};
 use crate::sql::classify::{Classified, SessionEffect};
 use crate::wire::{self, Frame, WireError};
+
+/// The longest a policy can make a read wait for a replica to replay.
+const MAX_REPLAY_WAIT_MS: u32 = 10_000;
 
 /// What a routed exchange sends: a simple Query as the client sent it, or
 /// extended-protocol messages to rewrite for the connection.
@@ -155,7 +158,8 @@ impl Session {
             session: self.route_session.clone(),
             cluster: self.shared.cluster.view(),
         };
-        let routing = self.shared.router.route(&input);
+        let mut routing = self.shared.router.route(&input);
+        self.wait_if_asked(&mut routing, &input).await;
         if self.statement_lsn.take().is_some() {
             self.refresh_route_session();
         }
@@ -249,6 +253,34 @@ impl Session {
 
     /// For a read whose node failed: the built-in choice among the other
     /// healthy replicas, else a healthy primary.
+    /// The policy asked for a replica that has replayed the session's
+    /// writes, waiting a bounded time, and none has yet: wait for one
+    /// (signalbox watches the replicas' positions), then decide again on
+    /// the fresh view — the primary if none caught up in time.
+    async fn wait_if_asked(&mut self, routing: &mut crate::router::Routing, input: &RouteInput) {
+        let Target::CaughtUpReplica(ms) = routing.target else {
+            return;
+        };
+        let Some(lsn) = input.session.last_write_lsn else {
+            return;
+        };
+        let on_primary = matches!(routing.enforced.routed, Routed::Node(n) if input.cluster.primary() == Some(n));
+        if ms == 0 || !on_primary || !input.statement.read_only || self.tx != TxState::Idle {
+            return;
+        }
+        let limit = std::time::Duration::from_millis(u64::from(ms.min(MAX_REPLAY_WAIT_MS)));
+        if self.shared.cluster.wait_for_replay(lsn, limit).await {
+            let cluster = self.shared.cluster.view();
+            routing.enforced = crate::route::guardrails::enforce(
+                &routing.target,
+                &input.statement,
+                &input.session,
+                &cluster,
+                fastrand::u64(..),
+            );
+        }
+    }
+
     pub(super) fn other_node_for_read(&self, input: &RouteInput, failed: NodeId) -> Option<NodeId> {
         let mut view = (*input.cluster).clone();
         if let Some(s) = view.states.get_mut(failed as usize) {
