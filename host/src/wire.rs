@@ -200,6 +200,19 @@ pub fn close_complete(out: &mut BytesMut) {
     message(out, b'3', |_| {});
 }
 
+pub fn bind_complete(out: &mut BytesMut) {
+    message(out, b'2', |_| {});
+}
+
+pub fn no_data(out: &mut BytesMut) {
+    message(out, b'n', |_| {});
+}
+
+/// `ParameterDescription` of a statement without parameters.
+pub fn no_parameters(out: &mut BytesMut) {
+    message(out, b't', |b| b.put_i16(0));
+}
+
 /// An `ErrorResponse` (severity ERROR or FATAL) with SQLSTATE `code`.
 pub fn error_response(out: &mut BytesMut, severity: &str, code: &str, text: &str) {
     message(out, b'E', |b| {

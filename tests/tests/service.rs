@@ -1156,4 +1156,28 @@ async fn contract_fields_are_true_in_the_service() {
         .map(|(_, n)| *n)
         .sum();
     assert_eq!(count, 5);
+
+    // The write position (here a token the client presents) and which
+    // nodes have replayed it: every node has replayed 0/10; only the
+    // primary counts as past a position far ahead of the cluster.
+    let echo = "/* signalbox: echo-lsn=1 */ SELECT 1";
+    client.simple_query(echo).await.unwrap();
+    client
+        .batch_execute("SET signalbox.min_lsn = '0/10'")
+        .await
+        .unwrap();
+    client.simple_query(echo).await.unwrap();
+    client
+        .batch_execute("SET signalbox.min_lsn = 'FFFFFFFF/0'")
+        .await
+        .unwrap();
+    client.simple_query(echo).await.unwrap();
+    let seen = reasons();
+    for want in [
+        "lsn=0 ago=false replayed=111",
+        "lsn=10 ago=true replayed=111",
+        "lsn=ffffffff00000000 ago=true replayed=100",
+    ] {
+        assert!(seen.iter().any(|r| r == want), "{want} not in {seen:?}");
+    }
 }

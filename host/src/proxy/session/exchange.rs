@@ -677,7 +677,7 @@ impl Session {
         }
         if let Some(SessionEffect::Own(setting)) = class.effects.first() {
             let setting = setting.clone();
-            self.own_setting(&setting);
+            self.own_setting(&setting, true);
             let status = self.tx_status();
             wire::ready_for_query(&mut self.client.out, status);
             self.client.flush().await.map_err(SessionError::Client)?;

@@ -497,6 +497,9 @@ impl Session {
                 _ => {}
             }
         }
+        if self.own_batch(&batch, &classes).await? {
+            return Ok(());
+        }
         for class in &classes {
             self.free_database(class);
         }

@@ -1,13 +1,18 @@
 //! Read-your-writes for one session: the write positions it must see
 //! (its own, its scopes', a token the client presented), recording a
 //! committed write's position, and the `signalbox.*` settings through
-//! which a client reads and presents its position as a token.
+//! which a client reads and presents its position as a token (answered
+//! here, in the simple and the extended protocol).
 
 use std::time::{Duration, Instant};
 
-use super::Session;
+use std::sync::Arc;
+
+use super::{Session, SessionError};
 use crate::config::RywScope;
-use crate::sql::classify::OwnSetting;
+use crate::proxy::message::{Kind, Message};
+use crate::route::TxState;
+use crate::sql::classify::{Classified, OwnSetting, SessionEffect};
 use crate::wire;
 
 /// How long recording a write's WAL position may take.
@@ -117,19 +122,103 @@ impl Session {
     }
 
     /// Answer `SET`/`RESET`/`SHOW signalbox.*` (the reply is queued; the
-    /// caller adds ReadyForQuery and flushes).
-    pub(super) fn own_setting(&mut self, setting: &OwnSetting) {
+    /// caller adds ReadyForQuery and flushes); `describe`: the simple
+    /// protocol's RowDescription too. Whether it succeeded.
+    pub(super) fn own_setting(&mut self, setting: &OwnSetting, describe: bool) -> bool {
         let reply = self.apply_own(setting);
         let out = &mut self.client.out;
         match reply {
             Ok(Own::Shown(name, value)) => {
-                wire::text_row_description(out, &format!("signalbox.{name}"));
+                if describe {
+                    wire::text_row_description(out, &format!("signalbox.{name}"));
+                }
                 wire::text_data_row(out, &value);
                 wire::command_complete(out, "SHOW");
+                true
             }
-            Ok(Own::Set) => wire::command_complete(out, "SET"),
-            Err((code, message)) => wire::error_response(out, "ERROR", code, &message),
+            Ok(Own::Set) => {
+                wire::command_complete(out, "SET");
+                true
+            }
+            Err((code, message)) => {
+                wire::error_response(out, "ERROR", code, &message);
+                false
+            }
         }
+    }
+
+    /// An extended-protocol batch whose every statement is a
+    /// `signalbox.*` one, answered message by message as a server would
+    /// (after an error, nothing until Sync). Whether it was answered.
+    pub(super) async fn own_batch(
+        &mut self,
+        batch: &[Message],
+        classes: &[Arc<Classified>],
+    ) -> Result<bool, SessionError> {
+        let own = |c: &Classified| match c.effects.first() {
+            Some(SessionEffect::Own(s)) if c.statements == 1 => Some(s.clone()),
+            _ => None,
+        };
+        let simple_shape = batch.iter().all(|m| {
+            matches!(
+                m.kind,
+                Kind::Parse { .. }
+                    | Kind::Bind { .. }
+                    | Kind::Describe { .. }
+                    | Kind::Execute
+                    | Kind::Sync
+                    | Kind::Flush
+            )
+        });
+        if classes.is_empty()
+            || !simple_shape
+            || self.tx == TxState::Failed
+            || classes.iter().any(|c| own(c).is_none())
+        {
+            return Ok(false);
+        }
+        let mut bound: Option<OwnSetting> = None;
+        let mut failed = false;
+        for m in batch {
+            if failed && m.kind != Kind::Sync {
+                continue;
+            }
+            match &m.kind {
+                Kind::Parse { .. } => wire::parse_complete(&mut self.client.out),
+                Kind::Bind { statement } => {
+                    bound = self.statements.get(statement).and_then(|p| own(&p.class));
+                    wire::bind_complete(&mut self.client.out);
+                }
+                Kind::Describe { kind, name } => {
+                    let setting = if *kind == b'S' {
+                        wire::no_parameters(&mut self.client.out);
+                        self.statements.get(name).and_then(|p| own(&p.class))
+                    } else {
+                        bound.clone()
+                    };
+                    match setting {
+                        Some(OwnSetting::Show { name }) => wire::text_row_description(
+                            &mut self.client.out,
+                            &format!("signalbox.{name}"),
+                        ),
+                        _ => wire::no_data(&mut self.client.out),
+                    }
+                }
+                Kind::Execute => {
+                    if let Some(setting) = bound.clone() {
+                        failed = !self.own_setting(&setting, false);
+                    }
+                }
+                Kind::Sync => {
+                    failed = false;
+                    let status = self.tx_status();
+                    wire::ready_for_query(&mut self.client.out, status);
+                }
+                _ => {}
+            }
+        }
+        self.client.flush().await.map_err(SessionError::Client)?;
+        Ok(true)
     }
 
     fn apply_own(&mut self, setting: &OwnSetting) -> Result<Own, (&'static str, String)> {

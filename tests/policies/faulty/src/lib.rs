@@ -16,6 +16,19 @@ impl Policy for Faulty {
     }
 
     fn route(&mut self, stmt: &Statement, session: &Session, backends: &Backends) -> Decision {
+        if cfg!(feature = "echo") && stmt.hint("echo-lsn").is_some() {
+            // The session's write position as received, and which nodes
+            // have replayed it (1) or not (0), in node order.
+            let replayed: String = backends
+                .iter()
+                .map(|b| if b.replayed_last_write { '1' } else { '0' })
+                .collect();
+            return Decision::primary().because(format!(
+                "lsn={:x} ago={} replayed={replayed}",
+                session.write_lsn.unwrap_or(0),
+                session.ms_since_last_write.is_some()
+            ));
+        }
         if cfg!(feature = "echo") {
             // The facts as the policy receives them, for the service tests.
             // (Reasons are at most 64 bytes: the primary's facts only.)
