@@ -172,17 +172,29 @@ async fn a_token_carries_a_write_to_another_instance() {
         .unwrap();
     assert_eq!(value(&client, "SHOW signalbox.min_lsn").await, "0/0");
     // The same through the extended protocol (what most drivers use).
-    let row = client.query_one("SHOW signalbox.write_lsn", &[]).await.unwrap();
+    let row = client
+        .query_one("SHOW signalbox.write_lsn", &[])
+        .await
+        .unwrap();
     assert_eq!(row.get::<_, String>(0), lsn);
-    client.execute("SET signalbox.min_lsn = '2/0'", &[]).await.unwrap();
-    let row = client.query_one("SHOW signalbox.min_lsn", &[]).await.unwrap();
+    client
+        .execute("SET signalbox.min_lsn = '2/0'", &[])
+        .await
+        .unwrap();
+    let row = client
+        .query_one("SHOW signalbox.min_lsn", &[])
+        .await
+        .unwrap();
     assert_eq!(row.get::<_, String>(0), "2/0");
     let err = client
         .execute("SET signalbox.min_lsn = 'nope'", &[])
         .await
         .unwrap_err();
     assert_eq!(err.code().map(|c| c.code()), Some("22023"), "{err}");
-    client.execute("RESET signalbox.min_lsn", &[]).await.unwrap();
+    client
+        .execute("RESET signalbox.min_lsn", &[])
+        .await
+        .unwrap();
     assert_eq!(value(&client, "SHOW signalbox.min_lsn").await, "0/0");
 
     // Without the token, B's reads miss rows: the loop can fail.

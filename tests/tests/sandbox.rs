@@ -12,19 +12,56 @@ fn load(features: &[&str], spec: LoadSpec) -> Result<LoadedPolicy, signalbox::po
     LoadedPolicy::load(&std::fs::read(faulty(features)).unwrap(), spec)
 }
 
+/// Call `p` on a thread of its own; `None` if no answer came within 5 s
+/// (a runaway nothing stopped), so a broken deadline fails the test
+/// instead of hanging it.
+fn call_bounded(
+    p: &std::sync::Arc<LoadedPolicy>,
+    input: signalbox::route::RouteInput,
+) -> Option<Result<signalbox::policy::PolicyDecision, CallFailure>> {
+    let (tx, rx) = std::sync::mpsc::channel();
+    let p = p.clone();
+    std::thread::spawn(move || {
+        let _ = tx.send(p.call(&input));
+    });
+    rx.recv_timeout(Duration::from_secs(5)).ok()
+}
+
 #[test]
 fn runaway_policy_is_stopped_by_the_deadline() {
     let mut spec = LoadSpec::new("spin");
     spec.limits.deadline = Duration::from_millis(2);
-    let p = load(&["spin"], spec).unwrap();
+    let p = std::sync::Arc::new(load(&["spin"], spec).unwrap());
     let c = cluster();
     for _ in 0..5 {
         let t = Instant::now();
-        assert_eq!(p.call(&read(&c)), Err(CallFailure::Timeout));
+        assert_eq!(
+            call_bounded(&p, read(&c)),
+            Some(Err(CallFailure::Timeout)),
+            "a runaway call must be stopped"
+        );
         // Reported, not asserted on (timing belongs to benches).
         eprintln!("runaway stopped after {:?}", t.elapsed());
     }
     assert_eq!(p.stats.snapshot().timeout, 5);
+
+    // Idle, the epoch ticker parks (no timer wakes an idle signalbox); the
+    // next call wakes it, so a runaway is still stopped.
+    // (Other tests of this process call policies too: wait for a lull.)
+    use signalbox::policy::engine::{ticker_parked, EngineKind, TICKER_LINGER};
+    std::thread::sleep(TICKER_LINGER * 2);
+    assert!(
+        signalbox_tests::wait_until(Duration::from_secs(20), || ticker_parked(
+            EngineKind::Service
+        )),
+        "an idle ticker parks"
+    );
+    assert_eq!(
+        call_bounded(&p, read(&c)),
+        Some(Err(CallFailure::Timeout)),
+        "a runaway call after an idle spell must still be stopped"
+    );
+    assert!(!ticker_parked(EngineKind::Service));
 }
 
 #[test]
@@ -74,7 +111,11 @@ fn init_refusal_is_a_load_error() {
 
 #[test]
 fn log_flood_is_capped_per_call() {
-    let p = load(&["log-flood"], LoadSpec::new("l")).unwrap();
+    // A thousand log calls in a debug build can outlast the default 2 ms
+    // on a busy machine: this test is about the cap, not the deadline.
+    let mut spec = LoadSpec::new("l");
+    spec.limits.deadline = Duration::from_millis(200);
+    let p = load(&["log-flood"], spec).unwrap();
     let mut inst = p.fresh(Default::default()).unwrap();
     inst.state_mut().captured_logs = Some(Vec::new());
     assert!(inst.route(&read(&cluster())).is_ok());

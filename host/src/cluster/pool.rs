@@ -110,6 +110,9 @@ pub struct Pools {
     nodes: Vec<NodeLogin>,
     settings: PoolSettings,
     pools: Mutex<HashMap<(NodeId, String, String), Pool>>,
+    /// Every pool by node, replaced when one is added (rare): counting idle
+    /// connections for each statement reads this without the map's lock.
+    listed: arc_swap::ArcSwap<Vec<(NodeId, Pool)>>,
     in_flight: Arc<[AtomicU32]>,
 }
 
@@ -120,6 +123,7 @@ impl Pools {
             nodes,
             settings,
             pools: Mutex::default(),
+            listed: arc_swap::ArcSwap::from_pointee(Vec::new()),
             in_flight,
         }
     }
@@ -157,6 +161,9 @@ impl Pools {
             .build()
             .expect("a pool with a runtime and a positive size always builds");
         pools.insert(key, pool.clone());
+        let mut listed: Vec<(NodeId, Pool)> = self.listed.load().as_ref().clone();
+        listed.push((node, pool.clone()));
+        self.listed.store(Arc::new(listed));
         pool
     }
 
@@ -218,8 +225,7 @@ impl Pools {
     /// Idle connections per node.
     pub fn idle(&self) -> Vec<u32> {
         let mut idle = vec![0u32; self.nodes.len()];
-        let pools = self.pools.lock().unwrap_or_else(|p| p.into_inner());
-        for ((node, _, _), p) in pools.iter() {
+        for (node, p) in self.listed.load().iter() {
             idle[*node as usize] += p.status().available as u32;
         }
         idle

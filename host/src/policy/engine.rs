@@ -1,8 +1,12 @@
 //! The process-wide wasmtime engine: one per process (compiled code and the
 //! instance pool are shared by every policy version), plus the epoch ticker
-//! that enforces per-call deadlines.
+//! that enforces per-call deadlines. The ticker runs only while policies are
+//! being called: after [`TICKER_LINGER`] without a call it parks, and the
+//! next call wakes it, so an idle signalbox has no timer waking it up.
 
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::OnceLock;
+use std::thread::Thread;
 use std::time::Duration;
 
 use wasmtime::{Config, Engine, InstanceAllocationStrategy, PoolingAllocationConfig};
@@ -12,6 +16,11 @@ use wasmtime::{Config, Engine, InstanceAllocationStrategy, PoolingAllocationConf
 /// 1 ms is coarse enough to be cheap, and the CPU-time check that follows a
 /// missed deadline makes the stop precise.
 pub const EPOCH_TICK: Duration = Duration::from_millis(1);
+
+/// How long the ticker keeps ticking after the last call started. Under
+/// load it never parks (no wake-up syscalls on the hot path); idle, it
+/// stops within this.
+pub const TICKER_LINGER: Duration = Duration::from_millis(50);
 
 /// The largest memory cap a policy may be configured with.
 pub const MAX_MEMORY_CAP: usize = 256 << 20;
@@ -42,7 +51,7 @@ pub fn engine(kind: EngineKind) -> Result<Engine, wasmtime::Error> {
     let engine = build(kind)?;
     // Another thread may have won the race; use whichever got stored.
     let stored = cell.get_or_init(|| {
-        start_ticker(engine.clone());
+        start_ticker(engine.clone(), kind);
         engine
     });
     Ok(stored.clone())
@@ -69,16 +78,86 @@ fn build(kind: EngineKind) -> Result<Engine, wasmtime::Error> {
     Engine::new(&config)
 }
 
-fn start_ticker(engine: Engine) {
+/// The ticker of one engine: calls count themselves in `calls`; the ticker
+/// parks when a linger period saw none, after announcing it in `parked`.
+struct Ticker {
+    calls: AtomicU64,
+    parked: AtomicBool,
+    thread: OnceLock<Thread>,
+}
+
+static TICKERS: [Ticker; 2] = [Ticker::new(), Ticker::new()];
+
+impl Ticker {
+    const fn new() -> Self {
+        Self {
+            calls: AtomicU64::new(0),
+            parked: AtomicBool::new(false),
+            thread: OnceLock::new(),
+        }
+    }
+
+    fn of(kind: EngineKind) -> &'static Ticker {
+        &TICKERS[kind as usize]
+    }
+}
+
+/// A policy call on an engine of `kind` is about to start: make sure its
+/// deadline will be enforced (wakes the ticker if it parked). SeqCst on both
+/// sides: either the ticker sees this call, or this call sees it parked.
+pub fn call_starting(kind: EngineKind) {
+    let t = Ticker::of(kind);
+    t.calls.fetch_add(1, Ordering::SeqCst);
+    if t.parked.load(Ordering::SeqCst) {
+        if let Some(thread) = t.thread.get() {
+            thread.unpark();
+        }
+    }
+}
+
+/// Whether the ticker of `kind` is parked (nothing called a policy lately).
+pub fn ticker_parked(kind: EngineKind) -> bool {
+    Ticker::of(kind).parked.load(Ordering::SeqCst)
+}
+
+fn start_ticker(engine: Engine, kind: EngineKind) {
+    let ticker = Ticker::of(kind);
+    let linger_ticks = (TICKER_LINGER.as_micros() / EPOCH_TICK.as_micros()).max(1) as u32;
     let spawned = std::thread::Builder::new()
         .name("signalbox-epoch".into())
-        .spawn(move || loop {
-            std::thread::sleep(EPOCH_TICK);
-            engine.increment_epoch();
+        .spawn(move || {
+            let mut seen = ticker.calls.load(Ordering::SeqCst);
+            let mut quiet = 0u32;
+            loop {
+                std::thread::sleep(EPOCH_TICK);
+                engine.increment_epoch();
+                let now = ticker.calls.load(Ordering::SeqCst);
+                if now != seen {
+                    (seen, quiet) = (now, 0);
+                    continue;
+                }
+                quiet += 1;
+                if quiet < linger_ticks {
+                    continue;
+                }
+                ticker.parked.store(true, Ordering::SeqCst);
+                // A call that started after the last look finds `parked`
+                // set and unparks us (an unpark before park is kept).
+                while ticker.calls.load(Ordering::SeqCst) == seen {
+                    std::thread::park();
+                }
+                ticker.parked.store(false, Ordering::SeqCst);
+                quiet = 0;
+            }
         });
-    if let Err(e) = spawned {
+    match spawned {
+        Ok(handle) => {
+            let _ = ticker.thread.set(handle.thread().clone());
+        }
         // Without the ticker, deadlines never fire; say so loudly.
-        tracing::error!(error = %e, "cannot start the policy epoch ticker: policy deadlines are not enforced");
+        Err(e) => {
+            tracing::error!(error = %e, "cannot start the policy epoch ticker: policy deadlines are not enforced")
+        }
     }
 }
 

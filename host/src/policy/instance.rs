@@ -277,6 +277,12 @@ impl Instance {
                 .set_fuel(FUEL_BUDGET)
                 .map_err(|e| CallFailure::Instantiate(format!("{e:#}")))?;
         }
+        // Instantiating runs guest code too (start functions): tick.
+        super::engine::call_starting(if metered {
+            super::engine::EngineKind::Metered
+        } else {
+            super::engine::EngineKind::Service
+        });
         let bindings = pre.instantiate(&mut store).map_err(|e| {
             classify(&store, e).unwrap_or_else(|e| CallFailure::Instantiate(format!("{e:#}")))
         })?;
@@ -290,6 +296,12 @@ impl Instance {
     }
 
     fn arm(&mut self) {
+        use super::engine::{call_starting, EngineKind};
+        call_starting(if self.metered {
+            EngineKind::Metered
+        } else {
+            EngineKind::Service
+        });
         self.store.set_epoch_deadline(self.deadline_ticks);
         let state = self.store.data_mut();
         state.logs_this_call = 0;

@@ -11,15 +11,14 @@
 
 use std::collections::{HashSet, VecDeque};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{self, RecvTimeoutError};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
 use arc_swap::ArcSwapOption;
-use notify::{RecommendedWatcher, RecursiveMode};
-use notify_debouncer_mini::{new_debouncer, Debouncer};
+use notify::{RecommendedWatcher, RecursiveMode, Watcher as _};
 use serde::Serialize;
 use sha2::{Digest, Sha256};
 use signalbox_policy::fixture::FixtureFile;
@@ -211,6 +210,8 @@ pub struct PolicyManager {
     /// not retry them (an explicit reload does).
     refused: Mutex<HashSet<String>>,
     reload_lock: Mutex<()>,
+    /// The policy file as last looked at by `reload_if_changed`.
+    last_stamp: Mutex<Option<FileStamp>>,
     kv: Arc<KvStore>,
     fallbacks: FallbackCounters,
 }
@@ -243,6 +244,7 @@ impl PolicyManager {
             journal: Mutex::default(),
             refused: Mutex::default(),
             reload_lock: Mutex::new(()),
+            last_stamp: Mutex::new(None),
             kv: Arc::default(),
             fallbacks: FallbackCounters::default(),
         }
@@ -337,8 +339,19 @@ impl PolicyManager {
         self.reload_inner(trigger, true)
     }
 
-    /// Reload only if the file changed and was not refused before.
+    /// Reload only if the file changed and was not refused before. The
+    /// file's identity (device, inode, size, times) is checked first: a
+    /// watch event about some other file, or a poll of an unchanged one,
+    /// costs a `stat`, not a read and a hash.
     pub fn reload_if_changed(&self, trigger: &str) -> Option<ReloadEvent> {
+        let seen = FileStamp::of(&self.settings.path);
+        {
+            let mut last = lock(&self.last_stamp);
+            if seen.is_some() && *last == seen {
+                return None;
+            }
+            *last = seen;
+        }
         let bytes = std::fs::read(&self.settings.path).ok()?;
         let hash = sha256(&bytes);
         let current = self.current.load().as_ref().map(|p| p.info.sha256.clone());
@@ -505,18 +518,57 @@ fn check_fixtures(candidate: &LoadedPolicy, path: &Path) -> Result<(), LoadError
     ))
 }
 
-/// The file watcher: a debounced directory watch plus an optional poll, on a
-/// thread of its own so compiling a candidate never blocks routing.
+/// What identifies a version of the policy file without reading it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct FileStamp {
+    dev: u64,
+    ino: u64,
+    len: u64,
+    mtime_ns: i128,
+    ctime_ns: i128,
+}
+
+impl FileStamp {
+    /// The stamp of the file `path` resolves to (through symlinks).
+    fn of(path: &Path) -> Option<Self> {
+        use std::os::unix::fs::MetadataExt;
+        let m = std::fs::metadata(path).ok()?;
+        Some(Self {
+            dev: m.dev(),
+            ino: m.ino(),
+            len: m.len(),
+            mtime_ns: i128::from(m.mtime()) * 1_000_000_000 + i128::from(m.mtime_nsec()),
+            ctime_ns: i128::from(m.ctime()) * 1_000_000_000 + i128::from(m.ctime_nsec()),
+        })
+    }
+}
+
+/// What the watch thread receives: a file-system event, or a wake-up to stop.
+enum WatchMsg {
+    Event,
+    Stop,
+}
+
+/// The file watcher: a directory watch, debounced here, plus an optional
+/// poll, on a thread of its own so compiling a candidate never blocks
+/// routing. Idle, the thread sleeps until an event, the next poll or stop.
 pub struct Watcher {
-    stop: Arc<AtomicBool>,
+    wake: mpsc::Sender<WatchMsg>,
     thread: Option<JoinHandle<()>>,
-    _debouncer: Debouncer<RecommendedWatcher>,
+    _watcher: RecommendedWatcher,
 }
 
 impl Watcher {
     fn start(manager: Arc<PolicyManager>) -> Result<Self, notify::Error> {
         let (tx, rx) = mpsc::channel();
-        let mut debouncer = new_debouncer(manager.settings.debounce, tx)?;
+        let events = tx.clone();
+        let mut watcher =
+            notify::recommended_watcher(move |e: notify::Result<notify::Event>| match e {
+                Ok(_) => {
+                    let _ = events.send(WatchMsg::Event);
+                }
+                Err(e) => tracing::warn!(error = %e, "policy watcher error"),
+            })?;
         // Watch the directory (not the file): editors replace files by rename
         // and Kubernetes swaps a `..data` symlink inside it. The grandparent is
         // watched too so that swapping a symlinked directory is seen.
@@ -525,65 +577,54 @@ impl Watcher {
             .parent()
             .filter(|p| !p.as_os_str().is_empty())
             .unwrap_or(Path::new("."));
-        debouncer
-            .watcher()
-            .watch(dir, RecursiveMode::NonRecursive)?;
+        watcher.watch(dir, RecursiveMode::NonRecursive)?;
         if let Some(grand) = dir.parent().filter(|p| !p.as_os_str().is_empty()) {
-            if let Err(e) = debouncer
-                .watcher()
-                .watch(grand, RecursiveMode::NonRecursive)
-            {
+            if let Err(e) = watcher.watch(grand, RecursiveMode::NonRecursive) {
                 tracing::debug!(error = %e, dir = %grand.display(), "not watching the policy directory's parent");
             }
         }
-        let stop = Arc::new(AtomicBool::new(false));
-        let thread = {
-            let stop = stop.clone();
-            std::thread::Builder::new()
-                .name("signalbox-policy-watch".into())
-                .spawn(move || watch_loop(&manager, &rx, &stop))
-                .map_err(|e| notify::Error::generic(&e.to_string()))?
-        };
+        let thread = std::thread::Builder::new()
+            .name("signalbox-policy-watch".into())
+            .spawn(move || watch_loop(&manager, &rx))
+            .map_err(|e| notify::Error::generic(&e.to_string()))?;
         Ok(Self {
-            stop,
+            wake: tx,
             thread: Some(thread),
-            _debouncer: debouncer,
+            _watcher: watcher,
         })
     }
 }
 
 impl Drop for Watcher {
     fn drop(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
+        let _ = self.wake.send(WatchMsg::Stop);
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }
     }
 }
 
-fn watch_loop(
-    manager: &PolicyManager,
-    rx: &mpsc::Receiver<notify_debouncer_mini::DebounceEventResult>,
-    stop: &AtomicBool,
-) {
-    // Wake regularly to notice `stop`, and to poll when configured.
-    let tick = Duration::from_millis(100);
-    let poll_every = manager.settings.poll;
-    let mut since_poll = Duration::ZERO;
-    while !stop.load(Ordering::Relaxed) {
-        match rx.recv_timeout(tick) {
-            Ok(Ok(_events)) => {
+fn watch_loop(manager: &PolicyManager, rx: &mpsc::Receiver<WatchMsg>) {
+    // Without a poll, only an event or stop wakes the thread.
+    let idle_wait = manager.settings.poll.unwrap_or(Duration::from_secs(3600));
+    loop {
+        match rx.recv_timeout(idle_wait) {
+            Ok(WatchMsg::Stop) | Err(RecvTimeoutError::Disconnected) => return,
+            Ok(WatchMsg::Event) => {
+                // Debounce: wait until the directory has been quiet for a
+                // moment (a copy in progress, several renames in a row).
+                loop {
+                    match rx.recv_timeout(manager.settings.debounce) {
+                        Ok(WatchMsg::Event) => continue,
+                        Ok(WatchMsg::Stop) | Err(RecvTimeoutError::Disconnected) => return,
+                        Err(RecvTimeoutError::Timeout) => break,
+                    }
+                }
                 manager.reload_if_changed("watch");
             }
-            Ok(Err(e)) => tracing::warn!(error = %e, "policy watcher error"),
             Err(RecvTimeoutError::Timeout) => {
-                since_poll += tick;
-                if poll_every.is_some_and(|p| since_poll >= p) {
-                    since_poll = Duration::ZERO;
-                    manager.reload_if_changed("poll");
-                }
+                manager.reload_if_changed("poll");
             }
-            Err(RecvTimeoutError::Disconnected) => return,
         }
     }
 }

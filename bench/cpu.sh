@@ -1,0 +1,217 @@
+#!/usr/bin/env bash
+# CPU cost per transaction, side by side in one run, rounds interleaved:
+# signalbox (rw-split over two replicas), PgBouncer (transaction mode; session
+# mode for -M prepared, which it cannot serve in transaction mode) and
+# Pgpool-II (read load balancing), against the same cluster, plus a direct
+# connection to the primary. For each run it prints, per transaction:
+#
+#   proxy µs     the proxy's own CPU (utime + stime of its processes)
+#   sysc         the proxy's read- and write-class system calls
+#                (/proc/PID/io syscr + syscw)
+#   cs           the proxy's context switches (voluntary + involuntary)
+#   path µs      whole-path CPU: proxy + every PostgreSQL process of the
+#                cluster + pgbench itself
+#   tps, ratio   throughput and its ratio to direct in the same round
+#
+# then single-client latency (-S, -c 1), and idle CPU and RSS of signalbox
+# and PgBouncer holding 0 / 1,000 / 5,000 idle clients.
+#
+#   bench/cpu.sh                      # ROUNDS=3 DURATION=10 CLIENTS=8
+#   MODES="select-simple tpcb-simple" bench/cpu.sh
+set -euo pipefail
+source "$(dirname "$0")/setup.sh"
+MODES=${MODES:-select-simple select-extended select-prepared tpcb-simple}
+IDLE_SECONDS=${IDLE_SECONDS:-10}
+TCK=$(getconf CLK_TCK)
+
+tree() { # a pid and all its descendants
+  local p
+  for p in "$@"; do
+    [ -d "/proc/$p" ] || continue
+    echo "$p"
+    tree $(pgrep -P "$p" || true)
+  done
+}
+ticks() { # utime + stime of pids, in clock ticks (comm may hold spaces)
+  local p t=0
+  for p in "$@"; do
+    [ -r "/proc/$p/stat" ] && t=$((t + $(sed 's/.*) //' "/proc/$p/stat" | awk '{print $12 + $13}')))
+  done
+  echo "$t"
+}
+syscalls() {
+  local p t=0
+  for p in "$@"; do
+    [ -r "/proc/$p/io" ] && t=$((t + $(awk '/^syscr|^syscw/ {s += $2} END {print s + 0}' "/proc/$p/io")))
+  done
+  echo "$t"
+}
+switches() {
+  local p t=0
+  for p in "$@"; do
+    t=$((t + $(cat /proc/"$p"/task/*/status 2>/dev/null | awk '/ctxt_switches/ {s += $2} END {print s + 0}')))
+  done
+  echo "$t"
+}
+pidfile() { tr -d '\0' <"$1" | head -n1; }
+
+CLUSTER_DIR=$(sed -nE 's/.*config: (.*)\/signalbox\.toml.*/\1/p' "$WORK/demo.log")
+postgres_pids() {
+  local f
+  for f in "$CLUSTER_DIR"/*/postmaster.pid; do tree "$(head -n1 "$f")"; done
+}
+proxy_pids() { # proxy_pids TARGET
+  case $1 in
+    direct) ;;
+    signalbox) echo "$SB_PID" ;;
+    pgbouncer-tx) pidfile "$WORK/pgbouncer-transaction.pid" ;;
+    pgbouncer-session) pidfile "$WORK/pgbouncer-session.pid" ;;
+    pgpool) tree "$(pidfile "$WORK/pgpool.pid")" ;;
+  esac
+}
+port_of() {
+  case $1 in
+    direct) echo "$P" ;;
+    signalbox) echo "$SB_PORT" ;;
+    pgbouncer-tx) echo "$PGB_TX_PORT" ;;
+    pgbouncer-session) echo "$PGB_SESSION_PORT" ;;
+    pgpool) echo "$PGPOOL_PORT" ;;
+  esac
+}
+pgbench_args() { # pgbench_args MODE
+  case $1 in
+    select-simple) echo "-S -M simple" ;;
+    select-extended) echo "-S -M extended" ;;
+    select-prepared) echo "-S -M prepared" ;;
+    tpcb-simple) echo "-M simple" ;;
+  esac
+}
+
+# run TARGET MODE: one pgbench run with the accounting around it.
+run() {
+  local target=$1 mode=$2 port pids pg0 px0 sc0 cs0 out
+  port=$(port_of "$target")
+  mapfile -t pids < <(proxy_pids "$target")
+  mapfile -t pg < <(postgres_pids)
+  pg0=$(ticks "${pg[@]}"); px0=$(ticks "${pids[@]}")
+  sc0=$(syscalls "${pids[@]}"); cs0=$(switches "${pids[@]}")
+  # pgbench's own CPU comes from getrusage of the child.
+  out=$(python3 - "$port" $(pgbench_args "$mode") <<EOF
+import resource, subprocess, sys
+port, args = sys.argv[1], sys.argv[2:]
+cmd = ["pgbench", "-n", *args, "-c", "$CLIENTS", "-j", "$JOBS", "-T", "$DURATION",
+       "-h", "127.0.0.1", "-p", port, "-U", "postgres", "postgres"]
+p = subprocess.run(cmd, capture_output=True, text=True)
+r = resource.getrusage(resource.RUSAGE_CHILDREN)
+print(p.stdout + p.stderr)
+print("pgbench_cpu_s", r.ru_utime + r.ru_stime)
+EOF
+)
+  mapfile -t pg < <(postgres_pids)
+  local pg1 px1 sc1 cs1 xacts tps bench_s
+  pg1=$(ticks "${pg[@]}"); px1=$(ticks "${pids[@]}")
+  sc1=$(syscalls "${pids[@]}"); cs1=$(switches "${pids[@]}")
+  xacts=$(sed -nE 's/^number of transactions actually processed: ([0-9]+).*/\1/p' <<<"$out")
+  tps=$(sed -nE 's/^tps = ([0-9.]+).*/\1/p' <<<"$out")
+  bench_s=$(sed -nE 's/^pgbench_cpu_s (.*)/\1/p' <<<"$out")
+  if [ -z "$xacts" ] || [ "$xacts" = 0 ]; then
+    printf '  %-18s %-16s FAILED\n' "$target" "$mode"; return
+  fi
+  awk -v t="$target" -v m="$mode" -v x="$xacts" -v tps="$tps" -v tck="$TCK" \
+      -v px=$((px1 - px0)) -v pg=$((pg1 - pg0)) -v sc=$((sc1 - sc0)) -v cs=$((cs1 - cs0)) -v b="$bench_s" \
+      'BEGIN {
+         proxy = px / tck * 1e6 / x; path = (px + pg) / tck * 1e6 / x + b * 1e6 / x
+         printf "%s %s %.0f %.2f %.2f %.2f %.2f\n", t, m, tps, proxy, sc / x, cs / x, path >> "'"$WORK"'/cpu"
+         printf "  %-18s %-16s %8.0f tps  proxy %6.2f µs  sysc %5.2f  cs %5.2f  path %7.2f µs\n", t, m, tps, proxy, sc / x, cs / x, path
+       }'
+}
+
+targets_for() { # the targets that can run MODE
+  case $1 in
+    select-prepared) echo "direct signalbox pgbouncer-session pgpool" ;;
+    *) echo "direct signalbox pgbouncer-tx pgpool" ;;
+  esac
+}
+
+echo "pgbench, $CLIENTS clients, $JOBS threads, ${DURATION}s per run, $ROUNDS rounds, scale $SCALE; per transaction:"
+for round in $(seq 1 "$ROUNDS"); do
+  echo "round $round"
+  for mode in $MODES; do
+    for target in $(targets_for "$mode"); do run "$target" "$mode"; done
+  done
+done
+
+median() { sort -n | awk '{a[NR] = $1} END {if (NR) print (NR % 2) ? a[(NR + 1) / 2] : (a[NR / 2] + a[NR / 2 + 1]) / 2}'; }
+med() { awk -v t="$1" -v m="$2" -v c="$3" '$1 == t && $2 == m {print $c}' "$WORK/cpu" | median; }
+echo
+echo "Medians per transaction (ratio: TPS to direct in the same rounds)"
+echo
+echo "| mode | target | TPS | vs direct | proxy CPU µs | proxy syscalls | proxy ctx switches | whole-path CPU µs |"
+echo "|---|---|---:|---:|---:|---:|---:|---:|"
+for mode in $MODES; do
+  direct=$(med direct "$mode" 3)
+  for target in $(targets_for "$mode"); do
+    tps=$(med "$target" "$mode" 3)
+    [ -n "$tps" ] || continue
+    printf '| %s | %s | %.0f | %.2f× | %s | %s | %s | %s |\n' "$mode" "$target" "$tps" \
+      "$(awk -v a="$tps" -v b="$direct" 'BEGIN {print a / b}')" \
+      "$(med "$target" "$mode" 4)" "$(med "$target" "$mode" 5)" "$(med "$target" "$mode" 6)" "$(med "$target" "$mode" 7)"
+  done
+done
+
+echo
+echo "Single client (-S, -c 1, simple), mean latency:"
+for target in direct signalbox pgbouncer-tx pgpool; do
+  lat=$(pgbench -n -S -c 1 -T "$DURATION" -h 127.0.0.1 -p "$(port_of "$target")" -U postgres postgres 2>&1 |
+    sed -nE 's/^latency average = ([0-9.]+) ms/\1/p')
+  printf '  %-18s %s ms\n' "$target" "${lat:-FAILED}"
+done
+
+# Idle: a signalbox of its own (the demo's caps clients at 1,000) and the
+# transaction-mode PgBouncer, each holding N idle authenticated clients.
+IDLE_PORT=$((SB_PORT + 10))
+cat >"$WORK/idle.toml" <<EOF
+listen = "127.0.0.1:$IDLE_PORT"
+[clients]
+max_connections = 6000
+[[nodes]]
+name = "primary"
+url = "postgres://postgres@127.0.0.1:$P/postgres"
+role = "primary"
+[[nodes]]
+name = "replica-1"
+url = "postgres://postgres@127.0.0.1:$R1/postgres"
+role = "replica"
+[[nodes]]
+name = "replica-2"
+url = "postgres://postgres@127.0.0.1:$R2/postgres"
+role = "replica"
+EOF
+./target/release/signalbox serve --config "$WORK/idle.toml" >"$WORK/idle.log" 2>&1 &
+IDLE_PID=$!
+PIDS+=("$IDLE_PID")
+wait_port "$IDLE_PORT"
+echo
+echo "Idle (${IDLE_SECONDS}s each): CPU % of one core, context switches/s, RSS"
+idle_measure() { # idle_measure LABEL PID
+  local t0 t1 c0 c1 rss
+  t0=$(ticks "$2"); c0=$(switches "$2")
+  sleep "$IDLE_SECONDS"
+  t1=$(ticks "$2"); c1=$(switches "$2")
+  rss=$(awk '/VmRSS/ {print $2}' "/proc/$2/status")
+  awk -v l="$1" -v t=$((t1 - t0)) -v c=$((c1 - c0)) -v s="$IDLE_SECONDS" -v tck="$TCK" -v r="$rss" \
+    'BEGIN {printf "  %-30s %6.2f %%  %7.1f cs/s  %7.1f MiB\n", l, 100 * t / tck / s, c / s, r / 1024}'
+}
+for n in 0 1000 5000; do
+  for target in signalbox pgbouncer-tx; do
+    if [ "$target" = signalbox ]; then port=$IDLE_PORT pid=$IDLE_PID; else port=$PGB_TX_PORT pid=$(pidfile "$WORK/pgbouncer-transaction.pid"); fi
+    if [ "$n" -gt 0 ]; then
+      exec {hold}> >(python3 bench/idle_clients.py "$port" "$n" >"$WORK/hold.out" 2>&1)
+      for _ in $(seq 1 600); do grep -q "ready\|Error" "$WORK/hold.out" 2>/dev/null && break; sleep 0.1; done
+      grep -q ready "$WORK/hold.out" || { echo "  $target: could not open $n clients: $(tail -1 "$WORK/hold.out")"; exec {hold}>&-; continue; }
+      sleep 2
+    fi
+    idle_measure "$target, $n idle clients" "$pid"
+    if [ "$n" -gt 0 ]; then exec {hold}>&-; sleep 2; fi
+  done
+done
