@@ -1,13 +1,13 @@
 #!/usr/bin/env bash
 # CPU cost per transaction, side by side in one run, rounds interleaved:
-# signalbox (rw-split over two replicas), PgBouncer (transaction mode; session
+# signalbox (rw-split over two replicas; `signalbox-sticky`: the same with
+# `spread = "session"`, each client kept on one replica), PgBouncer (transaction mode; session
 # mode for -M prepared, which it cannot serve in transaction mode) and
 # Pgpool-II (read load balancing), against the same cluster, plus a direct
 # connection to the primary. For each run it prints, per transaction:
 #
 #   proxy µs     the proxy's own CPU (utime + stime of its processes)
-#   sysc         the proxy's read- and write-class system calls
-#                (/proc/PID/io syscr + syscw)
+#   sysc         the proxy's system calls (perf stat raw_syscalls:sys_enter)
 #   cs           the proxy's context switches (voluntary + involuntary)
 #   path µs      whole-path CPU: proxy + every PostgreSQL process of the
 #                cluster + pgbench itself
@@ -39,10 +39,10 @@ ticks() { # utime + stime of pids, in clock ticks (comm may hold spaces)
   done
   echo "$t"
 }
-syscalls() {
+reaped() { # CPU of children that exited and were waited for (cutime + cstime)
   local p t=0
   for p in "$@"; do
-    [ -r "/proc/$p/io" ] && t=$((t + $(awk '/^syscr|^syscw/ {s += $2} END {print s + 0}' "/proc/$p/io")))
+    [ -r "/proc/$p/stat" ] && t=$((t + $(sed 's/.*) //' "/proc/$p/stat" | awk '{print $14 + $15}')))
   done
   echo "$t"
 }
@@ -56,14 +56,33 @@ switches() {
 pidfile() { tr -d '\0' <"$1" | head -n1; }
 
 CLUSTER_DIR=$(sed -nE 's/.*config: (.*)\/signalbox\.toml.*/\1/p' "$WORK/demo.log")
-postgres_pids() {
+
+# A second signalbox, the demo's configuration with session spread.
+STICKY_PORT=$((SB_PORT + 20))
+sed -E -e "s/^listen = .*/listen = \"127.0.0.1:$STICKY_PORT\"/" \
+  -e "s/^admin_listen = .*/admin_listen = \"127.0.0.1:$((STICKY_PORT + 1))\"/" \
+  -e 's/^(path = .*)$/\1\n[policy.config]\nspread = "session"/' \
+  "$CLUSTER_DIR/signalbox.toml" >"$WORK/sticky.toml"
+./target/release/signalbox serve --config "$WORK/sticky.toml" >"$WORK/sticky.log" 2>&1 &
+STICKY_PID=$!
+PIDS+=("$STICKY_PID")
+wait_port "$STICKY_PORT"
+postmasters() {
   local f
-  for f in "$CLUSTER_DIR"/*/postmaster.pid; do tree "$(head -n1 "$f")"; done
+  for f in "$CLUSTER_DIR"/*/postmaster.pid; do head -n1 "$f"; done
+}
+# Every PostgreSQL process of the cluster, live ones and those that exited
+# (backends of a run end with it; their postmaster reaped them).
+postgres_ticks() {
+  local live
+  mapfile -t live < <(tree $(postmasters))
+  echo $(($(ticks "${live[@]}") + $(reaped $(postmasters))))
 }
 proxy_pids() { # proxy_pids TARGET
   case $1 in
     direct) ;;
     signalbox) echo "$SB_PID" ;;
+    signalbox-sticky) echo "$STICKY_PID" ;;
     pgbouncer-tx) pidfile "$WORK/pgbouncer-transaction.pid" ;;
     pgbouncer-session) pidfile "$WORK/pgbouncer-session.pid" ;;
     pgpool) tree "$(pidfile "$WORK/pgpool.pid")" ;;
@@ -73,6 +92,7 @@ port_of() {
   case $1 in
     direct) echo "$P" ;;
     signalbox) echo "$SB_PORT" ;;
+    signalbox-sticky) echo "$STICKY_PORT" ;;
     pgbouncer-tx) echo "$PGB_TX_PORT" ;;
     pgbouncer-session) echo "$PGB_SESSION_PORT" ;;
     pgpool) echo "$PGPOOL_PORT" ;;
@@ -89,12 +109,18 @@ pgbench_args() { # pgbench_args MODE
 
 # run TARGET MODE: one pgbench run with the accounting around it.
 run() {
-  local target=$1 mode=$2 port pids pg0 px0 sc0 cs0 out
+  local target=$1 mode=$2 port pids pg0 px0 cs0 out perf_pid=
   port=$(port_of "$target")
   mapfile -t pids < <(proxy_pids "$target")
-  mapfile -t pg < <(postgres_pids)
-  pg0=$(ticks "${pg[@]}"); px0=$(ticks "${pids[@]}")
-  sc0=$(syscalls "${pids[@]}"); cs0=$(switches "${pids[@]}")
+  pg0=$(postgres_ticks); px0=$(($(ticks "${pids[@]}") + $(reaped "${pids[@]}")))
+  cs0=$(switches "${pids[@]}")
+  rm -f "$WORK/perf.out"
+  if [ "${#pids[@]}" -gt 0 ]; then
+    perf stat -x, -e raw_syscalls:sys_enter -o "$WORK/perf.out" \
+      -p "$(IFS=,; echo "${pids[*]}")" >/dev/null 2>&1 &
+    perf_pid=$!
+    sleep 0.2
+  fi
   # pgbench's own CPU comes from getrusage of the child.
   out=$(python3 - "$port" $(pgbench_args "$mode") <<EOF
 import resource, subprocess, sys
@@ -107,10 +133,14 @@ print(p.stdout + p.stderr)
 print("pgbench_cpu_s", r.ru_utime + r.ru_stime)
 EOF
 )
-  mapfile -t pg < <(postgres_pids)
-  local pg1 px1 sc1 cs1 xacts tps bench_s
-  pg1=$(ticks "${pg[@]}"); px1=$(ticks "${pids[@]}")
-  sc1=$(syscalls "${pids[@]}"); cs1=$(switches "${pids[@]}")
+  local pg1 px1 sc=0 cs1 xacts tps bench_s
+  if [ -n "$perf_pid" ]; then
+    kill -INT "$perf_pid" 2>/dev/null || true
+    wait "$perf_pid" 2>/dev/null || true
+    sc=$(awk -F, '/raw_syscalls/ {print $1 + 0}' "$WORK/perf.out" 2>/dev/null || echo 0)
+  fi
+  pg1=$(postgres_ticks); px1=$(($(ticks "${pids[@]}") + $(reaped "${pids[@]}")))
+  cs1=$(switches "${pids[@]}")
   xacts=$(sed -nE 's/^number of transactions actually processed: ([0-9]+).*/\1/p' <<<"$out")
   tps=$(sed -nE 's/^tps = ([0-9.]+).*/\1/p' <<<"$out")
   bench_s=$(sed -nE 's/^pgbench_cpu_s (.*)/\1/p' <<<"$out")
@@ -118,7 +148,7 @@ EOF
     printf '  %-18s %-16s FAILED\n' "$target" "$mode"; return
   fi
   awk -v t="$target" -v m="$mode" -v x="$xacts" -v tps="$tps" -v tck="$TCK" \
-      -v px=$((px1 - px0)) -v pg=$((pg1 - pg0)) -v sc=$((sc1 - sc0)) -v cs=$((cs1 - cs0)) -v b="$bench_s" \
+      -v px=$((px1 - px0)) -v pg=$((pg1 - pg0)) -v sc="${sc:-0}" -v cs=$((cs1 - cs0)) -v b="$bench_s" \
       'BEGIN {
          proxy = px / tck * 1e6 / x; path = (px + pg) / tck * 1e6 / x + b * 1e6 / x
          printf "%s %s %.0f %.2f %.2f %.2f %.2f\n", t, m, tps, proxy, sc / x, cs / x, path >> "'"$WORK"'/cpu"
@@ -128,8 +158,8 @@ EOF
 
 targets_for() { # the targets that can run MODE
   case $1 in
-    select-prepared) echo "direct signalbox pgbouncer-session pgpool" ;;
-    *) echo "direct signalbox pgbouncer-tx pgpool" ;;
+    select-prepared) echo "direct signalbox signalbox-sticky pgbouncer-session pgpool" ;;
+    *) echo "direct signalbox signalbox-sticky pgbouncer-tx pgpool" ;;
   esac
 }
 
@@ -161,7 +191,7 @@ done
 
 echo
 echo "Single client (-S, -c 1, simple), mean latency:"
-for target in direct signalbox pgbouncer-tx pgpool; do
+for target in direct signalbox signalbox-sticky pgbouncer-tx pgpool; do
   lat=$(pgbench -n -S -c 1 -T "$DURATION" -h 127.0.0.1 -p "$(port_of "$target")" -U postgres postgres 2>&1 |
     sed -nE 's/^latency average = ([0-9.]+) ms/\1/p')
   printf '  %-18s %s ms\n' "$target" "${lat:-FAILED}"

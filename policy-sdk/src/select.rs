@@ -83,6 +83,19 @@ pub trait BackendIterExt<'a>: Iterator<Item = &'a Backend> + Sized {
             .max_by(|(x, _), (y, _)| x.total_cmp(y))
             .map(|(_, b)| b)
     }
+
+    /// Session affinity: the node this client session keeps using while
+    /// it stays a candidate (rendezvous hashing on the session id, so
+    /// sessions spread by weight and a node leaving moves only its own).
+    /// Each client then reuses the same warm server connections and
+    /// caches instead of rotating over every node.
+    fn sticky(self, session: &crate::Session) -> Option<&'a Backend> {
+        let key_hash = mix(session.id ^ 0x5bd1_e995_0000_0000);
+        self.filter(|b| b.weight() > 0)
+            .map(|b| (rendezvous_score(key_hash, b), b))
+            .max_by(|(x, _), (y, _)| x.total_cmp(y))
+            .map(|(_, b)| b)
+    }
 }
 
 impl<'a, I: Iterator<Item = &'a Backend>> BackendIterExt<'a> for I {}
@@ -206,5 +219,42 @@ mod tests {
         assert_eq!(stable_hash(b"tenant-42"), stable_hash(b"tenant-42"));
         assert_ne!(stable_hash(b"tenant-42"), stable_hash(b"tenant-43"));
         assert_eq!(stable_hash(b""), mix(0xcbf2_9ce4_8422_2325));
+    }
+
+    #[test]
+    fn sticky_keeps_a_session_and_spreads_sessions() {
+        let b = Backends::new(vec![
+            Backend::replica(1, "a"),
+            Backend::replica(2, "b"),
+            Backend::replica(3, "c"),
+        ]);
+        let mut counts = [0u32; 4];
+        for id in 0..3000u64 {
+            let s = crate::Session::new(id);
+            let first = b.iter().sticky(&s).map(|b| b.id).unwrap();
+            for _ in 0..3 {
+                assert_eq!(b.iter().sticky(&s).map(|b| b.id), Some(first));
+            }
+            counts[first as usize] += 1;
+        }
+        // Roughly a third each.
+        assert!(
+            counts[1..].iter().all(|&c| (800..1200).contains(&c)),
+            "{counts:?}"
+        );
+        // A node leaving moves only its own sessions.
+        for id in 0..300u64 {
+            let s = crate::Session::new(id);
+            let was = b.iter().sticky(&s).map(|b| b.id).unwrap();
+            let now = b
+                .iter()
+                .filter(|b| b.id != 3)
+                .sticky(&s)
+                .map(|b| b.id)
+                .unwrap();
+            if was != 3 {
+                assert_eq!(now, was);
+            }
+        }
     }
 }

@@ -1,6 +1,8 @@
 //! `rw-split`: the read/write split Sequelize's `replication: { read, write }`
 //! gives you, moved out of the application. Writes (anything not proven
-//! read-only) go to the primary; reads rotate round-robin over the replicas.
+//! read-only) go to the primary; reads rotate round-robin over the replicas
+//! (`spread = "statement"`, Sequelize's way) or keep each client session on
+//! one replica (`spread = "session"`: warm connections and caches).
 //!
 //! Unlike the ORM, it skips replicas that are down, and a statement carrying
 //! `/* signalbox: route=primary */` is sent to the primary.
@@ -17,6 +19,18 @@ pub struct RwSplitConfig {
     /// Also rotate reads over the primary (Sequelize does so when the write
     /// host is listed under `read` too).
     pub primary_reads: bool,
+    /// How reads spread over the replicas.
+    pub spread: Spread,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Spread {
+    /// Round-robin per statement, as Sequelize does.
+    #[default]
+    Statement,
+    /// One replica per client session while it stays healthy.
+    Session,
 }
 
 pub struct RwSplit {
@@ -32,7 +46,7 @@ impl Policy for RwSplit {
         })
     }
 
-    fn route(&mut self, stmt: &Statement, _session: &Session, backends: &Backends) -> Decision {
+    fn route(&mut self, stmt: &Statement, session: &Session, backends: &Backends) -> Decision {
         if !stmt.read_only {
             return Decision::primary().because("write");
         }
@@ -53,8 +67,17 @@ impl Policy for RwSplit {
         if pool.is_empty() {
             return Decision::primary().because("no replica");
         }
-        let pick = pool[self.next % pool.len()];
-        self.next = self.next.wrapping_add(1);
+        let pick = match self.config.spread {
+            Spread::Session => match pool.iter().copied().sticky(session) {
+                Some(b) => b,
+                None => pool[0],
+            },
+            Spread::Statement => {
+                let pick = pool[self.next % pool.len()];
+                self.next = self.next.wrapping_add(1);
+                pick
+            }
+        };
         match pick.role {
             Role::Primary => Decision::primary().because("read"),
             _ => Decision::replica(pick.id).because("read"),
@@ -106,6 +129,35 @@ mod tests {
         for _ in 0..3 {
             assert_eq!(
                 p.route(&stmt, &testing::session(), &down).target,
+                Target::Replica(2)
+            );
+        }
+    }
+
+    #[test]
+    fn session_spread_keeps_each_session_on_one_replica() {
+        let mut p = policy(r#"{"spread": "session"}"#);
+        let stmt = Statement::read("SELECT 1");
+        let b = testing::cluster();
+        let mut used = std::collections::HashSet::new();
+        for id in 0..50 {
+            let s = Session::new(id);
+            let first = p.route(&stmt, &s, &b).target;
+            for _ in 0..5 {
+                assert_eq!(p.route(&stmt, &s, &b).target, first);
+            }
+            used.insert(format!("{first:?}"));
+        }
+        assert_eq!(used.len(), 2, "sessions spread over both replicas");
+        // Its replica down: the session moves, reads keep working.
+        let down = Backends::new(vec![
+            Backend::primary(0, "primary"),
+            Backend::replica(1, "replica-1").unhealthy(),
+            Backend::replica(2, "replica-2"),
+        ]);
+        for id in 0..10 {
+            assert_eq!(
+                p.route(&stmt, &Session::new(id), &down).target,
                 Target::Replica(2)
             );
         }
