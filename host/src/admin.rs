@@ -1,13 +1,19 @@
 //! The admin HTTP API: `/health` for load balancers, `/status` (nodes, pools,
 //! the active policy and its reload history), `/metrics` (Prometheus text),
-//! and `POST /policy/reload`.
+//! `POST /policy/reload` and `POST /policy/rollback`.
+//!
+//! Access: bound to a loopback address it is open, except that with an
+//! `admin_token` configured the endpoints that change something ask for it;
+//! bound anywhere else (which needs a token) every request must carry
+//! `Authorization: Bearer <token>`.
 
 use std::fmt::Write;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
-use axum::extract::State;
-use axum::http::{header, StatusCode};
+use axum::extract::{Request, State};
+use axum::http::{header, Method, StatusCode};
+use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
@@ -22,15 +28,76 @@ use crate::route::Role;
 struct AppState {
     shared: Arc<Shared>,
     policy: Arc<PolicyManager>,
+    guard: Option<Arc<Guard>>,
 }
 
-pub fn router(shared: Arc<Shared>, policy: Arc<PolicyManager>) -> Router {
+/// Who may call the admin API.
+pub struct Guard {
+    token: String,
+    /// Every request needs the token (not bound to loopback), not only
+    /// the ones that change something.
+    everything: bool,
+}
+
+impl Guard {
+    /// The guard for an API bound to `bound` with `token` (none: open,
+    /// which the configuration allows on loopback only).
+    pub fn new(token: Option<&str>, bound: std::net::SocketAddr) -> Option<Arc<Self>> {
+        token.map(|t| {
+            Arc::new(Self {
+                token: t.trim().to_owned(),
+                everything: !bound.ip().is_loopback(),
+            })
+        })
+    }
+
+    fn admits(&self, method: &Method, headers: &axum::http::HeaderMap) -> bool {
+        let changes = !matches!(*method, Method::GET | Method::HEAD);
+        if !self.everything && !changes {
+            return true;
+        }
+        let presented = headers
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .unwrap_or("");
+        crate::proxy::auth::constant_time_eq(presented.trim().as_bytes(), self.token.as_bytes())
+    }
+}
+
+pub fn router(
+    shared: Arc<Shared>,
+    policy: Arc<PolicyManager>,
+    guard: Option<Arc<Guard>>,
+) -> Router {
+    let state = AppState {
+        shared,
+        policy,
+        guard,
+    };
     Router::new()
         .route("/health", get(health))
         .route("/status", get(status))
         .route("/metrics", get(metrics))
         .route("/policy/reload", post(reload))
-        .with_state(AppState { shared, policy })
+        .route("/policy/rollback", post(rollback))
+        .layer(axum::middleware::from_fn_with_state(state.clone(), authorize))
+        .with_state(state)
+}
+
+async fn authorize(State(s): State<AppState>, req: Request, next: Next) -> Response {
+    if let Some(guard) = &s.guard {
+        if !guard.admits(req.method(), req.headers()) {
+            tracing::warn!(method = %req.method(), path = %req.uri().path(), "admin API request refused: missing or wrong bearer token");
+            return (
+                StatusCode::UNAUTHORIZED,
+                [(header::WWW_AUTHENTICATE, "Bearer")],
+                "signalbox admin API: a valid `Authorization: Bearer <admin_token>` is required\n",
+            )
+                .into_response();
+        }
+    }
+    next.run(req).await
 }
 
 async fn health(State(s): State<AppState>) -> Response {
@@ -300,9 +367,45 @@ async fn reload(State(s): State<AppState>) -> Response {
     }
 }
 
+async fn rollback(State(s): State<AppState>) -> Response {
+    match s.policy.roll_back("api") {
+        Ok(event) => (StatusCode::OK, Json(event)).into_response(),
+        Err(why) => (StatusCode::CONFLICT, format!("{why}\n")).into_response(),
+    }
+}
+
 /// A Prometheus label value: backslash, quote and newline escaped.
 fn label(v: &str) -> String {
     v.replace('\\', "\\\\")
         .replace('"', "\\\"")
         .replace('\n', "\\n")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn headers(auth: Option<&str>) -> axum::http::HeaderMap {
+        let mut h = axum::http::HeaderMap::new();
+        if let Some(a) = auth {
+            h.insert(header::AUTHORIZATION, a.parse().unwrap());
+        }
+        h
+    }
+
+    #[test]
+    fn the_guard_asks_for_the_token_where_it_must() {
+        let token = "0123456789abcdef-token";
+        let ok = format!("Bearer {token}");
+        let loopback = Guard::new(Some(token), "127.0.0.1:9930".parse().unwrap()).unwrap();
+        assert!(loopback.admits(&Method::GET, &headers(None)));
+        assert!(!loopback.admits(&Method::POST, &headers(None)));
+        assert!(!loopback.admits(&Method::POST, &headers(Some("Bearer nope"))));
+        assert!(loopback.admits(&Method::POST, &headers(Some(&ok))));
+        let public = Guard::new(Some(token), "10.1.2.3:9930".parse().unwrap()).unwrap();
+        assert!(!public.admits(&Method::GET, &headers(None)));
+        assert!(!public.admits(&Method::GET, &headers(Some(token))));
+        assert!(public.admits(&Method::GET, &headers(Some(&ok))));
+        assert!(Guard::new(None, "127.0.0.1:9930".parse().unwrap()).is_none());
+    }
 }

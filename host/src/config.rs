@@ -18,8 +18,13 @@ use serde::Deserialize;
 pub struct Config {
     /// Address clients connect to, e.g. `127.0.0.1:6432`.
     pub listen: SocketAddr,
-    /// Admin HTTP API (`/health`, `/status`, `/metrics`, `POST /policy/reload`).
+    /// Admin HTTP API (`/health`, `/status`, `/metrics`, `POST /policy/reload`,
+    /// `POST /policy/rollback`).
     pub admin_listen: Option<SocketAddr>,
+    /// Bearer token of the admin API (use `${ENV_VAR}`). Required when
+    /// `admin_listen` is not a loopback address, and then asked of every
+    /// request; on loopback it guards the endpoints that change something.
+    pub admin_token: Option<String>,
     /// Threads serving clients (default: one per core).
     pub workers: Option<usize>,
     pub nodes: Vec<NodeConfig>,
@@ -299,6 +304,9 @@ impl Config {
         };
         let mut c: Config = toml::from_str(text).map_err(|e| invalid(e.to_string()))?;
         c.origin = origin.to_owned();
+        if let Some(t) = &c.admin_token {
+            c.admin_token = Some(interpolate(t).map_err(|e| invalid(format!("admin_token: {e}")))?);
+        }
         for (i, n) in c.nodes.iter_mut().enumerate() {
             n.url = interpolate(&n.url).map_err(|e| invalid(format!("nodes[{i}].url: {e}")))?;
         }
@@ -315,6 +323,16 @@ impl Config {
     }
 
     fn check(&self) -> Result<(), String> {
+        if self.admin_token.as_deref().is_some_and(|t| t.trim().len() < 16) {
+            return Err("admin_token: too short (at least 16 characters)".into());
+        }
+        if let Some(a) = self.admin_listen {
+            if !a.ip().is_loopback() && self.admin_token.is_none() {
+                return Err(format!(
+                    "admin_listen: {a} is not a loopback address, so the admin API needs admin_token (e.g. admin_token = \"${{SIGNALBOX_ADMIN_TOKEN}}\"); without one it binds only to 127.0.0.1 or ::1"
+                ));
+            }
+        }
         if self.nodes.is_empty() {
             return Err("nodes: at least one [[nodes]] entry is required".into());
         }
@@ -635,6 +653,31 @@ mod tests {
         .unwrap_err()
         .to_string();
         assert!(e.contains("nodes[1].url"), "{e}");
+    }
+
+    #[test]
+    fn a_public_admin_api_needs_a_token() {
+        std::env::set_var("SB_TEST_PW", "x");
+        let public = FULL.replace("127.0.0.1:9930", "0.0.0.0:9930");
+        let e = Config::parse(&public, Path::new("sb.toml"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("sb.toml") && e.contains("admin_listen") && e.contains("admin_token"),
+            "{e}"
+        );
+        std::env::set_var("SB_TEST_ADMIN", "0123456789abcdef-token");
+        let with_token = public.replace(
+            "admin_listen = \"0.0.0.0:9930\"",
+            "admin_listen = \"0.0.0.0:9930\"\nadmin_token = \"${SB_TEST_ADMIN}\"",
+        );
+        let c = Config::parse(&with_token, Path::new("sb.toml")).unwrap();
+        assert_eq!(c.admin_token.as_deref(), Some("0123456789abcdef-token"));
+        let short = with_token.replace("${SB_TEST_ADMIN}", "short");
+        let e = Config::parse(&short, Path::new("sb.toml"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("admin_token"), "{e}");
     }
 
     #[test]

@@ -73,7 +73,8 @@ impl Server {
                     .await
                     .with_context(|| format!("admin_listen: cannot bind {a}"))?;
                 let admin_addr = l.local_addr()?;
-                let app = crate::admin::router(shared.clone(), policy.clone());
+                let guard = crate::admin::Guard::new(config.admin_token.as_deref(), admin_addr);
+                let app = crate::admin::router(shared.clone(), policy.clone(), guard);
                 tasks.push(tokio::spawn(async move {
                     if let Err(e) = axum::serve(l, app).await {
                         tracing::error!(error = %e, "admin API failed");

@@ -29,7 +29,11 @@ async fn port(client: &tokio_postgres::Client, sql: &str) -> u16 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn statements_run_where_they_must() {
-    let server = start(&policy_section(&example("rw-split"))).await;
+    let server = start(&format!(
+        "{}[policy.config]\nspread = \"statement\"\n",
+        policy_section(&example("rw-split"))
+    ))
+    .await;
     let p = server.addr.port();
     let c = connect(p, "postgres").await;
     let primary = port_of("primary");
@@ -573,6 +577,87 @@ async fn admin_api_reports_nodes_policy_and_metrics() {
         String::from_utf8_lossy(&out.stdout).into_owned()
     });
     assert!(reload.contains("\"result\":\"unchanged\""), "{reload}");
+}
+
+/// rw-split by default keeps each client session on one replica (warm
+/// connections), and spreads sessions over the replicas.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rw_split_keeps_a_session_on_one_replica() {
+    let server = start(&policy_section(&example("rw-split"))).await;
+    let replicas = replica_ports();
+    let mut used = std::collections::HashSet::new();
+    for _ in 0..16 {
+        let c = connect(server.addr.port(), "postgres").await;
+        let first = port(&c, "SELECT inet_server_port()").await;
+        assert!(replicas.contains(&first), "read ran on {first}");
+        for _ in 0..4 {
+            assert_eq!(port(&c, "SELECT inet_server_port()").await, first);
+        }
+        used.insert(first);
+    }
+    assert_eq!(used.len(), 2, "sessions spread over both replicas");
+}
+
+/// `curl` the admin API: (status code, body).
+fn admin_call(method: &str, url: &str, token: Option<&str>) -> (u16, String) {
+    let mut cmd = std::process::Command::new("curl");
+    cmd.args(["-s", "-X", method, "-w", "\n%{http_code}", url]);
+    if let Some(t) = token {
+        cmd.args(["-H", &format!("Authorization: Bearer {t}")]);
+    }
+    let out = cmd.output().expect("curl");
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let (body, code) = text.rsplit_once('\n').unwrap_or(("", &text));
+    (code.trim().parse().unwrap_or(0), body.to_owned())
+}
+
+/// With an admin token, reading stays open on loopback but reloading and
+/// rolling back need the token; a rollback restores the version that was
+/// live before, and the watcher does not bring the newer file back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admin_token_guards_changes_and_rollback_restores_the_previous_policy() {
+    let dir = tempfile::tempdir().unwrap();
+    let live = dir.path().join("policy.wasm");
+    std::fs::copy(example("rw-split"), &live).unwrap();
+    let token = "test-admin-token-0123456789";
+    let server = start(&format!(
+        "admin_token = \"{token}\"\n{}",
+        policy_section(&live)
+    ))
+    .await;
+    let admin = server.admin_addr.unwrap();
+    let url = |p: &str| format!("http://{admin}{p}");
+    let active = |s: &signalbox::server::Server| {
+        s.policy.status().active.map(|p| p.sha256).unwrap_or_default()
+    };
+    let first = active(&server);
+    tokio::task::block_in_place(|| {
+        assert_eq!(admin_call("GET", &url("/status"), None).0, 200);
+        assert_eq!(admin_call("GET", &url("/metrics"), None).0, 200);
+        let (code, body) = admin_call("POST", &url("/policy/reload"), None);
+        assert_eq!(code, 401, "{body}");
+        assert_eq!(admin_call("POST", &url("/policy/rollback"), Some("wrong")).0, 401);
+        // Nothing to roll back to yet.
+        let (code, body) = admin_call("POST", &url("/policy/rollback"), Some(token));
+        assert_eq!(code, 409, "{body}");
+    });
+    // A new version, activated through the API.
+    signalbox_tests::replace_by_rename(&example("lag-aware"), &live);
+    let (code, body) =
+        tokio::task::block_in_place(|| admin_call("POST", &url("/policy/reload"), Some(token)));
+    assert_eq!(code, 200, "{body}");
+    let second = active(&server);
+    assert_ne!(second, first);
+    let (code, body) =
+        tokio::task::block_in_place(|| admin_call("POST", &url("/policy/rollback"), Some(token)));
+    assert_eq!(code, 200, "{body}");
+    assert!(body.contains("\"result\":\"rolled_back\""), "{body}");
+    assert_eq!(active(&server), first);
+    // The file on disk is still the newer version: the watcher leaves it.
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    assert_eq!(active(&server), first);
+    let (_, status) = tokio::task::block_in_place(|| admin_call("GET", &url("/status"), None));
+    assert!(status.contains("rolled_back"), "{status}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -424,6 +424,37 @@ impl PolicyManager {
         Outcome::Activated { sha256: hash }
     }
 
+    /// An operator's rollback: the version that was live before the current
+    /// one serves again, and the current file is not reactivated by the
+    /// watcher (an explicit reload still can). A second rollback returns to
+    /// the version just rolled back.
+    pub fn roll_back(&self, trigger: &str) -> Result<ReloadEvent, String> {
+        let _serial = lock(&self.reload_lock);
+        let current = self
+            .current
+            .load_full()
+            .ok_or("no policy version is active: nothing to roll back")?;
+        let restore = lock(&self.last_good)
+            .clone()
+            .ok_or("no earlier policy version to roll back to")?;
+        self.current.store(Some(restore.clone()));
+        *lock(&self.last_good) = Some(current.clone());
+        lock(&self.refused).insert(current.info.sha256.clone());
+        tracing::warn!(from = %current.info.sha256, to = %restore.info.sha256, trigger, "policy rolled back by an operator");
+        let mut journal = lock(&self.journal);
+        journal.rollbacks += 1;
+        Ok(push(
+            &mut journal,
+            trigger,
+            Outcome::RolledBack {
+                from: current.info.sha256.clone(),
+                to: Some(restore.info.sha256.clone()),
+                reason: "requested by an operator".into(),
+            },
+        )
+        .clone())
+    }
+
     /// Every stage but the swap.
     fn validate(&self, bytes: &[u8]) -> Result<LoadedPolicy, LoadError> {
         let spec = LoadSpec {

@@ -332,6 +332,38 @@ mod tests {
     }
 
     #[test]
+    fn caught_up_replica_is_a_replica_past_the_write_or_the_primary() {
+        // Replicas 1 and 3 are healthy; 1 has replayed to 100, 3 to 300.
+        let mut c = cluster();
+        c.states[1].replay_lsn = 100;
+        c.states[3].replay_lsn = 300;
+        let wrote = |lsn| Session {
+            last_write_lsn: Some(lsn),
+            ..Session::default()
+        };
+        let t = Target::CaughtUpReplica(50);
+        assert_eq!(
+            enforce(&t, &read(), &wrote(200), &c, 0),
+            Enforced::keep(Routed::Node(3))
+        );
+        assert_eq!(
+            enforce(&t, &read(), &wrote(400), &c, 0),
+            Enforced::keep(Routed::Node(0)),
+            "none caught up: the primary"
+        );
+        // Without a write it is any replica (least outstanding: 1).
+        assert_eq!(
+            enforce(&t, &read(), &idle(), &c, 0),
+            Enforced::keep(Routed::Node(1))
+        );
+        // Never a write.
+        assert_eq!(
+            enforce(&t, &write(), &wrote(200), &c, 0),
+            Enforced::overridden(Routed::Node(0), Override::WriteToReplica)
+        );
+    }
+
+    #[test]
     fn bad_replica_targets_are_replaced_by_builtin() {
         let c = cluster();
         assert_eq!(

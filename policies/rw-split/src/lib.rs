@@ -1,8 +1,9 @@
 //! `rw-split`: the read/write split Sequelize's `replication: { read, write }`
 //! gives you, moved out of the application. Writes (anything not proven
-//! read-only) go to the primary; reads rotate round-robin over the replicas
-//! (`spread = "statement"`, Sequelize's way) or keep each client session on
-//! one replica (`spread = "session"`: warm connections and caches).
+//! read-only) go to the primary; reads keep each client session on one
+//! replica (`spread = "session"`, the default: warm connections and caches,
+//! measured in `bench/RESULTS.md`) or rotate round-robin per statement
+//! (`spread = "statement"`, Sequelize's own way).
 //!
 //! Unlike the ORM, it skips replicas that are down, and a statement carrying
 //! `/* signalbox: route=primary */` is sent to the primary.
@@ -27,9 +28,9 @@ pub struct RwSplitConfig {
 #[serde(rename_all = "lowercase")]
 pub enum Spread {
     /// Round-robin per statement, as Sequelize does.
-    #[default]
     Statement,
     /// One replica per client session while it stays healthy.
+    #[default]
     Session,
 }
 
@@ -106,7 +107,7 @@ mod tests {
 
     #[test]
     fn reads_rotate_over_healthy_replicas() {
-        let mut p = policy("");
+        let mut p = policy(r#"{"spread": "statement"}"#);
         let stmt = Statement::read("SELECT 1");
         let b = testing::cluster();
         let seq: Vec<Target> = (0..4)
@@ -136,7 +137,7 @@ mod tests {
 
     #[test]
     fn session_spread_keeps_each_session_on_one_replica() {
-        let mut p = policy(r#"{"spread": "session"}"#);
+        let mut p = policy("");
         let stmt = Statement::read("SELECT 1");
         let b = testing::cluster();
         let mut used = std::collections::HashSet::new();
@@ -165,7 +166,7 @@ mod tests {
 
     #[test]
     fn read_list_and_primary_reads() {
-        let mut p = policy(r#"{"read": ["replica-2"], "primary_reads": true}"#);
+        let mut p = policy(r#"{"read": ["replica-2"], "primary_reads": true, "spread": "statement"}"#);
         let stmt = Statement::read("SELECT 1");
         let b = testing::cluster();
         let seq: Vec<Target> = (0..2)
