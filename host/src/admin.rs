@@ -81,7 +81,10 @@ pub fn router(
         .route("/metrics", get(metrics))
         .route("/policy/reload", post(reload))
         .route("/policy/rollback", post(rollback))
-        .layer(axum::middleware::from_fn_with_state(state.clone(), authorize))
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            authorize,
+        ))
         .with_state(state)
 }
 

@@ -323,7 +323,11 @@ impl Config {
     }
 
     fn check(&self) -> Result<(), String> {
-        if self.admin_token.as_deref().is_some_and(|t| t.trim().len() < 16) {
+        if self
+            .admin_token
+            .as_deref()
+            .is_some_and(|t| t.trim().len() < 16)
+        {
             return Err("admin_token: too short (at least 16 characters)".into());
         }
         if let Some(a) = self.admin_listen {

@@ -628,7 +628,11 @@ async fn admin_token_guards_changes_and_rollback_restores_the_previous_policy() 
     let admin = server.admin_addr.unwrap();
     let url = |p: &str| format!("http://{admin}{p}");
     let active = |s: &signalbox::server::Server| {
-        s.policy.status().active.map(|p| p.sha256).unwrap_or_default()
+        s.policy
+            .status()
+            .active
+            .map(|p| p.sha256)
+            .unwrap_or_default()
     };
     let first = active(&server);
     tokio::task::block_in_place(|| {
@@ -636,7 +640,10 @@ async fn admin_token_guards_changes_and_rollback_restores_the_previous_policy() 
         assert_eq!(admin_call("GET", &url("/metrics"), None).0, 200);
         let (code, body) = admin_call("POST", &url("/policy/reload"), None);
         assert_eq!(code, 401, "{body}");
-        assert_eq!(admin_call("POST", &url("/policy/rollback"), Some("wrong")).0, 401);
+        assert_eq!(
+            admin_call("POST", &url("/policy/rollback"), Some("wrong")).0,
+            401
+        );
         // Nothing to roll back to yet.
         let (code, body) = admin_call("POST", &url("/policy/rollback"), Some(token));
         assert_eq!(code, 409, "{body}");

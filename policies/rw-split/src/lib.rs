@@ -166,7 +166,8 @@ mod tests {
 
     #[test]
     fn read_list_and_primary_reads() {
-        let mut p = policy(r#"{"read": ["replica-2"], "primary_reads": true, "spread": "statement"}"#);
+        let mut p =
+            policy(r#"{"read": ["replica-2"], "primary_reads": true, "spread": "statement"}"#);
         let stmt = Statement::read("SELECT 1");
         let b = testing::cluster();
         let seq: Vec<Target> = (0..2)
