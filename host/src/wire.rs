@@ -228,6 +228,22 @@ pub fn error_response(out: &mut BytesMut, severity: &str, code: &str, text: &str
     });
 }
 
+/// A `NoticeResponse` (severity NOTICE, SQLSTATE 00000).
+pub fn notice(out: &mut BytesMut, text: &str) {
+    message(out, b'N', |b| {
+        for (field, value) in [
+            (b'S', "NOTICE"),
+            (b'V', "NOTICE"),
+            (b'C', "00000"),
+            (b'M', text),
+        ] {
+            b.put_u8(field);
+            put_cstr(b, value);
+        }
+        b.put_u8(0);
+    });
+}
+
 /// SQLSTATE and message of an `ErrorResponse` body.
 pub fn error_fields(body: &[u8]) -> (String, String) {
     let (mut code, mut msg) = (String::new(), String::new());

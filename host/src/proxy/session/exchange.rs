@@ -217,6 +217,9 @@ impl Session {
             match self.sync_state().await {
                 Ok(None) => {
                     self.shared.metrics.routed(node, read_only);
+                    if self.trace {
+                        self.trace_decision(node, &routing, class, read_only);
+                    }
                     return Ok(true);
                 }
                 Ok(Some((code, msg))) => {
@@ -656,6 +659,7 @@ impl Session {
                         self.statements.clear();
                         if matches!(e, SessionEffect::DiscardAll) {
                             self.min_lsn = None;
+                            self.trace = false;
                         }
                     }
                 }
@@ -696,6 +700,7 @@ impl Session {
                 self.statements.clear();
                 self.pending_effects.clear();
                 self.min_lsn = None;
+                self.trace = false;
                 self.encoding = self.startup_encoding;
                 self.state
                     .apply(&[SessionEffect::DiscardAll], &self.startup_sets);

@@ -11,6 +11,7 @@
 mod exchange;
 mod login;
 mod ryw;
+mod trace;
 
 use std::collections::HashSet;
 use std::sync::Arc;
@@ -71,6 +72,8 @@ pub struct Session {
     min_lsn: Option<(u64, std::time::Instant)>,
     /// Read-your-writes: the `min_lsn` hint of the statement being routed.
     statement_lsn: Option<(u64, std::time::Instant)>,
+    /// `SET signalbox.trace = on`: a NOTICE per routed statement.
+    trace: bool,
     /// Session mode: code ran that may have set state signalbox cannot
     /// see (a function, procedure or DO block): no more reads elsewhere.
     untracked_state: bool,
@@ -188,6 +191,7 @@ impl Session {
             ryw_keys: Vec::new(),
             min_lsn: None,
             statement_lsn: None,
+            trace: false,
             untracked_state: false,
             route_session: Arc::default(),
             pools: Vec::new(),

@@ -223,6 +223,24 @@ impl Session {
 
     fn apply_own(&mut self, setting: &OwnSetting) -> Result<Own, (&'static str, String)> {
         match setting {
+            OwnSetting::Show { name } if name == "trace" => Ok(Own::Shown(
+                name.clone(),
+                if self.trace { "on" } else { "off" }.into(),
+            )),
+            OwnSetting::Set { name, value } if name == "trace" => {
+                self.trace = match value.as_deref() {
+                    None => false,
+                    Some("on" | "true" | "yes" | "1") => true,
+                    Some("off" | "false" | "no" | "0") => false,
+                    Some(v) => {
+                        return Err((
+                            "22023",
+                            format!("parameter \"signalbox.trace\" requires a Boolean value, not \"{v}\""),
+                        ))
+                    }
+                };
+                Ok(Own::Set)
+            }
             OwnSetting::Show { name } if name == "write_lsn" || name == "min_lsn" => {
                 let lsn = match name.as_str() {
                     "write_lsn" => self.write_position().map(|(l, _)| l),
@@ -252,7 +270,7 @@ impl Session {
             OwnSetting::Set { name, .. } | OwnSetting::Show { name } => Err((
                 "42704",
                 format!(
-                    "unrecognized configuration parameter \"signalbox.{name}\" (signalbox knows signalbox.write_lsn and signalbox.min_lsn)"
+                    "unrecognized configuration parameter \"signalbox.{name}\" (signalbox knows signalbox.write_lsn, signalbox.min_lsn and signalbox.trace)"
                 ),
             )),
         }

@@ -1,0 +1,77 @@
+//! Decision tracing for one session: with `SET signalbox.trace = on`, each
+//! routed statement is preceded by a NOTICE saying where it ran and why —
+//! the node, the policy version and its reason, any guardrail override, and
+//! the classifier's verdict with the catalog's causes.
+
+use super::Session;
+use crate::route::NodeId;
+use crate::router::Routing;
+use crate::sql::classify::Classified;
+use crate::wire;
+
+impl Session {
+    /// Queue the trace NOTICE for a statement routed to `node` (sent with
+    /// the statement's own replies, before them).
+    pub(super) fn trace_decision(
+        &mut self,
+        node: NodeId,
+        routing: &Routing,
+        class: &Classified,
+        read_only: bool,
+    ) {
+        let view = self.shared.cluster.view();
+        let role = view
+            .state(node)
+            .map(|s| format!("{:?}", s.role).to_lowercase())
+            .unwrap_or_default();
+        let policy = match self.shared.router.policy.active() {
+            Some(p) => format!(
+                "{}@{}",
+                p.info.name,
+                p.info.sha256.get(..12).unwrap_or(&p.info.sha256)
+            ),
+            None => "built-in routing".into(),
+        };
+        let mut text = format!(
+            "signalbox: ran on {} ({role}); policy {policy} chose {:?}",
+            view.node_name(node),
+            routing.target
+        );
+        if let Some(reason) = &routing.reason {
+            text.push_str(&format!(" because \"{reason}\""));
+        }
+        if let Some(failure) = &routing.failure {
+            text.push_str(&format!(" (policy failed: {failure})"));
+        }
+        if let Some(o) = routing.enforced.overridden {
+            text.push_str(&format!("; guardrail override: {}", o.as_str()));
+        }
+        text.push_str(&format!("; classifier: {}", self.verdict(class, read_only)));
+        wire::notice(&mut self.client.out, &text);
+    }
+
+    /// The classifier's verdict in words, with the catalog's causes.
+    fn verdict(&self, class: &Classified, read_only: bool) -> String {
+        let mut v = if read_only {
+            "read-only".to_owned()
+        } else if class.parse_error {
+            "does not parse (primary)".to_owned()
+        } else {
+            format!("not read-only, {:?} (primary)", class.kind).to_lowercase()
+        };
+        let mut explained = false;
+        if class.facts.catalog_candidate {
+            if let Some(cat) = self.shared.catalogs.get(&self.database) {
+                let judged = cat.judge(&class.facts);
+                if !judged.reasons.is_empty() {
+                    v.push_str(&format!(" [{}]", judged.reasons.join("; ")));
+                    explained = true;
+                }
+            }
+        }
+        if !explained && !read_only && !class.functions.is_empty() {
+            v.push_str(&format!(" calls {}", class.functions.join(", ")));
+        }
+        v
+    }
+}
