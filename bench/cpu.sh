@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # CPU cost per transaction, side by side in one run, rounds interleaved:
-# signalbox (rw-split over two replicas; `signalbox-sticky`: the same with
-# `spread = "session"`, each client kept on one replica; `signalbox-1w`: that
-# with one worker thread), PgBouncer (transaction mode; session
+# signalbox (rw-split over two replicas, each client session kept on one;
+# `signalbox-rr`: the same with `spread = "statement"`, round-robin per
+# statement; `signalbox-1w`: the default with one worker thread), PgBouncer (transaction mode; session
 # mode for -M prepared, which it cannot serve in transaction mode) and
 # Pgpool-II (read load balancing), against the same cluster, plus a direct
 # connection to the primary. For each run it prints, per transaction:
@@ -58,19 +58,19 @@ pidfile() { tr -d '\0' <"$1" | head -n1; }
 
 CLUSTER_DIR=$(sed -nE 's/.*config: (.*)\/signalbox\.toml.*/\1/p' "$WORK/demo.log")
 
-# A second signalbox, the demo's configuration with session spread.
+# A second signalbox, the demo's configuration with round-robin reads.
 STICKY_PORT=$((SB_PORT + 20))
 sed -E -e "s/^listen = .*/listen = \"127.0.0.1:$STICKY_PORT\"/" \
   -e "s/^admin_listen = .*/admin_listen = \"127.0.0.1:$((STICKY_PORT + 1))\"/" \
-  -e 's/^(path = .*)$/\1\n[policy.config]\nspread = "session"/' \
+  -e 's/^(path = .*)$/\1\n[policy.config]\nspread = "statement"/' \
   "$CLUSTER_DIR/signalbox.toml" >"$WORK/sticky.toml"
 ./target/release/signalbox serve --config "$WORK/sticky.toml" >"$WORK/sticky.log" 2>&1 &
 STICKY_PID=$!
 PIDS+=("$STICKY_PID")
 wait_port "$STICKY_PORT"
-# And the same with one worker thread (`signalbox-1w`).
+# And the demo's configuration with one worker thread (`signalbox-1w`).
 ONE_PORT=$((SB_PORT + 30))
-grep -v '^workers = ' "$WORK/sticky.toml" |
+grep -v '^workers = ' "$CLUSTER_DIR/signalbox.toml" |
   sed -E -e "s/^listen = .*/listen = \"127.0.0.1:$ONE_PORT\"\nworkers = 1/" \
     -e "s/^admin_listen = .*/admin_listen = \"127.0.0.1:$((ONE_PORT + 1))\"/" >"$WORK/one.toml"
 ./target/release/signalbox serve --config "$WORK/one.toml" >"$WORK/one.log" 2>&1 &
@@ -92,7 +92,7 @@ proxy_pids() { # proxy_pids TARGET
   case $1 in
     direct) ;;
     signalbox) echo "$SB_PID" ;;
-    signalbox-sticky) echo "$STICKY_PID" ;;
+    signalbox-rr) echo "$STICKY_PID" ;;
     signalbox-1w) echo "$ONE_PID" ;;
     pgbouncer-tx) pidfile "$WORK/pgbouncer-transaction.pid" ;;
     pgbouncer-session) pidfile "$WORK/pgbouncer-session.pid" ;;
@@ -103,7 +103,7 @@ port_of() {
   case $1 in
     direct) echo "$P" ;;
     signalbox) echo "$SB_PORT" ;;
-    signalbox-sticky) echo "$STICKY_PORT" ;;
+    signalbox-rr) echo "$STICKY_PORT" ;;
     signalbox-1w) echo "$ONE_PORT" ;;
     pgbouncer-tx) echo "$PGB_TX_PORT" ;;
     pgbouncer-session) echo "$PGB_SESSION_PORT" ;;
@@ -170,8 +170,8 @@ EOF
 
 targets_for() { # the targets that can run MODE
   case $1 in
-    select-prepared) echo "direct signalbox signalbox-sticky signalbox-1w pgbouncer-session pgpool" ;;
-    *) echo "direct signalbox signalbox-sticky signalbox-1w pgbouncer-tx pgpool" ;;
+    select-prepared) echo "direct signalbox signalbox-rr signalbox-1w pgbouncer-session pgpool" ;;
+    *) echo "direct signalbox signalbox-rr signalbox-1w pgbouncer-tx pgpool" ;;
   esac
 }
 
@@ -203,7 +203,7 @@ done
 
 echo
 echo "Single client (-S, -c 1, simple), mean latency:"
-for target in direct signalbox signalbox-sticky signalbox-1w pgbouncer-tx pgpool; do
+for target in direct signalbox signalbox-rr signalbox-1w pgbouncer-tx pgpool; do
   lat=$(pgbench -n -S -c 1 -T "$DURATION" -h 127.0.0.1 -p "$(port_of "$target")" -U postgres postgres 2>&1 |
     sed -nE 's/^latency average = ([0-9.]+) ms/\1/p')
   printf '  %-18s %s ms\n' "$target" "${lat:-FAILED}"

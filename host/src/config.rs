@@ -685,6 +685,24 @@ mod tests {
     }
 
     #[test]
+    fn the_kubernetes_config_is_valid() {
+        // The TOML block of the ConfigMap in deploy/kubernetes/signalbox.yaml.
+        let yaml = include_str!("../../deploy/kubernetes/signalbox.yaml");
+        let toml: String = yaml
+            .lines()
+            .skip_while(|l| !l.contains("signalbox.toml: |"))
+            .skip(1)
+            .take_while(|l| l.is_empty() || l.starts_with("    "))
+            .map(|l| format!("{}\n", l.get(4..).unwrap_or("")))
+            .collect();
+        std::env::set_var("SIGNALBOX_ADMIN_TOKEN", "0123456789abcdef0123");
+        std::env::set_var("DB_PASSWORD", "x");
+        let c = Config::parse(&toml, Path::new("signalbox.yaml")).unwrap();
+        assert_eq!(c.nodes.len(), 3);
+        assert!(c.admin_token.is_some());
+    }
+
+    #[test]
     fn the_example_config_is_valid() {
         std::env::set_var("DB_PASSWORD", "x");
         let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../signalbox.example.toml");

@@ -1,8 +1,9 @@
 //! `rw-split`: the read/write split Sequelize's `replication: { read, write }`
 //! gives you, moved out of the application. Writes (anything not proven
 //! read-only) go to the primary; reads keep each client session on one
-//! replica (`spread = "session"`, the default: warm connections and caches,
-//! measured in `bench/RESULTS.md`) or rotate round-robin per statement
+//! replica (`spread = "session"`, the default: a session's reads never go
+//! back in time between replicas that lag differently, and its server
+//! connections stay warm) or rotate round-robin per statement
 //! (`spread = "statement"`, Sequelize's own way).
 //!
 //! Unlike the ORM, it skips replicas that are down, and a statement carrying
