@@ -55,7 +55,16 @@ pub fn main() -> ExitCode {
         .init();
     let cli = Cli::parse();
     let result = match cli.command {
-        Command::Policy(cmd) => policy_cmd::run(cmd),
+        Command::Policy(cmd) => {
+            // A report piped into `head` ends quietly, as other tools do,
+            // instead of panicking on EPIPE. (Only here: the server keeps
+            // SIGPIPE ignored, so a vanished client is an error, not death.)
+            // SAFETY: setting a signal disposition before any thread starts.
+            unsafe {
+                libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+            }
+            policy_cmd::run(cmd)
+        }
         Command::Serve { config } => serve_cmd::serve(&config),
         Command::Demo {
             port,

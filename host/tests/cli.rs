@@ -82,6 +82,18 @@ fn scaffold_test_build_check_and_run() {
     assert!(out.contains("exports:     init, route"), "{out}");
     assert!(out.contains("signalbox:policy/host@0.2.0"), "{out}");
     assert!(!out.contains("wasi"), "{out}");
+    // Piped into a reader that is already gone, the report ends quietly
+    // (no panic on EPIPE).
+    let piped = Command::new("sh")
+        .arg("-c")
+        .arg(format!(
+            "{} policy check {} | true",
+            env!("CARGO_BIN_EXE_signalbox"),
+            wasm.display()
+        ))
+        .output()
+        .unwrap();
+    assert!(!text(&piped).contains("panicked"), "{}", text(&piped));
 
     let fixtures = crate_dir.join("fixtures.toml");
     let r = signalbox(&[

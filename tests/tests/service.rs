@@ -569,6 +569,19 @@ async fn admin_api_reports_nodes_policy_and_metrics() {
         "{metrics}"
     );
     assert!(metrics.contains("signalbox_guardrail_overrides_total{kind=\"write_to_replica\"}"));
+    // 100 reads later, the replicas' routed counters rose by exactly 100.
+    let on_replicas = |text: &str| -> u64 {
+        text.lines()
+            .filter(|l| l.starts_with("signalbox_routed_total{node=\"replica-"))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+            .sum()
+    };
+    let before = on_replicas(&metrics);
+    for _ in 0..100 {
+        port(&c, "SELECT inet_server_port()").await;
+    }
+    let after = on_replicas(&tokio::task::block_in_place(|| get("/metrics")));
+    assert_eq!(after - before, 100);
     let reload = tokio::task::block_in_place(|| {
         let out = std::process::Command::new("curl")
             .args(["-s", "-X", "POST", &format!("http://{admin}/policy/reload")])

@@ -310,7 +310,28 @@ async fn handle(tcp: TcpStream, shared: Arc<Shared>) -> Result<(), WireError> {
         id,
         login_deadline,
     };
-    session::Session::run(shared.clone(), accepted).await;
+    // With debug logging, every line of this client carries its session
+    // id, peer and user, so one client's story can be followed. (A debug
+    // span: disabled at the default level, it costs nothing per poll.)
+    let span = tracing::debug_span!(
+        "session",
+        id = accepted.id,
+        peer = %accepted.peer,
+        user = tracing::field::Empty,
+        database = tracing::field::Empty
+    );
+    for (k, v) in &accepted.params {
+        match k.as_str() {
+            "user" => {
+                span.record("user", v.as_str());
+            }
+            "database" => {
+                span.record("database", v.as_str());
+            }
+            _ => {}
+        }
+    }
+    tracing::Instrument::instrument(session::Session::run(shared.clone(), accepted), span).await;
     shared
         .metrics
         .sessions_active
