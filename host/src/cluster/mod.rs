@@ -212,10 +212,35 @@ impl Cluster {
         if flag.swap(true, Ordering::AcqRel) {
             return;
         }
-        let p = self.probe(node).await;
+        let mut p = self.probe(node).await;
+        // A node whose port refuses connections is down for sure: ban it at
+        // this first failed probe instead of waiting for more (each waits
+        // out the control pool's acquire timeout, as sqlx retries refused
+        // connects).
+        if let Err(why) = &p {
+            if self.refuses_connections(node).await {
+                p = Err(format!("{why} (connection refused)"));
+                let mut failures = lock(&self.failures);
+                let almost = self.health.failures_to_ban.saturating_sub(1);
+                failures[node] = failures[node].max(almost);
+            }
+        }
         flag.store(false, Ordering::Release);
         self.record(node, p);
         self.publish();
+    }
+
+    /// Whether `node`'s address actively refuses a TCP connection (nothing
+    /// listens there); a timeout or any other outcome is not proof.
+    async fn refuses_connections(&self, node: usize) -> bool {
+        let Some(addr) = self.addrs.get(node) else {
+            return false;
+        };
+        let connect = tokio::net::TcpStream::connect(addr.socket());
+        matches!(
+            tokio::time::timeout(Duration::from_millis(200), connect).await,
+            Ok(Err(e)) if e.kind() == std::io::ErrorKind::ConnectionRefused
+        )
     }
 
     /// Wait up to `limit` for a healthy replica to replay `lsn`, probing
