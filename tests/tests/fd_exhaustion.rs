@@ -8,44 +8,54 @@ use std::time::Duration;
 use signalbox_tests::raw::Raw;
 use signalbox_tests::service::start;
 
-fn set_nofile(limit: u64) {
-    let out = Command::new("prlimit")
-        .args([
-            "--pid",
-            &std::process::id().to_string(),
-            &format!("--nofile={limit}:"),
-        ])
-        .output()
-        .expect("run prlimit (util-linux)");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+/// Sets this process's soft descriptor limit. A direct call, not `prlimit`:
+/// restoring must work while descriptors are exhausted.
+fn set_nofile(soft: u64) {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: plain syscalls on a stack value this function owns.
+    let rc = unsafe {
+        libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim);
+        lim.rlim_cur = soft.min(lim.rlim_max);
+        libc::setrlimit(libc::RLIMIT_NOFILE, &lim)
+    };
+    assert_eq!(rc, 0, "setrlimit: {}", std::io::Error::last_os_error());
 }
 
 /// The soft limit now in force.
 fn soft_nofile() -> u64 {
-    let out = Command::new("prlimit")
-        .args([
-            "--pid",
-            &std::process::id().to_string(),
-            "--nofile",
-            "--output=SOFT",
-            "--noheadings",
-        ])
-        .output()
-        .expect("run prlimit (util-linux)");
-    String::from_utf8_lossy(&out.stdout)
-        .trim()
-        .parse()
-        .unwrap_or(1024)
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: as above.
+    let rc = unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) };
+    assert_eq!(rc, 0, "getrlimit: {}", std::io::Error::last_os_error());
+    lim.rlim_cur
 }
 
 fn open_fds() -> u64 {
     std::fs::read_dir("/proc/self/fd")
         .map(|d| d.count() as u64)
         .unwrap_or(0)
+}
+
+/// Opens `n` connections to `port` from a separate process, so that only the
+/// server's accepts (not the clients' sockets) count against this process's
+/// lowered limit; the connections stay open until the child is killed.
+fn spawn_clients(port: u16, n: u32) -> std::process::Child {
+    let script = format!(
+        "sleep 0.3; for i in $(seq {n}); do exec {{fd}}<>/dev/tcp/127.0.0.1/{port} || break; done; sleep 30"
+    );
+    Command::new("bash")
+        .args(["-c", &script])
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("run bash")
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -56,23 +66,27 @@ async fn accept_survives_descriptor_exhaustion() {
     let mut warm = Raw::connect(port, "postgres", "postgres").await;
     warm.simple("SELECT 1").await;
     let original = soft_nofile();
-    set_nofile(open_fds() + 40);
-    let mut clients = Vec::new();
-    for _ in 0..200 {
-        match tokio::net::TcpStream::connect(("127.0.0.1", port)).await {
-            Ok(s) => clients.push(s),
-            Err(_) => break,
+    // The child is started before the limit drops: spawning needs descriptors.
+    let mut clients = spawn_clients(port, 200);
+    set_nofile(open_fds() + 20);
+    let errors = || {
+        server
+            .shared
+            .metrics
+            .accept_errors
+            .load(std::sync::atomic::Ordering::Relaxed)
+    };
+    for _ in 0..100 {
+        if errors() > 0 {
+            break;
         }
+        tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    let errors = server
-        .shared
-        .metrics
-        .accept_errors
-        .load(std::sync::atomic::Ordering::Relaxed);
-    drop(clients);
+    let seen = errors();
+    let _ = clients.kill();
+    let _ = clients.wait();
     set_nofile(original);
-    assert!(errors > 0, "the test never exhausted descriptors");
+    assert!(seen > 0, "the test never exhausted descriptors");
     tokio::time::sleep(Duration::from_millis(1500)).await;
     for i in 0..5 {
         let mut c = tokio::time::timeout(
