@@ -1,6 +1,7 @@
-//! The admin HTTP API: `/health` for load balancers, `/status` (nodes, pools,
-//! the active policy and its reload history), `/metrics` (Prometheus text),
-//! `POST /policy/reload` and `POST /policy/rollback`.
+//! The admin HTTP API: `/` (a live status page), `/health` for load
+//! balancers, `/status` (nodes, pools, traffic, the active and shadow
+//! policies, policy and config reloads), `/metrics` (Prometheus text),
+//! `POST /policy/reload`, `POST /policy/rollback` and `POST /config/reload`.
 //!
 //! Access: bound to a loopback address it is open, except that with an
 //! `admin_token` configured the endpoints that change something ask for it;
@@ -19,16 +20,73 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde::Serialize;
 
-use crate::policy::{Outcome, PolicyManager, PolicyStatus};
+use crate::live::{ConfigStatus, Reloader};
+use crate::policy::{Outcome, PolicyStatus};
 use crate::proxy::Shared;
 use crate::route::guardrails::Override;
 use crate::route::Role;
+use crate::router::ShadowStatus;
 
 #[derive(Clone)]
 struct AppState {
     shared: Arc<Shared>,
-    policy: Arc<PolicyManager>,
+    reloader: Arc<Reloader>,
     guard: Option<Arc<Guard>>,
+    traffic: Arc<Traffic>,
+}
+
+/// How often the traffic chart's counts are sampled, and how many samples
+/// it keeps (ten minutes).
+const TRAFFIC_EVERY: std::time::Duration = std::time::Duration::from_secs(5);
+const TRAFFIC_KEEP: usize = 121;
+
+/// Routed-statement counts per node, sampled for the status page's chart.
+#[derive(Default)]
+struct Traffic(std::sync::Mutex<std::collections::VecDeque<Vec<(String, u64)>>>);
+
+impl Traffic {
+    fn sample(&self, counts: Vec<(String, u64)>) {
+        let mut q = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        if q.len() == TRAFFIC_KEEP {
+            q.pop_front();
+        }
+        q.push_back(counts);
+    }
+
+    /// Statements per second per node between consecutive samples, oldest
+    /// first; nodes in the order of the newest sample.
+    fn rates(&self) -> TrafficStatus {
+        let q = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        let nodes: Vec<String> = q
+            .back()
+            .map(|s| s.iter().map(|(n, _)| n.clone()).collect())
+            .unwrap_or_default();
+        let secs = TRAFFIC_EVERY.as_secs_f64();
+        let count =
+            |s: &[(String, u64)], n: &str| s.iter().find(|(m, _)| m == n).map_or(0, |(_, c)| *c);
+        let rates = q
+            .iter()
+            .zip(q.iter().skip(1))
+            .map(|(a, b)| {
+                nodes
+                    .iter()
+                    .map(|n| count(b, n).saturating_sub(count(a, n)) as f64 / secs)
+                    .collect()
+            })
+            .collect();
+        TrafficStatus {
+            interval_s: TRAFFIC_EVERY.as_secs(),
+            nodes,
+            rates,
+        }
+    }
+}
+
+#[derive(Serialize)]
+struct TrafficStatus {
+    interval_s: u64,
+    nodes: Vec<String>,
+    rates: Vec<Vec<f64>>,
 }
 
 /// Who may call the admin API.
@@ -65,22 +123,35 @@ impl Guard {
     }
 }
 
-pub fn router(
-    shared: Arc<Shared>,
-    policy: Arc<PolicyManager>,
-    guard: Option<Arc<Guard>>,
-) -> Router {
+/// The admin API's routes. Also starts sampling traffic for the status
+/// page (the task ends with the runtime).
+pub fn router(shared: Arc<Shared>, reloader: Arc<Reloader>, guard: Option<Arc<Guard>>) -> Router {
+    let traffic = Arc::new(Traffic::default());
+    let weak = Arc::downgrade(&traffic);
+    let counts = shared.metrics.routed.clone();
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(TRAFFIC_EVERY);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            let Some(t) = weak.upgrade() else { return };
+            t.sample(counts.snapshot());
+        }
+    });
     let state = AppState {
         shared,
-        policy,
+        reloader,
         guard,
+        traffic,
     };
     Router::new()
+        .route("/", get(page))
         .route("/health", get(health))
         .route("/status", get(status))
         .route("/metrics", get(metrics))
         .route("/policy/reload", post(reload))
         .route("/policy/rollback", post(rollback))
+        .route("/config/reload", post(config_reload))
         .layer(axum::middleware::from_fn_with_state(
             state.clone(),
             authorize,
@@ -103,9 +174,19 @@ async fn authorize(State(s): State<AppState>, req: Request, next: Next) -> Respo
     next.run(req).await
 }
 
+/// The status page: one self-contained file that polls `/status`.
+async fn page() -> Response {
+    (
+        [(header::CONTENT_TYPE, "text/html; charset=utf-8")],
+        include_str!("admin/status.html"),
+    )
+        .into_response()
+}
+
 async fn health(State(s): State<AppState>) -> Response {
-    let view = s.shared.cluster.view();
-    let fence = s.shared.cluster.fence_reason();
+    let live = s.shared.live();
+    let view = live.cluster.view();
+    let fence = live.cluster.fence_reason();
     match (view.primary(), fence) {
         (Some(_), None) => (StatusCode::OK, "ok\n").into_response(),
         (Some(_), Some(f)) => (StatusCode::OK, format!("ok; {f}\n")).into_response(),
@@ -131,11 +212,15 @@ struct Status {
     nodes: Vec<NodeStatus>,
     sessions_active: u64,
     policy: PolicyStatus,
+    shadow: Option<ShadowStatus>,
+    config: ConfigStatus,
+    traffic: TrafficStatus,
 }
 
 async fn status(State(s): State<AppState>) -> Json<Status> {
-    let view = s.shared.cluster.view();
-    let idle = s.shared.cluster.pools.idle();
+    let live = s.shared.live();
+    let view = live.cluster.view();
+    let idle = live.cluster.pools.idle();
     let nodes = view
         .states
         .iter()
@@ -148,20 +233,24 @@ async fn status(State(s): State<AppState>) -> Json<Status> {
             lag_bytes: st.lag_bytes,
             in_flight: st.in_flight,
             idle: idle[i],
-            routed: s.shared.metrics.routed[i].load(Ordering::Relaxed),
+            routed: s.shared.metrics.routed.value(&view.nodes[i].name),
         })
         .collect();
     Json(Status {
         nodes,
         sessions_active: s.shared.metrics.sessions_active.load(Ordering::Relaxed),
-        policy: s.policy.status(),
+        policy: s.shared.router.policy().status(),
+        shadow: s.shared.router.shadow_status(),
+        config: s.reloader.status(),
+        traffic: s.traffic.rates(),
     })
 }
 
 async fn metrics(State(s): State<AppState>) -> Response {
     let m = &s.shared.metrics;
-    let view = s.shared.cluster.view();
-    let p = s.policy.status();
+    let live = s.shared.live();
+    let view = live.cluster.view();
+    let p = s.shared.router.policy().status();
     let mut out = String::new();
     let mut metric = |name: &str, kind: &str, help: &str, rows: Vec<(String, u64)>| {
         let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
@@ -169,7 +258,7 @@ async fn metrics(State(s): State<AppState>) -> Response {
             let _ = writeln!(out, "{name}{labels} {v}");
         }
     };
-    let node = |i: usize| format!("{{node=\"{}\"}}", view.nodes[i].name);
+    let node = |i: usize| format!("{{node=\"{}\"}}", label(&view.nodes[i].name));
     // One row per node, labelled with its name.
     let per_node = |value: &dyn Fn(usize) -> u64| -> Vec<(String, u64)> {
         (0..view.nodes.len()).map(|i| (node(i), value(i))).collect()
@@ -192,7 +281,11 @@ async fn metrics(State(s): State<AppState>) -> Response {
         "signalbox_routed_total",
         "counter",
         "Statements or transactions routed, by node.",
-        per_node(&|i| m.routed[i].load(Ordering::Relaxed)),
+        m.routed
+            .snapshot()
+            .into_iter()
+            .map(|(n, v)| (format!("{{node=\"{}\"}}", label(&n)), v))
+            .collect(),
     );
     metric(
         "signalbox_routed_read_only_total",
@@ -231,13 +324,13 @@ async fn metrics(State(s): State<AppState>) -> Response {
         "signalbox_split_brain_probe_rounds_total",
         "counter",
         "Probe rounds in which more than one node claimed to be the primary.",
-        one(s.shared.cluster.split_brain_rounds.load(Ordering::Relaxed)),
+        one(live.cluster.split_brain_rounds.load(Ordering::Relaxed)),
     );
     metric(
         "signalbox_writes_fenced",
         "gauge",
         "1 while a node claiming to be primary is fenced (former primary, or split brain).",
-        one(u64::from(s.shared.cluster.fence_reason().is_some())),
+        one(u64::from(live.cluster.fence_reason().is_some())),
     );
     metric(
         "signalbox_catalog_fetches_total",
@@ -357,7 +450,7 @@ async fn metrics(State(s): State<AppState>) -> Response {
 }
 
 async fn reload(State(s): State<AppState>) -> Response {
-    let policy = s.policy.clone();
+    let policy = s.shared.router.policy();
     match tokio::task::spawn_blocking(move || policy.reload("api")).await {
         Ok(event) => {
             let code = match event.outcome {
@@ -371,10 +464,22 @@ async fn reload(State(s): State<AppState>) -> Response {
 }
 
 async fn rollback(State(s): State<AppState>) -> Response {
-    match s.policy.roll_back("api") {
+    match s.shared.router.policy().roll_back("api") {
         Ok(event) => (StatusCode::OK, Json(event)).into_response(),
         Err(why) => (StatusCode::CONFLICT, format!("{why}\n")).into_response(),
     }
+}
+
+/// Read the config file again: 200 with what changed, or 422 with why the
+/// whole file was rejected (nothing applied).
+async fn config_reload(State(s): State<AppState>) -> Response {
+    let event = s.reloader.reload("api").await;
+    let code = if event.error.is_some() {
+        StatusCode::UNPROCESSABLE_ENTITY
+    } else {
+        StatusCode::OK
+    };
+    (code, Json(event)).into_response()
 }
 
 /// A Prometheus label value: backslash, quote and newline escaped.

@@ -44,9 +44,25 @@ pub struct Config {
     pub tls: Option<TlsConfig>,
     /// Without a policy, built-in routing applies.
     pub policy: Option<PolicyConfig>,
+    /// A candidate policy asked the same questions as `[policy]` on live
+    /// traffic without deciding anything: disagreements are counted and
+    /// shown on `/status`. Same keys as `[policy]`.
+    pub shadow_policy: Option<PolicyConfig>,
+    #[serde(default)]
+    pub logging: LoggingConfig,
     /// Where the file was read from (relative policy paths start there).
     #[serde(skip)]
     pub origin: PathBuf,
+}
+
+/// `[logging]`: structured events beyond the level set by `SIGNALBOX_LOG`.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LoggingConfig {
+    /// Fraction of routing decisions (0.0–1.0) logged as one structured
+    /// `debug` event each (target `signalbox::decision`): node, policy
+    /// version, reason, guardrail override, classifier verdict.
+    pub decision_sample: f64,
 }
 
 /// Limits towards clients, like PostgreSQL's and PgBouncer's.
@@ -367,11 +383,19 @@ impl Config {
                 ));
             }
         }
-        if let Some(p) = &self.policy {
-            p.check(&self.origin).map_err(|e| match e {
-                ConfigError::Invalid { message, .. } => message,
-                other => other.to_string(),
-            })?;
+        for (key, section) in [
+            ("policy", &self.policy),
+            ("shadow_policy", &self.shadow_policy),
+        ] {
+            if let Some(p) = section {
+                p.check(&self.origin).map_err(|e| match e {
+                    ConfigError::Invalid { message, .. } => format!("{key}: {message}"),
+                    other => other.to_string(),
+                })?;
+            }
+        }
+        if !(0.0..=1.0).contains(&self.logging.decision_sample) {
+            return Err("logging.decision_sample: must be between 0.0 and 1.0".into());
         }
         Ok(())
     }

@@ -14,6 +14,7 @@ pub mod catalog;
 pub mod cli;
 pub mod cluster;
 pub mod config;
+pub mod live;
 pub mod local;
 pub mod policy;
 pub mod proxy;

@@ -1,13 +1,22 @@
 //! One statement's routing decision, end to end: ask the live policy, apply
 //! the guardrails, count what happened. This is the call the proxy makes once
 //! per statement.
+//!
+//! A shadow policy, when configured, is asked the same question on the same
+//! input; its answer goes through the same guardrails (with the same random
+//! draw) and is only compared, never used: disagreements are counted by
+//! (active node, shadow node), with a few recent samples kept and logged.
 
+use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
+
+use arc_swap::{ArcSwap, ArcSwapOption};
+use serde::Serialize;
 
 use crate::policy::{CallFailure, PolicyManager};
-use crate::route::guardrails::{self, Enforced, Override};
-use crate::route::{RouteInput, Target};
+use crate::route::guardrails::{self, Enforced, Override, Routed};
+use crate::route::{ClusterView, RouteInput, Target};
 
 /// The decision for one statement.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -37,32 +46,103 @@ fn index(kind: Override) -> usize {
     Override::ALL.iter().position(|k| *k == kind).unwrap_or(0)
 }
 
+/// Recent disagreements kept for `/status`.
+const SAMPLES: usize = 20;
+
+/// How the shadow policy's answers compare with the active one's.
+#[derive(Default)]
+pub struct ShadowStats {
+    compared: AtomicU64,
+    disagreements: AtomicU64,
+    pairs: Mutex<HashMap<(String, String), u64>>,
+    samples: Mutex<VecDeque<ShadowSample>>,
+    last_logged_ms: AtomicU64,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct ShadowSample {
+    pub at_ms: u64,
+    pub sql: String,
+    pub active: String,
+    pub shadow: String,
+    pub shadow_reason: Option<String>,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct ShadowPair {
+    pub active: String,
+    pub shadow: String,
+    pub count: u64,
+}
+
+/// `/status` and `/metrics`: the shadow policy and how often it disagreed.
+#[derive(Clone, Debug, Serialize)]
+pub struct ShadowStatus {
+    pub name: Option<String>,
+    pub sha256: Option<String>,
+    pub compared: u64,
+    pub disagreements: u64,
+    /// Disagreements per compared decision (0 before any).
+    pub rate: f64,
+    pub pairs: Vec<ShadowPair>,
+    pub samples: Vec<ShadowSample>,
+}
+
 pub struct Router {
-    pub policy: Arc<PolicyManager>,
+    policy: ArcSwap<PolicyManager>,
+    shadow: ArcSwapOption<PolicyManager>,
     pub stats: RouterStats,
+    shadow_stats: ArcSwap<ShadowStats>,
 }
 
 impl Router {
     pub fn new(policy: Arc<PolicyManager>) -> Self {
         Self {
-            policy,
+            policy: ArcSwap::new(policy),
+            shadow: ArcSwapOption::empty(),
             stats: RouterStats::default(),
+            shadow_stats: ArcSwap::default(),
         }
     }
 
+    /// The active policy's manager.
+    pub fn policy(&self) -> Arc<PolicyManager> {
+        self.policy.load_full()
+    }
+
+    /// A config reload replaced the active policy's manager.
+    pub fn set_policy(&self, manager: Arc<PolicyManager>) {
+        self.policy.store(manager);
+    }
+
+    /// The shadow policy's manager, if one is configured.
+    pub fn shadow(&self) -> Option<Arc<PolicyManager>> {
+        self.shadow.load_full()
+    }
+
+    /// Configure (or remove) the shadow policy; its counts start over.
+    pub fn set_shadow(&self, manager: Option<Arc<PolicyManager>>) {
+        self.shadow.store(manager);
+        self.shadow_stats.store(Arc::default());
+    }
+
     pub fn route(&self, input: &RouteInput) -> Routing {
-        let outcome = self.policy.decide(input);
+        let outcome = self.policy.load().decide(input);
+        let draw = fastrand::u64(..);
         let enforced = guardrails::enforce(
             &outcome.target,
             &input.statement,
             &input.session,
             &input.cluster,
-            fastrand::u64(..),
+            draw,
         );
         self.stats.decisions.fetch_add(1, Ordering::Relaxed);
         if let Some(kind) = enforced.overridden {
             self.stats.overrides[index(kind)].fetch_add(1, Ordering::Relaxed);
             tracing::debug!(override = kind.as_str(), target = ?outcome.target, "guardrail overrode the policy");
+        }
+        if let Some(shadow) = self.shadow.load().as_ref() {
+            self.compare(shadow, input, &enforced.routed, draw);
         }
         Routing {
             enforced,
@@ -71,4 +151,102 @@ impl Router {
             target: outcome.target,
         }
     }
+
+    /// Ask the shadow policy and count whether it would have sent the
+    /// statement to the same place.
+    fn compare(&self, shadow: &PolicyManager, input: &RouteInput, active: &Routed, draw: u64) {
+        let outcome = shadow.decide(input);
+        let theirs = guardrails::enforce(
+            &outcome.target,
+            &input.statement,
+            &input.session,
+            &input.cluster,
+            draw,
+        )
+        .routed;
+        let stats = self.shadow_stats.load();
+        stats.compared.fetch_add(1, Ordering::Relaxed);
+        if theirs == *active {
+            return;
+        }
+        stats.disagreements.fetch_add(1, Ordering::Relaxed);
+        let (a, s) = (
+            place(active, &input.cluster),
+            place(&theirs, &input.cluster),
+        );
+        *lock(&stats.pairs)
+            .entry((a.clone(), s.clone()))
+            .or_default() += 1;
+        let sample = ShadowSample {
+            at_ms: crate::policy::kv::now_ms(),
+            sql: input.statement.sql.chars().take(200).collect(),
+            active: a,
+            shadow: s,
+            shadow_reason: outcome.reason,
+        };
+        // At most one log line a second: a shadow that disagrees on every
+        // statement must not flood the log.
+        let last = stats.last_logged_ms.load(Ordering::Relaxed);
+        if sample.at_ms >= last + 1000
+            && stats
+                .last_logged_ms
+                .compare_exchange(last, sample.at_ms, Ordering::Relaxed, Ordering::Relaxed)
+                .is_ok()
+        {
+            tracing::info!(active = %sample.active, shadow = %sample.shadow, reason = ?sample.shadow_reason, sql = %sample.sql, "shadow policy disagrees");
+        }
+        let mut samples = lock(&stats.samples);
+        if samples.len() == SAMPLES {
+            samples.pop_front();
+        }
+        samples.push_back(sample);
+    }
+
+    /// The shadow policy's comparison so far (none configured: `None`).
+    pub fn shadow_status(&self) -> Option<ShadowStatus> {
+        let manager = self.shadow.load_full()?;
+        let active = manager.active();
+        let stats = self.shadow_stats.load();
+        let compared = stats.compared.load(Ordering::Relaxed);
+        let disagreements = stats.disagreements.load(Ordering::Relaxed);
+        let mut pairs: Vec<ShadowPair> = lock(&stats.pairs)
+            .iter()
+            .map(|((a, s), n)| ShadowPair {
+                active: a.clone(),
+                shadow: s.clone(),
+                count: *n,
+            })
+            .collect();
+        pairs.sort_by(|x, y| y.count.cmp(&x.count).then(x.active.cmp(&y.active)));
+        let samples = lock(&stats.samples).iter().cloned().collect();
+        Some(ShadowStatus {
+            name: active.as_ref().map(|p| p.info.name.clone()),
+            sha256: active.as_ref().map(|p| p.info.sha256.clone()),
+            compared,
+            disagreements,
+            rate: if compared == 0 {
+                0.0
+            } else {
+                disagreements as f64 / compared as f64
+            },
+            pairs,
+            samples,
+        })
+    }
+}
+
+/// A routed place as an operator reads it: the node's name, or why none.
+fn place(routed: &Routed, cluster: &ClusterView) -> String {
+    match routed {
+        Routed::Node(n) => cluster
+            .nodes
+            .get(*n as usize)
+            .map_or_else(|| format!("node {n}"), |i| i.name.clone()),
+        Routed::Reject(_) => "rejected".into(),
+        Routed::Unavailable(_) => "unavailable".into(),
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
 }

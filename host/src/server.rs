@@ -9,8 +9,9 @@ use anyhow::{Context, Result};
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 
-use crate::cluster::Cluster;
+use crate::cluster::{Cluster, NodeCounters};
 use crate::config::Config;
+use crate::live::{Live, Reloader, Watchers};
 use crate::policy::{PolicyManager, PolicySettings};
 use crate::proxy::{self, Shared};
 use crate::router::Router;
@@ -19,8 +20,8 @@ pub struct Server {
     pub addr: SocketAddr,
     pub admin_addr: Option<SocketAddr>,
     pub shared: Arc<Shared>,
-    pub policy: Arc<PolicyManager>,
-    _watcher: Option<crate::policy::reload::Watcher>,
+    /// Config reloads (SIGHUP, `POST /config/reload`).
+    pub reloader: Arc<Reloader>,
     tasks: Vec<JoinHandle<()>>,
 }
 
@@ -28,27 +29,20 @@ impl Server {
     /// Start everything; returns once clients can connect.
     pub async fn start(config: Config) -> Result<Server> {
         let config = Arc::new(config);
-        let cluster = Cluster::new(&config).map_err(anyhow::Error::msg)?;
+        let routed = Arc::new(NodeCounters::default());
+        let cluster = Cluster::new(&config, &routed).map_err(anyhow::Error::msg)?;
         cluster.probe_all().await;
-        let (policy, watcher) = match &config.policy {
-            Some(p) => {
-                let settings = p.settings(&config.base_dir());
-                let watch = p.watch.enabled;
-                let manager = tokio::task::spawn_blocking(move || PolicyManager::start(settings))
-                    .await?
-                    .with_context(|| "loading the routing policy")?;
-                let watcher = if watch { Some(manager.watch()?) } else { None };
-                (manager, watcher)
-            }
-            None => (
-                Arc::new(PolicyManager::empty(PolicySettings::new(""))),
-                None,
-            ),
-        };
-        let router = Arc::new(Router::new(policy.clone()));
+        let base = config.base_dir();
+        let (policy, active_watcher) =
+            start_policy(config.policy.as_ref(), &base, "[policy]").await?;
+        let policy =
+            policy.unwrap_or_else(|| Arc::new(PolicyManager::empty(PolicySettings::new(""))));
+        let (shadow, shadow_watcher) =
+            start_policy(config.shadow_policy.as_ref(), &base, "[shadow_policy]").await?;
+        let router = Arc::new(Router::new(policy));
+        router.set_shadow(shadow);
         let tls = match &config.tls {
             Some(t) => {
-                let base = config.base_dir();
                 let tls =
                     crate::tls::client_tls(&base.join(&t.cert), &base.join(&t.key), t.require)
                         .with_context(|| "[tls]")?;
@@ -56,15 +50,25 @@ impl Server {
             }
             None => None,
         };
-        let shared = Shared::new(config.clone(), cluster.clone(), router, tls);
+        let live = Live {
+            config: config.clone(),
+            cluster: cluster.clone(),
+            generation: 1,
+        };
+        let shared = Shared::new(live, router, tls, routed);
         let listener = TcpListener::bind(config.listen)
             .await
             .with_context(|| format!("listen: cannot bind {}", config.listen))?;
         let addr = listener.local_addr()?;
-        let mut tasks = vec![cluster.spawn_health()];
-        if config.classifier.catalog {
-            tasks.push(spawn_catalog_refresh(shared.clone()));
-        }
+        let reloader = Arc::new(Reloader::new(
+            shared.clone(),
+            cluster.spawn_health(),
+            Watchers {
+                active: active_watcher,
+                shadow: shadow_watcher,
+            },
+        ));
+        let mut tasks = vec![spawn_catalog_refresh(shared.clone())];
         let s = shared.clone();
         tasks.push(tokio::spawn(proxy::serve(listener, s)));
         let admin_addr = match config.admin_listen {
@@ -74,7 +78,7 @@ impl Server {
                     .with_context(|| format!("admin_listen: cannot bind {a}"))?;
                 let admin_addr = l.local_addr()?;
                 let guard = crate::admin::Guard::new(config.admin_token.as_deref(), admin_addr);
-                let app = crate::admin::router(shared.clone(), policy.clone(), guard);
+                let app = crate::admin::router(shared.clone(), reloader.clone(), guard);
                 tasks.push(tokio::spawn(async move {
                     if let Err(e) = axum::serve(l, app).await {
                         tracing::error!(error = %e, "admin API failed");
@@ -89,10 +93,14 @@ impl Server {
             addr,
             admin_addr,
             shared,
-            policy,
-            _watcher: watcher,
+            reloader,
             tasks,
         })
+    }
+
+    /// The active policy's manager.
+    pub fn policy(&self) -> Arc<PolicyManager> {
+        self.shared.router.policy()
     }
 
     /// Stop accepting clients and let each finish its transaction: a session
@@ -131,7 +139,8 @@ impl Server {
             _ = term.recv() => {}
             _ = int.recv() => {}
         }
-        let drain = std::time::Duration::from_secs(self.shared.config.clients.shutdown_drain_s);
+        let drain =
+            std::time::Duration::from_secs(self.shared.live().config.clients.shutdown_drain_s);
         tracing::info!(
             drain_s = drain.as_secs(),
             "shutting down: no new clients; open transactions may finish"
@@ -148,14 +157,14 @@ impl Server {
         Ok(())
     }
 
-    /// Reload the policy on SIGHUP until the process ends.
+    /// Reload the configuration (and with it the policy) on SIGHUP until
+    /// the process ends.
     pub fn reload_on_sighup(&mut self) -> Result<()> {
         let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())?;
-        let policy = self.policy.clone();
+        let reloader = self.reloader.clone();
         self.tasks.push(tokio::spawn(async move {
             while hup.recv().await.is_some() {
-                let p = policy.clone();
-                let _ = tokio::task::spawn_blocking(move || p.reload("signal")).await;
+                reloader.reload("signal").await;
             }
         }));
         Ok(())
@@ -167,24 +176,48 @@ impl Drop for Server {
         for t in &self.tasks {
             t.abort();
         }
+        self.reloader.stop();
     }
 }
 
-/// Refresh every served database's catalog facts on the configured interval.
+/// Refresh every served database's catalog facts on the configured interval
+/// (both read from the configuration in force at each round).
 fn spawn_catalog_refresh(shared: Arc<Shared>) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
-        let period = std::time::Duration::from_secs(shared.config.classifier.refresh_s.max(1));
-        let mut tick = tokio::time::interval(period);
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        tick.tick().await;
         loop {
-            tick.tick().await;
+            let period = shared.live().config.classifier.refresh_s.max(1);
+            tokio::time::sleep(std::time::Duration::from_secs(period)).await;
+            let live = shared.live();
+            if !live.config.classifier.catalog {
+                continue;
+            }
             for db in shared.catalogs.databases() {
                 let _ = shared
                     .catalogs
-                    .refresh(&shared.cluster, &shared.config.classifier, &db)
+                    .refresh(&live.cluster, &live.config.classifier, &db)
                     .await;
             }
         }
     })
+}
+
+/// Load a policy section's first version (and watch its file if asked).
+async fn start_policy(
+    section: Option<&crate::config::PolicyConfig>,
+    base: &std::path::Path,
+    key: &str,
+) -> Result<(
+    Option<Arc<PolicyManager>>,
+    Option<crate::policy::reload::Watcher>,
+)> {
+    let Some(p) = section else {
+        return Ok((None, None));
+    };
+    let settings = p.settings(base);
+    let watch = p.watch.enabled;
+    let manager = tokio::task::spawn_blocking(move || PolicyManager::start(settings))
+        .await?
+        .with_context(|| format!("{key}: loading the routing policy"))?;
+    let watcher = if watch { Some(manager.watch()?) } else { None };
+    Ok((Some(manager), watcher))
 }

@@ -94,11 +94,12 @@ async fn promotion_is_followed_and_a_returning_old_primary_is_fenced() {
         assert_eq!(took, Some(new), "write {i} went to {took:?}");
     }
     assert_eq!(rows_on_old(), before, "no write landed on the old primary");
-    let reason = server.shared.cluster.fence_reason().expect("fenced");
+    let reason = server.shared.live().cluster.fence_reason().expect("fenced");
     assert!(reason.contains("former primary"), "{reason}");
     assert!(
         server
             .shared
+            .live()
             .cluster
             .split_brain_rounds
             .load(std::sync::atomic::Ordering::Relaxed)
@@ -108,7 +109,7 @@ async fn promotion_is_followed_and_a_returning_old_primary_is_fenced() {
     tokio::task::block_in_place(|| c.kill(&c.primary)).unwrap();
     assert!(tokio::task::block_in_place(|| signalbox_tests::wait_until(
         Duration::from_secs(5),
-        || server.shared.cluster.fence_reason().is_none()
+        || server.shared.live().cluster.fence_reason().is_none()
     )));
     assert_eq!(write(port, 9999).await, Some(new));
 }
@@ -120,7 +121,7 @@ async fn promotion_is_followed_and_a_returning_old_primary_is_fenced() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn replica_ban_and_time_lag() {
     let (c, server) = primary_replica_and_signalbox("").await;
-    let cluster = server.shared.cluster.clone();
+    let cluster = server.shared.live().cluster.clone();
     let replica = || cluster.view().states[1].clone();
     assert!(tokio::task::block_in_place(|| signalbox_tests::wait_until(
         Duration::from_secs(5),

@@ -602,7 +602,7 @@ async fn random_disconnects_leave_no_session_or_server_connection_behind() {
     let settled = tokio::task::block_in_place(|| {
         signalbox_tests::wait_until(Duration::from_secs(30), || {
             sessions() == 0
-                && (0..3).all(|n| server.shared.cluster.pools.in_flight(n) == 0)
+                && (0..3).all(|n| server.shared.live().cluster.pools.in_flight(n) == 0)
                 && busy(c) == 0
         })
     });
@@ -611,7 +611,7 @@ async fn random_disconnects_leave_no_session_or_server_connection_behind() {
         "left behind: {} sessions, in flight {:?}, {} busy server connections",
         sessions(),
         (0..3)
-            .map(|n| server.shared.cluster.pools.in_flight(n))
+            .map(|n| server.shared.live().cluster.pools.in_flight(n))
             .collect::<Vec<_>>(),
         busy(c)
     );

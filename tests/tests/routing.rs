@@ -103,7 +103,7 @@ async fn safe_statements_are_offloaded_to_replicas() {
     .await;
     assert_eq!(r[0].as_deref(), Some("t"));
     let m = &server.shared.metrics;
-    let replicas = || m.routed[1].load(Ordering::Relaxed) + m.routed[2].load(Ordering::Relaxed);
+    let replicas = || m.routed.value("replica-1") + m.routed.value("replica-2");
     for sql in [
         "EXPLAIN SELECT * FROM routing_log",
         "EXPLAIN INSERT INTO routing_log VALUES (nextval('routing_seq'))",

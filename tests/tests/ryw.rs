@@ -297,12 +297,14 @@ async fn sequelize_app(
         drivers.join("node_modules/sequelize").is_dir(),
         "node packages missing: run `cargo xtask setup` (or `npm ci --prefix tests/drivers`)"
     );
+    // By name: primary, replica-1, replica-2.
     let routed = |s: &signalbox::server::Server| -> Vec<u64> {
         s.shared
             .metrics
             .routed
-            .iter()
-            .map(|c| c.load(Ordering::Relaxed))
+            .snapshot()
+            .into_iter()
+            .map(|(_, c)| c)
             .collect()
     };
     let before = routed(server);

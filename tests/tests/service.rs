@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use signalbox_tests::service::{self, connect, port_of, psql, replica_ports, start};
-use signalbox_tests::{example, faulty, replace_by_rename, wait_until};
+use signalbox_tests::{admin_call, example, faulty, replace_by_rename, wait_until};
 
 fn policy_section(path: &std::path::Path) -> String {
     format!("[policy]\npath = {:?}\n", path.display().to_string())
@@ -87,8 +87,8 @@ async fn statements_run_where_they_must() {
 
     // The metrics saw both kinds.
     let m = &server.shared.metrics;
-    assert!(m.routed[0].load(Ordering::Relaxed) >= 7);
-    assert!(m.routed[1].load(Ordering::Relaxed) + m.routed[2].load(Ordering::Relaxed) >= 7);
+    assert!(m.routed.value("primary") >= 7);
+    assert!(m.routed.value("replica-1") + m.routed.value("replica-2") >= 7);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -173,7 +173,7 @@ async fn pgbench_runs_without_failures_and_reads_land_on_replicas() {
         pgbench(p, &["-i", "-s", "1", "-q"]);
         service::cluster().wait_replayed().unwrap();
         let before: u64 = (1..3)
-            .map(|i| server.shared.metrics.routed[i].load(Ordering::Relaxed))
+            .map(|i| server.shared.metrics.routed.value(&format!("replica-{i}")))
             .sum();
         for mode in ["simple", "extended", "prepared"] {
             let out = pgbench(
@@ -191,7 +191,7 @@ async fn pgbench_runs_without_failures_and_reads_land_on_replicas() {
             "tpcb: {out}"
         );
         let after: u64 = (1..3)
-            .map(|i| server.shared.metrics.routed[i].load(Ordering::Relaxed))
+            .map(|i| server.shared.metrics.routed.value(&format!("replica-{i}")))
             .sum();
         assert!(
             after - before > 1000,
@@ -236,7 +236,7 @@ async fn prepared_statements_survive_transaction_pooling() {
     }
     assert_eq!(done.load(Ordering::Relaxed), 5000);
     // 50 clients shared at most 5 connections per node.
-    let idle = server.shared.cluster.pools.idle();
+    let idle = server.shared.live().cluster.pools.idle();
     assert!(idle.iter().all(|&n| n <= 5), "{idle:?}");
 }
 
@@ -421,7 +421,7 @@ async fn policy_swap_under_load_fails_nothing() {
     assert!(
         swapped,
         "the new policy's routing never showed: {:?}",
-        server.policy.status()
+        server.policy().status()
     );
     assert_eq!(failures, 0, "queries failed during the swap");
     assert!(total.load(Ordering::Relaxed) > 500);
@@ -653,19 +653,6 @@ async fn trace_notices_say_where_a_statement_ran_and_why() {
     assert!(notices(&c.simple("SELECT 1").await).is_empty());
 }
 
-/// `curl` the admin API: (status code, body).
-fn admin_call(method: &str, url: &str, token: Option<&str>) -> (u16, String) {
-    let mut cmd = std::process::Command::new("curl");
-    cmd.args(["-s", "-X", method, "-w", "\n%{http_code}", url]);
-    if let Some(t) = token {
-        cmd.args(["-H", &format!("Authorization: Bearer {t}")]);
-    }
-    let out = cmd.output().expect("curl");
-    let text = String::from_utf8_lossy(&out.stdout).into_owned();
-    let (body, code) = text.rsplit_once('\n').unwrap_or(("", &text));
-    (code.trim().parse().unwrap_or(0), body.to_owned())
-}
-
 /// With an admin token, reading stays open on loopback but reloading and
 /// rolling back need the token; a rollback restores the version that was
 /// live before, and the watcher does not bring the newer file back.
@@ -683,7 +670,7 @@ async fn admin_token_guards_changes_and_rollback_restores_the_previous_policy() 
     let admin = server.admin_addr.unwrap();
     let url = |p: &str| format!("http://{admin}{p}");
     let active = |s: &signalbox::server::Server| {
-        s.policy
+        s.policy()
             .status()
             .active
             .map(|p| p.sha256)
@@ -736,7 +723,7 @@ async fn a_read_whose_node_went_down_is_retried_elsewhere_not_a_hang() {
     assert!(port(&c, "SELECT inet_server_port()").await > 0);
     // Kill the replica; the (hour-long) health interval has not noticed yet.
     tokio::task::block_in_place(|| cluster.kill(&cluster.replicas[0])).unwrap();
-    server.shared.cluster.pools.drop_idle(|_, _| true);
+    server.shared.live().cluster.pools.drop_idle(|_, _| true);
     // The replica refuses the connection before anything was sent: the read
     // runs on the next eligible node (here the primary) instead of failing.
     let started = std::time::Instant::now();
@@ -750,8 +737,8 @@ async fn a_read_whose_node_went_down_is_retried_elsewhere_not_a_hang() {
         port(&c, "SELECT txid_current()::int8 * 0 + inet_server_port()").await,
         cluster.primary.port
     );
-    server.shared.cluster.probe_all().await;
-    server.shared.cluster.probe_all().await;
+    server.shared.live().cluster.probe_all().await;
+    server.shared.live().cluster.probe_all().await;
     assert_eq!(
         port(&c, "SELECT inet_server_port()").await,
         cluster.primary.port
@@ -1059,7 +1046,7 @@ async fn pooled_idle_connections_do_not_block_drop_database() {
         tokio::task::block_in_place(|| service::cluster().wait_replayed()).unwrap();
         assert!(port(&c, "SELECT inet_server_port() FROM t").await > 0);
     }
-    let idle_before: u32 = server.shared.cluster.pools.idle().iter().sum();
+    let idle_before: u32 = server.shared.live().cluster.pools.idle().iter().sum();
     assert!(idle_before > 0);
     admin
         .batch_execute("DROP DATABASE doomed")
@@ -1232,7 +1219,7 @@ async fn policy_routes_by_the_real_node_names() {
         let mut bytes = std::fs::read(&wasm).unwrap();
         bytes.extend_from_slice(&[0x00, 0x05, 0x04, b'n', b'e', b'x', b't']);
         std::fs::write(&wasm, &bytes).unwrap();
-        let event = server.policy.reload("test");
+        let event = server.policy().reload("test");
         assert!(
             matches!(
                 event.outcome,

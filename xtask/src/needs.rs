@@ -29,8 +29,11 @@ enum Fix {
     RustTarget(&'static str),
     /// `npm ci` in tests/drivers.
     NpmCi,
-    /// psycopg 3 from PyPI (Debian's python3-psycopg when pip refuses).
-    Psycopg,
+    /// A Python package from PyPI (Debian's package when pip refuses).
+    Pip {
+        requirement: &'static str,
+        debian: &'static str,
+    },
 }
 
 /// One thing a job needs.
@@ -115,7 +118,27 @@ const NEEDS: &[Need] = &[
         why: "the driver tests run psycopg 3 against signalbox",
         demo: false,
         present: |_| runs("python3", &["-c", "import psycopg"]),
-        fix: Fix::Psycopg,
+        fix: Fix::Pip {
+            requirement: "psycopg[binary]>=3.1",
+            debian: "python3-psycopg",
+        },
+    },
+    Need {
+        what: "prometheus_client (Python)",
+        why: "a test parses /metrics with the Prometheus project's own text parser",
+        demo: false,
+        present: |_| runs("python3", &["-c", "import prometheus_client.parser"]),
+        fix: Fix::Pip {
+            requirement: "prometheus-client>=0.16",
+            debian: "python3-prometheus-client",
+        },
+    },
+    Need {
+        what: "chromium",
+        why: "a test loads the admin status page in headless Chromium",
+        demo: false,
+        present: |_| runs("chromium", &["--version"]),
+        fix: Fix::Apt(&["chromium"]),
     },
 ];
 
@@ -158,20 +181,18 @@ fn install(fix: &Fix, root: &Path, apt: &mut Apt) -> Result<()> {
             "--no-fund",
             "--loglevel=error",
         ])),
-        Fix::Psycopg => {
-            let pip = run(Command::new("python3").args([
-                "-m",
-                "pip",
-                "install",
-                "-q",
-                "psycopg[binary]>=3.1",
-            ]));
+        Fix::Pip {
+            requirement,
+            debian,
+        } => {
+            let pip =
+                run(Command::new("python3").args(["-m", "pip", "install", "-q", requirement]));
             match pip {
                 Ok(()) => Ok(()),
                 // A distribution's python may refuse pip installs (PEP 668).
                 Err(e) => {
-                    eprintln!("xtask: pip refused ({e:#}); trying Debian's python3-psycopg");
-                    apt.install(&["python3-psycopg"])
+                    eprintln!("xtask: pip refused ({e:#}); trying Debian's {debian}");
+                    apt.install(&[debian])
                 }
             }
         }

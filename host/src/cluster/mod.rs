@@ -10,6 +10,7 @@ pub mod cancel;
 pub mod pool;
 
 use std::str::FromStr;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -76,11 +77,40 @@ pub struct Cluster {
     pub split_brain_rounds: std::sync::atomic::AtomicU64,
     /// The generation of `nodes` (see [`crate::route::next_generation`]).
     generation: u64,
+    /// Statements routed to each node (shared by name across reloads).
+    pub routed: Vec<Arc<AtomicU64>>,
+}
+
+/// Per-node counters that outlive a configuration: kept by node name, so a
+/// reload that renumbers, adds or removes nodes keeps each count going.
+#[derive(Default)]
+pub struct NodeCounters(std::sync::Mutex<std::collections::BTreeMap<String, Arc<AtomicU64>>>);
+
+impl NodeCounters {
+    /// The counter of `node`, created at zero on first use.
+    pub fn get(&self, node: &str) -> Arc<AtomicU64> {
+        let mut map = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        map.entry(node.to_owned()).or_default().clone()
+    }
+
+    /// The count of `node` (0 if never seen).
+    pub fn value(&self, node: &str) -> u64 {
+        let map = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        map.get(node).map_or(0, |c| c.load(Ordering::Relaxed))
+    }
+
+    /// Every node ever counted, by name.
+    pub fn snapshot(&self) -> Vec<(String, u64)> {
+        let map = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        map.iter()
+            .map(|(n, c)| (n.clone(), c.load(Ordering::Relaxed)))
+            .collect()
+    }
 }
 
 impl Cluster {
     /// Set up pools for every node (no connection is made yet).
-    pub fn new(config: &Config) -> Result<Arc<Self>, String> {
+    pub fn new(config: &Config, counters: &NodeCounters) -> Result<Arc<Self>, String> {
         let mut addrs = Vec::new();
         let mut control = Vec::new();
         let mut control_options = Vec::new();
@@ -175,7 +205,22 @@ impl Cluster {
             fence: std::sync::Mutex::default(),
             split_brain_rounds: std::sync::atomic::AtomicU64::new(0),
             generation: crate::route::next_generation(),
+            routed: config.nodes.iter().map(|n| counters.get(&n.name)).collect(),
         }))
+    }
+
+    /// A config reload replaced this cluster: its pools take no more
+    /// checkouts and close connections as they come back.
+    pub fn retire(&self) {
+        self.pools.close();
+    }
+
+    /// Keep what the previous cluster learned about failovers: a former
+    /// primary it fenced stays fenced under the new configuration.
+    pub fn adopt_fence(&self, previous: &Cluster) {
+        let newest = lock(&previous.fence).newest_timeline;
+        let mut fence = lock(&self.fence);
+        fence.newest_timeline = fence.newest_timeline.max(newest);
     }
 
     async fn probe(&self, node: usize) -> Result<Probe, String> {

@@ -231,6 +231,15 @@ impl Pools {
         idle
     }
 
+    /// Close every pool: idle connections now, checked-out ones when they
+    /// come back, and no new checkouts (a config reload replaced them).
+    pub fn close(&self) {
+        let pools = self.pools.lock().unwrap_or_else(|p| p.into_inner());
+        for p in pools.values() {
+            p.close();
+        }
+    }
+
     /// Close idle connections to `database` (so `DROP DATABASE` is not
     /// blocked by our pool) and to a node that went down.
     pub fn drop_idle(&self, filter: impl Fn(NodeId, &str) -> bool) {

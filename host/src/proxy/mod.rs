@@ -19,9 +19,8 @@ use bytes::BytesMut;
 use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
 
-use crate::cluster::Cluster;
-use crate::config::Config;
-use crate::route::NodeId;
+use crate::cluster::NodeCounters;
+use crate::live::Live;
 use crate::router::Router;
 use crate::sql::classify::Classifier;
 use crate::tls::BoxStream;
@@ -29,8 +28,8 @@ use crate::wire::{self, Fields, WireError};
 
 /// Everything sessions share.
 pub struct Shared {
-    pub config: Arc<Config>,
-    pub cluster: Arc<Cluster>,
+    /// The configuration and cluster in force (a config reload swaps them).
+    pub live: arc_swap::ArcSwap<Live>,
     pub router: Arc<Router>,
     pub classifier: Classifier,
     pub cancel: CancelMap,
@@ -57,23 +56,21 @@ pub struct Shared {
 
 impl Shared {
     pub fn new(
-        config: Arc<Config>,
-        cluster: Arc<Cluster>,
+        live: Live,
         router: Arc<Router>,
         tls: Option<crate::tls::ClientTls>,
+        routed: Arc<NodeCounters>,
     ) -> Arc<Self> {
-        let nodes = cluster.nodes.len();
         let message_budget = Arc::new(relay::MessageBudget::new(
-            config.clients.buffer_budget_mb << 20,
+            live.config.clients.buffer_budget_mb << 20,
         ));
         Arc::new(Self {
             tls,
-            config,
-            cluster,
+            live: arc_swap::ArcSwap::from_pointee(live),
             router,
             classifier: Classifier::default(),
             cancel: CancelMap::default(),
-            metrics: Metrics::new(nodes),
+            metrics: Metrics::new(routed),
             server_params: Mutex::default(),
             shutdown: tokio::sync::watch::channel(false).0,
             message_budget,
@@ -82,6 +79,13 @@ impl Shared {
             clients: AtomicU64::new(0),
             next_session: AtomicU64::new(1),
         })
+    }
+}
+
+impl Shared {
+    /// The configuration and cluster in force now.
+    pub fn live(&self) -> Arc<Live> {
+        self.live.load_full()
     }
 }
 
@@ -127,8 +131,9 @@ impl CancelMap {
 pub struct Metrics {
     pub sessions_total: AtomicU64,
     pub sessions_active: AtomicU64,
-    /// Statements (or transactions) routed, per node.
-    pub routed: Vec<AtomicU64>,
+    /// Statements (or transactions) routed, per node name (each cluster
+    /// holds its nodes' counters for the data path).
+    pub routed: Arc<NodeCounters>,
     pub routed_read_only: AtomicU64,
     pub rejected: AtomicU64,
     pub cancels: AtomicU64,
@@ -147,11 +152,11 @@ pub struct Metrics {
 pub const REASONS: usize = 64;
 
 impl Metrics {
-    fn new(nodes: usize) -> Self {
+    fn new(routed: Arc<NodeCounters>) -> Self {
         Self {
             sessions_total: AtomicU64::new(0),
             sessions_active: AtomicU64::new(0),
-            routed: (0..nodes).map(|_| AtomicU64::new(0)).collect(),
+            routed,
             routed_read_only: AtomicU64::new(0),
             rejected: AtomicU64::new(0),
             cancels: AtomicU64::new(0),
@@ -175,8 +180,8 @@ impl Metrics {
         }
     }
 
-    pub fn routed(&self, node: NodeId, read_only: bool) {
-        if let Some(c) = self.routed.get(node as usize) {
+    pub fn routed(&self, counter: Option<&AtomicU64>, read_only: bool) {
+        if let Some(c) = counter {
             c.fetch_add(1, Ordering::Relaxed);
         }
         if read_only {
@@ -261,9 +266,12 @@ async fn handle(tcp: TcpStream, shared: Arc<Shared>) -> Result<(), WireError> {
         .map(|a| a.ip().to_string())
         .unwrap_or_default();
     let mut stream: BoxStream = Box::new(tcp);
-    let limits = &shared.config.clients;
-    let login_deadline =
-        tokio::time::Instant::now() + Duration::from_secs(limits.login_timeout_s.max(1));
+    let (login_timeout_s, max_connections) = {
+        let live = shared.live.load();
+        let c = &live.config.clients;
+        (c.login_timeout_s, c.max_connections)
+    };
+    let login_deadline = tokio::time::Instant::now() + Duration::from_secs(login_timeout_s.max(1));
     // Startup negotiation, bounded in time: a silent client cannot hold us.
     let (params, encrypted) =
         match tokio::time::timeout_at(login_deadline, negotiate(&mut stream, &shared)).await {
@@ -279,7 +287,7 @@ async fn handle(tcp: TcpStream, shared: Arc<Shared>) -> Result<(), WireError> {
             }
             Err(_) => return Ok(()),
         };
-    if shared.clients.load(Ordering::Relaxed) > limits.max_connections as u64 {
+    if shared.clients.load(Ordering::Relaxed) > max_connections as u64 {
         shared
             .metrics
             .refused_connections

@@ -38,6 +38,20 @@ pub(super) enum Lost {
 }
 
 impl Session {
+    /// Take up the configuration in force (between transactions, holding
+    /// no connection): node numbers may have changed, so the pool handles
+    /// kept by node go too.
+    fn refresh_live(&mut self) {
+        if !self.live_is_current() {
+            self.live = self.shared.live();
+            self.pools.clear();
+        }
+    }
+
+    fn live_is_current(&self) -> bool {
+        Arc::ptr_eq(&self.live, &*self.shared.live.load())
+    }
+
     pub(super) async fn checkout(&mut self, node: NodeId) -> Result<Lease, (String, String)> {
         let i = node as usize;
         if self.pools.len() <= i {
@@ -47,7 +61,7 @@ impl Session {
             self.pools[i] = Some(self.new_pool(node));
         }
         let pool = self.pools[i].clone().expect("just filled");
-        self.shared
+        self.live
             .cluster
             .pools
             .checkout_from(&pool, node)
@@ -55,7 +69,7 @@ impl Session {
             .map_err(|e| {
                 if e.node_unreachable() {
                     // Banned now, not at the next failed probes.
-                    self.shared.cluster.report_down(node, &e.to_string());
+                    self.live.cluster.report_down(node, &e.to_string());
                 }
                 (e.sqlstate().to_owned(), format!("signalbox: {e}"))
             })
@@ -63,15 +77,15 @@ impl Session {
 
     pub(super) fn new_pool(&self, node: NodeId) -> crate::cluster::pool::Pool {
         let password = self
-            .shared
+            .live
             .config
             .password_for(&self.user)
             .map(str::to_owned)
             .or_else(|| {
-                let a = &self.shared.cluster.addrs[node as usize];
+                let a = &self.live.cluster.addrs[node as usize];
                 (a.user == self.user).then(|| a.password.clone()).flatten()
             });
-        self.shared
+        self.live
             .cluster
             .pools
             .pool(node, &self.user, password.as_deref(), &self.database)
@@ -124,6 +138,9 @@ impl Session {
         if self.lease.is_some() {
             return Ok(true);
         }
+        if !self.offloading {
+            self.refresh_live();
+        }
         let mut read_only = judged;
         if class.tables.iter().any(|t| self.temp_tables.contains(t)) {
             read_only = false;
@@ -134,12 +151,12 @@ impl Session {
         }
         self.statement_lsn =
             Self::hinted_lsn(&class.hints).map(|lsn| (lsn, std::time::Instant::now()));
-        let ryw = &self.shared.config.read_your_writes;
+        let ryw = &self.live.config.read_your_writes;
         if !ryw.scopes.is_empty() || self.min_lsn.is_some() || self.statement_lsn.is_some() {
             if read_only && ryw.wait_for_replay_ms > 0 && self.tx == TxState::Idle {
                 if let Some((lsn, _)) = self.write_position() {
                     let limit = std::time::Duration::from_millis(ryw.wait_for_replay_ms);
-                    self.shared.cluster.wait_for_replay(lsn, limit).await;
+                    self.live.cluster.wait_for_replay(lsn, limit).await;
                 }
             }
             self.refresh_route_session();
@@ -156,7 +173,7 @@ impl Session {
         let input = RouteInput {
             statement: Arc::new(statement),
             session: self.route_session.clone(),
-            cluster: self.shared.cluster.view(),
+            cluster: self.live.cluster.view(),
         };
         let mut routing = self.shared.router.route(&input);
         self.wait_if_asked(&mut routing, &input).await;
@@ -179,7 +196,7 @@ impl Session {
                 return Ok(false);
             }
             Routed::Unavailable(msg) => {
-                let msg = match self.shared.cluster.fence_reason() {
+                let msg = match self.live.cluster.fence_reason() {
                     Some(f) => format!("signalbox: {msg} ({f})"),
                     None => format!("signalbox: {msg}"),
                 };
@@ -216,9 +233,14 @@ impl Session {
             }
             match self.sync_state().await {
                 Ok(None) => {
-                    self.shared.metrics.routed(node, read_only);
+                    let counter = self.live.cluster.routed.get(node as usize);
+                    self.shared.metrics.routed(counter.map(|c| &**c), read_only);
                     if self.trace {
                         self.trace_decision(node, &routing, class, read_only);
+                    }
+                    let sample = self.live.config.logging.decision_sample;
+                    if sample > 0.0 && fastrand::f64() < sample {
+                        self.log_decision(node, &routing, class, read_only);
                     }
                     return Ok(true);
                 }
@@ -272,8 +294,8 @@ impl Session {
             return;
         }
         let limit = std::time::Duration::from_millis(u64::from(ms.min(MAX_REPLAY_WAIT_MS)));
-        if self.shared.cluster.wait_for_replay(lsn, limit).await {
-            let cluster = self.shared.cluster.view();
+        if self.live.cluster.wait_for_replay(lsn, limit).await {
+            let cluster = self.live.cluster.view();
             routing.enforced = crate::route::guardrails::enforce(
                 &routing.target,
                 &input.statement,
@@ -337,7 +359,9 @@ impl Session {
             .iter()
             .any(|f| f.name.eq_ignore_ascii_case("pg_backend_pid"));
         self.session_pooling
-            && self.shared.config.pool.session_reads_on_replicas
+            && self.live.config.pool.session_reads_on_replicas
+            // Its replicas' pools are gone once a reload retired them.
+            && self.live_is_current()
             && self.pin_reason.is_none()
             && self.tx == TxState::Idle
             && self.owes_ready
@@ -403,7 +427,7 @@ impl Session {
                             self.encoding = e;
                         }
                     }
-                    if !self.shared.config.read_your_writes.scopes.is_empty() {
+                    if !self.live.config.read_your_writes.scopes.is_empty() {
                         // A lone BEGIN/COMMIT writes nothing: a read-only
                         // transaction on the primary records no position.
                         let lone_control = class.statements == 1
@@ -433,7 +457,7 @@ impl Session {
                     // (Such a statement is never read-only: the pin is on the primary.)
                     if class.touches_session
                         && !class.read_only
-                        && self.shared.config.pool.untracked_state == UntrackedState::Pin
+                        && self.live.config.pool.untracked_state == UntrackedState::Pin
                     {
                         self.pin_reason = Some("function that may change session state");
                     }
@@ -490,11 +514,11 @@ impl Session {
 
     /// The first session of a database fetches its catalog facts.
     pub(super) async fn load_catalog(&mut self) {
-        let shared = self.shared.clone();
-        if shared.config.classifier.catalog && shared.catalogs.get(&self.database).is_none() {
+        let (shared, live) = (self.shared.clone(), self.live.clone());
+        if live.config.classifier.catalog && shared.catalogs.get(&self.database).is_none() {
             let _ = shared
                 .catalogs
-                .ensure(&shared.cluster, &shared.config.classifier, &self.database)
+                .ensure(&live.cluster, &live.config.classifier, &self.database)
                 .await;
         }
     }
@@ -502,11 +526,11 @@ impl Session {
     /// After DDL committed: this session's next statement is judged with
     /// facts that include it.
     pub(super) async fn refresh_catalog(&mut self) {
-        let shared = self.shared.clone();
-        if shared.config.classifier.catalog {
+        let (shared, live) = (self.shared.clone(), self.live.clone());
+        if live.config.classifier.catalog {
             let _ = shared
                 .catalogs
-                .refresh(&shared.cluster, &shared.config.classifier, &self.database)
+                .refresh(&live.cluster, &live.config.classifier, &self.database)
                 .await;
         }
     }
@@ -529,7 +553,7 @@ impl Session {
         };
         self.shared.metrics.latency(started.elapsed());
         if let Some(l) = self.lease.as_ref() {
-            self.shared
+            self.live
                 .cluster
                 .observe_latency(l.node(), started.elapsed());
         }

@@ -8,12 +8,8 @@ use crate::wire::{self, WireError};
 impl Session {
     /// Authenticate, report server parameters, issue our cancel key.
     pub(super) async fn startup(&mut self) -> Result<(), SessionError> {
-        if self.shared.config.auth.method == crate::config::AuthMethod::ScramSha256 {
-            let password = self
-                .shared
-                .config
-                .password_for(&self.user)
-                .map(str::to_owned);
+        if self.live.config.auth.method == crate::config::AuthMethod::ScramSha256 {
+            let password = self.live.config.password_for(&self.user).map(str::to_owned);
             let end_point = match &self.shared.tls {
                 Some(t) if self.tls => t.end_point.clone(),
                 _ => None,
@@ -75,7 +71,7 @@ impl Session {
     /// The first session of a (user, database) logs in to a node for real:
     /// PostgreSQL checks the user and database and reports its parameters.
     pub(super) async fn first_login(&mut self) -> Result<Vec<(String, String)>, SessionError> {
-        let view = self.shared.cluster.view();
+        let view = self.live.cluster.view();
         let node = view.primary().or_else(|| {
             view.states
                 .iter()
@@ -103,7 +99,7 @@ impl Session {
     /// key, so `pg_backend_pid()`, `pg_terminate_backend()` and cancel
     /// requests mean exactly what they mean on PostgreSQL.
     async fn session_login(&mut self) -> Result<(), SessionError> {
-        let Some(node) = self.shared.cluster.view().primary() else {
+        let Some(node) = self.live.cluster.view().primary() else {
             self.fatal("57P03", "signalbox: no primary to serve this session")
                 .await;
             return Err(SessionError::Backend(WireError::Closed));

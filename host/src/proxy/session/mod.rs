@@ -33,6 +33,9 @@ use exchange::Work;
 
 pub struct Session {
     shared: Arc<Shared>,
+    /// The configuration and cluster this session works under: taken up
+    /// again whenever it holds no connection (see [`crate::live`]).
+    live: Arc<crate::live::Live>,
     id: u64,
     key: (i32, i32),
     user: String,
@@ -143,6 +146,7 @@ impl Session {
             id,
             login_deadline,
         } = accepted;
+        let live = shared.live();
         let (read, write) = tokio::io::split(stream);
         let client = ClientIo {
             read,
@@ -151,7 +155,7 @@ impl Session {
             out: BytesMut::with_capacity(16 * 1024),
             sent: 0,
             limits: super::relay::ClientLimits::from_config(
-                &shared.config.clients,
+                &live.config.clients,
                 shared.message_budget.clone(),
             ),
             reserved: 0,
@@ -164,8 +168,9 @@ impl Session {
         let attributes = attribute_values(&params);
         let startup = startup_sets(&params);
         let state = SessionState::new(&startup);
-        let session_pooling = shared.config.session_pooling(&user, &database);
+        let session_pooling = live.config.session_pooling(&user, &database);
         let mut s = Session {
+            live,
             id,
             key,
             user,
@@ -449,7 +454,7 @@ impl Session {
     /// from a template, or renaming a database: close them first.
     fn free_database(&self, class: &Classified) {
         if let Some(db) = &class.needs_database_alone {
-            self.shared.cluster.pools.drop_idle(|_, d| d == db);
+            self.live.cluster.pools.drop_idle(|_, d| d == db);
         }
     }
 

@@ -41,7 +41,7 @@ impl Session {
     /// (user, application, database), a `signalbox.min_lsn` token, and the
     /// current statement's `min_lsn` hint.
     pub(super) fn write_position(&self) -> Option<(u64, Instant)> {
-        let scopes = &self.shared.config.read_your_writes.scopes;
+        let scopes = &self.live.config.read_your_writes.scopes;
         let mut best = self.min_lsn;
         let mut consider = |candidate: Option<(u64, Instant)>| {
             if let Some((lsn, at)) = candidate {
@@ -66,7 +66,7 @@ impl Session {
     /// Keys of the shared scopes this session writes under (computed once:
     /// user, application name and database are fixed at startup).
     pub(super) fn scope_keys(&self) -> Vec<String> {
-        self.shared
+        self.live
             .config
             .read_your_writes
             .scopes

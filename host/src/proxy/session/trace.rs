@@ -1,7 +1,9 @@
 //! Decision tracing for one session: with `SET signalbox.trace = on`, each
 //! routed statement is preceded by a NOTICE saying where it ran and why —
 //! the node, the policy version and its reason, any guardrail override, and
-//! the classifier's verdict with the catalog's causes.
+//! the classifier's verdict with the catalog's causes. A configured share
+//! of all decisions (`[logging] decision_sample`) is also logged as one
+//! structured `debug` event each, target `signalbox::decision`.
 
 use super::Session;
 use crate::route::NodeId;
@@ -19,12 +21,12 @@ impl Session {
         class: &Classified,
         read_only: bool,
     ) {
-        let view = self.shared.cluster.view();
+        let view = self.live.cluster.view();
         let role = view
             .state(node)
             .map(|s| format!("{:?}", s.role).to_lowercase())
             .unwrap_or_default();
-        let policy = match self.shared.router.policy.active() {
+        let policy = match self.shared.router.policy().active() {
             Some(p) => format!(
                 "{}@{}",
                 p.info.name,
@@ -48,6 +50,37 @@ impl Session {
         }
         text.push_str(&format!("; classifier: {}", self.verdict(class, read_only)));
         wire::notice(&mut self.client.out, &text);
+    }
+
+    /// Log a sampled decision as one structured event (the session span
+    /// adds who asked).
+    pub(super) fn log_decision(
+        &self,
+        node: NodeId,
+        routing: &Routing,
+        class: &Classified,
+        read_only: bool,
+    ) {
+        if !tracing::enabled!(target: "signalbox::decision", tracing::Level::DEBUG) {
+            return;
+        }
+        let view = self.live.cluster.view();
+        let policy = self.shared.router.policy().active();
+        tracing::debug!(
+            target: "signalbox::decision",
+            node = view.node_name(node),
+            role = ?view.state(node).map(|s| s.role),
+            policy = policy.as_ref().map(|p| p.info.name.as_str()),
+            policy_sha256 = policy.as_ref().map(|p| p.info.sha256.get(..12).unwrap_or_default()),
+            target = ?routing.target,
+            reason = routing.reason.as_deref(),
+            failure = routing.failure.as_ref().map(|f| f.kind()),
+            guardrail = routing.enforced.overridden.map(|o| o.as_str()),
+            kind = ?class.kind,
+            fingerprint = format_args!("{:016x}", class.fingerprint),
+            verdict = %self.verdict(class, read_only),
+            "routing decision"
+        );
     }
 
     /// The classifier's verdict in words, with the catalog's causes.

@@ -1,0 +1,338 @@
+//! The configuration in force and the cluster built from it, and the config
+//! reload that swaps both whole (SIGHUP, `POST /config/reload`).
+//!
+//! A session takes a snapshot ([`Live`]) whenever it begins work holding no
+//! server connection, so one transaction always runs under one
+//! configuration. A reload builds and probes the new cluster before anyone
+//! sees it; the old one is retired: its pools take no more checkouts and
+//! close connections as sessions give them back. Sessions that keep a
+//! connection across transactions (session pooling, a pinned session) go
+//! on under the configuration they started with until they let it go.
+//!
+//! What cannot change without a restart (listen addresses, admin token,
+//! worker threads, client TLS, the message buffer budget) makes the whole
+//! reload fail with an error naming the key; so does anything invalid. A
+//! rejected reload changes nothing.
+
+use std::collections::VecDeque;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+
+use serde::Serialize;
+use tokio::task::JoinHandle;
+
+use crate::cluster::Cluster;
+use crate::config::{Config, NodeConfig};
+use crate::policy::{reload::Watcher, PolicyManager, PolicySettings};
+use crate::proxy::Shared;
+
+/// One configuration and the cluster built from it.
+pub struct Live {
+    pub config: Arc<Config>,
+    pub cluster: Arc<Cluster>,
+    /// Counts reloads that changed something (1 at startup).
+    pub generation: u64,
+}
+
+/// What one config reload attempt did.
+#[derive(Clone, Debug, Serialize)]
+pub struct ConfigEvent {
+    pub at_ms: u64,
+    pub trigger: String,
+    /// `applied`, `unchanged` or `rejected`.
+    pub result: &'static str,
+    pub changes: Vec<String>,
+    pub error: Option<String>,
+}
+
+/// The config file, the journal of reloads, and what a reload replaces.
+pub struct Reloader {
+    shared: Arc<Shared>,
+    path: PathBuf,
+    health: Mutex<Option<JoinHandle<()>>>,
+    watchers: Mutex<Watchers>,
+    journal: Mutex<VecDeque<ConfigEvent>>,
+    serial: tokio::sync::Mutex<()>,
+}
+
+/// The policy file watchers, replaced with their managers.
+#[derive(Default)]
+pub struct Watchers {
+    pub active: Option<Watcher>,
+    pub shadow: Option<Watcher>,
+}
+
+/// The reload journal's length.
+const HISTORY: usize = 32;
+
+/// `/status`: the config file and its reloads, newest last.
+#[derive(Serialize)]
+pub struct ConfigStatus {
+    pub path: PathBuf,
+    pub generation: u64,
+    pub history: Vec<ConfigEvent>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl Reloader {
+    pub fn new(shared: Arc<Shared>, health: JoinHandle<()>, watchers: Watchers) -> Self {
+        let path = shared.live().config.origin.clone();
+        Self {
+            shared,
+            path,
+            health: Mutex::new(Some(health)),
+            watchers: Mutex::new(watchers),
+            journal: Mutex::default(),
+            serial: tokio::sync::Mutex::new(()),
+        }
+    }
+
+    /// The server is going away: stop probing and watching.
+    pub fn stop(&self) {
+        if let Some(h) = lock(&self.health).take() {
+            h.abort();
+        }
+        *lock(&self.watchers) = Watchers::default();
+    }
+
+    pub fn status(&self) -> ConfigStatus {
+        ConfigStatus {
+            path: self.path.clone(),
+            generation: self.shared.live().generation,
+            history: lock(&self.journal).iter().cloned().collect(),
+        }
+    }
+
+    /// Read the config file again and apply it whole, or reject it whole.
+    pub async fn reload(&self, trigger: &str) -> ConfigEvent {
+        let _serial = self.serial.lock().await;
+        let (result, changes, error) = match self.try_reload().await {
+            Ok(changes) if changes.is_empty() => ("unchanged", changes, None),
+            Ok(changes) => ("applied", changes, None),
+            Err(e) => ("rejected", Vec::new(), Some(e)),
+        };
+        match &error {
+            Some(e) => {
+                tracing::error!(trigger, path = %self.path.display(), error = %e, "config reload rejected; the running configuration stays")
+            }
+            None => {
+                tracing::info!(trigger, path = %self.path.display(), ?changes, "config reloaded")
+            }
+        }
+        let event = ConfigEvent {
+            at_ms: crate::policy::kv::now_ms(),
+            trigger: trigger.to_owned(),
+            result,
+            changes,
+            error,
+        };
+        let mut journal = lock(&self.journal);
+        if journal.len() == HISTORY {
+            journal.pop_front();
+        }
+        journal.push_back(event.clone());
+        event
+    }
+
+    async fn try_reload(&self) -> Result<Vec<String>, String> {
+        let new = Config::load(&self.path).map_err(|e| e.to_string())?;
+        let old = self.shared.live();
+        needs_restart(&old.config, &new)?;
+        let mut changes = node_changes(&old.config.nodes, &new.nodes);
+        let rebuild = !changes.is_empty()
+            || differs(&old.config.pool, &new.pool)
+            || differs(&old.config.health, &new.health);
+        for (key, changed) in [
+            ("pool", differs(&old.config.pool, &new.pool)),
+            ("health", differs(&old.config.health, &new.health)),
+            ("clients", differs(&old.config.clients, &new.clients)),
+            ("auth", differs(&old.config.auth, &new.auth)),
+            (
+                "classifier",
+                differs(&old.config.classifier, &new.classifier),
+            ),
+            (
+                "read_your_writes",
+                differs(&old.config.read_your_writes, &new.read_your_writes),
+            ),
+            ("policy", differs(&old.config.policy, &new.policy)),
+            (
+                "shadow_policy",
+                differs(&old.config.shadow_policy, &new.shadow_policy),
+            ),
+        ] {
+            if changed {
+                changes.push(format!("[{key}] changed"));
+            }
+        }
+        // Everything that can fail is done before anything is swapped.
+        let base = new.base_dir();
+        let policy = if differs(&old.config.policy, &new.policy) {
+            let m = start_manager(new.policy.as_ref().map(|p| p.settings(&base)), "policy").await?;
+            Some(m.unwrap_or_else(|| Arc::new(PolicyManager::empty(PolicySettings::new("")))))
+        } else {
+            None
+        };
+        let shadow = if differs(&old.config.shadow_policy, &new.shadow_policy) {
+            Some(
+                start_manager(
+                    new.shadow_policy.as_ref().map(|p| p.settings(&base)),
+                    "shadow_policy",
+                )
+                .await?,
+            )
+        } else {
+            None
+        };
+        let cluster = if rebuild {
+            let c = Cluster::new(&new, &self.shared.metrics.routed)
+                .map_err(|e| format!("{}: {e}", self.path.display()))?;
+            c.adopt_fence(&old.cluster);
+            c.probe_all().await;
+            Some(c)
+        } else {
+            None
+        };
+        let new = Arc::new(new);
+        self.swap_policies(&new, policy, shadow)?;
+        let cluster = match cluster {
+            Some(c) => {
+                let handle = c.spawn_health();
+                if let Some(old_health) = lock(&self.health).replace(handle) {
+                    old_health.abort();
+                }
+                c
+            }
+            None => old.cluster.clone(),
+        };
+        let retired = (!Arc::ptr_eq(&cluster, &old.cluster)).then(|| old.cluster.clone());
+        self.shared.live.store(Arc::new(Live {
+            config: new,
+            cluster,
+            generation: old.generation + u64::from(!changes.is_empty()),
+        }));
+        if let Some(c) = retired {
+            c.retire();
+        }
+        Ok(changes)
+    }
+
+    /// Install new policy managers (and their watchers). An unchanged
+    /// `[policy]` still re-reads its file, as a policy reload would.
+    fn swap_policies(
+        &self,
+        config: &Config,
+        policy: Option<Arc<PolicyManager>>,
+        shadow: Option<Option<Arc<PolicyManager>>>,
+    ) -> Result<(), String> {
+        let watch = |m: &Arc<PolicyManager>, on: bool| -> Result<Option<Watcher>, String> {
+            if on {
+                m.watch()
+                    .map(Some)
+                    .map_err(|e| format!("watching the policy: {e}"))
+            } else {
+                Ok(None)
+            }
+        };
+        let mut watchers = lock(&self.watchers);
+        match policy {
+            Some(m) => {
+                let on = config.policy.as_ref().is_some_and(|p| p.watch.enabled);
+                watchers.active = watch(&m, on)?;
+                self.shared.router.set_policy(m);
+            }
+            None => {
+                let _ = self
+                    .shared
+                    .router
+                    .policy()
+                    .reload_if_changed("config-reload");
+            }
+        }
+        if let Some(s) = shadow {
+            let on = config
+                .shadow_policy
+                .as_ref()
+                .is_some_and(|p| p.watch.enabled);
+            watchers.shadow = match &s {
+                Some(m) => watch(m, on)?,
+                None => None,
+            };
+            self.shared.router.set_shadow(s);
+        }
+        Ok(())
+    }
+}
+
+/// A manager for a changed `[policy]`/`[shadow_policy]` section, its first
+/// version validated (none: the section was removed). For `[policy]` an
+/// empty manager means built-in routing.
+async fn start_manager(
+    settings: Option<PolicySettings>,
+    key: &'static str,
+) -> Result<Option<Arc<PolicyManager>>, String> {
+    let Some(settings) = settings else {
+        return Ok(None);
+    };
+    tokio::task::spawn_blocking(move || PolicyManager::start(settings))
+        .await
+        .map_err(|e| format!("{key}: {e}"))?
+        .map(Some)
+        .map_err(|e| format!("{key}: {e}"))
+}
+
+fn differs<T: std::fmt::Debug>(a: &T, b: &T) -> bool {
+    format!("{a:?}") != format!("{b:?}")
+}
+
+/// Keys a running process cannot change: the reload is refused, naming them.
+fn needs_restart(old: &Config, new: &Config) -> Result<(), String> {
+    let fixed = [
+        ("listen", differs(&old.listen, &new.listen)),
+        (
+            "admin_listen",
+            differs(&old.admin_listen, &new.admin_listen),
+        ),
+        ("admin_token", old.admin_token != new.admin_token),
+        ("workers", old.workers != new.workers),
+        ("tls", differs(&old.tls, &new.tls)),
+        (
+            "clients.buffer_budget_mb",
+            old.clients.buffer_budget_mb != new.clients.buffer_budget_mb,
+        ),
+    ];
+    let changed: Vec<&str> = fixed.iter().filter(|(_, c)| *c).map(|(k, _)| *k).collect();
+    if changed.is_empty() {
+        return Ok(());
+    }
+    Err(format!(
+        "{}: {} cannot change while signalbox runs (restart it); nothing was applied",
+        new.origin.display(),
+        changed.join(", ")
+    ))
+}
+
+/// Nodes added, removed and changed, by name.
+fn node_changes(old: &[NodeConfig], new: &[NodeConfig]) -> Vec<String> {
+    let mut changes = Vec::new();
+    for n in new {
+        match old.iter().find(|o| o.name == n.name) {
+            None => changes.push(format!("node {} added", n.name)),
+            Some(o) if differs(o, n) => changes.push(format!("node {} changed", n.name)),
+            Some(_) => {}
+        }
+    }
+    for o in old {
+        if !new.iter().any(|n| n.name == o.name) {
+            changes.push(format!("node {} removed", o.name));
+        }
+    }
+    let order = |ns: &[NodeConfig]| ns.iter().map(|n| n.name.clone()).collect::<Vec<_>>();
+    if changes.is_empty() && order(old) != order(new) {
+        changes.push("node order changed".into());
+    }
+    changes
+}

@@ -1,0 +1,204 @@
+//! `signalbox serve` reloading its config file while pgbench (`-S`) runs
+//! through it: SIGHUP adds a third replica, which starts taking reads, and
+//! no transaction fails; invalid files (on SIGHUP and on
+//! `POST /config/reload`) change nothing and are reported. The sampled
+//! decision log is checked on the same run.
+
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use signalbox::local::{free_port, LocalCluster};
+
+fn pgbench(port: u16, args: &[&str]) -> Child {
+    Command::new("pgbench")
+        .args(["-h", "127.0.0.1", "-U", "postgres", "-p", &port.to_string()])
+        .args(args)
+        .arg("postgres")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run pgbench (postgresql-contrib; `cargo xtask setup` installs it)")
+}
+
+fn curl(args: &[&str]) -> String {
+    let out = Command::new("curl")
+        .args(["-s", "--max-time", "10"])
+        .args(args)
+        .output()
+        .expect("run curl");
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// `signalbox_routed_total` of `node`, from `/metrics`.
+fn routed(admin: u16, node: &str) -> u64 {
+    let text = curl(&[&format!("http://127.0.0.1:{admin}/metrics")]);
+    let prefix = format!("signalbox_routed_total{{node=\"{node}\"}} ");
+    text.lines()
+        .find_map(|l| l.strip_prefix(&prefix))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0)
+}
+
+fn status(admin: u16) -> serde_json::Value {
+    let text = curl(&[&format!("http://127.0.0.1:{admin}/status")]);
+    serde_json::from_str(&text).unwrap_or_else(|e| panic!("/status: {e}: {text}"))
+}
+
+/// The newest config reload in `/status`, once there are `n`.
+fn nth_reload(admin: u16, n: usize) -> serde_json::Value {
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let history = status(admin)["config"]["history"].clone();
+        if let Some(list) = history.as_array().filter(|l| l.len() >= n) {
+            return list[n - 1].clone();
+        }
+        assert!(
+            Instant::now() < deadline,
+            "config reload {n} never showed up: {history}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+fn hup(pid: u32) {
+    let ok = Command::new("kill")
+        .args(["-HUP", &pid.to_string()])
+        .status()
+        .unwrap();
+    assert!(ok.success());
+}
+
+fn config_text(port: u16, admin: u16, nodes: &str, extra: &str) -> String {
+    format!(
+        "listen = \"127.0.0.1:{port}\"\nadmin_listen = \"127.0.0.1:{admin}\"\n{extra}\n[logging]\ndecision_sample = 0.25\n{nodes}"
+    )
+}
+
+fn write(path: &Path, text: &str) {
+    std::fs::write(path, text).unwrap();
+}
+
+#[test]
+fn sighup_adds_a_replica_under_load_and_invalid_files_change_nothing() {
+    let cluster = LocalCluster::start(3).expect("start a PostgreSQL cluster");
+    let init = pgbench(cluster.primary.port, &["-i", "-q", "-s", "1"])
+        .wait_with_output()
+        .unwrap();
+    assert!(
+        init.status.success(),
+        "{}",
+        String::from_utf8_lossy(&init.stderr)
+    );
+    cluster.wait_replayed().unwrap();
+
+    let all = cluster.nodes_toml();
+    // The same text without the last replica's [[nodes]] entry.
+    let cut = all.rfind("\n[[nodes]]").unwrap();
+    let (two, _) = all.split_at(cut);
+    let (port, admin) = (free_port(), free_port());
+    let path = cluster.dir.path().join("signalbox.toml");
+    let log = cluster.dir.path().join("signalbox.log");
+    write(&path, &config_text(port, admin, two, ""));
+    let mut sb = Command::new(env!("CARGO_BIN_EXE_signalbox"))
+        .args(["serve", "--config"])
+        .arg(&path)
+        .env("SIGNALBOX_LOG", "info,sqlx=warn,signalbox::decision=debug")
+        .stdout(Stdio::piped())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .expect("run signalbox");
+    let mut line = String::new();
+    BufReader::new(sb.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    assert!(line.contains("listening"), "{line}");
+
+    let bench = pgbench(port, &["-n", "-S", "-c", "4", "-j", "2", "-T", "12"]);
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(routed(admin, "replica-3"), 0);
+
+    // 1. SIGHUP with a third replica added.
+    write(&path, &config_text(port, admin, &all, ""));
+    hup(sb.id());
+    let added = nth_reload(admin, 1);
+    assert_eq!(added["result"], "applied", "{added}");
+    assert!(
+        added["changes"]
+            .to_string()
+            .contains("node replica-3 added"),
+        "{added}"
+    );
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while routed(admin, "replica-3") == 0 {
+        assert!(Instant::now() < deadline, "no read reached the new replica");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(status(admin)["nodes"].as_array().unwrap().len(), 4);
+
+    // 2. SIGHUP with an invalid file: rejected whole, naming file and key.
+    write(&path, &config_text(port, admin, &all, "[pool]\nsize = 0\n"));
+    hup(sb.id());
+    let bad = nth_reload(admin, 2);
+    assert_eq!(bad["result"], "rejected", "{bad}");
+    let error = bad["error"].as_str().unwrap();
+    assert!(
+        error.contains("pool.size") && error.contains("signalbox.toml"),
+        "{error}"
+    );
+
+    // 3. The API with a key that needs a restart: 422, nothing applied.
+    write(&path, &config_text(free_port(), admin, &all, ""));
+    let answer = curl(&[
+        "-X",
+        "POST",
+        "-w",
+        "\n%{http_code}",
+        &format!("http://127.0.0.1:{admin}/config/reload"),
+    ]);
+    assert!(answer.ends_with("422"), "{answer}");
+    assert!(
+        answer.contains("listen") && answer.contains("restart"),
+        "{answer}"
+    );
+
+    // Still four nodes, and the new replica still takes reads.
+    let before = routed(admin, "replica-3");
+    std::thread::sleep(Duration::from_millis(1500));
+    assert!(
+        routed(admin, "replica-3") > before,
+        "the rejected files changed routing"
+    );
+    assert_eq!(status(admin)["nodes"].as_array().unwrap().len(), 4);
+
+    let out = bench.wait_with_output().unwrap();
+    let text =
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{text}");
+    assert!(
+        text.contains("number of failed transactions: 0"),
+        "transactions failed across the reloads:\n{text}"
+    );
+
+    // The sampled decision log: about a quarter of the decisions.
+    let decisions: u64 = ["primary", "replica-1", "replica-2", "replica-3"]
+        .iter()
+        .map(|n| routed(admin, n))
+        .sum();
+    let _ = Command::new("kill")
+        .args(["-TERM", &sb.id().to_string()])
+        .status();
+    let _ = sb.wait();
+    let log = std::fs::read_to_string(&log).unwrap();
+    let logged = log
+        .lines()
+        .filter(|l| l.contains("routing decision") && l.contains("node="))
+        .count() as f64;
+    let share = logged / decisions as f64;
+    assert!(
+        decisions > 1000 && (0.15..0.35).contains(&share),
+        "{logged} decisions logged of {decisions}: the sample rate is 0.25; log starts:\n{}",
+        log.lines().take(5).collect::<Vec<_>>().join("\n")
+    );
+}

@@ -1,0 +1,281 @@
+//! What an operator sees through the admin API on a running service over
+//! a real cluster: the shadow policy's disagreements, `/metrics` read by
+//! the Prometheus project's own parser, the status page rendered by
+//! headless Chromium, and a rejected policy reload named in `/status`.
+
+use std::path::Path;
+use std::time::Duration;
+
+use signalbox::config::Config;
+use signalbox::server::Server;
+use signalbox_tests::service::{self, connect};
+use signalbox_tests::{admin_call, example};
+
+fn status(server: &Server) -> serde_json::Value {
+    let url = format!("http://{}/status", server.admin_addr.unwrap());
+    let (code, body) = tokio::task::block_in_place(|| admin_call("GET", &url, None));
+    assert_eq!(code, 200, "{body}");
+    serde_json::from_str(&body).unwrap()
+}
+
+/// The count of shadow (active, shadow) pairs matching `pick`.
+fn pairs(status: &serde_json::Value, pick: impl Fn(&str, &str) -> bool) -> u64 {
+    status["shadow"]["pairs"]
+        .as_array()
+        .map(|ps| {
+            ps.iter()
+                .filter(|p| pick(p["active"].as_str().unwrap(), p["shadow"].as_str().unwrap()))
+                .map(|p| p["count"].as_u64().unwrap())
+                .sum()
+        })
+        .unwrap_or(0)
+}
+
+/// Resumes replay on a replica however the test ends.
+struct Resume(u16);
+
+impl Drop for Resume {
+    fn drop(&mut self) {
+        let _ = service::cluster().psql(self.0, "SELECT pg_wal_replay_resume()");
+    }
+}
+
+/// rw-split decides, lag-aware shadows it: with replay paused on
+/// replica-1, the active policy keeps reading there while the shadow
+/// would not, and `/status` counts exactly those disagreements.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shadow_policy_is_compared_without_deciding_anything() {
+    let server = service::start(&format!(
+        "[policy]\npath = {:?}\n[policy.config]\nspread = \"statement\"\n\
+         [shadow_policy]\npath = {:?}\n[shadow_policy.config]\nmax_lag_ms = 300\n\
+         [health]\ninterval_ms = 100\n",
+        example("rw-split").display().to_string(),
+        example("lag-aware").display().to_string(),
+    ))
+    .await;
+    let c = connect(server.addr.port(), "postgres").await;
+    for _ in 0..20 {
+        c.simple_query("SELECT 1").await.unwrap();
+    }
+    let before = status(&server);
+    assert_eq!(
+        before["shadow"]["name"], "lag-aware",
+        "{}",
+        before["shadow"]
+    );
+    assert!(before["shadow"]["compared"].as_u64().unwrap() >= 20);
+
+    let cluster = service::cluster();
+    let paused = cluster.replicas[0].port;
+    cluster
+        .psql(paused, "SELECT pg_wal_replay_pause()")
+        .unwrap();
+    let _resume = Resume(paused);
+    let primary = connect(cluster.primary.port, "postgres").await;
+    primary
+        .simple_query("CREATE TABLE IF NOT EXISTS shadow_writes (x int)")
+        .await
+        .unwrap();
+    for i in 0..20 {
+        primary
+            .simple_query(&format!("INSERT INTO shadow_writes VALUES ({i})"))
+            .await
+            .unwrap();
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let routed_before = server.shared.metrics.routed.value("replica-1");
+    for _ in 0..60 {
+        c.simple_query("SELECT 1").await.unwrap();
+    }
+    let after = status(&server);
+    // The shadow changed nothing: rw-split still spread reads onto replica-1.
+    let routed = server.shared.metrics.routed.value("replica-1") - routed_before;
+    assert!(
+        routed >= 20,
+        "rw-split sent {routed} of 60 reads to replica-1"
+    );
+    let moved = |s: &serde_json::Value| pairs(s, |a, sh| a == "replica-1" && sh != "replica-1");
+    let chose_paused =
+        |s: &serde_json::Value| pairs(s, |a, sh| a != "replica-1" && sh == "replica-1");
+    assert!(
+        moved(&after) - moved(&before) >= routed,
+        "every read rw-split sent to the lagging replica is a disagreement: {}",
+        after["shadow"]
+    );
+    assert_eq!(
+        chose_paused(&after),
+        chose_paused(&before),
+        "lag-aware never picks the lagging replica: {}",
+        after["shadow"]
+    );
+    assert!(after["shadow"]["rate"].as_f64().unwrap() > 0.0);
+    assert!(!after["shadow"]["samples"].as_array().unwrap().is_empty());
+}
+
+/// Node names with quotes and backslashes come out escaped, and the whole
+/// exposition parses with `prometheus_client.parser`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_parse_with_the_prometheus_parser() {
+    let weird = r#"re"pl\ica 1"#;
+    let text = service::config_text("").replace("name = \"replica-1\"", "name = 're\"pl\\ica 1'");
+    assert!(text.contains(weird), "{text}");
+    let config = Config::parse(&text, Path::new("test.toml")).unwrap();
+    let server = Server::start(config).await.unwrap();
+    let c = connect(server.addr.port(), "postgres").await;
+    for _ in 0..40 {
+        c.simple_query("SELECT 1").await.unwrap();
+    }
+    let url = format!("http://{}/metrics", server.admin_addr.unwrap());
+    let (code, metrics) = tokio::task::block_in_place(|| admin_call("GET", &url, None));
+    assert_eq!(code, 200);
+    let parser = r#"
+import json, sys
+from prometheus_client.parser import text_string_to_metric_families
+out = []
+for family in text_string_to_metric_families(sys.stdin.read()):
+    for s in family.samples:
+        out.append([s.name, s.labels, s.value])
+print(json.dumps(out))
+"#;
+    let parsed = tokio::task::block_in_place(|| {
+        use std::io::Write;
+        let mut child = std::process::Command::new("python3")
+            .args(["-c", parser])
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("python3 (`cargo xtask setup` installs prometheus_client)");
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(metrics.as_bytes())
+            .unwrap();
+        child.wait_with_output().unwrap()
+    });
+    assert!(
+        parsed.status.success(),
+        "the Prometheus parser refused /metrics: {}\n{metrics}",
+        String::from_utf8_lossy(&parsed.stderr)
+    );
+    let samples: Vec<(String, serde_json::Value, f64)> =
+        serde_json::from_slice(&parsed.stdout).unwrap();
+    let routed = |node: &str| {
+        samples
+            .iter()
+            .find(|(n, l, _)| n == "signalbox_routed_total" && l["node"] == node)
+            .map(|(_, _, v)| *v)
+    };
+    let to_replicas = routed(weird).unwrap_or_else(|| panic!("no {weird} row:\n{metrics}"))
+        + routed("replica-2").unwrap();
+    assert_eq!(to_replicas, 40.0, "{metrics}");
+    assert!(samples
+        .iter()
+        .any(|(n, l, v)| n == "signalbox_node_up" && l["node"] == weird && *v == 1.0));
+    for family in [
+        "signalbox_exchange_seconds",
+        "signalbox_policy_call_seconds",
+        "signalbox_checkout_wait_seconds",
+    ] {
+        assert!(
+            samples
+                .iter()
+                .any(|(n, _, _)| n == &format!("{family}_count")),
+            "no histogram {family}:\n{metrics}"
+        );
+    }
+}
+
+/// `GET /` in headless Chromium shows every node and a chart with a line
+/// per node once traffic was sampled. With SIGNALBOX_SCREENSHOT set, a
+/// screenshot is saved there (how docs/status-page.png is made).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_status_page_shows_nodes_and_traffic_in_a_browser() {
+    let server = service::start(&format!(
+        "[policy]\npath = {:?}\n",
+        example("rw-split").display().to_string()
+    ))
+    .await;
+    let c = connect(server.addr.port(), "postgres").await;
+    // Traffic is sampled every 5 s: read for a while so that two samples
+    // apart have something between them.
+    let until = tokio::time::Instant::now() + Duration::from_millis(6500);
+    while tokio::time::Instant::now() < until {
+        c.simple_query("SELECT 1").await.unwrap();
+        c.simple_query("SELECT pg_sleep(0.002)").await.unwrap();
+    }
+    let url = format!("http://{}/", server.admin_addr.unwrap());
+    let chromium = |extra: &[&str]| {
+        let out = std::process::Command::new("chromium")
+            .args([
+                "--headless",
+                "--no-sandbox",
+                "--disable-gpu",
+                "--hide-scrollbars",
+                "--window-size=1280,900",
+                "--virtual-time-budget=5000",
+            ])
+            .args(extra)
+            .arg(&url)
+            .stderr(std::process::Stdio::null())
+            .output()
+            .expect("chromium (`cargo xtask setup` installs it)");
+        assert!(out.status.success(), "chromium failed");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let dom = tokio::task::block_in_place(|| chromium(&["--dump-dom"]));
+    let nodes = dom
+        .split("id=\"nodes\"")
+        .nth(1)
+        .unwrap_or_else(|| panic!("no nodes table:\n{dom}"));
+    for name in ["primary", "replica-1", "replica-2"] {
+        assert!(
+            nodes.contains(&format!(">{name}<")),
+            "{name} missing:\n{dom}"
+        );
+    }
+    let lines: Vec<&str> = dom
+        .split("<polyline")
+        .skip(1)
+        .filter(|l| l.contains("class=\"series\""))
+        .collect();
+    assert_eq!(lines.len(), 3, "one line per node:\n{dom}");
+    let drawn = lines
+        .iter()
+        .filter_map(|l| l.split("points=\"").nth(1)?.split('"').next())
+        .filter(|p| p.split_whitespace().count() >= 2)
+        .count();
+    assert_eq!(drawn, 3, "every line has points:\n{dom}");
+    if let Ok(path) = std::env::var("SIGNALBOX_SCREENSHOT") {
+        tokio::task::block_in_place(|| chromium(&[&format!("--screenshot={path}")]));
+    }
+}
+
+/// A policy file that fails validation: the API answers 422 naming the
+/// stage, `/status` shows it as the last reload, and routing goes on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rejected_policy_reload_is_named_in_status() {
+    let dir = tempfile::tempdir().unwrap();
+    let live = dir.path().join("policy.wasm");
+    std::fs::copy(example("rw-split"), &live).unwrap();
+    let server = service::start(&format!(
+        "[policy]\npath = {:?}\n[policy.watch]\nenabled = false\n",
+        live.display().to_string()
+    ))
+    .await;
+    std::fs::write(&live, b"\0asm this is not a component").unwrap();
+    let url = format!("http://{}/policy/reload", server.admin_addr.unwrap());
+    let (code, body) = tokio::task::block_in_place(|| admin_call("POST", &url, None));
+    assert_eq!(code, 422, "{body}");
+    let event: serde_json::Value = serde_json::from_str(&body).unwrap();
+    let stage = event["stage"].as_str().unwrap().to_owned();
+    let s = status(&server);
+    assert_eq!(s["policy"]["last_reload"]["result"], "rejected");
+    assert_eq!(s["policy"]["last_reload"]["stage"], stage.as_str());
+    assert_eq!(s["policy"]["reloads_failed"], 1);
+    assert_eq!(s["policy"]["active"]["name"], "policy");
+    let c = connect(server.addr.port(), "postgres").await;
+    let rows = c.simple_query("SELECT 1").await.unwrap();
+    assert!(!rows.is_empty());
+}
