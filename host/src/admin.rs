@@ -8,7 +8,6 @@
 //! bound anywhere else (which needs a token) every request must carry
 //! `Authorization: Bearer <token>`.
 
-use std::fmt::Write;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
@@ -23,7 +22,6 @@ use serde::Serialize;
 use crate::live::{ConfigStatus, Reloader};
 use crate::policy::{Outcome, PolicyStatus};
 use crate::proxy::Shared;
-use crate::route::guardrails::Override;
 use crate::route::Role;
 use crate::router::ShadowStatus;
 
@@ -33,6 +31,7 @@ struct AppState {
     reloader: Arc<Reloader>,
     guard: Option<Arc<Guard>>,
     traffic: Arc<Traffic>,
+    registry: Arc<crate::telemetry::Registry>,
 }
 
 /// How often the traffic chart's counts are sampled, and how many samples
@@ -125,7 +124,12 @@ impl Guard {
 
 /// The admin API's routes. Also starts sampling traffic for the status
 /// page (the task ends with the runtime).
-pub fn router(shared: Arc<Shared>, reloader: Arc<Reloader>, guard: Option<Arc<Guard>>) -> Router {
+pub fn router(
+    shared: Arc<Shared>,
+    reloader: Arc<Reloader>,
+    registry: Arc<crate::telemetry::Registry>,
+    guard: Option<Arc<Guard>>,
+) -> Router {
     let traffic = Arc::new(Traffic::default());
     let weak = Arc::downgrade(&traffic);
     let counts = shared.metrics.routed.clone();
@@ -143,6 +147,7 @@ pub fn router(shared: Arc<Shared>, reloader: Arc<Reloader>, guard: Option<Arc<Gu
         reloader,
         guard,
         traffic,
+        registry,
     };
     Router::new()
         .route("/", get(page))
@@ -247,206 +252,12 @@ async fn status(State(s): State<AppState>) -> Json<Status> {
 }
 
 async fn metrics(State(s): State<AppState>) -> Response {
-    let m = &s.shared.metrics;
-    let live = s.shared.live();
-    let view = live.cluster.view();
-    let p = s.shared.router.policy().status();
-    let mut out = String::new();
-    let mut metric = |name: &str, kind: &str, help: &str, rows: Vec<(String, u64)>| {
-        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
-        for (labels, v) in rows {
-            let _ = writeln!(out, "{name}{labels} {v}");
-        }
-    };
-    let node = |i: usize| format!("{{node=\"{}\"}}", label(&view.nodes[i].name));
-    // One row per node, labelled with its name.
-    let per_node = |value: &dyn Fn(usize) -> u64| -> Vec<(String, u64)> {
-        (0..view.nodes.len()).map(|i| (node(i), value(i))).collect()
-    };
-    // A single unlabelled row.
-    let one = |v: u64| vec![(String::new(), v)];
-    metric(
-        "signalbox_sessions_active",
-        "gauge",
-        "Client sessions connected.",
-        one(m.sessions_active.load(Ordering::Relaxed)),
-    );
-    metric(
-        "signalbox_sessions_total",
-        "counter",
-        "Client sessions accepted.",
-        one(m.sessions_total.load(Ordering::Relaxed)),
-    );
-    metric(
-        "signalbox_routed_total",
-        "counter",
-        "Statements or transactions routed, by node.",
-        m.routed
-            .snapshot()
-            .into_iter()
-            .map(|(n, v)| (format!("{{node=\"{}\"}}", label(&n)), v))
-            .collect(),
-    );
-    metric(
-        "signalbox_routed_read_only_total",
-        "counter",
-        "Routed statements classified read-only.",
-        one(m.routed_read_only.load(Ordering::Relaxed)),
-    );
-    metric(
-        "signalbox_rejected_total",
-        "counter",
-        "Statements rejected by the policy.",
-        one(m.rejected.load(Ordering::Relaxed)),
-    );
-    metric(
-        "signalbox_cancel_requests_total",
-        "counter",
-        "Cancel requests forwarded.",
-        one(m.cancels.load(Ordering::Relaxed)),
-    );
-    let reasons: Vec<(String, u64)> = {
-        let map = m.reasons.lock().unwrap_or_else(|p| p.into_inner());
-        let mut rows: Vec<(String, u64)> = map
-            .iter()
-            .map(|(r, n)| (format!("{{reason=\"{}\"}}", label(r)), *n))
-            .collect();
-        rows.sort();
-        rows
-    };
-    metric(
-        "signalbox_policy_reasons_total",
-        "counter",
-        "Policy decisions by the reason the policy gave (the first 64 distinct reasons; the rest as \"other\").",
-        reasons,
-    );
-    metric(
-        "signalbox_split_brain_probe_rounds_total",
-        "counter",
-        "Probe rounds in which more than one node claimed to be the primary.",
-        one(live.cluster.split_brain_rounds.load(Ordering::Relaxed)),
-    );
-    metric(
-        "signalbox_writes_fenced",
-        "gauge",
-        "1 while a node claiming to be primary is fenced (former primary, or split brain).",
-        one(u64::from(live.cluster.fence_reason().is_some())),
-    );
-    metric(
-        "signalbox_catalog_fetches_total",
-        "counter",
-        "Catalog fact fetches (first use of a database, DDL, interval).",
-        one(s.shared.catalogs.fetches.load(Ordering::Relaxed)),
-    );
-    metric(
-        "signalbox_catalog_fetch_errors_total",
-        "counter",
-        "Catalog fact fetches that failed (verdicts stay as they were).",
-        one(s.shared.catalogs.fetch_errors.load(Ordering::Relaxed)),
-    );
-    metric(
-        "signalbox_accept_errors_total",
-        "counter",
-        "Failed accepts of client connections (e.g. out of file descriptors); accepting goes on.",
-        one(m.accept_errors.load(Ordering::Relaxed)),
-    );
-    metric(
-        "signalbox_refused_connections_total",
-        "counter",
-        "Clients refused by [clients] max_connections (53300).",
-        one(m.refused_connections.load(Ordering::Relaxed)),
-    );
-    metric(
-        "signalbox_protocol_errors_total",
-        "counter",
-        "Connections closed for protocol violations at startup.",
-        one(m.protocol_errors.load(Ordering::Relaxed)),
-    );
-    metric(
-        "signalbox_guardrail_overrides_total",
-        "counter",
-        "Policy decisions changed by the host's guardrails, by kind.",
-        Override::ALL
-            .iter()
-            .map(|k| {
-                (
-                    format!("{{kind=\"{}\"}}", k.as_str()),
-                    s.shared.router.stats.overrides(*k),
-                )
-            })
-            .collect(),
-    );
-    let f = p.fallbacks;
-    metric(
-        "signalbox_policy_fallbacks_total",
-        "counter",
-        "Policy calls that failed and used the fallback, by kind.",
-        [
-            ("trap", f.trap),
-            ("timeout", f.timeout),
-            ("out_of_memory", f.out_of_memory),
-            ("invalid", f.invalid),
-            ("instantiate", f.instantiate),
-        ]
-        .into_iter()
-        .map(|(k, v)| (format!("{{kind=\"{k}\"}}"), v))
-        .collect(),
-    );
-    metric(
-        "signalbox_policy_decisions_total",
-        "counter",
-        "Routing decisions made.",
-        vec![(
-            String::new(),
-            s.shared.router.stats.decisions.load(Ordering::Relaxed),
-        )],
-    );
-    metric(
-        "signalbox_policy_reloads_total",
-        "counter",
-        "Policy reload attempts by result.",
-        vec![
-            ("{result=\"ok\"}".into(), p.reloads_ok),
-            ("{result=\"failed\"}".into(), p.reloads_failed),
-        ],
-    );
-    metric(
-        "signalbox_policy_rollbacks_total",
-        "counter",
-        "Automatic rollbacks of a misbehaving policy version.",
-        one(p.rollbacks),
-    );
-    metric(
-        "signalbox_node_up",
-        "gauge",
-        "1 if the node answers health probes.",
-        per_node(&|i| u64::from(view.states[i].healthy)),
-    );
-    metric(
-        "signalbox_node_primary",
-        "gauge",
-        "1 if the node reports it is a primary.",
-        per_node(&|i| u64::from(view.states[i].role == Role::Primary)),
-    );
-    metric(
-        "signalbox_node_lag_bytes",
-        "gauge",
-        "WAL bytes the node has not replayed yet.",
-        per_node(&|i| view.states[i].lag_bytes),
-    );
-    metric(
-        "signalbox_node_lag_ms",
-        "gauge",
-        "Replay lag in milliseconds.",
-        per_node(&|i| u64::from(view.states[i].lag_ms.unwrap_or(0))),
-    );
-    metric(
-        "signalbox_node_in_flight",
-        "gauge",
-        "Backend connections checked out.",
-        per_node(&|i| u64::from(view.states[i].in_flight)),
-    );
-    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], out).into_response()
+    let text = crate::telemetry::encode(&s.registry);
+    (
+        [(header::CONTENT_TYPE, crate::telemetry::CONTENT_TYPE)],
+        text,
+    )
+        .into_response()
 }
 
 async fn reload(State(s): State<AppState>) -> Response {
@@ -480,13 +291,6 @@ async fn config_reload(State(s): State<AppState>) -> Response {
         StatusCode::OK
     };
     (code, Json(event)).into_response()
-}
-
-/// A Prometheus label value: backslash, quote and newline escaped.
-fn label(v: &str) -> String {
-    v.replace('\\', "\\\\")
-        .replace('"', "\\\"")
-        .replace('\n', "\\n")
 }
 
 #[cfg(test)]

@@ -22,5 +22,6 @@ pub mod route;
 pub mod router;
 pub mod server;
 pub mod sql;
+pub mod telemetry;
 pub mod tls;
 pub mod wire;

@@ -46,13 +46,22 @@ pub struct ConfigEvent {
 }
 
 /// The config file, the journal of reloads, and what a reload replaces.
+/// Its collector reports the nodes of the cluster in force.
 pub struct Reloader {
     shared: Arc<Shared>,
     path: PathBuf,
     health: Mutex<Option<JoinHandle<()>>>,
     watchers: Mutex<Watchers>,
     journal: Mutex<VecDeque<ConfigEvent>>,
+    /// Reloads applied and rejected since start.
+    counts: [std::sync::atomic::AtomicU64; 2],
     serial: tokio::sync::Mutex<()>,
+}
+
+impl std::fmt::Debug for Reloader {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Reloader")
+    }
 }
 
 /// The policy file watchers, replaced with their managers.
@@ -86,6 +95,7 @@ impl Reloader {
             health: Mutex::new(Some(health)),
             watchers: Mutex::new(watchers),
             journal: Mutex::default(),
+            counts: Default::default(),
             serial: tokio::sync::Mutex::new(()),
         }
     }
@@ -109,7 +119,7 @@ impl Reloader {
     /// Read the config file again and apply it whole, or reject it whole.
     pub async fn reload(&self, trigger: &str) -> ConfigEvent {
         let _serial = self.serial.lock().await;
-        let (result, changes, error) = match self.try_reload().await {
+        let (result, changes, error) = match self.try_reload(trigger).await {
             Ok(changes) if changes.is_empty() => ("unchanged", changes, None),
             Ok(changes) => ("applied", changes, None),
             Err(e) => ("rejected", Vec::new(), Some(e)),
@@ -129,6 +139,10 @@ impl Reloader {
             changes,
             error,
         };
+        if result != "unchanged" {
+            let i = usize::from(result == "rejected");
+            self.counts[i].fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
         let mut journal = lock(&self.journal);
         if journal.len() == HISTORY {
             journal.pop_front();
@@ -137,7 +151,7 @@ impl Reloader {
         event
     }
 
-    async fn try_reload(&self) -> Result<Vec<String>, String> {
+    async fn try_reload(&self, trigger: &str) -> Result<Vec<String>, String> {
         let new = Config::load(&self.path).map_err(|e| e.to_string())?;
         let old = self.shared.live();
         needs_restart(&old.config, &new)?;
@@ -197,7 +211,7 @@ impl Reloader {
             None
         };
         let new = Arc::new(new);
-        self.swap_policies(&new, policy, shadow)?;
+        self.swap_policies(&new, policy, shadow, trigger).await?;
         let cluster = match cluster {
             Some(c) => {
                 let handle = c.spawn_health();
@@ -221,13 +235,20 @@ impl Reloader {
     }
 
     /// Install new policy managers (and their watchers). An unchanged
-    /// `[policy]` still re-reads its file, as a policy reload would.
-    fn swap_policies(
+    /// `[policy]` still re-reads its file, as `POST /policy/reload` would
+    /// (a file refused before is tried again).
+    async fn swap_policies(
         &self,
         config: &Config,
         policy: Option<Arc<PolicyManager>>,
         shadow: Option<Option<Arc<PolicyManager>>>,
+        trigger: &str,
     ) -> Result<(), String> {
+        if policy.is_none() {
+            let current = self.shared.router.policy();
+            let trigger = trigger.to_owned();
+            let _ = tokio::task::spawn_blocking(move || current.reload(&trigger)).await;
+        }
         let watch = |m: &Arc<PolicyManager>, on: bool| -> Result<Option<Watcher>, String> {
             if on {
                 m.watch()
@@ -237,30 +258,32 @@ impl Reloader {
                 Ok(None)
             }
         };
+        // Watchers first: they can fail, and nothing may change before.
+        let active = match &policy {
+            Some(m) => Some(watch(
+                m,
+                config.policy.as_ref().is_some_and(|p| p.watch.enabled),
+            )?),
+            None => None,
+        };
+        let shadowed = match &shadow {
+            Some(Some(m)) => Some(watch(
+                m,
+                config
+                    .shadow_policy
+                    .as_ref()
+                    .is_some_and(|p| p.watch.enabled),
+            )?),
+            Some(None) => Some(None),
+            None => None,
+        };
         let mut watchers = lock(&self.watchers);
-        match policy {
-            Some(m) => {
-                let on = config.policy.as_ref().is_some_and(|p| p.watch.enabled);
-                watchers.active = watch(&m, on)?;
-                self.shared.router.set_policy(m);
-            }
-            None => {
-                let _ = self
-                    .shared
-                    .router
-                    .policy()
-                    .reload_if_changed("config-reload");
-            }
+        if let (Some(m), Some(w)) = (policy, active) {
+            watchers.active = w;
+            self.shared.router.set_policy(m);
         }
-        if let Some(s) = shadow {
-            let on = config
-                .shadow_policy
-                .as_ref()
-                .is_some_and(|p| p.watch.enabled);
-            watchers.shadow = match &s {
-                Some(m) => watch(m, on)?,
-                None => None,
-            };
+        if let (Some(s), Some(w)) = (shadow, shadowed) {
+            watchers.shadow = w;
             self.shared.router.set_shadow(s);
         }
         Ok(())
@@ -335,4 +358,82 @@ fn node_changes(old: &[NodeConfig], new: &[NodeConfig]) -> Vec<String> {
         changes.push("node order changed".into());
     }
     changes
+}
+
+impl prometheus_client::collector::Collector for Reloader {
+    fn encode(
+        &self,
+        mut encoder: prometheus_client::encoding::DescriptorEncoder,
+    ) -> std::fmt::Result {
+        use crate::telemetry::{by, node, one};
+        use std::sync::atomic::Ordering;
+        let live = self.shared.live();
+        let view = live.cluster.view();
+        let per_node = |v: &dyn Fn(usize) -> i64| {
+            (0..view.nodes.len())
+                .map(|i| (node(&view.nodes[i].name), v(i)))
+                .collect::<Vec<_>>()
+        };
+        let idle = live.cluster.pools.idle();
+        let mut r = crate::telemetry::Rows::new(&mut encoder);
+        r.gauge(
+            "signalbox_node_up",
+            "1 if the node answers health probes.",
+            per_node(&|i| i64::from(view.states[i].healthy)),
+        )?;
+        r.gauge(
+            "signalbox_node_primary",
+            "1 if the node reports it is a primary.",
+            per_node(&|i| i64::from(view.states[i].role == crate::route::Role::Primary)),
+        )?;
+        r.gauge(
+            "signalbox_node_lag_bytes",
+            "WAL bytes the node has not replayed yet.",
+            per_node(&|i| view.states[i].lag_bytes as i64),
+        )?;
+        r.gauge(
+            "signalbox_node_lag_ms",
+            "Replay lag in milliseconds.",
+            per_node(&|i| i64::from(view.states[i].lag_ms.unwrap_or(0))),
+        )?;
+        r.gauge(
+            "signalbox_node_in_flight",
+            "Backend connections checked out.",
+            per_node(&|i| i64::from(view.states[i].in_flight)),
+        )?;
+        r.gauge(
+            "signalbox_node_idle",
+            "Idle pooled backend connections.",
+            per_node(&|i| i64::from(idle.get(i).copied().unwrap_or(0))),
+        )?;
+        r.counter(
+            "signalbox_split_brain_probe_rounds",
+            "Probe rounds in which more than one node claimed to be the primary (since the last config reload).",
+            one(live.cluster.split_brain_rounds.load(Ordering::Relaxed)),
+        )?;
+        r.gauge(
+            "signalbox_writes_fenced",
+            "1 while a node claiming to be primary is fenced (former primary, or split brain).",
+            one(i64::from(live.cluster.fence_reason().is_some())),
+        )?;
+        r.gauge(
+            "signalbox_config_generation",
+            "Configurations applied since start (1: the one it started with).",
+            one(live.generation as i64),
+        )?;
+        r.counter(
+            "signalbox_config_reloads",
+            "Config reloads that changed something or were rejected, by result.",
+            by(
+                "result",
+                [
+                    ("applied".to_owned(), self.counts[0].load(Ordering::Relaxed)),
+                    (
+                        "rejected".to_owned(),
+                        self.counts[1].load(Ordering::Relaxed),
+                    ),
+                ],
+            ),
+        )
+    }
 }

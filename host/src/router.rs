@@ -93,6 +93,14 @@ pub struct Router {
     shadow: ArcSwapOption<PolicyManager>,
     pub stats: RouterStats,
     shadow_stats: ArcSwap<ShadowStats>,
+    /// Time the active policy took to decide (sandbox call included).
+    call_seconds: prometheus_client::metrics::histogram::Histogram,
+}
+
+impl std::fmt::Debug for Router {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Router")
+    }
 }
 
 impl Router {
@@ -102,7 +110,20 @@ impl Router {
             shadow: ArcSwapOption::empty(),
             stats: RouterStats::default(),
             shadow_stats: ArcSwap::default(),
+            call_seconds: crate::telemetry::seconds_buckets(),
         }
+    }
+
+    /// Register the router's families: the policy-call histogram, and
+    /// decisions, overrides, policy failures, reloads and shadow counts
+    /// read at scrape time.
+    pub fn register_metrics(self: &Arc<Self>, registry: &mut crate::telemetry::Registry) {
+        registry.register(
+            "signalbox_policy_call_seconds",
+            "Time the active policy took to decide one statement (sandboxed call included).",
+            self.call_seconds.clone(),
+        );
+        registry.register_collector(Box::new(self.clone()));
     }
 
     /// The active policy's manager.
@@ -127,7 +148,9 @@ impl Router {
     }
 
     pub fn route(&self, input: &RouteInput) -> Routing {
+        let started = std::time::Instant::now();
         let outcome = self.policy.load().decide(input);
+        self.call_seconds.observe(started.elapsed().as_secs_f64());
         let draw = fastrand::u64(..);
         let enforced = guardrails::enforce(
             &outcome.target,
@@ -249,4 +272,66 @@ fn place(routed: &Routed, cluster: &ClusterView) -> String {
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl prometheus_client::collector::Collector for Router {
+    fn encode(
+        &self,
+        mut encoder: prometheus_client::encoding::DescriptorEncoder,
+    ) -> std::fmt::Result {
+        use crate::telemetry::{by, one};
+        let p = self.policy().status();
+        let mut r = crate::telemetry::Rows::new(&mut encoder);
+        r.counter(
+            "signalbox_policy_decisions",
+            "Routing decisions made.",
+            one(self.stats.decisions.load(Ordering::Relaxed)),
+        )?;
+        r.counter(
+            "signalbox_guardrail_overrides",
+            "Policy decisions changed by the host's guardrails, by kind.",
+            by(
+                "kind",
+                Override::ALL
+                    .iter()
+                    .map(|k| (k.as_str().to_owned(), self.stats.overrides(*k))),
+            ),
+        )?;
+        r.counter(
+            "signalbox_policy_fallbacks",
+            "Policy calls that failed and used the fallback, by kind.",
+            by(
+                "kind",
+                p.fallbacks.by_kind().map(|(k, v)| (k.to_owned(), v)),
+            ),
+        )?;
+        r.counter(
+            "signalbox_policy_reloads",
+            "Policy reload attempts by result.",
+            by(
+                "result",
+                [
+                    ("ok".to_owned(), p.reloads_ok),
+                    ("failed".to_owned(), p.reloads_failed),
+                ],
+            ),
+        )?;
+        r.counter(
+            "signalbox_policy_rollbacks",
+            "Rollbacks of a policy version (automatic or by an operator).",
+            one(p.rollbacks),
+        )?;
+        let shadow = self.shadow_status();
+        let (compared, disagreed) = shadow.map_or((0, 0), |s| (s.compared, s.disagreements));
+        r.counter(
+            "signalbox_shadow_decisions",
+            "Decisions the shadow policy was also asked about.",
+            one(compared),
+        )?;
+        r.counter(
+            "signalbox_shadow_disagreements",
+            "Decisions where the shadow policy would have routed elsewhere.",
+            one(disagreed),
+        )
+    }
 }

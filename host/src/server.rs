@@ -68,6 +68,11 @@ impl Server {
                 shadow: shadow_watcher,
             },
         ));
+        let mut registry = crate::telemetry::Registry::default();
+        shared.register_metrics(&mut registry);
+        shared.router.register_metrics(&mut registry);
+        registry.register_collector(Box::new(reloader.clone()));
+        let registry = Arc::new(registry);
         let mut tasks = vec![spawn_catalog_refresh(shared.clone())];
         let s = shared.clone();
         tasks.push(tokio::spawn(proxy::serve(listener, s)));
@@ -78,7 +83,8 @@ impl Server {
                     .with_context(|| format!("admin_listen: cannot bind {a}"))?;
                 let admin_addr = l.local_addr()?;
                 let guard = crate::admin::Guard::new(config.admin_token.as_deref(), admin_addr);
-                let app = crate::admin::router(shared.clone(), reloader.clone(), guard);
+                let app =
+                    crate::admin::router(shared.clone(), reloader.clone(), registry.clone(), guard);
                 tasks.push(tokio::spawn(async move {
                     if let Err(e) = axum::serve(l, app).await {
                         tracing::error!(error = %e, "admin API failed");

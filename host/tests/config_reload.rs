@@ -115,9 +115,28 @@ fn sighup_adds_a_replica_under_load_and_invalid_files_change_nothing() {
         .unwrap();
     assert!(line.contains("listening"), "{line}");
 
-    let bench = pgbench(port, &["-n", "-S", "-c", "4", "-j", "2", "-T", "12"]);
+    let bench = pgbench(port, &["-n", "-S", "-c", "4", "-j", "2", "-T", "14"]);
     std::thread::sleep(Duration::from_secs(2));
     assert_eq!(routed(admin, "replica-3"), 0);
+    // A client inside a transaction while the configuration changes.
+    let mut open_tx = Command::new("psql")
+        .args(["-h", "127.0.0.1", "-U", "postgres", "-p", &port.to_string()])
+        .args(["-X", "-q", "-t", "-A", "-v", "ON_ERROR_STOP=1", "postgres"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run psql");
+    let mut tx_in = open_tx.stdin.take().unwrap();
+    {
+        use std::io::Write;
+        writeln!(
+            tx_in,
+            "BEGIN;\nSELECT 'before ' || count(*) FROM pgbench_branches;"
+        )
+        .unwrap();
+    }
+    std::thread::sleep(Duration::from_millis(300));
 
     // 1. SIGHUP with a third replica added.
     write(&path, &config_text(port, admin, &all, ""));
@@ -136,6 +155,22 @@ fn sighup_adds_a_replica_under_load_and_invalid_files_change_nothing() {
         std::thread::sleep(Duration::from_millis(100));
     }
     assert_eq!(status(admin)["nodes"].as_array().unwrap().len(), 4);
+    {
+        use std::io::Write;
+        writeln!(
+            tx_in,
+            "SELECT 'after ' || count(*) FROM pgbench_branches;\nCOMMIT;"
+        )
+        .unwrap();
+    }
+    drop(tx_in);
+    let tx_out = open_tx.wait_with_output().unwrap();
+    let tx_text = String::from_utf8_lossy(&tx_out.stdout).into_owned()
+        + &String::from_utf8_lossy(&tx_out.stderr);
+    assert!(
+        tx_out.status.success() && tx_text.contains("before 1") && tx_text.contains("after 1"),
+        "the transaction open across the reload: {tx_text}"
+    );
 
     // 2. SIGHUP with an invalid file: rejected whole, naming file and key.
     write(&path, &config_text(port, admin, &all, "[pool]\nsize = 0\n"));
@@ -172,6 +207,38 @@ fn sighup_adds_a_replica_under_load_and_invalid_files_change_nothing() {
     );
     assert_eq!(status(admin)["nodes"].as_array().unwrap().len(), 4);
 
+    // 4. The API removing replica-1 under load: it stops taking reads.
+    let without = all.replacen(
+        &format!(
+            "\n[[nodes]]\nname = \"replica-1\"\nurl = \"postgres://postgres@127.0.0.1:{}/postgres\"\nrole = \"replica\"\n",
+            cluster.replicas[0].port
+        ),
+        "",
+        1,
+    );
+    assert_ne!(without, all);
+    write(&path, &config_text(port, admin, &without, ""));
+    let answer = curl(&[
+        "-X",
+        "POST",
+        "-w",
+        "\n%{http_code}",
+        &format!("http://127.0.0.1:{admin}/config/reload"),
+    ]);
+    assert!(
+        answer.ends_with("200") && answer.contains("node replica-1 removed"),
+        "{answer}"
+    );
+    std::thread::sleep(Duration::from_millis(300));
+    let gone = routed(admin, "replica-1");
+    std::thread::sleep(Duration::from_millis(1000));
+    assert_eq!(
+        routed(admin, "replica-1"),
+        gone,
+        "a removed node still took reads"
+    );
+    assert!(routed(admin, "replica-3") > before);
+
     let out = bench.wait_with_output().unwrap();
     let text =
         String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
@@ -179,6 +246,11 @@ fn sighup_adds_a_replica_under_load_and_invalid_files_change_nothing() {
     assert!(
         text.contains("number of failed transactions: 0"),
         "transactions failed across the reloads:\n{text}"
+    );
+
+    assert!(
+        text.contains("number of transactions actually processed"),
+        "{text}"
     );
 
     // The sampled decision log: about a quarter of the decisions.

@@ -173,6 +173,14 @@ print(json.dumps(out))
     assert!(samples
         .iter()
         .any(|(n, l, v)| n == "signalbox_node_up" && l["node"] == weird && *v == 1.0));
+    assert!(
+        samples
+            .iter()
+            .any(|(n, l, v)| n == "signalbox_backend_connections_total"
+                && l["event"] == "opened"
+                && *v >= 1.0),
+        "{metrics}"
+    );
     for family in [
         "signalbox_exchange_seconds",
         "signalbox_policy_call_seconds",

@@ -43,7 +43,7 @@ fn runaway_policy_is_stopped_by_the_deadline() {
         // Reported, not asserted on (timing belongs to benches).
         eprintln!("runaway stopped after {:?}", t.elapsed());
     }
-    assert_eq!(p.stats.snapshot().timeout, 5);
+    assert_eq!(p.stats.snapshot().failures.timeout, 5);
 
     // Idle, the epoch ticker parks (no timer wakes an idle signalbox); the
     // next call wakes it, so a runaway is still stopped.
@@ -70,7 +70,7 @@ fn memory_cap_is_enforced_and_configurable() {
     spec.limits.memory_bytes = 4 << 20;
     let p = load(&["hog"], spec).unwrap();
     assert_eq!(p.call(&read(&cluster())), Err(CallFailure::OutOfMemory));
-    assert_eq!(p.stats.snapshot().out_of_memory, 1);
+    assert_eq!(p.stats.snapshot().failures.out_of_memory, 1);
 }
 
 #[test]
@@ -89,7 +89,7 @@ fn trap_recycles_the_instance_and_is_counted() {
         assert!(p.call(&read(&c)).is_ok());
     }
     let s = p.stats.snapshot();
-    assert_eq!((s.calls, s.trap), (6, 3));
+    assert_eq!((s.calls, s.failures.trap), (6, 3));
 }
 
 #[test]
@@ -99,7 +99,7 @@ fn invalid_decision_is_a_failure() {
         p.call(&write(&cluster())),
         Err(CallFailure::Invalid(_))
     ));
-    assert_eq!(p.stats.snapshot().invalid, 1);
+    assert_eq!(p.stats.snapshot().failures.invalid, 1);
 }
 
 #[test]

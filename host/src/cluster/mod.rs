@@ -77,35 +77,86 @@ pub struct Cluster {
     pub split_brain_rounds: std::sync::atomic::AtomicU64,
     /// The generation of `nodes` (see [`crate::route::next_generation`]).
     generation: u64,
-    /// Statements routed to each node (shared by name across reloads).
-    pub routed: Vec<Arc<AtomicU64>>,
+    /// Each node's metrics (shared by name across reloads).
+    pub metrics: Vec<NodeMetrics>,
 }
 
-/// Per-node counters that outlive a configuration: kept by node name, so a
-/// reload that renumbers, adds or removes nodes keeps each count going.
-#[derive(Default)]
-pub struct NodeCounters(std::sync::Mutex<std::collections::BTreeMap<String, Arc<AtomicU64>>>);
+/// Per-node metrics that outlive a configuration: kept by node name, so a
+/// reload that renumbers, adds or removes nodes keeps each series going.
+/// A cluster takes its nodes' handles once; the data path never looks a
+/// node up by name.
+pub struct NodeCounters {
+    routed: std::sync::Mutex<std::collections::BTreeMap<String, Arc<AtomicU64>>>,
+    /// Time from sending a client's work to a node to its last reply.
+    pub exchange: crate::telemetry::Histograms,
+    /// Time a session waited for a pooled connection to a node.
+    pub checkout_wait: crate::telemetry::Histograms,
+    /// Backend connections opened, failed, broken, expired, discarded.
+    pub connections: prometheus_client::metrics::family::Family<
+        crate::telemetry::Labels,
+        prometheus_client::metrics::counter::Counter,
+    >,
+}
+
+impl Default for NodeCounters {
+    fn default() -> Self {
+        Self {
+            routed: std::sync::Mutex::default(),
+            exchange: crate::telemetry::histograms(),
+            checkout_wait: crate::telemetry::histograms(),
+            connections: Default::default(),
+        }
+    }
+}
 
 impl NodeCounters {
-    /// The counter of `node`, created at zero on first use.
+    /// The routed-statement counter of `node`, created at zero on first use.
     pub fn get(&self, node: &str) -> Arc<AtomicU64> {
-        let mut map = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        let mut map = lock(&self.routed);
         map.entry(node.to_owned()).or_default().clone()
     }
 
-    /// The count of `node` (0 if never seen).
+    /// The routed count of `node` (0 if never seen).
     pub fn value(&self, node: &str) -> u64 {
-        let map = self.0.lock().unwrap_or_else(|p| p.into_inner());
-        map.get(node).map_or(0, |c| c.load(Ordering::Relaxed))
+        lock(&self.routed)
+            .get(node)
+            .map_or(0, |c| c.load(Ordering::Relaxed))
     }
 
-    /// Every node ever counted, by name.
+    /// Every node ever routed to, by name.
     pub fn snapshot(&self) -> Vec<(String, u64)> {
-        let map = self.0.lock().unwrap_or_else(|p| p.into_inner());
-        map.iter()
+        lock(&self.routed)
+            .iter()
             .map(|(n, c)| (n.clone(), c.load(Ordering::Relaxed)))
             .collect()
     }
+
+    /// Register the histograms (the counts are read by the data path's
+    /// collector).
+    pub fn register(&self, registry: &mut crate::telemetry::Registry) {
+        registry.register(
+            "signalbox_exchange_seconds",
+            "Time from sending a client's statement or batch to a node to its last reply, by node.",
+            self.exchange.clone(),
+        );
+        registry.register(
+            "signalbox_checkout_wait_seconds",
+            "Time a session waited for a pooled connection, by node (includes connecting).",
+            self.checkout_wait.clone(),
+        );
+        registry.register(
+            "signalbox_backend_connections",
+            "Backend connections by node and event: opened, connect_failed, broken (found dead before reuse), expired (idle or lifetime limit), discarded (not provably idle when given back).",
+            self.connections.clone(),
+        );
+    }
+}
+
+/// A node's handles into [`NodeCounters`].
+pub struct NodeMetrics {
+    pub routed: Arc<AtomicU64>,
+    pub exchange: prometheus_client::metrics::histogram::Histogram,
+    pub checkout_wait: prometheus_client::metrics::histogram::Histogram,
 }
 
 impl Cluster {
@@ -155,6 +206,7 @@ impl Cluster {
                 .transpose()
                 .map_err(|e| format!("nodes[{i}].url: {e}"))?;
             logins.push(NodeLogin {
+                events: pool::ConnEvents::of(&counters.connections, &n.name),
                 name: n.name.clone(),
                 addr: a.socket(),
                 tls,
@@ -205,7 +257,18 @@ impl Cluster {
             fence: std::sync::Mutex::default(),
             split_brain_rounds: std::sync::atomic::AtomicU64::new(0),
             generation: crate::route::next_generation(),
-            routed: config.nodes.iter().map(|n| counters.get(&n.name)).collect(),
+            metrics: config
+                .nodes
+                .iter()
+                .map(|n| {
+                    let labels = crate::telemetry::node(&n.name);
+                    NodeMetrics {
+                        routed: counters.get(&n.name),
+                        exchange: counters.exchange.get_or_create_owned(&labels),
+                        checkout_wait: counters.checkout_wait.get_or_create_owned(&labels),
+                    }
+                })
+                .collect(),
         }))
     }
 
@@ -542,6 +605,9 @@ impl Cluster {
         let Some(avg) = self.latency_us.get(node as usize) else {
             return;
         };
+        if let Some(m) = self.metrics.get(node as usize) {
+            m.exchange.observe(took.as_secs_f64());
+        }
         let sample = took.as_micros().min(u128::from(u32::MAX)) as u32;
         let _ = avg.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |old| {
             Some(if old == 0 {

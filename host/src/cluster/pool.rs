@@ -8,11 +8,47 @@ use std::time::Duration;
 
 use deadpool::managed::{self, Metrics, Object, PoolError, RecycleError, RecycleResult, Timeouts};
 
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+
 use super::backend::{BackendConn, BackendError, LoginSpec};
 use crate::route::NodeId;
 
+/// What happened to one node's backend connections (metrics).
+#[derive(Clone, Debug, Default)]
+pub struct ConnEvents {
+    pub opened: Counter,
+    pub connect_failed: Counter,
+    /// Found closed or not idle when about to be reused.
+    pub broken: Counter,
+    /// Closed for idle time or age.
+    pub expired: Counter,
+    /// Closed when given back (not provably idle, or failed mid-exchange).
+    pub discarded: Counter,
+}
+
+impl ConnEvents {
+    /// The counters of `node` in `family` (labels `node`, `event`).
+    pub fn of(family: &Family<crate::telemetry::Labels, Counter>, node: &str) -> Self {
+        let get = |event: &str| {
+            family.get_or_create_owned(&vec![
+                ("node", node.to_owned()),
+                ("event", event.to_owned()),
+            ])
+        };
+        Self {
+            opened: get("opened"),
+            connect_failed: get("connect_failed"),
+            broken: get("broken"),
+            expired: get("expired"),
+            discarded: get("discarded"),
+        }
+    }
+}
+
 pub struct Manager {
     node: NodeId,
+    events: ConnEvents,
     spec: LoginSpec,
     idle_timeout: Duration,
     max_lifetime: Duration,
@@ -23,7 +59,12 @@ impl managed::Manager for Manager {
     type Error = BackendError;
 
     async fn create(&self) -> Result<BackendConn, BackendError> {
-        BackendConn::connect(self.node, &self.spec).await
+        let conn = BackendConn::connect(self.node, &self.spec).await;
+        match &conn {
+            Ok(_) => self.events.opened.inc(),
+            Err(_) => self.events.connect_failed.inc(),
+        };
+        conn
     }
 
     async fn recycle(
@@ -35,9 +76,13 @@ impl managed::Manager for Manager {
         // that closed the connection (restart, pg_terminate_backend, dropped
         // database) before a client is handed a dead connection.
         if !conn.still_usable() {
+            self.events.broken.inc();
             return Err(RecycleError::message(
                 "connection is not idle or was closed",
             ));
+        }
+        if metrics.last_used() > self.idle_timeout || conn.age() > self.max_lifetime {
+            self.events.expired.inc();
         }
         if metrics.last_used() > self.idle_timeout {
             return Err(RecycleError::message("idle too long"));
@@ -103,6 +148,7 @@ pub struct NodeLogin {
     pub name: String,
     pub addr: String,
     pub tls: Option<crate::tls::NodeTls>,
+    pub events: ConnEvents,
 }
 
 /// All data-path pools, plus live per-node counters the router reads.
@@ -139,6 +185,7 @@ impl Pools {
         let login = &self.nodes[node as usize];
         let manager = Manager {
             node,
+            events: login.events.clone(),
             spec: LoginSpec {
                 node_name: login.name.clone(),
                 addr: login.addr.clone(),
@@ -194,6 +241,7 @@ impl Pools {
                 Ok(Lease {
                     conn: Some(conn),
                     counters: self.in_flight.clone(),
+                    discarded: self.nodes[node as usize].events.discarded.clone(),
                     node,
                     discard: false,
                 })
@@ -269,6 +317,7 @@ impl Pools {
 pub struct Lease {
     conn: Option<Pooled>,
     counters: Arc<[AtomicU32]>,
+    discarded: Counter,
     node: NodeId,
     discard: bool,
 }
@@ -311,6 +360,7 @@ impl Drop for Lease {
             return; // back to the pool (recycle checks again)
         }
         let conn = Object::take(c);
+        self.discarded.inc();
         if conn.is_busy() && !conn.is_broken() {
             let (addr, key) = (conn.addr().to_owned(), conn.key());
             if let Ok(rt) = tokio::runtime::Handle::try_current() {

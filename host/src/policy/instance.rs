@@ -38,15 +38,73 @@ pub enum CallFailure {
 }
 
 impl CallFailure {
+    /// Every kind, as metrics labels and JSON keys.
+    pub const KINDS: [&'static str; 5] =
+        ["trap", "timeout", "out_of_memory", "invalid", "instantiate"];
+
+    fn index(&self) -> usize {
+        match self {
+            CallFailure::Trap(_) => 0,
+            CallFailure::Timeout => 1,
+            CallFailure::OutOfMemory => 2,
+            CallFailure::Invalid(_) => 3,
+            CallFailure::Instantiate(_) => 4,
+        }
+    }
+
     /// Metrics label.
     pub fn kind(&self) -> &'static str {
-        match self {
-            CallFailure::Trap(_) => "trap",
-            CallFailure::Timeout => "timeout",
-            CallFailure::OutOfMemory => "out_of_memory",
-            CallFailure::Invalid(_) => "invalid",
-            CallFailure::Instantiate(_) => "instantiate",
+        Self::KINDS[self.index()]
+    }
+}
+
+/// Failed policy calls by kind: the one place the kinds are counted (a
+/// version's own stats and the manager's fallbacks both use it).
+#[derive(Debug, Default)]
+pub struct FailureCounters([std::sync::atomic::AtomicU64; 5]);
+
+impl FailureCounters {
+    pub fn record(&self, failure: &CallFailure) {
+        self.0[failure.index()].fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    pub fn snapshot(&self) -> FailureCounts {
+        let g = |i: usize| self.0[i].load(std::sync::atomic::Ordering::Relaxed);
+        FailureCounts {
+            trap: g(0),
+            timeout: g(1),
+            out_of_memory: g(2),
+            invalid: g(3),
+            instantiate: g(4),
         }
+    }
+}
+
+/// A snapshot of [`FailureCounters`].
+#[derive(Clone, Copy, Debug, Default, serde::Serialize, PartialEq, Eq)]
+pub struct FailureCounts {
+    pub trap: u64,
+    pub timeout: u64,
+    pub out_of_memory: u64,
+    pub invalid: u64,
+    pub instantiate: u64,
+}
+
+impl FailureCounts {
+    pub fn total(&self) -> u64 {
+        self.by_kind().iter().map(|(_, n)| n).sum()
+    }
+
+    /// (kind, count) in [`CallFailure::KINDS`] order.
+    pub fn by_kind(&self) -> [(&'static str, u64); 5] {
+        let k = CallFailure::KINDS;
+        [
+            (k[0], self.trap),
+            (k[1], self.timeout),
+            (k[2], self.out_of_memory),
+            (k[3], self.invalid),
+            (k[4], self.instantiate),
+        ]
     }
 }
 

@@ -130,49 +130,31 @@ impl LoadSpec {
 #[derive(Debug, Default)]
 pub struct Stats {
     pub calls: AtomicU64,
-    pub trap: AtomicU64,
-    pub timeout: AtomicU64,
-    pub out_of_memory: AtomicU64,
-    pub invalid: AtomicU64,
-    pub instantiate: AtomicU64,
+    pub failures: super::instance::FailureCounters,
 }
 
 #[derive(Clone, Copy, Debug, Default, Serialize, PartialEq, Eq)]
 pub struct StatsSnapshot {
     pub calls: u64,
-    pub trap: u64,
-    pub timeout: u64,
-    pub out_of_memory: u64,
-    pub invalid: u64,
-    pub instantiate: u64,
+    #[serde(flatten)]
+    pub failures: super::instance::FailureCounts,
 }
 
 impl StatsSnapshot {
     pub fn failures(&self) -> u64 {
-        self.trap + self.timeout + self.out_of_memory + self.invalid + self.instantiate
+        self.failures.total()
     }
 }
 
 impl Stats {
     fn record(&self, failure: &CallFailure) {
-        let counter = match failure {
-            CallFailure::Trap(_) => &self.trap,
-            CallFailure::Timeout => &self.timeout,
-            CallFailure::OutOfMemory => &self.out_of_memory,
-            CallFailure::Invalid(_) => &self.invalid,
-            CallFailure::Instantiate(_) => &self.instantiate,
-        };
-        counter.fetch_add(1, Ordering::Relaxed);
+        self.failures.record(failure);
     }
 
     pub fn snapshot(&self) -> StatsSnapshot {
         StatsSnapshot {
             calls: self.calls.load(Ordering::Relaxed),
-            trap: self.trap.load(Ordering::Relaxed),
-            timeout: self.timeout.load(Ordering::Relaxed),
-            out_of_memory: self.out_of_memory.load(Ordering::Relaxed),
-            invalid: self.invalid.load(Ordering::Relaxed),
-            instantiate: self.instantiate.load(Ordering::Relaxed),
+            failures: self.failures.snapshot(),
         }
     }
 }

@@ -11,7 +11,6 @@
 
 use std::collections::{HashSet, VecDeque};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{self, RecvTimeoutError};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::JoinHandle;
@@ -154,41 +153,8 @@ pub struct PolicyStatus {
     pub fallbacks: FallbackCounts,
 }
 
-#[derive(Clone, Copy, Debug, Default, Serialize, PartialEq, Eq)]
-pub struct FallbackCounts {
-    pub trap: u64,
-    pub timeout: u64,
-    pub out_of_memory: u64,
-    pub invalid: u64,
-    pub instantiate: u64,
-}
-
-#[derive(Default)]
-struct FallbackCounters([AtomicU64; 5]);
-
-impl FallbackCounters {
-    fn record(&self, f: &CallFailure) {
-        let i = match f {
-            CallFailure::Trap(_) => 0,
-            CallFailure::Timeout => 1,
-            CallFailure::OutOfMemory => 2,
-            CallFailure::Invalid(_) => 3,
-            CallFailure::Instantiate(_) => 4,
-        };
-        self.0[i].fetch_add(1, Ordering::Relaxed);
-    }
-
-    fn snapshot(&self) -> FallbackCounts {
-        let g = |i: usize| self.0[i].load(Ordering::Relaxed);
-        FallbackCounts {
-            trap: g(0),
-            timeout: g(1),
-            out_of_memory: g(2),
-            invalid: g(3),
-            instantiate: g(4),
-        }
-    }
-}
+/// Calls that failed and used the fallback, by kind.
+pub type FallbackCounts = super::instance::FailureCounts;
 
 const HISTORY: usize = 32;
 
@@ -213,7 +179,7 @@ pub struct PolicyManager {
     /// The policy file as last looked at by `reload_if_changed`.
     last_stamp: Mutex<Option<FileStamp>>,
     kv: Arc<KvStore>,
-    fallbacks: FallbackCounters,
+    fallbacks: super::instance::FailureCounters,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -246,7 +212,7 @@ impl PolicyManager {
             reload_lock: Mutex::new(()),
             last_stamp: Mutex::new(None),
             kv: Arc::default(),
-            fallbacks: FallbackCounters::default(),
+            fallbacks: Default::default(),
         }
     }
 

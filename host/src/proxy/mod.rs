@@ -87,6 +87,101 @@ impl Shared {
     pub fn live(&self) -> Arc<Live> {
         self.live.load_full()
     }
+
+    /// Register the data path's families: counts read at scrape time and
+    /// the per-node histograms.
+    pub fn register_metrics(self: &Arc<Self>, registry: &mut crate::telemetry::Registry) {
+        self.metrics.routed.register(registry);
+        registry.register_collector(Box::new(DataPath(self.clone())));
+    }
+}
+
+/// The data path's counters, read at scrape time.
+struct DataPath(Arc<Shared>);
+
+impl std::fmt::Debug for DataPath {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("DataPath")
+    }
+}
+
+impl prometheus_client::collector::Collector for DataPath {
+    fn encode(
+        &self,
+        mut encoder: prometheus_client::encoding::DescriptorEncoder,
+    ) -> std::fmt::Result {
+        use crate::telemetry::{by, one};
+        let m = &self.0.metrics;
+        let n = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        let mut r = crate::telemetry::Rows::new(&mut encoder);
+        r.gauge(
+            "signalbox_sessions_active",
+            "Client sessions connected.",
+            one(n(&m.sessions_active) as i64),
+        )?;
+        r.counter(
+            "signalbox_sessions",
+            "Client sessions accepted.",
+            one(n(&m.sessions_total)),
+        )?;
+        r.counter(
+            "signalbox_routed",
+            "Statements or transactions routed, by node.",
+            by("node", m.routed.snapshot()),
+        )?;
+        r.counter(
+            "signalbox_routed_read_only",
+            "Routed statements classified read-only.",
+            one(n(&m.routed_read_only)),
+        )?;
+        r.counter(
+            "signalbox_rejected",
+            "Statements rejected by the policy.",
+            one(n(&m.rejected)),
+        )?;
+        r.counter(
+            "signalbox_cancel_requests",
+            "Cancel requests forwarded.",
+            one(n(&m.cancels)),
+        )?;
+        let reasons: Vec<(String, u64)> = {
+            let map = m.reasons.lock().unwrap_or_else(|p| p.into_inner());
+            let mut rows: Vec<(String, u64)> = map.iter().map(|(k, v)| (k.clone(), *v)).collect();
+            rows.sort();
+            rows
+        };
+        r.counter(
+            "signalbox_policy_reasons",
+            "Policy decisions by the reason the policy gave (the first 64 distinct reasons; the rest as \"other\").",
+            by("reason", reasons),
+        )?;
+        let catalogs = &self.0.catalogs;
+        r.counter(
+            "signalbox_catalog_fetches",
+            "Catalog fact fetches (first use of a database, DDL, interval).",
+            one(n(&catalogs.fetches)),
+        )?;
+        r.counter(
+            "signalbox_catalog_fetch_errors",
+            "Catalog fact fetches that failed (verdicts stay as they were).",
+            one(n(&catalogs.fetch_errors)),
+        )?;
+        r.counter(
+            "signalbox_accept_errors",
+            "Failed accepts of client connections (e.g. out of file descriptors); accepting goes on.",
+            one(n(&m.accept_errors)),
+        )?;
+        r.counter(
+            "signalbox_refused_connections",
+            "Clients refused by [clients] max_connections (53300).",
+            one(n(&m.refused_connections)),
+        )?;
+        r.counter(
+            "signalbox_protocol_errors",
+            "Connections closed for protocol violations at startup.",
+            one(n(&m.protocol_errors)),
+        )
+    }
 }
 
 /// ParameterStatus name/value pairs a server reported.
@@ -138,7 +233,6 @@ pub struct Metrics {
     pub rejected: AtomicU64,
     pub cancels: AtomicU64,
     pub protocol_errors: AtomicU64,
-    pub exchange_us_total: AtomicU64,
     /// accept() failures (e.g. out of file descriptors); the loop goes on.
     pub accept_errors: AtomicU64,
     /// Clients turned away by `[clients] max_connections`.
@@ -161,7 +255,6 @@ impl Metrics {
             rejected: AtomicU64::new(0),
             cancels: AtomicU64::new(0),
             protocol_errors: AtomicU64::new(0),
-            exchange_us_total: AtomicU64::new(0),
             accept_errors: AtomicU64::new(0),
             refused_connections: AtomicU64::new(0),
             reasons: Mutex::default(),
@@ -191,11 +284,6 @@ impl Metrics {
 
     pub fn rejected(&self) {
         self.rejected.fetch_add(1, Ordering::Relaxed);
-    }
-
-    pub fn latency(&self, d: Duration) {
-        self.exchange_us_total
-            .fetch_add(d.as_micros() as u64, Ordering::Relaxed);
     }
 }
 

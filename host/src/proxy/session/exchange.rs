@@ -61,18 +61,18 @@ impl Session {
             self.pools[i] = Some(self.new_pool(node));
         }
         let pool = self.pools[i].clone().expect("just filled");
-        self.live
-            .cluster
-            .pools
-            .checkout_from(&pool, node)
-            .await
-            .map_err(|e| {
-                if e.node_unreachable() {
-                    // Banned now, not at the next failed probes.
-                    self.live.cluster.report_down(node, &e.to_string());
-                }
-                (e.sqlstate().to_owned(), format!("signalbox: {e}"))
-            })
+        let started = Instant::now();
+        let leased = self.live.cluster.pools.checkout_from(&pool, node).await;
+        if let Some(m) = self.live.cluster.metrics.get(i) {
+            m.checkout_wait.observe(started.elapsed().as_secs_f64());
+        }
+        leased.map_err(|e| {
+            if e.node_unreachable() {
+                // Banned now, not at the next failed probes.
+                self.live.cluster.report_down(node, &e.to_string());
+            }
+            (e.sqlstate().to_owned(), format!("signalbox: {e}"))
+        })
     }
 
     pub(super) fn new_pool(&self, node: NodeId) -> crate::cluster::pool::Pool {
@@ -233,8 +233,10 @@ impl Session {
             }
             match self.sync_state().await {
                 Ok(None) => {
-                    let counter = self.live.cluster.routed.get(node as usize);
-                    self.shared.metrics.routed(counter.map(|c| &**c), read_only);
+                    let counter = self.live.cluster.metrics.get(node as usize);
+                    self.shared
+                        .metrics
+                        .routed(counter.map(|c| &*c.routed), read_only);
                     if self.trace {
                         self.trace_decision(node, &routing, class, read_only);
                     }
@@ -551,7 +553,6 @@ impl Session {
             Ok(()) => relay::relay(conn, &mut self.client, plan, hold).await,
             Err(e) => Err(RelayError::Backend(e)),
         };
-        self.shared.metrics.latency(started.elapsed());
         if let Some(l) = self.lease.as_ref() {
             self.live
                 .cluster
