@@ -651,6 +651,56 @@ async fn trace_notices_say_where_a_statement_ran_and_why() {
     assert!(notices(&other.simple("SELECT 1").await).is_empty());
     c.simple("SET signalbox.trace = off").await;
     assert!(notices(&c.simple("SELECT 1").await).is_empty());
+
+    // The same through psql, as an operator would: one NOTICE per
+    // statement, on stderr, naming the node and the reason.
+    let (ok, out) = tokio::task::block_in_place(|| {
+        psql(
+            port,
+            "postgres",
+            &[
+                "-c",
+                "SET signalbox.trace = on",
+                "-c",
+                "SELECT 1",
+                "-c",
+                "BEGIN",
+                "-c",
+                "SELECT 3",
+                "-c",
+                "SELECT 4",
+                "-c",
+                "COMMIT",
+                "-c",
+                "CREATE TEMP TABLE trace_t (x int)",
+                "-c",
+                "SELECT 2",
+            ],
+            None,
+        )
+    });
+    assert!(ok, "{out}");
+    let lines: Vec<&str> = out
+        .lines()
+        .filter(|l| l.starts_with("NOTICE:  signalbox: ran on"))
+        .collect();
+    // One per statement that ran on a node (SET is answered by signalbox).
+    assert_eq!(lines.len(), 7, "{out}");
+    assert!(
+        lines[0].contains("ran on replica-") && lines[0].contains("because \"read\""),
+        "{out}"
+    );
+    // Statements on the connection a transaction holds say so.
+    assert!(lines[3].contains("inside a transaction"), "{out}");
+    assert!(
+        lines[5].contains("ran on primary") && lines[5].contains("because \"write\""),
+        "{out}"
+    );
+    // The temporary table pins the session to the primary: the read too.
+    assert!(
+        lines[6].contains("ran on primary") && lines[6].contains("pinned"),
+        "{out}"
+    );
 }
 
 /// With an admin token, reading stays open on loopback but reloading and

@@ -135,7 +135,11 @@ impl Session {
         sql: &Arc<str>,
         avoid: Option<NodeId>,
     ) -> Result<bool, SessionError> {
-        if self.lease.is_some() {
+        if let Some(lease) = &self.lease {
+            if self.trace {
+                let node = lease.node();
+                self.trace_held(node, class, judged);
+            }
             return Ok(true);
         }
         if !self.offloading {

@@ -6,7 +6,7 @@
 //! structured `debug` event each, target `signalbox::decision`.
 
 use super::Session;
-use crate::route::NodeId;
+use crate::route::{NodeId, TxState};
 use crate::router::Routing;
 use crate::sql::classify::Classified;
 use crate::wire;
@@ -49,6 +49,28 @@ impl Session {
             text.push_str(&format!("; guardrail override: {}", o.as_str()));
         }
         text.push_str(&format!("; classifier: {}", self.verdict(class, read_only)));
+        wire::notice(&mut self.client.out, &text);
+    }
+
+    /// Queue the trace NOTICE for a statement that runs on the connection
+    /// the session already holds: no routing decision is made for it.
+    pub(super) fn trace_held(&mut self, node: NodeId, class: &Classified, read_only: bool) {
+        let view = self.live.cluster.view();
+        let role = view
+            .state(node)
+            .map(|s| format!("{:?}", s.role).to_lowercase())
+            .unwrap_or_default();
+        let why = match (self.pin_reason, self.session_pooling, self.tx) {
+            (Some(reason), _, _) => format!("session pinned to its connection ({reason})"),
+            (None, true, _) => "session pooling: the session's own connection".to_owned(),
+            (None, false, TxState::Idle) => "the connection the statement began on".to_owned(),
+            (None, false, _) => "inside a transaction: its connection".to_owned(),
+        };
+        let text = format!(
+            "signalbox: ran on {} ({role}); {why}, no routing decision; classifier: {}",
+            view.node_name(node),
+            self.verdict(class, read_only)
+        );
         wire::notice(&mut self.client.out, &text);
     }
 
