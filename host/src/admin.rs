@@ -236,7 +236,7 @@ async fn status(State(s): State<AppState>) -> Json<Status> {
             healthy: st.healthy,
             lag_ms: st.lag_ms,
             lag_bytes: st.lag_bytes,
-            in_flight: st.in_flight,
+            in_flight: view.in_flight(i as u32),
             idle: idle[i],
             routed: s.shared.metrics.routed.value(&view.nodes[i].name),
         })

@@ -399,7 +399,7 @@ impl prometheus_client::collector::Collector for Reloader {
         r.gauge(
             "signalbox_node_in_flight",
             "Backend connections checked out.",
-            per_node(&|i| i64::from(view.states[i].in_flight)),
+            per_node(&|i| i64::from(view.in_flight(i as u32))),
         )?;
         r.gauge(
             "signalbox_node_idle",

@@ -80,7 +80,7 @@ pub fn input(
     cluster: &Arc<ClusterView>,
 ) -> RouteInput {
     let mut statement = Statement::new(kind, read_only, sql);
-    statement.hints = signalbox::sql::hints::parse(sql);
+    statement.hints = signalbox::sql::hints::parse(sql).into();
     RouteInput {
         statement: Arc::new(statement),
         session: Arc::new(Session {

@@ -1296,8 +1296,8 @@ async fn contract_fields_are_true_in_the_service() {
             .unwrap();
     }
     let reasons = || -> Vec<String> {
-        let map = server.shared.metrics.reasons.lock().unwrap();
-        map.keys().cloned().collect()
+        let rows = server.shared.metrics.reasons.snapshot();
+        rows.into_iter().map(|(r, _)| r).collect()
     };
     let fp = signalbox::sql::classify::classify("SELECT 1 AS n, now()").fingerprint;
     assert_ne!(fp, 0);
@@ -1333,8 +1333,7 @@ async fn contract_fields_are_true_in_the_service() {
         .shared
         .metrics
         .reasons
-        .lock()
-        .unwrap()
+        .snapshot()
         .iter()
         .filter(|(r, _)| r.starts_with(&format!("fp={fp:016x}")))
         .map(|(_, n)| *n)

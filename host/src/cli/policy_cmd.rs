@@ -349,7 +349,7 @@ fn sql_input(args: &TestArgs, sql: &str, cluster_file: &FixtureFile) -> RouteInp
         StatementKind::Select | StatementKind::Show | StatementKind::Explain
     ));
     let mut statement = Statement::new(kind, read_only, sql);
-    statement.hints = hints::parse(sql);
+    statement.hints = hints::parse(sql).into();
     let session = Session {
         id: 1,
         user: args.user.clone(),

@@ -87,8 +87,14 @@ pub fn demo(port: u16, admin_port: u16, workers: Option<usize>) -> Result<ExitCo
                 .collect::<Vec<_>>()
                 .join(", ")
         );
+        println!("  status:   http://127.0.0.1:{admin_port}/  (live status page)");
         println!(
             "  admin:    curl 127.0.0.1:{admin_port}/status   curl 127.0.0.1:{admin_port}/metrics"
+        );
+        println!(
+            "  reload:   edit {} and `kill -HUP {}`",
+            config_path.display(),
+            std::process::id()
         );
         println!("Ctrl-C stops everything and removes the cluster.");
         server.run_until_signalled().await?;

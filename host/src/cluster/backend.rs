@@ -80,7 +80,7 @@ pub struct BackendConn {
     params: Vec<(String, String)>,
     /// Process id and secret, for cancel requests.
     key: (i32, i32),
-    addr: String,
+    addr: std::sync::Arc<str>,
     /// Server-side names of statements prepared on this connection.
     prepared: HashSet<String>,
     /// Fingerprint of the session state (SETs) last applied here; 0: unknown.
@@ -127,7 +127,7 @@ impl BackendConn {
             rbuf: BytesMut::with_capacity(16 * 1024),
             params: Vec::new(),
             key: (0, 0),
-            addr: spec.addr.clone(),
+            addr: spec.addr.as_str().into(),
             prepared: HashSet::new(),
             state_key: 0,
             needs_reset: false,
@@ -358,7 +358,7 @@ impl BackendConn {
         self.key
     }
 
-    pub fn addr(&self) -> &str {
+    pub fn addr(&self) -> &std::sync::Arc<str> {
         &self.addr
     }
 

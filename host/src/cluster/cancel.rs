@@ -12,14 +12,14 @@ use crate::wire;
 
 /// Ask the server at `addr` to cancel what backend `key` is running. Bounded
 /// in time; a failure is logged, never waited for.
-pub async fn send(addr: String, key: (i32, i32)) -> bool {
+pub async fn send(addr: std::sync::Arc<str>, key: (i32, i32)) -> bool {
     let mut packet = BytesMut::with_capacity(16);
     packet.put_i32(16);
     packet.put_i32(wire::CANCEL_REQUEST);
     packet.put_i32(key.0);
     packet.put_i32(key.1);
     let sent = tokio::time::timeout(Duration::from_secs(5), async {
-        let mut s = TcpStream::connect(&addr).await?;
+        let mut s = TcpStream::connect(&*addr).await?;
         s.write_all(&packet).await?;
         s.shutdown().await
     })

@@ -40,6 +40,34 @@ struct Probe {
     timeline: u32,
 }
 
+/// Where a view reads the counters that change with every statement.
+struct Counts {
+    pools: Arc<Pools>,
+    latency_us: Arc<[std::sync::atomic::AtomicU32]>,
+}
+
+impl std::fmt::Debug for Counts {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("live pool counters")
+    }
+}
+
+impl crate::route::LiveCounts for Counts {
+    fn in_flight(&self, node: NodeId) -> u32 {
+        self.pools.in_flight(node)
+    }
+
+    fn idle(&self) -> Vec<u32> {
+        self.pools.idle()
+    }
+
+    fn latency_us(&self, node: NodeId) -> u32 {
+        self.latency_us
+            .get(node as usize)
+            .map_or(0, |l| l.load(Ordering::Relaxed))
+    }
+}
+
 /// Who may take writes when nodes disagree about being the primary.
 #[derive(Debug, Default)]
 struct Fence {
@@ -67,7 +95,9 @@ pub struct Cluster {
     /// A probe of the node is running (on-demand probes skip it then).
     probing: Vec<std::sync::atomic::AtomicBool>,
     /// Exchange time per node, an exponentially weighted moving average (µs).
-    latency_us: Vec<std::sync::atomic::AtomicU32>,
+    latency_us: Arc<[std::sync::atomic::AtomicU32]>,
+    /// The view routers read, rebuilt when the probed states change.
+    view: ArcSwap<ClusterView>,
     /// The primary's WAL position over time, for replicas' time lag.
     history: std::sync::Mutex<std::collections::VecDeque<(std::time::Instant, u64)>>,
     publishing: std::sync::Mutex<()>,
@@ -235,12 +265,13 @@ impl Cluster {
                 })
             })
             .collect();
-        Ok(Arc::new(Self {
+        let cluster = Arc::new(Self {
             failures: std::sync::Mutex::new(vec![0; nodes.len()]),
             latest: std::sync::Mutex::new(vec![None; nodes.len()]),
             latency_us: (0..nodes.len())
                 .map(|_| std::sync::atomic::AtomicU32::new(0))
                 .collect(),
+            view: ArcSwap::from_pointee(ClusterView::fixed(0, Arc::default(), Vec::new())),
             probing: (0..nodes.len())
                 .map(|_| std::sync::atomic::AtomicBool::new(false))
                 .collect(),
@@ -269,7 +300,9 @@ impl Cluster {
                     }
                 })
                 .collect(),
-        }))
+        });
+        cluster.rebuild_view();
+        Ok(cluster)
     }
 
     /// A config reload replaced this cluster: its pools take no more
@@ -482,6 +515,22 @@ impl Cluster {
         }
         self.fence_split_brain(&mut states, &timelines);
         self.states.store(Arc::new(states));
+        self.rebuild_view();
+    }
+
+    /// Publish a view of the current states; the per-statement counters
+    /// are read through it from the pools when a router asks.
+    fn rebuild_view(&self) {
+        let view = ClusterView {
+            generation: self.generation,
+            nodes: self.nodes.clone(),
+            states: self.states.load().as_ref().clone(),
+            live: Some(Arc::new(Counts {
+                pools: self.pools.clone(),
+                latency_us: self.latency_us.clone(),
+            })),
+        };
+        self.view.store(Arc::new(view));
     }
 
     /// More than one node claims to be the primary (a promotion, then the
@@ -581,21 +630,11 @@ impl Cluster {
         })
     }
 
-    /// The view the router uses: probed states plus live pool counters.
+    /// The view the router uses: probed states, with the pools' live
+    /// counters behind it. One shared view per health update, not one per
+    /// statement.
     pub fn view(&self) -> Arc<ClusterView> {
-        let states = self.states.load();
-        let mut states: Vec<NodeState> = states.as_ref().clone();
-        let idle = self.pools.idle();
-        for (i, s) in states.iter_mut().enumerate() {
-            s.in_flight = self.pools.in_flight(i as NodeId);
-            s.idle = idle.get(i).copied().unwrap_or(0);
-            s.latency_us = self.latency_us[i].load(std::sync::atomic::Ordering::Relaxed);
-        }
-        Arc::new(ClusterView {
-            generation: self.generation,
-            nodes: self.nodes.clone(),
-            states,
-        })
+        self.view.load_full()
     }
 
     /// Fold one exchange's duration into `node`'s latency average (weight

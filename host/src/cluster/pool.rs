@@ -333,11 +333,11 @@ impl Lease {
     }
 
     /// The backend's address.
-    pub fn addr(&self) -> String {
+    pub fn addr(&self) -> Arc<str> {
         self.conn
             .as_ref()
-            .map(|c| c.addr().to_owned())
-            .unwrap_or_default()
+            .map(|c| c.addr().clone())
+            .unwrap_or_else(|| Arc::from(""))
     }
 
     pub fn conn(&mut self) -> &mut BackendConn {
@@ -362,7 +362,7 @@ impl Drop for Lease {
         let conn = Object::take(c);
         self.discarded.inc();
         if conn.is_busy() && !conn.is_broken() {
-            let (addr, key) = (conn.addr().to_owned(), conn.key());
+            let (addr, key) = (conn.addr().clone(), conn.key());
             if let Ok(rt) = tokio::runtime::Handle::try_current() {
                 rt.spawn(super::cancel::send(addr, key));
             }

@@ -60,6 +60,7 @@ pub fn cluster_for(file: &FixtureFile, case: Option<&Case>) -> ClusterView {
         })
         .collect();
     ClusterView {
+        live: None,
         generation: crate::route::next_generation(),
         nodes: Arc::new(nodes),
         states,
@@ -69,8 +70,8 @@ pub fn cluster_for(file: &FixtureFile, case: Option<&Case>) -> ClusterView {
 /// The router's input for a fixture case.
 pub fn input_for(file: &FixtureFile, case: &Case) -> RouteInput {
     let mut statement = Statement::new(case.kind(), case.read_only(), &case.sql);
-    statement.tables = case.tables.clone();
-    statement.functions = case.functions.clone();
+    statement.tables = case.tables.clone().into();
+    statement.functions = case.functions.clone().into();
     statement.hints = case
         .hints
         .iter()
@@ -152,6 +153,7 @@ pub fn shipped_with(policy_path: &Path) -> Option<PathBuf> {
 /// A minimal cluster (primary + two replicas) for the smoke stage.
 pub fn smoke_inputs() -> Vec<RouteInput> {
     let cluster = Arc::new(ClusterView {
+        live: None,
         generation: crate::route::next_generation(),
         nodes: Arc::new(
             ["primary", "replica-1", "replica-2"]
@@ -228,7 +230,7 @@ pub fn realistic_input() -> RouteInput {
         .collect();
     let sql = "SELECT o.id, o.status, o.total_cents, c.email FROM orders o JOIN customers c ON c.id = o.customer_id WHERE o.tenant_id = $1 AND o.created_at > now() - interval '7 days' ORDER BY o.created_at DESC LIMIT 50";
     let mut statement = Statement::new(StatementKind::Select, true, sql);
-    statement.tables = vec!["orders".into(), "customers".into()];
+    statement.tables = vec!["orders".into(), "customers".into()].into();
     let session = Session {
         id: 42,
         user: "app".into(),
@@ -244,6 +246,7 @@ pub fn realistic_input() -> RouteInput {
         statement: Arc::new(statement),
         session: Arc::new(session),
         cluster: Arc::new(ClusterView {
+            live: None,
             generation: crate::route::next_generation(),
             nodes: Arc::new(nodes),
             states,

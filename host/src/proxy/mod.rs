@@ -144,12 +144,7 @@ impl prometheus_client::collector::Collector for DataPath {
             "Cancel requests forwarded.",
             one(n(&m.cancels)),
         )?;
-        let reasons: Vec<(String, u64)> = {
-            let map = m.reasons.lock().unwrap_or_else(|p| p.into_inner());
-            let mut rows: Vec<(String, u64)> = map.iter().map(|(k, v)| (k.clone(), *v)).collect();
-            rows.sort();
-            rows
-        };
+        let reasons = m.reasons.snapshot();
         r.counter(
             "signalbox_policy_reasons",
             "Policy decisions by the reason the policy gave (the first 64 distinct reasons; the rest as \"other\").",
@@ -190,35 +185,54 @@ pub type ServerParams = Vec<(String, String)>;
 /// A cancel key: process id and secret.
 pub type CancelKey = (i32, i32);
 
-/// Our cancel keys → the backend (address, key) running that session's query.
+/// Where one session's queries run now: the backend (address, key) a
+/// cancel request for it goes to. The session updates it on every checkout
+/// and release without touching the shared map.
 #[derive(Default)]
-pub struct CancelMap(Mutex<HashMap<CancelKey, (String, CancelKey)>>);
+pub struct CancelTarget(Mutex<Option<(Arc<str>, CancelKey)>>);
+
+impl CancelTarget {
+    pub fn set(&self, addr: Arc<str>, backend_key: CancelKey) {
+        *self.0.lock().unwrap_or_else(|p| p.into_inner()) = Some((addr, backend_key));
+    }
+
+    pub fn clear(&self) {
+        *self.0.lock().unwrap_or_else(|p| p.into_inner()) = None;
+    }
+
+    fn get(&self) -> Option<(Arc<str>, CancelKey)> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+}
+
+/// Our cancel keys → each session's [`CancelTarget`]. Written once when a
+/// session starts (or takes its server's key) and once when it ends.
+#[derive(Default)]
+pub struct CancelMap(Mutex<HashMap<CancelKey, Arc<CancelTarget>>>);
 
 impl CancelMap {
-    pub fn set(&self, key: (i32, i32), addr: String, backend_key: (i32, i32)) {
+    pub fn register(&self, key: CancelKey, target: Arc<CancelTarget>) {
         self.0
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .insert(key, (addr, backend_key));
+            .insert(key, target);
     }
 
-    pub fn clear(&self, key: (i32, i32)) {
+    pub fn forget(&self, key: CancelKey) {
         self.0
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .remove(&key);
     }
 
-    pub fn forget(&self, key: (i32, i32)) {
-        self.clear(key);
-    }
-
-    fn lookup(&self, key: (i32, i32)) -> Option<(String, (i32, i32))> {
-        self.0
+    fn lookup(&self, key: CancelKey) -> Option<(Arc<str>, CancelKey)> {
+        let target = self
+            .0
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .get(&key)
-            .cloned()
+            .cloned()?;
+        target.get()
     }
 }
 
@@ -239,7 +253,51 @@ pub struct Metrics {
     pub refused_connections: AtomicU64,
     /// Decisions by the policy's reason: the first [`REASONS`] distinct
     /// reasons get their own count, the rest count as `other`.
-    pub reasons: Mutex<HashMap<String, u64>>,
+    pub reasons: Reasons,
+}
+
+/// Decisions by reason. Counting a known reason reads a shared map and
+/// bumps its counter, without a lock; only a reason seen for the first
+/// time takes the lock and publishes a new map (at most [`REASONS`] times).
+#[derive(Default)]
+pub struct Reasons {
+    map: arc_swap::ArcSwap<HashMap<String, Arc<AtomicU64>>>,
+    adding: Mutex<()>,
+}
+
+impl Reasons {
+    pub fn count(&self, reason: &str) {
+        if let Some(c) = self.map.load().get(reason) {
+            c.fetch_add(1, Ordering::Relaxed);
+            return;
+        }
+        let _one = self.adding.lock().unwrap_or_else(|p| p.into_inner());
+        let map = self.map.load_full();
+        let key = if map.contains_key(reason) || map.len() < REASONS {
+            reason
+        } else {
+            "other"
+        };
+        if let Some(c) = map.get(key) {
+            c.fetch_add(1, Ordering::Relaxed);
+            return;
+        }
+        let mut grown = HashMap::clone(&map);
+        grown.insert(key.to_owned(), Arc::new(AtomicU64::new(1)));
+        self.map.store(Arc::new(grown));
+    }
+
+    /// (reason, count), sorted by reason.
+    pub fn snapshot(&self) -> Vec<(String, u64)> {
+        let mut rows: Vec<(String, u64)> = self
+            .map
+            .load()
+            .iter()
+            .map(|(k, v)| (k.clone(), v.load(Ordering::Relaxed)))
+            .collect();
+        rows.sort();
+        rows
+    }
 }
 
 /// Distinct policy reasons counted by name (bounded label cardinality).
@@ -257,20 +315,13 @@ impl Metrics {
             protocol_errors: AtomicU64::new(0),
             accept_errors: AtomicU64::new(0),
             refused_connections: AtomicU64::new(0),
-            reasons: Mutex::default(),
+            reasons: Reasons::default(),
         }
     }
 
     /// Count a decision's reason.
     pub fn reason(&self, reason: &str) {
-        let mut map = self.reasons.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(n) = map.get_mut(reason) {
-            *n += 1;
-        } else if map.len() < REASONS {
-            map.insert(reason.to_owned(), 1);
-        } else {
-            *map.entry("other".to_owned()).or_default() += 1;
-        }
+        self.reasons.count(reason);
     }
 
     pub fn routed(&self, counter: Option<&AtomicU64>, read_only: bool) {

@@ -199,6 +199,7 @@ mod tests {
         states[2].healthy = false;
         states[3].in_flight = 5;
         ClusterView {
+            live: None,
             generation: crate::route::next_generation(),
             nodes: Arc::new(
                 (0..4)

@@ -25,9 +25,11 @@ pub struct Statement {
     pub read_only: bool,
     pub fingerprint: u64,
     pub sql: Arc<str>,
-    pub tables: Vec<String>,
-    pub functions: Vec<String>,
-    pub hints: Vec<(String, String)>,
+    /// Shared with the classification cache: routing a statement copies
+    /// no strings.
+    pub tables: Arc<[String]>,
+    pub functions: Arc<[String]>,
+    pub hints: Arc<[(String, String)]>,
 }
 
 impl Statement {
@@ -37,9 +39,9 @@ impl Statement {
             read_only,
             fingerprint: signalbox_policy::stable_hash(sql.as_bytes()),
             sql: Arc::from(sql),
-            tables: Vec::new(),
-            functions: Vec::new(),
-            hints: Vec::new(),
+            tables: Arc::default(),
+            functions: Arc::default(),
+            hints: Arc::default(),
         }
     }
 }
@@ -126,7 +128,19 @@ pub fn next_generation() -> u64 {
     NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
 }
 
-/// The cluster as seen at one instant. Node ids index both vectors.
+/// Counters that change with every statement (pool use, exchange times):
+/// read from their source when asked, not copied into each view.
+pub trait LiveCounts: Send + Sync + std::fmt::Debug {
+    fn in_flight(&self, node: NodeId) -> u32;
+    /// Idle connections of every node.
+    fn idle(&self) -> Vec<u32>;
+    fn latency_us(&self, node: NodeId) -> u32;
+}
+
+/// The cluster as seen at one instant. Node ids index both vectors. The
+/// service builds one view per health update and shares it by reference;
+/// the per-statement counters come from `live` when present (else from
+/// `states`, as in fixtures and tests).
 #[derive(Clone, Debug)]
 pub struct ClusterView {
     /// Changes whenever `nodes` changes, and differs between any two sets
@@ -134,9 +148,44 @@ pub struct ClusterView {
     pub generation: u64,
     pub nodes: Arc<Vec<NodeInfo>>,
     pub states: Vec<NodeState>,
+    pub live: Option<Arc<dyn LiveCounts>>,
 }
 
 impl ClusterView {
+    /// A view whose counters are the ones in `states`.
+    pub fn fixed(generation: u64, nodes: Arc<Vec<NodeInfo>>, states: Vec<NodeState>) -> Self {
+        Self {
+            generation,
+            nodes,
+            states,
+            live: None,
+        }
+    }
+
+    /// Backend connections of node `id` checked out now.
+    pub fn in_flight(&self, id: NodeId) -> u32 {
+        match &self.live {
+            Some(l) => l.in_flight(id),
+            None => self.state(id).map_or(0, |s| s.in_flight),
+        }
+    }
+
+    /// Idle pooled connections of every node.
+    pub fn idle(&self) -> Vec<u32> {
+        match &self.live {
+            Some(l) => l.idle(),
+            None => self.states.iter().map(|s| s.idle).collect(),
+        }
+    }
+
+    /// Moving average of node `id`'s exchange time.
+    pub fn latency_us(&self, id: NodeId) -> u32 {
+        match &self.live {
+            Some(l) => l.latency_us(id),
+            None => self.state(id).map_or(0, |s| s.latency_us),
+        }
+    }
+
     pub fn primary(&self) -> Option<NodeId> {
         self.states
             .iter()
@@ -155,24 +204,27 @@ impl ClusterView {
             .unwrap_or("?")
     }
 
-    /// Node `id`'s live state as the policy contract carries it.
-    pub fn contract_state(
-        &self,
-        id: NodeId,
-        session: &Session,
-    ) -> Option<signalbox_policy::packed::State> {
-        let s = self.state(id)?;
-        Some(signalbox_policy::packed::State {
-            id,
-            role: s.role,
-            healthy: s.healthy,
-            replayed_last_write: self.replayed(id, session),
-            lag_ms: s.lag_ms,
-            latency_us: s.latency_us,
-            lag_bytes: s.lag_bytes,
-            in_flight: s.in_flight,
-            idle: s.idle,
-        })
+    /// Every node's live state as the policy contract carries it.
+    pub fn contract_states(&self, session: &Session) -> Vec<signalbox_policy::packed::State> {
+        let idle = self.idle();
+        self.states
+            .iter()
+            .enumerate()
+            .map(|(i, s)| {
+                let id = i as NodeId;
+                signalbox_policy::packed::State {
+                    id,
+                    role: s.role,
+                    healthy: s.healthy,
+                    replayed_last_write: self.replayed(id, session),
+                    lag_ms: s.lag_ms,
+                    latency_us: self.latency_us(id),
+                    lag_bytes: s.lag_bytes,
+                    in_flight: self.in_flight(id),
+                    idle: idle.get(i).copied().unwrap_or(0),
+                }
+            })
+            .collect()
     }
 
     /// Whether node `id` has replayed `session`'s last write.

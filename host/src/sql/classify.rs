@@ -85,12 +85,12 @@ pub struct Classified {
     pub fingerprint: u64,
     pub read_only: bool,
     pub statements: usize,
-    pub tables: Vec<String>,
-    pub functions: Vec<String>,
+    pub tables: Arc<[String]>,
+    pub functions: Arc<[String]>,
     /// What the fail-closed walk found in statements judged read-only so
     /// far: the catalog judges these per database (see `sql::catalog`).
     pub facts: Facts,
-    pub hints: Vec<(String, String)>,
+    pub hints: Arc<[(String, String)]>,
     pub effects: Vec<SessionEffect>,
     /// `BEGIN`/`START TRANSACTION` with READ ONLY.
     pub begins_read_only: bool,
@@ -136,10 +136,10 @@ impl Classified {
             fingerprint: 0,
             read_only: false,
             statements: 1,
-            tables: Vec::new(),
-            functions: Vec::new(),
+            tables: Arc::default(),
+            functions: Arc::default(),
             facts: Facts::default(),
-            hints: hints::parse(sql),
+            hints: hints::parse(sql).into(),
             effects: Vec::new(),
             begins_read_only: false,
             begins: false,
@@ -472,10 +472,10 @@ pub fn classify(sql: &str) -> Classified {
         .unwrap_or(0),
         read_only: true,
         statements: parsed.protobuf.stmts.len(),
-        tables: parsed.tables(),
-        functions: parsed.functions(),
+        tables: parsed.tables().into(),
+        functions: parsed.functions().into(),
         facts: Facts::default(),
-        hints: hints::parse(sql),
+        hints: hints::parse(sql).into(),
         effects: Vec::new(),
         begins_read_only: false,
         begins: false,
@@ -605,7 +605,7 @@ fn session_calls(parsed: &pg_query::ParseResult, c: &mut Classified) {
     if matches!(c.kind, StatementKind::Call) || has_do_block(parsed) {
         c.touches_session = true;
     }
-    for f in &c.functions {
+    for f in c.functions.iter() {
         let name = f.to_ascii_lowercase();
         let name = name.strip_prefix("pg_catalog.").unwrap_or(&name);
         if SESSION_LOCKS.contains(&name) {

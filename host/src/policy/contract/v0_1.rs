@@ -44,13 +44,13 @@ impl host::Host for HostState {
         self.sql_text()
     }
     fn statement_tables(&mut self) -> Vec<String> {
-        self.with_input(|i| i.statement.tables.clone())
+        self.with_input(|i| i.statement.tables.to_vec())
     }
     fn statement_functions(&mut self) -> Vec<String> {
-        self.with_input(|i| i.statement.functions.clone())
+        self.with_input(|i| i.statement.functions.to_vec())
     }
     fn statement_hints(&mut self) -> Vec<(String, String)> {
-        self.with_input(|i| i.statement.hints.clone())
+        self.with_input(|i| i.statement.hints.to_vec())
     }
     fn session_user(&mut self) -> String {
         self.with_input(|i| i.session.user.clone())
@@ -70,8 +70,9 @@ impl host::Host for HostState {
     fn backends(&mut self) -> Vec<wit::BackendState> {
         self.with_input(|input| {
             let cluster = &input.cluster;
-            (0..cluster.states.len() as u32)
-                .filter_map(|id| cluster.contract_state(id, &input.session))
+            cluster
+                .contract_states(&input.session)
+                .into_iter()
                 .map(|s| wit::BackendState {
                     id: s.id,
                     role: match s.role {

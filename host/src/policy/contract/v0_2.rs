@@ -45,13 +45,13 @@ impl host::Host for HostState {
         self.sql_text()
     }
     fn statement_tables(&mut self) -> Vec<String> {
-        self.with_input(|i| i.statement.tables.clone())
+        self.with_input(|i| i.statement.tables.to_vec())
     }
     fn statement_functions(&mut self) -> Vec<String> {
-        self.with_input(|i| i.statement.functions.clone())
+        self.with_input(|i| i.statement.functions.to_vec())
     }
     fn statement_hints(&mut self) -> Vec<(String, String)> {
-        self.with_input(|i| i.statement.hints.clone())
+        self.with_input(|i| i.statement.hints.to_vec())
     }
     fn session_user(&mut self) -> String {
         self.with_input(|i| i.session.user.clone())
@@ -73,10 +73,8 @@ impl host::Host for HostState {
         self.with_input(|input| {
             let cluster = &input.cluster;
             let mut words = Vec::with_capacity(cluster.states.len() * packed::WORDS);
-            for id in 0..cluster.states.len() as u32 {
-                if let Some(s) = cluster.contract_state(id, &input.session) {
-                    words.extend_from_slice(&packed::encode(&s));
-                }
+            for s in cluster.contract_states(&input.session) {
+                words.extend_from_slice(&packed::encode(&s));
             }
             words
         })

@@ -226,7 +226,7 @@ impl Session {
             match checked_out {
                 Ok(lease) => {
                     node = lease.node();
-                    self.shared.cancel.set(self.key, lease.addr(), lease.key());
+                    self.cancel.set(lease.addr(), lease.key());
                     self.client.pid_alias = Some((lease.key().0, self.key.0));
                     self.lease = Some(lease);
                 }
@@ -347,7 +347,7 @@ impl Session {
             self.release(!idle);
         }
         if let Some(own) = parked {
-            self.shared.cancel.set(self.key, own.addr(), own.key());
+            self.cancel.set(own.addr(), own.key());
             self.lease = Some(own);
         }
         result
@@ -814,7 +814,7 @@ impl Session {
 
     pub(super) fn release(&mut self, discard: bool) {
         if let Some(lease) = self.lease.take() {
-            self.shared.cancel.clear(self.key);
+            self.cancel.clear();
             if discard {
                 lease.discard();
             }

@@ -131,7 +131,8 @@ impl Session {
         let params = lease.conn().params().to_vec();
         self.shared.cancel.forget(self.key);
         self.key = key;
-        self.shared.cancel.set(key, addr, key);
+        self.shared.cancel.register(key, self.cancel.clone());
+        self.cancel.set(addr, key);
         self.greet(&params).await
     }
 

@@ -36,6 +36,8 @@ pub struct Session {
     /// The configuration and cluster this session works under: taken up
     /// again whenever it holds no connection (see [`crate::live`]).
     live: Arc<crate::live::Live>,
+    /// Where a cancel request for this session goes now.
+    cancel: Arc<super::CancelTarget>,
     id: u64,
     key: (i32, i32),
     user: String,
@@ -169,8 +171,11 @@ impl Session {
         let startup = startup_sets(&params);
         let state = SessionState::new(&startup);
         let session_pooling = live.config.session_pooling(&user, &database);
+        let cancel = Arc::new(super::CancelTarget::default());
+        shared.cancel.register(key, cancel.clone());
         let mut s = Session {
             live,
+            cancel,
             id,
             key,
             user,
@@ -552,8 +557,13 @@ fn merge(classes: &[Arc<Classified>]) -> Classified {
             .extend(c.facts.attributes.iter().cloned());
         m.touches_session |= c.touches_session;
         m.begins_read_only &= c.begins_read_only;
-        m.tables.extend(c.tables.iter().cloned());
-        m.functions.extend(c.functions.iter().cloned());
+        m.tables = m.tables.iter().chain(c.tables.iter()).cloned().collect();
+        m.functions = m
+            .functions
+            .iter()
+            .chain(c.functions.iter())
+            .cloned()
+            .collect();
     }
     m
 }
