@@ -39,7 +39,7 @@ pub fn choose_replica_where(
             }
             Some(std::cmp::Ordering::Equal) => {
                 ties += 1;
-                if mix(tiebreak, ties) % ties == 0 {
+                if mix(tiebreak, ties).is_multiple_of(ties) {
                     best = Some((id, load, weight));
                 }
             }
