@@ -19,6 +19,9 @@
 #
 #   bench/cpu.sh                      # ROUNDS=3 DURATION=10 CLIENTS=8
 #   MODES="select-simple tpcb-simple" bench/cpu.sh
+#   BASELINE=/path/to/older/signalbox bench/cpu.sh   # adds `signalbox-base`:
+#                                     # that binary with the demo's config
+#   TARGETS="direct signalbox signalbox-base pgbouncer" SKIP_IDLE=1 bench/cpu.sh
 set -euo pipefail
 source "$(dirname "$0")/setup.sh"
 MODES=${MODES:-select-simple select-extended select-prepared tpcb-simple}
@@ -77,6 +80,18 @@ grep -v '^workers = ' "$CLUSTER_DIR/signalbox.toml" |
 ONE_PID=$!
 PIDS+=("$ONE_PID")
 wait_port "$ONE_PORT"
+# An older build with the demo's configuration (`signalbox-base`), to
+# compare two versions side by side in one run.
+BASE_PORT=$((SB_PORT + 40))
+if [ -n "${BASELINE:-}" ]; then
+  sed -E -e "s/^listen = .*/listen = \"127.0.0.1:$BASE_PORT\"/" \
+    -e "s/^admin_listen = .*/admin_listen = \"127.0.0.1:$((BASE_PORT + 1))\"/" \
+    "$CLUSTER_DIR/signalbox.toml" >"$WORK/base.toml"
+  "$BASELINE" serve --config "$WORK/base.toml" >"$WORK/base.log" 2>&1 &
+  BASE_PID=$!
+  PIDS+=("$BASE_PID")
+  wait_port "$BASE_PORT"
+fi
 postmasters() {
   local f
   for f in "$CLUSTER_DIR"/*/postmaster.pid; do head -n1 "$f"; done
@@ -94,6 +109,7 @@ proxy_pids() { # proxy_pids TARGET
     signalbox) echo "$SB_PID" ;;
     signalbox-rr) echo "$STICKY_PID" ;;
     signalbox-1w) echo "$ONE_PID" ;;
+    signalbox-base) echo "$BASE_PID" ;;
     pgbouncer-tx) pidfile "$WORK/pgbouncer-transaction.pid" ;;
     pgbouncer-session) pidfile "$WORK/pgbouncer-session.pid" ;;
     pgpool) tree "$(pidfile "$WORK/pgpool.pid")" ;;
@@ -105,6 +121,7 @@ port_of() {
     signalbox) echo "$SB_PORT" ;;
     signalbox-rr) echo "$STICKY_PORT" ;;
     signalbox-1w) echo "$ONE_PORT" ;;
+    signalbox-base) echo "$BASE_PORT" ;;
     pgbouncer-tx) echo "$PGB_TX_PORT" ;;
     pgbouncer-session) echo "$PGB_SESSION_PORT" ;;
     pgpool) echo "$PGPOOL_PORT" ;;
@@ -168,11 +185,21 @@ EOF
        }'
 }
 
-targets_for() { # the targets that can run MODE
+targets_for() { # the targets that can run MODE (TARGETS narrows them;
+  # `pgbouncer` there means the instance that can serve MODE)
+  local all
   case $1 in
-    select-prepared) echo "direct signalbox signalbox-rr signalbox-1w pgbouncer-session pgpool" ;;
-    *) echo "direct signalbox signalbox-rr signalbox-1w pgbouncer-tx pgpool" ;;
+    select-prepared) all="direct signalbox signalbox-rr signalbox-1w pgbouncer-session pgpool" ;;
+    *) all="direct signalbox signalbox-rr signalbox-1w pgbouncer-tx pgpool" ;;
   esac
+  [ -n "${BASELINE:-}" ] && all="$all signalbox-base"
+  local t
+  for t in $all; do
+    if [ -z "${TARGETS:-}" ] || [[ " $TARGETS " == *" $t "* ]] ||
+      { [[ $t == pgbouncer-* ]] && [[ " $TARGETS " == *" pgbouncer "* ]]; }; then
+      echo "$t"
+    fi
+  done
 }
 
 echo "pgbench, $CLIENTS clients, $JOBS threads, ${DURATION}s per run, $ROUNDS rounds, scale $SCALE; per transaction:"
@@ -203,11 +230,13 @@ done
 
 echo
 echo "Single client (-S, -c 1, simple), mean latency:"
-for target in direct signalbox signalbox-rr signalbox-1w pgbouncer-tx pgpool; do
+for target in $(targets_for select-simple); do
   lat=$(pgbench -n -S -c 1 -T "$DURATION" -h 127.0.0.1 -p "$(port_of "$target")" -U postgres postgres 2>&1 |
     sed -nE 's/^latency average = ([0-9.]+) ms/\1/p')
   printf '  %-18s %s ms\n' "$target" "${lat:-FAILED}"
 done
+
+[ -n "${SKIP_IDLE:-}" ] && exit 0
 
 # Idle: a signalbox of its own (the demo's caps clients at 1,000) and the
 # transaction-mode PgBouncer, each holding N idle authenticated clients.
@@ -233,6 +262,16 @@ EOF
 IDLE_PID=$!
 PIDS+=("$IDLE_PID")
 wait_port "$IDLE_PORT"
+IDLE_TARGETS="signalbox pgbouncer-tx"
+if [ -n "${BASELINE:-}" ]; then
+  IDLE_BASE_PORT=$((IDLE_PORT + 5))
+  sed "s/^listen = .*/listen = \"127.0.0.1:$IDLE_BASE_PORT\"/" "$WORK/idle.toml" >"$WORK/idle-base.toml"
+  "$BASELINE" serve --config "$WORK/idle-base.toml" >"$WORK/idle-base.log" 2>&1 &
+  IDLE_BASE_PID=$!
+  PIDS+=("$IDLE_BASE_PID")
+  wait_port "$IDLE_BASE_PORT"
+  IDLE_TARGETS="signalbox signalbox-base pgbouncer-tx"
+fi
 echo
 echo "Idle (${IDLE_SECONDS}s each): CPU % of one core, context switches/s, RSS"
 idle_measure() { # idle_measure LABEL PID
@@ -245,8 +284,12 @@ idle_measure() { # idle_measure LABEL PID
     'BEGIN {printf "  %-30s %6.2f %%  %7.1f cs/s  %7.1f MiB\n", l, 100 * t / tck / s, c / s, r / 1024}'
 }
 for n in 0 1000 5000; do
-  for target in signalbox pgbouncer-tx; do
-    if [ "$target" = signalbox ]; then port=$IDLE_PORT pid=$IDLE_PID; else port=$PGB_TX_PORT pid=$(pidfile "$WORK/pgbouncer-transaction.pid"); fi
+  for target in $IDLE_TARGETS; do
+    case $target in
+      signalbox) port=$IDLE_PORT pid=$IDLE_PID ;;
+      signalbox-base) port=$IDLE_BASE_PORT pid=$IDLE_BASE_PID ;;
+      *) port=$PGB_TX_PORT pid=$(pidfile "$WORK/pgbouncer-transaction.pid") ;;
+    esac
     if [ "$n" -gt 0 ]; then
       exec {hold}> >(python3 bench/idle_clients.py "$port" "$n" >"$WORK/hold.out" 2>&1)
       for _ in $(seq 1 600); do grep -q "ready\|Error" "$WORK/hold.out" 2>/dev/null && break; sleep 0.1; done

@@ -62,6 +62,23 @@ fn runaway_policy_is_stopped_by_the_deadline() {
         "a runaway call after an idle spell must still be stopped"
     );
     assert!(!ticker_parked(EngineKind::Service));
+
+    // A deadline longer than the ticker's linger: the ticker must keep
+    // ticking while the call runs, not park 50 ms after it started.
+    let mut spec = LoadSpec::new("spin-long");
+    spec.limits.deadline = TICKER_LINGER * 6;
+    let long = std::sync::Arc::new(load(&["spin"], spec).unwrap());
+    assert!(
+        signalbox_tests::wait_until(Duration::from_secs(20), || ticker_parked(
+            EngineKind::Service
+        )),
+        "an idle ticker parks"
+    );
+    assert_eq!(
+        call_bounded(&long, read(&c)),
+        Some(Err(CallFailure::Timeout)),
+        "a runaway with a deadline beyond the linger must be stopped"
+    );
 }
 
 #[test]

@@ -78,10 +78,13 @@ fn build(kind: EngineKind) -> Result<Engine, wasmtime::Error> {
     Engine::new(&config)
 }
 
-/// The ticker of one engine: calls count themselves in `calls`; the ticker
-/// parks when a linger period saw none, after announcing it in `parked`.
+/// The ticker of one engine: calls count themselves in `calls` when they
+/// start and in `running` while they run; the ticker parks when a linger
+/// period saw no call start and none is running, after announcing it in
+/// `parked` (a call longer than the linger still needs its deadline).
 struct Ticker {
     calls: AtomicU64,
+    running: AtomicU64,
     parked: AtomicBool,
     thread: OnceLock<Thread>,
 }
@@ -92,6 +95,7 @@ impl Ticker {
     const fn new() -> Self {
         Self {
             calls: AtomicU64::new(0),
+            running: AtomicU64::new(0),
             parked: AtomicBool::new(false),
             thread: OnceLock::new(),
         }
@@ -103,15 +107,28 @@ impl Ticker {
 }
 
 /// A policy call on an engine of `kind` is about to start: make sure its
-/// deadline will be enforced (wakes the ticker if it parked). SeqCst on both
-/// sides: either the ticker sees this call, or this call sees it parked.
-pub fn call_starting(kind: EngineKind) {
+/// deadline will be enforced (wakes the ticker if it parked) until the
+/// returned guard drops. SeqCst on both sides: either the ticker sees this
+/// call, or this call sees it parked.
+pub fn call_starting(kind: EngineKind) -> Running {
     let t = Ticker::of(kind);
+    t.running.fetch_add(1, Ordering::SeqCst);
     t.calls.fetch_add(1, Ordering::SeqCst);
     if t.parked.load(Ordering::SeqCst) {
         if let Some(thread) = t.thread.get() {
             thread.unpark();
         }
+    }
+    Running(t)
+}
+
+/// A policy call in progress: the ticker keeps ticking while one exists.
+#[must_use = "the call counts as running only while this lives"]
+pub struct Running(&'static Ticker);
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        self.0.running.fetch_sub(1, Ordering::SeqCst);
     }
 }
 
@@ -132,7 +149,7 @@ fn start_ticker(engine: Engine, kind: EngineKind) {
                 std::thread::sleep(EPOCH_TICK);
                 engine.increment_epoch();
                 let now = ticker.calls.load(Ordering::SeqCst);
-                if now != seen {
+                if now != seen || ticker.running.load(Ordering::SeqCst) > 0 {
                     (seen, quiet) = (now, 0);
                     continue;
                 }
@@ -143,7 +160,9 @@ fn start_ticker(engine: Engine, kind: EngineKind) {
                 ticker.parked.store(true, Ordering::SeqCst);
                 // A call that started after the last look finds `parked`
                 // set and unparks us (an unpark before park is kept).
-                while ticker.calls.load(Ordering::SeqCst) == seen {
+                while ticker.calls.load(Ordering::SeqCst) == seen
+                    && ticker.running.load(Ordering::SeqCst) == 0
+                {
                     std::thread::park();
                 }
                 ticker.parked.store(false, Ordering::SeqCst);

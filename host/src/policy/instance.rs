@@ -336,7 +336,7 @@ impl Instance {
                 .map_err(|e| CallFailure::Instantiate(format!("{e:#}")))?;
         }
         // Instantiating runs guest code too (start functions): tick.
-        super::engine::call_starting(if metered {
+        let _running = super::engine::call_starting(if metered {
             super::engine::EngineKind::Metered
         } else {
             super::engine::EngineKind::Service
@@ -353,9 +353,11 @@ impl Instance {
         })
     }
 
-    fn arm(&mut self) {
+    /// Ready the store for one call; the guard keeps deadlines ticking
+    /// until the call returns.
+    fn arm(&mut self) -> super::engine::Running {
         use super::engine::{call_starting, EngineKind};
-        call_starting(if self.metered {
+        let running = call_starting(if self.metered {
             EngineKind::Metered
         } else {
             EngineKind::Service
@@ -367,6 +369,7 @@ impl Instance {
         if self.metered {
             let _ = self.store.set_fuel(FUEL_BUDGET);
         }
+        running
     }
 
     fn fuel_used(&mut self) {
@@ -377,7 +380,7 @@ impl Instance {
 
     /// Call the policy's `init(config)`. `Ok(Err(msg))` is the policy refusing.
     pub fn init(&mut self, config: &str) -> Result<Result<(), String>, CallFailure> {
-        self.arm();
+        let _running = self.arm();
         let result = self.bindings.init(&mut self.store, config);
         self.fuel_used();
         result.map_err(|e| self.failure(e))
@@ -385,7 +388,7 @@ impl Instance {
 
     /// Ask for a decision. On `Err` the instance must not be reused.
     pub fn route(&mut self, input: &RouteInput) -> Result<PolicyDecision, CallFailure> {
-        self.arm();
+        let _running = self.arm();
         self.store.data_mut().input = Some(input.clone());
         let result = self.bindings.route(&mut self.store, input);
         self.store.data_mut().input = None;
