@@ -274,3 +274,64 @@ fn sighup_adds_a_replica_under_load_and_invalid_files_change_nothing() {
         log.lines().take(5).collect::<Vec<_>>().join("\n")
     );
 }
+
+/// Sessions queued for a pooled connection when a reload retires the pool
+/// (pool size 1, eight clients) route again under the new configuration:
+/// no transaction fails.
+#[test]
+fn reloads_while_clients_wait_for_connections_fail_no_transaction() {
+    let cluster = LocalCluster::start(1).expect("start a PostgreSQL cluster");
+    let init = pgbench(cluster.primary.port, &["-i", "-q", "-s", "1"])
+        .wait_with_output()
+        .unwrap();
+    assert!(
+        init.status.success(),
+        "{}",
+        String::from_utf8_lossy(&init.stderr)
+    );
+    cluster.wait_replayed().unwrap();
+    let (port, admin) = (free_port(), free_port());
+    let path = cluster.dir.path().join("signalbox.toml");
+    let nodes = cluster.nodes_toml();
+    let sized = |n: u32| config_text(port, admin, &nodes, &format!("[pool]\nsize = {n}\n"));
+    write(&path, &sized(1));
+    let mut sb = Command::new(env!("CARGO_BIN_EXE_signalbox"))
+        .args(["serve", "--config"])
+        .arg(&path)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("run signalbox");
+    let mut line = String::new();
+    BufReader::new(sb.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    assert!(line.contains("listening"), "{line}");
+    let reads = pgbench(port, &["-n", "-S", "-c", "8", "-j", "2", "-T", "8"]);
+    let writes = pgbench(port, &["-n", "-c", "8", "-j", "2", "-T", "8"]);
+    for i in 0..12u32 {
+        std::thread::sleep(Duration::from_millis(500));
+        write(&path, &sized(1 + i % 2));
+        let answer = curl(&[
+            "-X",
+            "POST",
+            "-w",
+            "\n%{http_code}",
+            &format!("http://127.0.0.1:{admin}/config/reload"),
+        ]);
+        assert!(answer.ends_with("200"), "{answer}");
+    }
+    for (name, bench) in [("-S", reads), ("tpcb", writes)] {
+        let out = bench.wait_with_output().unwrap();
+        let text = String::from_utf8_lossy(&out.stdout).into_owned()
+            + &String::from_utf8_lossy(&out.stderr);
+        assert!(
+            out.status.success() && text.contains("number of failed transactions: 0"),
+            "{name}: transactions failed across reloads of the pool:\n{text}"
+        );
+    }
+    let _ = Command::new("kill")
+        .args(["-TERM", &sb.id().to_string()])
+        .status();
+    let _ = sb.wait();
+}

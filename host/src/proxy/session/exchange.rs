@@ -127,7 +127,9 @@ impl Session {
     /// Decide where a statement runs and hold a connection there.
     /// `Ok(false)` means an error was already sent to the client.
     /// `avoid`: a node whose connection just failed this read; the read
-    /// goes elsewhere if it can.
+    /// goes elsewhere if it can. A config reload that retires the pools
+    /// between the decision and the checkout sends the statement through
+    /// routing again, under the new configuration (nothing ran yet).
     pub(super) async fn acquire(
         &mut self,
         class: &Classified,
@@ -135,12 +137,38 @@ impl Session {
         sql: &Arc<str>,
         avoid: Option<NodeId>,
     ) -> Result<bool, SessionError> {
+        for _ in 0..3 {
+            if let Some(done) = self.acquire_under_live(class, judged, sql, avoid).await? {
+                return Ok(done);
+            }
+            tracing::debug!(
+                session = self.id,
+                "configuration changed during checkout; routing again"
+            );
+        }
+        self.error(
+            "08006",
+            "signalbox: the configuration changed three times while this statement waited for a connection; nothing ran",
+        )
+        .await?;
+        Ok(false)
+    }
+
+    /// [`Self::acquire`] under one configuration: `None` when it was
+    /// replaced before a connection could be held.
+    async fn acquire_under_live(
+        &mut self,
+        class: &Classified,
+        judged: bool,
+        sql: &Arc<str>,
+        avoid: Option<NodeId>,
+    ) -> Result<Option<bool>, SessionError> {
         if let Some(lease) = &self.lease {
             if self.trace {
                 let node = lease.node();
                 self.trace_held(node, class, judged);
             }
-            return Ok(true);
+            return Ok(Some(true));
         }
         if !self.offloading {
             self.refresh_live();
@@ -197,7 +225,7 @@ impl Session {
                     &format!("signalbox: statement rejected by routing policy: {msg}"),
                 )
                 .await?;
-                return Ok(false);
+                return Ok(Some(false));
             }
             Routed::Unavailable(msg) => {
                 let msg = match self.live.cluster.fence_reason() {
@@ -205,7 +233,7 @@ impl Session {
                     None => format!("signalbox: {msg}"),
                 };
                 self.error("57P03", &msg).await?;
-                return Ok(false);
+                return Ok(Some(false));
             }
         };
         let reroutable = read_only && self.tx == TxState::Idle;
@@ -230,9 +258,10 @@ impl Session {
                     self.client.pid_alias = Some((lease.key().0, self.key.0));
                     self.lease = Some(lease);
                 }
+                Err(_) if !self.live_is_current() => return Ok(None),
                 Err((code, msg)) => {
                     self.error(&code, &msg).await?;
-                    return Ok(false);
+                    return Ok(Some(false));
                 }
             }
             match self.sync_state().await {
@@ -248,7 +277,7 @@ impl Session {
                     if sample > 0.0 && fastrand::f64() < sample {
                         self.log_decision(node, &routing, class, read_only);
                     }
-                    return Ok(true);
+                    return Ok(Some(true));
                 }
                 Ok(Some((code, msg))) => {
                     self.release(true);
@@ -257,7 +286,7 @@ impl Session {
                         &format!("signalbox: cannot restore session settings: {msg}"),
                     )
                     .await?;
-                    return Ok(false);
+                    return Ok(Some(false));
                 }
                 // The connection died before the client's work was sent on
                 // it (e.g. its node was just stopped): nothing ran, so any
@@ -274,12 +303,12 @@ impl Session {
                             &format!("signalbox: lost the connection to the node: {e}"),
                         )
                         .await?;
-                        return Ok(false);
+                        return Ok(Some(false));
                     }
                 }
             }
         }
-        Ok(false)
+        Ok(Some(false))
     }
 
     /// For a read whose node failed: the built-in choice among the other
