@@ -55,6 +55,32 @@ pub struct Config {
     pub origin: PathBuf,
 }
 
+/// `scheme://user:password@host` → `scheme://user:***@host`, everywhere in
+/// `text`.
+pub fn redact_passwords(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text;
+    while let Some(at) = rest.find("://") {
+        let (head, tail) = rest.split_at(at + 3);
+        out.push_str(head);
+        let end = tail
+            .find(|c: char| c.is_whitespace() || matches!(c, '"' | '\'' | '/'))
+            .unwrap_or(tail.len());
+        let authority = &tail[..end];
+        match (authority.rfind('@'), authority.find(':')) {
+            (Some(a), Some(c)) if c < a => {
+                out.push_str(&authority[..=c]);
+                out.push_str("***");
+                out.push_str(&authority[a..]);
+            }
+            _ => out.push_str(authority),
+        }
+        rest = &tail[end..];
+    }
+    out.push_str(rest);
+    out
+}
+
 /// `[logging]`: structured events beyond the level set by `SIGNALBOX_LOG`.
 #[derive(Clone, Debug, Default, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -314,9 +340,11 @@ impl Config {
     }
 
     pub fn parse(text: &str, origin: &Path) -> Result<Self, ConfigError> {
+        // Errors quote the offending line; a node URL there may carry a
+        // password, and errors reach logs and /status.
         let invalid = |message: String| ConfigError::Invalid {
             path: origin.to_owned(),
-            message,
+            message: redact_passwords(&message),
         };
         let mut c: Config = toml::from_str(text).map_err(|e| invalid(e.to_string()))?;
         c.origin = origin.to_owned();
@@ -619,6 +647,22 @@ pub mod duration_ms {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn passwords_in_errors_are_redacted() {
+        assert_eq!(
+            redact_passwords("url = \"postgres://app:s3cr3t@db:5432/x\" and http://h/ and x://u@h"),
+            "url = \"postgres://app:***@db:5432/x\" and http://h/ and x://u@h"
+        );
+        let e = Config::parse(
+            "listen = \"127.0.0.1:6432\"\n[[nodes]]\nname = \"p\"\nurl = \"postgres://app:s3cr3t@127.0.0.1/x\nrole = \"primary\"\n",
+            Path::new("t.toml"),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(!e.contains("s3cr3t") && e.contains("***"), "{e}");
+    }
+
     use super::*;
 
     const FULL: &str = r#"

@@ -177,6 +177,7 @@ impl Reloader {
                 "shadow_policy",
                 differs(&old.config.shadow_policy, &new.shadow_policy),
             ),
+            ("logging", differs(&old.config.logging, &new.logging)),
         ] {
             if changed {
                 changes.push(format!("[{key}] changed"));
@@ -206,6 +207,7 @@ impl Reloader {
                 .map_err(|e| format!("{}: {e}", self.path.display()))?;
             c.adopt_fence(&old.cluster);
             c.probe_all().await;
+            refuses_losing_the_primary(&old.cluster, &c, &self.path)?;
             Some(c)
         } else {
             None
@@ -305,6 +307,28 @@ async fn start_manager(
         .map_err(|e| format!("{key}: {e}"))?
         .map(Some)
         .map_err(|e| format!("{key}: {e}"))
+}
+
+/// A reload must not turn a cluster with a writable primary into one
+/// without (the primary's entry removed, or its URL pointing at a replica):
+/// every write would fail. During an outage (no primary now) it may.
+fn refuses_losing_the_primary(
+    old: &Cluster,
+    new: &Cluster,
+    path: &std::path::Path,
+) -> Result<(), String> {
+    let before = old.view();
+    let Some(primary) = before.primary() else {
+        return Ok(());
+    };
+    if new.view().primary().is_some() {
+        return Ok(());
+    }
+    Err(format!(
+        "{}: no node of the new configuration answers as a writable primary (now: {}); every write would fail, so nothing was applied",
+        path.display(),
+        before.node_name(primary)
+    ))
 }
 
 fn differs<T: std::fmt::Debug>(a: &T, b: &T) -> bool {

@@ -54,6 +54,11 @@ const SAMPLES: usize = 20;
 pub struct ShadowStats {
     compared: AtomicU64,
     disagreements: AtomicU64,
+    /// Disagreements about the kind of node (primary, replica, refusal),
+    /// not only which replica.
+    role_disagreements: AtomicU64,
+    /// Shadow calls that failed (trap, timeout, ...): not compared.
+    failures: AtomicU64,
     pairs: Mutex<HashMap<(String, String), u64>>,
     samples: Mutex<VecDeque<ShadowSample>>,
     last_logged_ms: AtomicU64,
@@ -84,6 +89,15 @@ pub struct ShadowStatus {
     pub disagreements: u64,
     /// Disagreements per compared decision (0 before any).
     pub rate: f64,
+    /// Disagreements about the kind of place: primary vs replica vs
+    /// refused (the part that is not just another replica).
+    pub role_disagreements: u64,
+    pub role_rate: f64,
+    /// Shadow calls that failed and were not compared.
+    pub failures: u64,
+    /// The shadow has a live version (none: it was rolled back or never
+    /// loaded, and nothing is compared).
+    pub active: bool,
     pub pairs: Vec<ShadowPair>,
     pub samples: Vec<ShadowSample>,
 }
@@ -178,7 +192,17 @@ impl Router {
     /// Ask the shadow policy and count whether it would have sent the
     /// statement to the same place.
     fn compare(&self, shadow: &PolicyManager, input: &RouteInput, active: &Routed, draw: u64) {
+        if !shadow.has_active() {
+            return;
+        }
         let outcome = shadow.decide(input);
+        if outcome.failure.is_some() {
+            self.shadow_stats
+                .load()
+                .failures
+                .fetch_add(1, Ordering::Relaxed);
+            return;
+        }
         let theirs = guardrails::enforce(
             &outcome.target,
             &input.statement,
@@ -193,6 +217,9 @@ impl Router {
             return;
         }
         stats.disagreements.fetch_add(1, Ordering::Relaxed);
+        if kind(active, &input.cluster) != kind(&theirs, &input.cluster) {
+            stats.role_disagreements.fetch_add(1, Ordering::Relaxed);
+        }
         let (a, s) = (
             place(active, &input.cluster),
             place(&theirs, &input.cluster),
@@ -232,6 +259,14 @@ impl Router {
         let stats = self.shadow_stats.load();
         let compared = stats.compared.load(Ordering::Relaxed);
         let disagreements = stats.disagreements.load(Ordering::Relaxed);
+        let role_disagreements = stats.role_disagreements.load(Ordering::Relaxed);
+        let per = |n: u64| {
+            if compared == 0 {
+                0.0
+            } else {
+                n as f64 / compared as f64
+            }
+        };
         let mut pairs: Vec<ShadowPair> = lock(&stats.pairs)
             .iter()
             .map(|((a, s), n)| ShadowPair {
@@ -247,14 +282,27 @@ impl Router {
             sha256: active.as_ref().map(|p| p.info.sha256.clone()),
             compared,
             disagreements,
-            rate: if compared == 0 {
-                0.0
-            } else {
-                disagreements as f64 / compared as f64
-            },
+            rate: per(disagreements),
+            role_disagreements,
+            role_rate: per(role_disagreements),
+            failures: stats.failures.load(Ordering::Relaxed),
+            active: active.is_some(),
             pairs,
             samples,
         })
+    }
+}
+
+/// The kind of place a decision sends a statement to.
+fn kind(routed: &Routed, cluster: &ClusterView) -> &'static str {
+    match routed {
+        Routed::Node(n) => match cluster.state(*n).map(|s| s.role) {
+            Some(crate::route::Role::Primary) => "primary",
+            Some(crate::route::Role::Replica) => "replica",
+            _ => "unknown",
+        },
+        Routed::Reject(_) => "rejected",
+        Routed::Unavailable(_) => "unavailable",
     }
 }
 
@@ -322,7 +370,14 @@ impl prometheus_client::collector::Collector for Router {
             one(p.rollbacks),
         )?;
         let shadow = self.shadow_status();
-        let (compared, disagreed) = shadow.map_or((0, 0), |s| (s.compared, s.disagreements));
+        let (compared, disagreed, role, failed) = shadow.map_or((0, 0, 0, 0), |s| {
+            (
+                s.compared,
+                s.disagreements,
+                s.role_disagreements,
+                s.failures,
+            )
+        });
         r.counter(
             "signalbox_shadow_decisions",
             "Decisions the shadow policy was also asked about.",
@@ -332,6 +387,16 @@ impl prometheus_client::collector::Collector for Router {
             "signalbox_shadow_disagreements",
             "Decisions where the shadow policy would have routed elsewhere.",
             one(disagreed),
+        )?;
+        r.counter(
+            "signalbox_shadow_role_disagreements",
+            "Disagreements about the kind of node (primary, replica, refused), not only which replica.",
+            one(role),
+        )?;
+        r.counter(
+            "signalbox_shadow_failures",
+            "Shadow policy calls that failed (not compared).",
+            one(failed),
         )
     }
 }

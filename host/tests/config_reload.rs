@@ -207,6 +207,29 @@ fn sighup_adds_a_replica_under_load_and_invalid_files_change_nothing() {
     );
     assert_eq!(status(admin)["nodes"].as_array().unwrap().len(), 4);
 
+    // 3b. Removing the primary's entry would leave every write failing.
+    let no_primary = all.replacen(
+        &format!(
+            "\n[[nodes]]\nname = \"primary\"\nurl = \"postgres://postgres@127.0.0.1:{}/postgres\"\nrole = \"primary\"\n",
+            cluster.primary.port
+        ),
+        "",
+        1,
+    );
+    assert_ne!(no_primary, all);
+    write(&path, &config_text(port, admin, &no_primary, ""));
+    let answer = curl(&[
+        "-X",
+        "POST",
+        "-w",
+        "\n%{http_code}",
+        &format!("http://127.0.0.1:{admin}/config/reload"),
+    ]);
+    assert!(
+        answer.ends_with("422") && answer.contains("writable primary"),
+        "{answer}"
+    );
+
     // 4. The API removing replica-1 under load: it stops taking reads.
     let without = all.replacen(
         &format!(

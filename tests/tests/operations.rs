@@ -9,7 +9,7 @@ use std::time::Duration;
 use signalbox::config::Config;
 use signalbox::server::Server;
 use signalbox_tests::service::{self, connect};
-use signalbox_tests::{admin_call, example};
+use signalbox_tests::{admin_call, example, faulty};
 
 fn status(server: &Server) -> serde_json::Value {
     let url = format!("http://{}/status", server.admin_addr.unwrap());
@@ -110,6 +110,48 @@ async fn a_shadow_policy_is_compared_without_deciding_anything() {
     );
     assert!(after["shadow"]["rate"].as_f64().unwrap() > 0.0);
     assert!(!after["shadow"]["samples"].as_array().unwrap().is_empty());
+}
+
+/// A shadow that fails is counted as failing, not as disagreeing, never
+/// touches the client's statement, and once its automatic rollback leaves
+/// it without a version, `/status` says so and nothing is compared.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failing_shadow_is_visible_and_harmless() {
+    let server = service::start(&format!(
+        "[shadow_policy]\npath = {:?}\n",
+        faulty(&["trap-on-hint"]).display().to_string(),
+    ))
+    .await;
+    let c = connect(server.addr.port(), "postgres").await;
+    for _ in 0..5 {
+        let rows = c
+            .simple_query("/* signalbox: boom=1 */ SELECT 1")
+            .await
+            .expect("the shadow's trap never reaches the client");
+        assert!(!rows.is_empty());
+    }
+    let s = status(&server);
+    assert_eq!(s["shadow"]["failures"], 5, "{}", s["shadow"]);
+    assert_eq!(s["shadow"]["compared"], 0, "{}", s["shadow"]);
+    assert_eq!(s["shadow"]["active"], true);
+    // 20 calls, all failing: the shadow's own rollback leaves it empty.
+    for _ in 0..20 {
+        c.simple_query("/* signalbox: boom=1 */ SELECT 1")
+            .await
+            .unwrap();
+    }
+    for _ in 0..5 {
+        c.simple_query("SELECT 1").await.unwrap();
+    }
+    let s = status(&server);
+    assert_eq!(s["shadow"]["active"], false, "{}", s["shadow"]);
+    assert_eq!(s["shadow"]["compared"], 0, "{}", s["shadow"]);
+    let url = format!("http://{}/metrics", server.admin_addr.unwrap());
+    let (_, metrics) = tokio::task::block_in_place(|| admin_call("GET", &url, None));
+    assert!(
+        metrics.contains("signalbox_shadow_failures_total 20"),
+        "{metrics}"
+    );
 }
 
 /// Node names with quotes and backslashes come out escaped, and the whole

@@ -176,7 +176,7 @@ impl NodeCounters {
         );
         registry.register(
             "signalbox_backend_connections",
-            "Backend connections by node and event: opened, connect_failed, broken (found dead before reuse), expired (idle or lifetime limit), discarded (not provably idle when given back).",
+            "Backend connections by node and event: opened, connect_failed, broken (found dead before reuse), expired (idle or lifetime limit), discarded (not provably idle when given back), retired (its pool replaced by a config reload).",
             self.connections.clone(),
         );
     }

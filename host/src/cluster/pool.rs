@@ -25,6 +25,8 @@ pub struct ConnEvents {
     pub expired: Counter,
     /// Closed when given back (not provably idle, or failed mid-exchange).
     pub discarded: Counter,
+    /// Closed because a config reload retired its pool.
+    pub retired: Counter,
 }
 
 impl ConnEvents {
@@ -42,6 +44,7 @@ impl ConnEvents {
             broken: get("broken"),
             expired: get("expired"),
             discarded: get("discarded"),
+            retired: get("retired"),
         }
     }
 }
@@ -283,7 +286,12 @@ impl Pools {
     /// come back, and no new checkouts (a config reload replaced them).
     pub fn close(&self) {
         let pools = self.pools.lock().unwrap_or_else(|p| p.into_inner());
-        for p in pools.values() {
+        for ((node, _, _), p) in pools.iter() {
+            // Idle ones close now, checked-out ones when they come back.
+            let open = p.status().size as u64;
+            if let Some(login) = self.nodes.get(*node as usize) {
+                login.events.retired.inc_by(open);
+            }
             p.close();
         }
     }

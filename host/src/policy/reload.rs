@@ -220,6 +220,11 @@ impl PolicyManager {
         &self.settings
     }
 
+    /// Whether a version is live (cheap: no reference taken).
+    pub fn has_active(&self) -> bool {
+        self.current.load().is_some()
+    }
+
     /// The live version, if any.
     pub fn active(&self) -> Option<Arc<LoadedPolicy>> {
         self.current.load_full()
