@@ -185,7 +185,15 @@ impl Reloader {
         }
         // Everything that can fail is done before anything is swapped.
         let base = new.base_dir();
-        let policy = if differs(&old.config.policy, &new.policy) {
+        // A changed [policy] that stays configured is a reconfiguration of
+        // the running manager (history, rollback target and key/value store
+        // kept); one added or removed needs a new manager.
+        let policy_changed = differs(&old.config.policy, &new.policy);
+        let reconfigure = match (&old.config.policy, &new.policy) {
+            (Some(_), Some(p)) if policy_changed => Some(p.settings(&base)),
+            _ => None,
+        };
+        let policy = if policy_changed && reconfigure.is_none() {
             let m = start_manager(new.policy.as_ref().map(|p| p.settings(&base)), "policy").await?;
             Some(m.unwrap_or_else(|| Arc::new(PolicyManager::empty(PolicySettings::new("")))))
         } else {
@@ -213,7 +221,8 @@ impl Reloader {
             None
         };
         let new = Arc::new(new);
-        self.swap_policies(&new, policy, shadow, trigger).await?;
+        self.swap_policies(&new, reconfigure, policy, shadow, trigger)
+            .await?;
         let cluster = match cluster {
             Some(c) => {
                 let handle = c.spawn_health();
@@ -238,57 +247,61 @@ impl Reloader {
 
     /// Install new policy managers (and their watchers). An unchanged
     /// `[policy]` still re-reads its file, as `POST /policy/reload` would
-    /// (a file refused before is tried again).
+    /// (a file refused before is tried again). Only the reconfiguration of
+    /// the running manager can fail here, and it comes first; a watcher
+    /// that cannot start is logged (the file is then reloaded only on
+    /// request), not a reason to reject what already validated.
     async fn swap_policies(
         &self,
         config: &Config,
+        reconfigure: Option<PolicySettings>,
         policy: Option<Arc<PolicyManager>>,
         shadow: Option<Option<Arc<PolicyManager>>>,
         trigger: &str,
     ) -> Result<(), String> {
-        if policy.is_none() {
-            let current = self.shared.router.policy();
-            let trigger = trigger.to_owned();
-            let _ = tokio::task::spawn_blocking(move || current.reload(&trigger)).await;
+        let current = self.shared.router.policy();
+        let t = trigger.to_owned();
+        if let Some(settings) = reconfigure {
+            let m = current.clone();
+            tokio::task::spawn_blocking(move || m.reconfigure(settings, &t))
+                .await
+                .map_err(|e| format!("policy: {e}"))?
+                .map_err(|e| format!("policy: {}: {}", e.stage.as_str(), e.message))?;
+            let on = config.policy.as_ref().is_some_and(|p| p.watch.enabled);
+            lock(&self.watchers).active = watch(&current, on);
+        } else if policy.is_none() {
+            let _ = tokio::task::spawn_blocking(move || current.reload(&t)).await;
         }
-        let watch = |m: &Arc<PolicyManager>, on: bool| -> Result<Option<Watcher>, String> {
-            if on {
-                m.watch()
-                    .map(Some)
-                    .map_err(|e| format!("watching the policy: {e}"))
-            } else {
-                Ok(None)
-            }
-        };
-        // Watchers first: they can fail, and nothing may change before.
-        let active = match &policy {
-            Some(m) => Some(watch(
-                m,
-                config.policy.as_ref().is_some_and(|p| p.watch.enabled),
-            )?),
-            None => None,
-        };
-        let shadowed = match &shadow {
-            Some(Some(m)) => Some(watch(
-                m,
-                config
-                    .shadow_policy
-                    .as_ref()
-                    .is_some_and(|p| p.watch.enabled),
-            )?),
-            Some(None) => Some(None),
-            None => None,
-        };
         let mut watchers = lock(&self.watchers);
-        if let (Some(m), Some(w)) = (policy, active) {
-            watchers.active = w;
+        if let Some(m) = policy {
+            let on = config.policy.as_ref().is_some_and(|p| p.watch.enabled);
+            watchers.active = watch(&m, on);
             self.shared.router.set_policy(m);
         }
-        if let (Some(s), Some(w)) = (shadow, shadowed) {
-            watchers.shadow = w;
+        if let Some(s) = shadow {
+            let on = config
+                .shadow_policy
+                .as_ref()
+                .is_some_and(|p| p.watch.enabled);
+            watchers.shadow = s.as_ref().and_then(|m| watch(m, on));
             self.shared.router.set_shadow(s);
         }
         Ok(())
+    }
+}
+
+/// A watcher for `manager`'s file when `on`; a failure to start one is
+/// logged (the file is then reloaded only on request).
+fn watch(manager: &Arc<PolicyManager>, on: bool) -> Option<Watcher> {
+    if !on {
+        return None;
+    }
+    match manager.watch() {
+        Ok(w) => Some(w),
+        Err(e) => {
+            tracing::error!(error = %e, path = %manager.settings().path.display(), "cannot watch the policy file; it is reloaded only on request (SIGHUP, POST /policy/reload)");
+            None
+        }
     }
 }
 

@@ -329,3 +329,65 @@ async fn a_rejected_policy_reload_is_named_in_status() {
     let rows = c.simple_query("SELECT 1").await.unwrap();
     assert!(!rows.is_empty());
 }
+
+/// Switching `[policy]` to another file by a config reload keeps the
+/// manager's record: the reload history goes on, the previous version is
+/// the rollback target, and a broken `[policy]` is refused whole.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_policy_switched_by_config_reload_keeps_history_and_rollback() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("signalbox.toml");
+    let section = |p: &Path| {
+        format!(
+            "[policy]\npath = {:?}\n[policy.watch]\nenabled = false\n",
+            p.display().to_string()
+        )
+    };
+    std::fs::write(&path, service::config_text(&section(&example("rw-split")))).unwrap();
+    let server = Server::start(Config::load(&path).unwrap()).await.unwrap();
+    let name = |s: &Server| {
+        s.policy()
+            .status()
+            .active
+            .map(|p| p.name)
+            .unwrap_or_default()
+    };
+    assert_eq!(name(&server), "rw-split");
+
+    std::fs::write(&path, service::config_text(&section(&example("lag-aware")))).unwrap();
+    let event = server.reloader.reload("test").await;
+    assert_eq!(event.result, "applied", "{event:?}");
+    let status = server.policy().status();
+    assert_eq!(name(&server), "lag-aware");
+    assert_eq!(
+        status.last_known_good.map(|p| p.name).as_deref(),
+        Some("rw-split")
+    );
+    let triggers: Vec<String> = status.history.iter().map(|e| e.trigger.clone()).collect();
+    assert_eq!(
+        triggers,
+        ["startup", "test"],
+        "one journal across the switch"
+    );
+    assert_eq!(status.reloads_ok, 2);
+
+    // A [policy] naming a file that is not a policy: refused whole.
+    let junk = dir.path().join("junk.wasm");
+    std::fs::write(&junk, b"not wasm").unwrap();
+    std::fs::write(&path, service::config_text(&section(&junk))).unwrap();
+    let event = server.reloader.reload("test").await;
+    assert_eq!(event.result, "rejected", "{event:?}");
+    assert!(
+        event.error.as_deref().unwrap_or("").starts_with("policy: "),
+        "{event:?}"
+    );
+    assert_eq!(name(&server), "lag-aware");
+
+    // The rollback target survived the switch.
+    let url = format!("http://{}/policy/rollback", server.admin_addr.unwrap());
+    let (code, body) = tokio::task::block_in_place(|| admin_call("POST", &url, None));
+    assert_eq!(code, 200, "{body}");
+    assert_eq!(name(&server), "rw-split");
+    let c = connect(server.addr.port(), "postgres").await;
+    assert!(!c.simple_query("SELECT 1").await.unwrap().is_empty());
+}

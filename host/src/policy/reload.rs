@@ -168,7 +168,8 @@ struct Journal {
 
 /// Owns the live policy. Cheap to call from any number of threads.
 pub struct PolicyManager {
-    settings: PolicySettings,
+    /// Replaced by [`PolicyManager::reconfigure`] (a config reload).
+    settings: arc_swap::ArcSwap<PolicySettings>,
     current: ArcSwapOption<LoadedPolicy>,
     last_good: Mutex<Option<Arc<LoadedPolicy>>>,
     journal: Mutex<Journal>,
@@ -204,7 +205,7 @@ impl PolicyManager {
     /// A manager with no live policy (built-in routing) until a reload succeeds.
     pub fn empty(settings: PolicySettings) -> Self {
         Self {
-            settings,
+            settings: arc_swap::ArcSwap::from_pointee(settings),
             current: ArcSwapOption::empty(),
             last_good: Mutex::new(None),
             journal: Mutex::default(),
@@ -216,8 +217,8 @@ impl PolicyManager {
         }
     }
 
-    pub fn settings(&self) -> &PolicySettings {
-        &self.settings
+    pub fn settings(&self) -> Arc<PolicySettings> {
+        self.settings.load_full()
     }
 
     /// Whether a version is live (cheap: no reference taken).
@@ -252,7 +253,7 @@ impl PolicyManager {
                 tracing::warn!(policy = %policy.info.name, error = %failure, "policy call failed; using fallback");
                 self.maybe_roll_back(policy);
                 PolicyOutcome {
-                    target: match self.settings.fallback {
+                    target: match self.settings.load().fallback {
                         Fallback::Builtin => Target::Default,
                         Fallback::Primary => Target::Primary,
                         Fallback::Reject => Target::Reject(
@@ -267,7 +268,8 @@ impl PolicyManager {
     }
 
     fn maybe_roll_back(&self, failing: &Arc<LoadedPolicy>) {
-        let rb = &self.settings.rollback;
+        let settings = self.settings.load();
+        let rb = &settings.rollback;
         if failing.age() > rb.window {
             return;
         }
@@ -315,7 +317,8 @@ impl PolicyManager {
     /// watch event about some other file, or a poll of an unchanged one,
     /// costs a `stat`, not a read and a hash.
     pub fn reload_if_changed(&self, trigger: &str) -> Option<ReloadEvent> {
-        let seen = FileStamp::of(&self.settings.path);
+        let settings = self.settings.load_full();
+        let seen = FileStamp::of(&settings.path);
         {
             let mut last = lock(&self.last_stamp);
             if seen.is_some() && *last == seen {
@@ -323,7 +326,7 @@ impl PolicyManager {
             }
             *last = seen;
         }
-        let bytes = std::fs::read(&self.settings.path).ok()?;
+        let bytes = std::fs::read(&settings.path).ok()?;
         let hash = sha256(&bytes);
         let current = self.current.load().as_ref().map(|p| p.info.sha256.clone());
         if current.as_deref() == Some(hash.as_str()) || lock(&self.refused).contains(&hash) {
@@ -334,7 +337,13 @@ impl PolicyManager {
 
     fn reload_inner(&self, trigger: &str, explicit: bool) -> ReloadEvent {
         let _serial = lock(&self.reload_lock);
-        let outcome = self.try_activate(explicit);
+        let settings = self.settings.load_full();
+        let outcome = self.try_activate(explicit, &settings);
+        self.record(trigger, outcome, &settings)
+    }
+
+    /// Journal and log one attempt's outcome.
+    fn record(&self, trigger: &str, outcome: Outcome, settings: &PolicySettings) -> ReloadEvent {
         if let Outcome::Rejected {
             sha256: Some(h), ..
         } = &outcome
@@ -345,25 +354,72 @@ impl PolicyManager {
         match &outcome {
             Outcome::Activated { sha256 } => {
                 journal.reloads_ok += 1;
-                tracing::info!(trigger, sha256, path = %self.settings.path.display(), "policy activated");
+                tracing::info!(trigger, sha256, path = %settings.path.display(), "policy activated");
             }
             Outcome::Rejected { stage, message, .. } => {
                 journal.reloads_failed += 1;
-                tracing::error!(trigger, stage = stage.as_str(), %message, path = %self.settings.path.display(), "policy candidate rejected; previous version keeps serving");
+                tracing::error!(trigger, stage = stage.as_str(), %message, path = %settings.path.display(), "policy candidate rejected; previous version keeps serving");
             }
             _ => {}
         }
         push(&mut journal, trigger, outcome).clone()
     }
 
-    fn try_activate(&self, explicit: bool) -> Outcome {
-        let bytes = match std::fs::read(&self.settings.path) {
+    /// A config reload changed `[policy]`: validate the file it names with
+    /// the new settings and, if it passes, make both live — keeping this
+    /// manager's journal, last known good version and key/value store.
+    /// On failure nothing changes and the rejection is journaled.
+    pub fn reconfigure(
+        &self,
+        settings: PolicySettings,
+        trigger: &str,
+    ) -> Result<ReloadEvent, LoadError> {
+        let _serial = lock(&self.reload_lock);
+        let outcome = match std::fs::read(&settings.path) {
+            Err(e) => Outcome::Rejected {
+                sha256: None,
+                stage: Stage::Read,
+                message: format!("{}: {e}", settings.path.display()),
+            },
+            Ok(bytes) => {
+                let hash = sha256(&bytes);
+                match self.validate(&bytes, &settings) {
+                    Err(e) => Outcome::Rejected {
+                        sha256: Some(hash),
+                        stage: e.stage,
+                        message: e.message,
+                    },
+                    Ok(candidate) => {
+                        *lock(&self.last_good) = self.current.load_full();
+                        self.current.store(Some(Arc::new(candidate)));
+                        *lock(&self.last_stamp) = None;
+                        lock(&self.refused).remove(&hash);
+                        Outcome::Activated { sha256: hash }
+                    }
+                }
+            }
+        };
+        if matches!(outcome, Outcome::Activated { .. }) {
+            self.settings.store(Arc::new(settings.clone()));
+        }
+        let event = self.record(trigger, outcome, &settings);
+        match &event.outcome {
+            Outcome::Rejected { stage, message, .. } => Err(LoadError {
+                stage: *stage,
+                message: message.clone(),
+            }),
+            _ => Ok(event),
+        }
+    }
+
+    fn try_activate(&self, explicit: bool, settings: &PolicySettings) -> Outcome {
+        let bytes = match std::fs::read(&settings.path) {
             Ok(b) => b,
             Err(e) => {
                 return Outcome::Rejected {
                     sha256: None,
                     stage: Stage::Read,
-                    message: format!("{}: {e}", self.settings.path.display()),
+                    message: format!("{}: {e}", settings.path.display()),
                 }
             }
         };
@@ -375,7 +431,7 @@ impl PolicyManager {
         if explicit {
             lock(&self.refused).remove(&hash);
         }
-        let candidate = match self.validate(&bytes) {
+        let candidate = match self.validate(&bytes, settings) {
             Ok(c) => c,
             Err(e) => {
                 return Outcome::Rejected {
@@ -427,14 +483,14 @@ impl PolicyManager {
     }
 
     /// Every stage but the swap.
-    fn validate(&self, bytes: &[u8]) -> Result<LoadedPolicy, LoadError> {
+    fn validate(&self, bytes: &[u8], settings: &PolicySettings) -> Result<LoadedPolicy, LoadError> {
         let spec = LoadSpec {
-            name: self.settings.name.clone(),
-            config_json: self.settings.config_json.clone(),
-            limits: self.settings.limits.clone(),
+            name: settings.name.clone(),
+            config_json: settings.config_json.clone(),
+            limits: settings.limits.clone(),
             // Validation never touches the live store.
             kv: Arc::default(),
-            path: Some(self.settings.path.clone()),
+            path: Some(settings.path.clone()),
             engine: super::engine::EngineKind::Service,
         };
         let mut candidate = LoadedPolicy::load(bytes, spec)?;
@@ -446,7 +502,7 @@ impl PolicyManager {
                 ));
             }
         }
-        if let Some(path) = fixtures::shipped_with(&self.settings.path) {
+        if let Some(path) = fixtures::shipped_with(&settings.path) {
             check_fixtures(&candidate, &path)?;
         }
         candidate.reset_for_live(self.kv.clone())?;
@@ -457,7 +513,7 @@ impl PolicyManager {
         let active = self.current.load_full();
         let journal = lock(&self.journal);
         PolicyStatus {
-            path: self.settings.path.clone(),
+            path: self.settings.load().path.clone(),
             active: active.as_ref().map(|p| p.info.clone()),
             active_stats: active.as_ref().map(|p| p.stats.snapshot()),
             last_known_good: lock(&self.last_good).as_ref().map(|p| p.info.clone()),
@@ -574,7 +630,8 @@ impl Watcher {
         // Watch the directory (not the file): editors replace files by rename
         // and Kubernetes swaps a `..data` symlink inside it. The grandparent is
         // watched too so that swapping a symlinked directory is seen.
-        let path = &manager.settings.path;
+        let settings = manager.settings();
+        let path = &settings.path;
         let dir = path
             .parent()
             .filter(|p| !p.as_os_str().is_empty())
@@ -608,7 +665,8 @@ impl Drop for Watcher {
 
 fn watch_loop(manager: &PolicyManager, rx: &mpsc::Receiver<WatchMsg>) {
     // Without a poll, only an event or stop wakes the thread.
-    let idle_wait = manager.settings.poll.unwrap_or(Duration::from_secs(3600));
+    let settings = manager.settings();
+    let idle_wait = settings.poll.unwrap_or(Duration::from_secs(3600));
     loop {
         match rx.recv_timeout(idle_wait) {
             Ok(WatchMsg::Stop) | Err(RecvTimeoutError::Disconnected) => return,
@@ -616,7 +674,7 @@ fn watch_loop(manager: &PolicyManager, rx: &mpsc::Receiver<WatchMsg>) {
                 // Debounce: wait until the directory has been quiet for a
                 // moment (a copy in progress, several renames in a row).
                 loop {
-                    match rx.recv_timeout(manager.settings.debounce) {
+                    match rx.recv_timeout(settings.debounce) {
                         Ok(WatchMsg::Event) => continue,
                         Ok(WatchMsg::Stop) | Err(RecvTimeoutError::Disconnected) => return,
                         Err(RecvTimeoutError::Timeout) => break,
