@@ -6,21 +6,13 @@
 
 use std::io::{BufRead, BufReader};
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use signalbox::local::{free_port, LocalCluster};
+use signalbox::local::free_port;
 
-fn pgbench(port: u16, args: &[&str]) -> Child {
-    Command::new("pgbench")
-        .args(["-h", "127.0.0.1", "-U", "postgres", "-p", &port.to_string()])
-        .args(args)
-        .arg("postgres")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("run pgbench (postgresql-contrib; `cargo xtask setup` installs it)")
-}
+mod common;
+use common::{bench_cluster, pgbench};
 
 fn curl(args: &[&str]) -> String {
     let out = Command::new("curl")
@@ -39,6 +31,17 @@ fn routed(admin: u16, node: &str) -> u64 {
         .find_map(|l| l.strip_prefix(&prefix))
         .and_then(|v| v.trim().parse().ok())
         .unwrap_or(0)
+}
+
+/// `POST /config/reload`: the body, then a line with the HTTP status.
+fn post_reload(admin: u16) -> String {
+    curl(&[
+        "-X",
+        "POST",
+        "-w",
+        "\n%{http_code}",
+        &format!("http://127.0.0.1:{admin}/config/reload"),
+    ])
 }
 
 fn status(admin: u16) -> serde_json::Value {
@@ -82,16 +85,7 @@ fn write(path: &Path, text: &str) {
 
 #[test]
 fn sighup_adds_a_replica_under_load_and_invalid_files_change_nothing() {
-    let cluster = LocalCluster::start(3).expect("start a PostgreSQL cluster");
-    let init = pgbench(cluster.primary.port, &["-i", "-q", "-s", "1"])
-        .wait_with_output()
-        .unwrap();
-    assert!(
-        init.status.success(),
-        "{}",
-        String::from_utf8_lossy(&init.stderr)
-    );
-    cluster.wait_replayed().unwrap();
+    let cluster = bench_cluster(3);
 
     let all = cluster.nodes_toml();
     // The same text without the last replica's [[nodes]] entry.
@@ -185,13 +179,7 @@ fn sighup_adds_a_replica_under_load_and_invalid_files_change_nothing() {
 
     // 3. The API with a key that needs a restart: 422, nothing applied.
     write(&path, &config_text(free_port(), admin, &all, ""));
-    let answer = curl(&[
-        "-X",
-        "POST",
-        "-w",
-        "\n%{http_code}",
-        &format!("http://127.0.0.1:{admin}/config/reload"),
-    ]);
+    let answer = post_reload(admin);
     assert!(answer.ends_with("422"), "{answer}");
     assert!(
         answer.contains("listen") && answer.contains("restart"),
@@ -218,13 +206,7 @@ fn sighup_adds_a_replica_under_load_and_invalid_files_change_nothing() {
     );
     assert_ne!(no_primary, all);
     write(&path, &config_text(port, admin, &no_primary, ""));
-    let answer = curl(&[
-        "-X",
-        "POST",
-        "-w",
-        "\n%{http_code}",
-        &format!("http://127.0.0.1:{admin}/config/reload"),
-    ]);
+    let answer = post_reload(admin);
     assert!(
         answer.ends_with("422") && answer.contains("writable primary"),
         "{answer}"
@@ -241,13 +223,7 @@ fn sighup_adds_a_replica_under_load_and_invalid_files_change_nothing() {
     );
     assert_ne!(without, all);
     write(&path, &config_text(port, admin, &without, ""));
-    let answer = curl(&[
-        "-X",
-        "POST",
-        "-w",
-        "\n%{http_code}",
-        &format!("http://127.0.0.1:{admin}/config/reload"),
-    ]);
+    let answer = post_reload(admin);
     assert!(
         answer.ends_with("200") && answer.contains("node replica-1 removed"),
         "{answer}"
@@ -303,16 +279,7 @@ fn sighup_adds_a_replica_under_load_and_invalid_files_change_nothing() {
 /// no transaction fails.
 #[test]
 fn reloads_while_clients_wait_for_connections_fail_no_transaction() {
-    let cluster = LocalCluster::start(1).expect("start a PostgreSQL cluster");
-    let init = pgbench(cluster.primary.port, &["-i", "-q", "-s", "1"])
-        .wait_with_output()
-        .unwrap();
-    assert!(
-        init.status.success(),
-        "{}",
-        String::from_utf8_lossy(&init.stderr)
-    );
-    cluster.wait_replayed().unwrap();
+    let cluster = bench_cluster(1);
     let (port, admin) = (free_port(), free_port());
     let path = cluster.dir.path().join("signalbox.toml");
     let nodes = cluster.nodes_toml();
@@ -335,13 +302,7 @@ fn reloads_while_clients_wait_for_connections_fail_no_transaction() {
     for i in 0..12u32 {
         std::thread::sleep(Duration::from_millis(500));
         write(&path, &sized(1 + i % 2));
-        let answer = curl(&[
-            "-X",
-            "POST",
-            "-w",
-            "\n%{http_code}",
-            &format!("http://127.0.0.1:{admin}/config/reload"),
-        ]);
+        let answer = post_reload(admin);
         assert!(answer.ends_with("200"), "{answer}");
     }
     for (name, bench) in [("-S", reads), ("tpcb", writes)] {

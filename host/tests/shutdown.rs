@@ -6,35 +6,18 @@ use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use signalbox::local::{free_port, LocalCluster};
+use signalbox::local::free_port;
+
+mod common;
+use common::{bench_cluster, pgbench};
 
 /// The command numbers of pgbench's built-in tpcb-like script: 0-3 are
 /// `\set`, 4 is `BEGIN`, 5-9 the statements, 10 `END`.
 const BEGIN_COMMAND: u32 = 4;
 
-fn pgbench(port: u16, args: &[&str]) -> std::process::Child {
-    Command::new("pgbench")
-        .args(["-h", "127.0.0.1", "-U", "postgres", "-p", &port.to_string()])
-        .args(args)
-        .arg("postgres")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("run pgbench (postgresql-contrib; `cargo xtask setup` installs it)")
-}
-
 #[test]
 fn sigterm_during_pgbench_cuts_no_transaction() {
-    let cluster = LocalCluster::start(1).expect("start a PostgreSQL cluster");
-    let init = pgbench(cluster.primary.port, &["-i", "-q", "-s", "1"])
-        .wait_with_output()
-        .unwrap();
-    assert!(
-        init.status.success(),
-        "{}",
-        String::from_utf8_lossy(&init.stderr)
-    );
-    cluster.wait_replayed().unwrap();
+    let cluster = bench_cluster(1);
 
     let port = free_port();
     let config = cluster.dir.path().join("signalbox.toml");
