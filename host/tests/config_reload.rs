@@ -4,7 +4,6 @@
 //! `POST /config/reload`) change nothing and are reported. The sampled
 //! decision log is checked on the same run.
 
-use std::io::{BufRead, BufReader};
 use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -12,7 +11,7 @@ use std::time::{Duration, Instant};
 use signalbox::local::free_port;
 
 mod common;
-use common::{bench_cluster, pgbench};
+use common::{bench_cluster, pgbench, serve};
 
 fn curl(args: &[&str]) -> String {
     let out = Command::new("curl")
@@ -95,19 +94,10 @@ fn sighup_adds_a_replica_under_load_and_invalid_files_change_nothing() {
     let path = cluster.dir.path().join("signalbox.toml");
     let log = cluster.dir.path().join("signalbox.log");
     write(&path, &config_text(port, admin, two, ""));
-    let mut sb = Command::new(env!("CARGO_BIN_EXE_signalbox"))
-        .args(["serve", "--config"])
-        .arg(&path)
-        .env("SIGNALBOX_LOG", "info,sqlx=warn,signalbox::decision=debug")
-        .stdout(Stdio::piped())
-        .stderr(std::fs::File::create(&log).unwrap())
-        .spawn()
-        .expect("run signalbox");
-    let mut line = String::new();
-    BufReader::new(sb.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
-    assert!(line.contains("listening"), "{line}");
+    let mut sb = serve(
+        &path,
+        Some((&log, "info,sqlx=warn,signalbox::decision=debug")),
+    );
 
     let bench = pgbench(port, &["-n", "-S", "-c", "4", "-j", "2", "-T", "14"]);
     std::thread::sleep(Duration::from_secs(2));
@@ -285,18 +275,7 @@ fn reloads_while_clients_wait_for_connections_fail_no_transaction() {
     let nodes = cluster.nodes_toml();
     let sized = |n: u32| config_text(port, admin, &nodes, &format!("[pool]\nsize = {n}\n"));
     write(&path, &sized(1));
-    let mut sb = Command::new(env!("CARGO_BIN_EXE_signalbox"))
-        .args(["serve", "--config"])
-        .arg(&path)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("run signalbox");
-    let mut line = String::new();
-    BufReader::new(sb.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
-    assert!(line.contains("listening"), "{line}");
+    let mut sb = serve(&path, None);
     let reads = pgbench(port, &["-n", "-S", "-c", "8", "-j", "2", "-T", "8"]);
     let writes = pgbench(port, &["-n", "-c", "8", "-j", "2", "-T", "8"]);
     for i in 0..12u32 {

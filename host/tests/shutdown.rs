@@ -2,14 +2,13 @@
 //! through it: no transaction is cut in the middle, every transaction
 //! pgbench saw commit is in the database, and the process exits cleanly.
 
-use std::io::{BufRead, BufReader};
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use signalbox::local::free_port;
 
 mod common;
-use common::{bench_cluster, pgbench};
+use common::{bench_cluster, pgbench, serve};
 
 /// The command numbers of pgbench's built-in tpcb-like script: 0-3 are
 /// `\set`, 4 is `BEGIN`, 5-9 the statements, 10 `END`.
@@ -29,18 +28,7 @@ fn sigterm_during_pgbench_cuts_no_transaction() {
         ),
     )
     .unwrap();
-    let mut sb = Command::new(env!("CARGO_BIN_EXE_signalbox"))
-        .args(["serve", "--config"])
-        .arg(&config)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("run signalbox");
-    let mut line = String::new();
-    BufReader::new(sb.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
-    assert!(line.contains("listening"), "{line}");
+    let mut sb = serve(&config, None);
 
     let bench = pgbench(
         port,

@@ -34,3 +34,32 @@ pub fn bench_cluster(replicas: usize) -> LocalCluster {
         .expect("replicas replay pgbench's tables");
     cluster
 }
+
+/// `signalbox serve --config path`, returned once it listens. `log`: where
+/// its stderr goes (none: discarded), with `SIGNALBOX_LOG` set to `filter`.
+pub fn serve(path: &std::path::Path, log: Option<(&std::path::Path, &str)>) -> Child {
+    use std::io::{BufRead, BufReader};
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_signalbox"));
+    cmd.args(["serve", "--config"])
+        .arg(path)
+        .stdout(Stdio::piped());
+    match log {
+        Some((file, filter)) => {
+            let f = std::fs::File::create(file).expect("create the log file");
+            cmd.env("SIGNALBOX_LOG", filter).stderr(f);
+        }
+        None => {
+            cmd.stderr(Stdio::null());
+        }
+    }
+    let mut sb = cmd.spawn().expect("run signalbox");
+    let mut line = String::new();
+    if let Some(out) = sb.stdout.take() {
+        let _ = BufReader::new(out).read_line(&mut line);
+    }
+    assert!(
+        line.contains("listening"),
+        "signalbox did not start: {line}"
+    );
+    sb
+}
