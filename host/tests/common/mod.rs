@@ -35,9 +35,33 @@ pub fn bench_cluster(replicas: usize) -> LocalCluster {
     cluster
 }
 
+/// A running `signalbox serve`, killed when dropped, so a failing test
+/// leaves no server behind.
+pub struct Served(pub Child);
+
+impl Drop for Served {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+impl std::ops::Deref for Served {
+    type Target = Child;
+    fn deref(&self) -> &Child {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for Served {
+    fn deref_mut(&mut self) -> &mut Child {
+        &mut self.0
+    }
+}
+
 /// `signalbox serve --config path`, returned once it listens. `log`: where
 /// its stderr goes (none: discarded), with `SIGNALBOX_LOG` set to `filter`.
-pub fn serve(path: &std::path::Path, log: Option<(&std::path::Path, &str)>) -> Child {
+pub fn serve(path: &std::path::Path, log: Option<(&std::path::Path, &str)>) -> Served {
     use std::io::{BufRead, BufReader};
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_signalbox"));
     cmd.args(["serve", "--config"])
@@ -52,9 +76,9 @@ pub fn serve(path: &std::path::Path, log: Option<(&std::path::Path, &str)>) -> C
             cmd.stderr(Stdio::null());
         }
     }
-    let mut sb = cmd.spawn().expect("run signalbox");
+    let mut sb = Served(cmd.spawn().expect("run signalbox"));
     let mut line = String::new();
-    if let Some(out) = sb.stdout.take() {
+    if let Some(out) = sb.0.stdout.take() {
         let _ = BufReader::new(out).read_line(&mut line);
     }
     assert!(
