@@ -284,7 +284,13 @@ async fn rollback(State(s): State<AppState>) -> Response {
 /// Read the config file again: 200 with what changed, or 422 with why the
 /// whole file was rejected (nothing applied).
 async fn config_reload(State(s): State<AppState>) -> Response {
-    let event = s.reloader.reload("api").await;
+    // In a task of its own: a client that hangs up must not cancel a reload
+    // half way (a policy swapped, the cluster not, nothing journaled).
+    let reloader = s.reloader.clone();
+    let event = match tokio::spawn(async move { reloader.reload("api").await }).await {
+        Ok(event) => event,
+        Err(e) => return (StatusCode::INTERNAL_SERVER_ERROR, e.to_string()).into_response(),
+    };
     let code = if event.error.is_some() {
         StatusCode::UNPROCESSABLE_ENTITY
     } else {
