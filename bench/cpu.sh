@@ -2,8 +2,10 @@
 # CPU cost per transaction, side by side in one run, rounds interleaved:
 # signalbox (rw-split over two replicas, each client session kept on one;
 # `signalbox-rr`: the same with `spread = "statement"`, round-robin per
-# statement; `signalbox-1w`: the default with one worker thread), PgBouncer (transaction mode; session
-# mode for -M prepared, which it cannot serve in transaction mode) and
+# statement; `signalbox-1w`: the default with one worker thread;
+# `signalbox-percore`: thread-per-core emulated by two one-worker
+# processes), PgBouncer (transaction mode; session mode for -M prepared,
+# which it cannot serve in transaction mode) and
 # Pgpool-II (read load balancing), against the same cluster, plus a direct
 # connection to the primary. For each run it prints, per transaction:
 #
@@ -14,17 +16,19 @@
 #                cluster + pgbench itself
 #   tps, ratio   throughput and its ratio to direct in the same round
 #
-# then single-client latency (-S, -c 1), and idle CPU and RSS of signalbox
-# and PgBouncer holding 0 / 1,000 / 5,000 idle clients.
+# then single-client latency (-S, -c 1), idle CPU and RSS of signalbox
+# and PgBouncer holding 0 / 1,000 / 5,000 idle clients, and RSS after each
+# of CYCLES (5) rounds of 2,000 clients connecting and leaving.
 #
 #   bench/cpu.sh                      # ROUNDS=3 DURATION=10 CLIENTS=8
 #   MODES="select-simple tpcb-simple" bench/cpu.sh
 #   BASELINE=/path/to/older/signalbox bench/cpu.sh   # adds `signalbox-base`:
 #                                     # that binary with the demo's config
 #   TARGETS="direct signalbox signalbox-base pgbouncer" SKIP_IDLE=1 bench/cpu.sh
+#   MODES= bench/cpu.sh               # idle and connect cycles only
 set -euo pipefail
 source "$(dirname "$0")/setup.sh"
-MODES=${MODES:-select-simple select-extended select-prepared tpcb-simple}
+MODES=${MODES-select-simple select-extended select-prepared tpcb-simple}
 IDLE_SECONDS=${IDLE_SECONDS:-10}
 TCK=$(getconf CLK_TCK)
 
@@ -80,6 +84,22 @@ grep -v '^workers = ' "$CLUSTER_DIR/signalbox.toml" |
 ONE_PID=$!
 PIDS+=("$ONE_PID")
 wait_port "$ONE_PORT"
+# Thread-per-core, emulated (`signalbox-percore`): two processes with one
+# worker each, each serving half the clients with pools and backend
+# connections of its own: no session, socket or pool is shared between the
+# threads, so no wake-up crosses them. What a thread-per-core runtime would
+# cost at best, measured before building one.
+PC_PORT=$((SB_PORT + 50))
+PC_PIDS=()
+for i in 0 1; do
+  port=$((PC_PORT + 10 * i))
+  sed -E -e "s/^listen = .*/listen = \"127.0.0.1:$port\"/" \
+    -e "s/^admin_listen = .*/admin_listen = \"127.0.0.1:$((port + 1))\"/" "$WORK/one.toml" >"$WORK/percore-$i.toml"
+  ./target/release/signalbox serve --config "$WORK/percore-$i.toml" >"$WORK/percore-$i.log" 2>&1 &
+  PC_PIDS+=($!)
+  PIDS+=($!)
+  wait_port "$port"
+done
 # An older build with the demo's configuration (`signalbox-base`), to
 # compare two versions side by side in one run.
 BASE_PORT=$((SB_PORT + 40))
@@ -110,6 +130,7 @@ proxy_pids() { # proxy_pids TARGET
     signalbox-rr) echo "$STICKY_PID" ;;
     signalbox-1w) echo "$ONE_PID" ;;
     signalbox-base) echo "$BASE_PID" ;;
+    signalbox-percore) printf '%s\n' "${PC_PIDS[@]}" ;;
     pgbouncer-tx) pidfile "$WORK/pgbouncer-transaction.pid" ;;
     pgbouncer-session) pidfile "$WORK/pgbouncer-session.pid" ;;
     pgpool) tree "$(pidfile "$WORK/pgpool.pid")" ;;
@@ -122,6 +143,7 @@ port_of() {
     signalbox-rr) echo "$STICKY_PORT" ;;
     signalbox-1w) echo "$ONE_PORT" ;;
     signalbox-base) echo "$BASE_PORT" ;;
+    signalbox-percore) echo "$PC_PORT,$((PC_PORT + 10))" ;;
     pgbouncer-tx) echo "$PGB_TX_PORT" ;;
     pgbouncer-session) echo "$PGB_SESSION_PORT" ;;
     pgpool) echo "$PGPOOL_PORT" ;;
@@ -150,15 +172,26 @@ run() {
     perf_pid=$!
     sleep 0.2
   fi
-  # pgbench's own CPU comes from getrusage of the child.
+  # pgbench's own CPU comes from getrusage of the children. Several ports
+  # (signalbox-percore) split the clients between them, one pgbench each,
+  # and add up what they did.
   out=$(python3 - "$port" $(pgbench_args "$mode") <<EOF
-import resource, subprocess, sys
-port, args = sys.argv[1], sys.argv[2:]
-cmd = ["pgbench", "-n", *args, "-c", "$CLIENTS", "-j", "$JOBS", "-T", "$DURATION",
-       "-h", "127.0.0.1", "-p", port, "-U", "postgres", "postgres"]
-p = subprocess.run(cmd, capture_output=True, text=True)
+import re, resource, subprocess, sys
+ports, args = sys.argv[1].split(","), sys.argv[2:]
+n = len(ports)
+runs = [subprocess.Popen(["pgbench", "-n", *args, "-c", str($CLIENTS // n), "-j", str(max(1, $JOBS // n)),
+                          "-T", "$DURATION", "-h", "127.0.0.1", "-p", port, "-U", "postgres", "postgres"],
+                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for port in ports]
+outs = [p.communicate()[0] for p in runs]
 r = resource.getrusage(resource.RUSAGE_CHILDREN)
-print(p.stdout + p.stderr)
+if n == 1:
+    print(outs[0])
+else:
+    def total(pattern):
+        found = [re.search(pattern, o, re.M) for o in outs]
+        return sum(float(m.group(1)) for m in found) if all(found) else 0
+    print("number of transactions actually processed: %d" % total(r"^number of transactions actually processed: ([0-9]+)"))
+    print("tps = %f" % total(r"^tps = ([0-9.]+)"))
 print("pgbench_cpu_s", r.ru_utime + r.ru_stime)
 EOF
 )
@@ -189,8 +222,8 @@ targets_for() { # the targets that can run MODE (TARGETS narrows them;
   # `pgbouncer` there means the instance that can serve MODE)
   local all
   case $1 in
-    select-prepared) all="direct signalbox signalbox-rr signalbox-1w pgbouncer-session pgpool" ;;
-    *) all="direct signalbox signalbox-rr signalbox-1w pgbouncer-tx pgpool" ;;
+    select-prepared) all="direct signalbox signalbox-rr signalbox-1w signalbox-percore pgbouncer-session pgpool" ;;
+    *) all="direct signalbox signalbox-rr signalbox-1w signalbox-percore pgbouncer-tx pgpool" ;;
   esac
   [ -n "${BASELINE:-}" ] && all="$all signalbox-base"
   local t
@@ -229,9 +262,9 @@ for mode in $MODES; do
 done
 
 echo
-echo "Single client (-S, -c 1, simple), mean latency:"
-for target in $(targets_for select-simple); do
-  lat=$(pgbench -n -S -c 1 -T "$DURATION" -h 127.0.0.1 -p "$(port_of "$target")" -U postgres postgres 2>&1 |
+[ -n "$MODES" ] && echo "Single client (-S, -c 1, simple), mean latency:"
+[ -n "$MODES" ] && for target in $(targets_for select-simple); do
+  lat=$(pgbench -n -S -c 1 -T "$DURATION" -h 127.0.0.1 -p "$(port_of "$target" | cut -d, -f1)" -U postgres postgres 2>&1 |
     sed -nE 's/^latency average = ([0-9.]+) ms/\1/p')
   printf '  %-18s %s ms\n' "$target" "${lat:-FAILED}"
 done
@@ -299,4 +332,25 @@ for n in 0 1000 5000; do
     idle_measure "$target, $n idle clients" "$pid"
     if [ "$n" -gt 0 ]; then exec {hold}>&-; sleep 2; fi
   done
+done
+
+# Connect cycles: RSS after each round of 2,000 clients that log in and
+# leave. Growth that levels off is the allocator keeping freed memory;
+# growth that goes on is a leak.
+echo
+echo "RSS after each of ${CYCLES:=5} rounds of 2,000 clients connecting and leaving:"
+for target in $IDLE_TARGETS; do
+  case $target in
+    signalbox) port=$IDLE_PORT pid=$IDLE_PID ;;
+    signalbox-base) port=$IDLE_BASE_PORT pid=$IDLE_BASE_PID ;;
+    *) port=$PGB_TX_PORT pid=$(pidfile "$WORK/pgbouncer-transaction.pid") ;;
+  esac
+  line=""
+  for _ in $(seq 1 "$CYCLES"); do
+    python3 bench/idle_clients.py "$port" 2000 </dev/null >"$WORK/hold.out" 2>&1 || true
+    grep -q ready "$WORK/hold.out" || { line="$line failed: $(tail -1 "$WORK/hold.out")"; break; }
+    sleep 2
+    line="$line $(awk '/VmRSS/ {printf "%.1f", $2 / 1024}' "/proc/$pid/status")"
+  done
+  printf '  %-18s%s MiB\n' "$target" "$line"
 done

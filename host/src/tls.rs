@@ -5,10 +5,12 @@
 
 use std::path::Path;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
 use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::TcpStream;
 use tokio_rustls::rustls::client::danger::{
     HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier,
 };
@@ -19,8 +21,31 @@ use tokio_rustls::rustls::{
 pub use tokio_rustls::{TlsAcceptor, TlsConnector};
 
 /// Any byte stream a session or backend connection can run over.
-pub trait Stream: AsyncRead + AsyncWrite + Send + Unpin {}
-impl<T: AsyncRead + AsyncWrite + Send + Unpin> Stream for T {}
+pub trait Stream: AsyncRead + AsyncWrite + Send + Unpin {
+    /// Ready when a read would not block, without reading: an idle client
+    /// is waited on with no read buffer. Streams that cannot tell (TLS,
+    /// which may hold decrypted bytes) are always ready, and the caller
+    /// then waits in a read, with its buffer.
+    fn poll_read_ready(&mut self, _cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+    /// [`Stream::poll_read_ready`] really waits: a read that would block
+    /// can give its buffer back and wait there.
+    fn waits_unbuffered(&self) -> bool {
+        false
+    }
+}
+impl Stream for TcpStream {
+    fn poll_read_ready(&mut self, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        TcpStream::poll_read_ready(self, cx)
+    }
+    fn waits_unbuffered(&self) -> bool {
+        true
+    }
+}
+impl Stream for tokio_rustls::server::TlsStream<BoxStream> {}
+impl Stream for tokio_rustls::client::TlsStream<TcpStream> {}
+impl Stream for tokio::io::DuplexStream {}
 pub type BoxStream = Box<dyn Stream>;
 
 #[derive(Debug, thiserror::Error)]

@@ -122,8 +122,10 @@ async fn psql_sessions_work_as_with_postgres() {
     );
     assert!(ok && out.contains("NOTICE:  hello 42"), "{out}");
 
-    // COPY FROM STDIN and TO STDOUT.
-    let script = "COPY psql_t FROM STDIN;\n1\tada\n2\tgrace\n\\.\nCOPY (SELECT * FROM psql_t ORDER BY id) TO STDOUT;\n";
+    // COPY FROM STDIN and TO STDOUT, in one transaction: outside one, the
+    // read may run on a replica that has not replayed the write yet (no
+    // read-your-writes here), which failed this test under load.
+    let script = "BEGIN;\nCOPY psql_t FROM STDIN;\n1\tada\n2\tgrace\n\\.\nCOPY (SELECT * FROM psql_t ORDER BY id) TO STDOUT;\nCOMMIT;\n";
     let (ok, out) = psql(p, "postgres", &["-At", "-f", "-"], Some(script));
     assert!(ok, "{out}");
     assert!(out.contains("COPY 2") || out.contains("1\tada"), "{out}");

@@ -6,9 +6,10 @@
 //! know when the exchange is complete.
 
 use std::collections::VecDeque;
+use std::task::Poll;
 
 use bytes::BytesMut;
-use tokio::io::{AsyncWriteExt, ReadHalf, WriteHalf};
+use tokio::io::AsyncWriteExt;
 
 use crate::tls::BoxStream;
 
@@ -65,10 +66,10 @@ pub enum RelayError {
     Terminated(Frame),
 }
 
-/// The client's socket halves and buffers.
+/// The client's socket and buffers. One task reads and writes it in turn,
+/// so the stream is not split (a split stream takes a lock on every call).
 pub struct ClientIo {
-    pub read: ReadHalf<BoxStream>,
-    pub write: WriteHalf<BoxStream>,
+    pub stream: BoxStream,
     pub rbuf: BytesMut,
     pub out: BytesMut,
     /// Bytes written to the client so far: tells whether a failed exchange
@@ -143,7 +144,7 @@ impl ClientLimits {
 impl ClientIo {
     pub async fn flush(&mut self) -> Result<(), WireError> {
         if !self.out.is_empty() {
-            self.write.write_all(&self.out).await?;
+            self.stream.write_all(&self.out).await?;
             self.sent += self.out.len() as u64;
             self.out.clear();
         }
@@ -166,6 +167,34 @@ impl ClientIo {
         }
         self.reserved = len;
         Ok(())
+    }
+
+    /// Read the first bytes of the client's next message, holding no
+    /// buffers while there are none: an idle session keeps only its state,
+    /// not 8 KiB to read into and what its last answer grew the output
+    /// buffer to. Busy clients pay one allocation per message for it.
+    async fn read_idle(&mut self) -> std::io::Result<usize> {
+        use std::future::Future;
+        use tokio::io::AsyncReadExt;
+        if self.out.is_empty() {
+            self.out = BytesMut::new();
+        }
+        let n = std::future::poll_fn(|cx| loop {
+            self.rbuf = BytesMut::new();
+            std::task::ready!(self.stream.poll_read_ready(cx))?;
+            // Readiness can be stale (the last read emptied the socket
+            // without hearing so): only a read that would block proves the
+            // client idle, and then the buffer goes again.
+            self.rbuf.reserve(8 * 1024);
+            let read = std::pin::pin!(self.stream.read_buf(&mut self.rbuf));
+            match read.poll(cx) {
+                Poll::Pending if self.stream.waits_unbuffered() => continue,
+                other => return other,
+            }
+        })
+        .await?;
+        self.out.reserve(8 * 1024);
+        Ok(n)
     }
 
     /// Something was shown to the client since `mark`.
@@ -191,12 +220,11 @@ impl ClientIo {
                 return Ok(f);
             }
             self.reserve_for_message()?;
-            let started = !self.rbuf.is_empty();
-            self.rbuf.reserve(8 * 1024);
-            let read = self.read.read_buf(&mut self.rbuf);
-            let n = if !started {
-                read.await?
+            let n = if self.rbuf.is_empty() {
+                self.read_idle().await?
             } else {
+                self.rbuf.reserve(8 * 1024);
+                let read = self.stream.read_buf(&mut self.rbuf);
                 tokio::time::timeout(self.limits.message_timeout, read)
                     .await
                     .map_err(|_| {
@@ -278,7 +306,7 @@ async fn wait_server(conn: &mut BackendConn, client: &mut ClientIo) -> Result<()
             // The server first: when it has data, the client costs nothing.
             biased;
             r = conn.fill() => return r.map_err(RelayError::Backend),
-            r = client.read.read_buf(&mut client.rbuf), if watch => match r {
+            r = client.stream.read_buf(&mut client.rbuf), if watch => match r {
                 Ok(0) => return Err(RelayError::Client(WireError::Closed)),
                 Ok(_) => {}
                 Err(e) => return Err(RelayError::Client(e.into())),
@@ -416,6 +444,58 @@ async fn pump_copy_in(conn: &mut BackendConn, client: &mut ClientIo) -> Result<(
 mod tests {
     use super::*;
     use bytes::Bytes;
+
+    /// A session waiting for its client's next message holds no read or
+    /// output buffer (thousands of idle clients cost only their state), and
+    /// still reads what arrives next, whole.
+    #[tokio::test]
+    async fn an_idle_client_holds_no_buffers() -> anyhow::Result<()> {
+        use tokio::io::AsyncWriteExt;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let mut peer = tokio::net::TcpStream::connect(listener.local_addr()?).await?;
+        let (server, _) = listener.accept().await?;
+        let mut client = ClientIo {
+            stream: Box::new(server),
+            rbuf: BytesMut::new(),
+            out: BytesMut::with_capacity(4096),
+            sent: 0,
+            limits: ClientLimits {
+                max_message: 1 << 20,
+                message_timeout: std::time::Duration::from_secs(5),
+                budget: std::sync::Arc::new(MessageBudget::new(1 << 20)),
+            },
+            reserved: 0,
+            pid_alias: None,
+        };
+        let query = |sql: &str| {
+            let mut m = vec![b'Q'];
+            m.extend_from_slice(&(sql.len() as i32 + 5).to_be_bytes());
+            m.extend_from_slice(sql.as_bytes());
+            m.push(0);
+            m
+        };
+        peer.write_all(&query("SELECT 1")).await?;
+        let first = client.next().await?;
+        assert_eq!(&first.body[..], b"SELECT 1\0");
+        drop(first);
+        client.out.extend_from_slice(b"an answer");
+        client.flush().await?;
+        // Idle: the wait for the next message times out.
+        let waited =
+            tokio::time::timeout(std::time::Duration::from_millis(100), client.next()).await;
+        assert!(waited.is_err(), "nothing was sent, nothing can be read");
+        assert_eq!(client.rbuf.capacity(), 0, "read buffer held while idle");
+        assert_eq!(client.out.capacity(), 0, "output buffer held while idle");
+        // Two messages in one write, the second split across writes.
+        let mut more = query("SELECT 2");
+        let third = query("SELECT 3");
+        more.extend_from_slice(&third[..4]);
+        peer.write_all(&more).await?;
+        assert_eq!(&client.next().await?.body[..], b"SELECT 2\0");
+        peer.write_all(&third[4..]).await?;
+        assert_eq!(&client.next().await?.body[..], b"SELECT 3\0");
+        Ok(())
+    }
 
     fn frame(tag: u8, body: &[u8]) -> Frame {
         Frame {

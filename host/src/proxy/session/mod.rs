@@ -149,12 +149,10 @@ impl Session {
             login_deadline,
         } = accepted;
         let live = shared.live();
-        let (read, write) = tokio::io::split(stream);
         let client = ClientIo {
-            read,
-            write,
-            rbuf: BytesMut::with_capacity(8 * 1024),
-            out: BytesMut::with_capacity(16 * 1024),
+            stream,
+            rbuf: BytesMut::new(),
+            out: BytesMut::with_capacity(4 * 1024),
             sent: 0,
             limits: super::relay::ClientLimits::from_config(
                 &live.config.clients,
@@ -269,7 +267,7 @@ impl Session {
     }
 
     async fn serve(&mut self, login_deadline: tokio::time::Instant) -> Result<(), SessionError> {
-        match tokio::time::timeout_at(login_deadline, self.startup()).await {
+        match tokio::time::timeout_at(login_deadline, Box::pin(self.startup())).await {
             Ok(r) => r?,
             Err(_) => {
                 self.fatal("08P01", "canceling authentication due to timeout")
@@ -277,8 +275,10 @@ impl Session {
                 return Ok(());
             }
         }
-        self.load_catalog().await;
+        Box::pin(self.load_catalog()).await;
         let mut shutdown = self.shared.shutdown.subscribe();
+        // The statement paths are boxed: the future of an idle session
+        // then holds only this loop's state, not the largest of theirs.
         loop {
             // Between transactions, a shutdown ends the session the way
             // PostgreSQL's own shutdown does; inside one, it waits. A held
@@ -289,7 +289,7 @@ impl Session {
             // What the held connection sent along with its last answer
             // (a notification of the client's own NOTIFY) goes out first.
             if self.lease.as_mut().is_some_and(|l| l.conn().has_buffered()) {
-                self.backend_spoke(Ok(())).await?;
+                Box::pin(self.backend_spoke(Ok(()))).await?;
             }
             let wake = {
                 let held = self.lease.as_mut().map(Lease::conn);
@@ -317,7 +317,7 @@ impl Session {
                     return Ok(());
                 }
                 Wake::Backend(r) => {
-                    self.backend_spoke(r).await?;
+                    Box::pin(self.backend_spoke(r)).await?;
                     continue;
                 }
             };
@@ -351,7 +351,7 @@ impl Session {
                     // The bytes go through untouched (the server reads them
                     // in the client encoding); the classifier reads UTF-8.
                     let (sql, readable) = self.readable(msg.query_text());
-                    self.simple_query(&msg.frame, &sql, readable).await?
+                    Box::pin(self.simple_query(&msg.frame, &sql, readable)).await?
                 }
                 Kind::Parse { .. }
                 | Kind::Bind { .. }
@@ -370,7 +370,7 @@ impl Session {
                 }
                 Kind::Flush | Kind::Sync => {
                     self.batch.push(msg);
-                    self.run_batch().await?;
+                    Box::pin(self.run_batch()).await?;
                 }
                 Kind::Terminate => return Ok(()),
                 // CopyData/Done/Fail outside COPY are ignored, like PostgreSQL does.
