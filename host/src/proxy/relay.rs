@@ -172,22 +172,29 @@ impl ClientIo {
     /// Read the first bytes of the client's next message, holding no
     /// buffers while there are none: an idle session keeps only its state,
     /// not 8 KiB to read into and what its last answer grew the output
-    /// buffer to. Busy clients pay one allocation per message for it.
+    /// buffer to. The buffers go only once the client proves idle (its
+    /// socket would block), so a client whose next message is already
+    /// there reuses them; one that went idle allocates them again.
     async fn read_idle(&mut self) -> std::io::Result<usize> {
         use std::future::Future;
         use tokio::io::AsyncReadExt;
-        if self.out.is_empty() {
-            self.out = BytesMut::new();
-        }
         let n = std::future::poll_fn(|cx| loop {
-            self.rbuf = BytesMut::new();
-            std::task::ready!(self.stream.poll_read_ready(cx))?;
-            // Readiness can be stale (the last read emptied the socket
-            // without hearing so): only a read that would block proves the
-            // client idle, and then the buffer goes again.
+            match self.stream.poll_read_ready(cx) {
+                Poll::Ready(Ok(())) => {}
+                Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                Poll::Pending => {
+                    self.rbuf = BytesMut::new();
+                    if self.out.is_empty() {
+                        self.out = BytesMut::new();
+                    }
+                    return Poll::Pending;
+                }
+            }
             self.rbuf.reserve(8 * 1024);
             let read = std::pin::pin!(self.stream.read_buf(&mut self.rbuf));
             match read.poll(cx) {
+                // Readiness was stale (the last read emptied the socket
+                // without hearing so); now it is not.
                 Poll::Pending if self.stream.waits_unbuffered() => continue,
                 other => return other,
             }
