@@ -216,6 +216,54 @@ async fn a_token_carries_a_write_to_another_instance() {
     c.psql(paused, "SELECT pg_wal_replay_resume()").unwrap();
 }
 
+/// A `pg_lsn` text as a number, to compare positions.
+fn lsn(text: &str) -> u64 {
+    let (hi, lo) = text
+        .split_once('/')
+        .unwrap_or_else(|| panic!("not an LSN: {text}"));
+    let part =
+        |p: &str| u64::from_str_radix(p, 16).unwrap_or_else(|_| panic!("not an LSN: {text}"));
+    (part(hi) << 32) | part(lo)
+}
+
+/// A commit's position is recorded under its scopes before the client
+/// hears that it committed: another connection that asks at once must
+/// already find it (a read sent right after a commit was routed on the
+/// previous position and could miss the row).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_commit_is_recorded_before_the_client_hears_of_it() {
+    let _serial = SERIAL.lock().await;
+    let c = cluster();
+    c.psql(c.primary.port, "CREATE TABLE IF NOT EXISTS ryw (v int)")
+        .unwrap();
+    let server = start(&format!(
+        "{}[read_your_writes]\nscopes = [\"user\"]\n",
+        policy(&example("read-your-writes"), "")
+    ))
+    .await;
+    let a = connect(server.addr.port(), "postgres").await;
+    let b = connect(server.addr.port(), "postgres").await;
+    let mut late = 0;
+    for round in 0..200 {
+        if round % 2 == 0 {
+            a.batch_execute("INSERT INTO ryw (v) VALUES (-2)").await
+        } else {
+            a.batch_execute("BEGIN; INSERT INTO ryw (v) VALUES (-2); COMMIT")
+                .await
+        }
+        .unwrap();
+        let seen = value(&b, "SHOW signalbox.write_lsn").await;
+        let recorded = value(&a, "SHOW signalbox.write_lsn").await;
+        late += u32::from(lsn(&seen) < lsn(&recorded));
+    }
+    c.psql(c.primary.port, "DELETE FROM ryw WHERE v = -2")
+        .unwrap();
+    assert_eq!(
+        late, 0,
+        "commits whose position another connection did not find yet (of 200)"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reads_see_writes_made_on_other_connections() {
     let _serial = SERIAL.lock().await;

@@ -81,6 +81,10 @@ pub struct ClientIo {
     /// (server pid, pid the client was given): a notification the client's
     /// own server connection sent names the pid the client knows.
     pub pid_alias: Option<(i32, i32)>,
+    /// Keep the exchange's last answers (its ReadyForQuery) unsent when the
+    /// relay ends: the caller has work to finish before the client may
+    /// learn that the exchange is over, and flushes itself.
+    pub defer_ready: bool,
 }
 
 impl Drop for ClientIo {
@@ -263,8 +267,7 @@ pub async fn relay(
     loop {
         emit_synthetic(plan, &mut client.out);
         if plan.is_empty() {
-            client.flush().await.map_err(RelayError::Client)?;
-            return Ok(outcome);
+            return finish(client, outcome).await;
         }
         while let Some(frame) = conn.take_frame().map_err(RelayError::Backend)? {
             if frame.tag == b'E' && wire::is_fatal(&frame.body) {
@@ -279,8 +282,7 @@ pub async fn relay(
                 pump_copy_in(conn, client).await?;
             }
             if plan.is_empty() {
-                client.flush().await.map_err(RelayError::Client)?;
-                return Ok(outcome);
+                return finish(client, outcome).await;
             }
             if client.out.len() > 64 * 1024 {
                 client.flush().await.map_err(RelayError::Client)?;
@@ -297,6 +299,14 @@ pub async fn relay(
         client.flush().await.map_err(RelayError::Client)?;
         wait_server(conn, client).await?;
     }
+}
+
+/// The exchange is complete: show the client, unless the caller defers it.
+async fn finish(client: &mut ClientIo, outcome: Outcome) -> Result<Outcome, RelayError> {
+    if !client.defer_ready {
+        client.flush().await.map_err(RelayError::Client)?;
+    }
+    Ok(outcome)
 }
 
 /// Wait for more from the server while watching the client: a client that
@@ -473,6 +483,7 @@ mod tests {
             },
             reserved: 0,
             pid_alias: None,
+            defer_ready: false,
         };
         let query = |sql: &str| {
             let mut m = vec![b'Q'];

@@ -448,7 +448,19 @@ impl Session {
             let mark = self.client.sent;
             let hold = retriable && read_only;
             failed_node = self.lease.as_ref().map(Lease::node);
-            match self.exchange(bytes, &mut plan, hold).await? {
+            // A lone BEGIN/COMMIT writes nothing: a read-only transaction
+            // on the primary records no position.
+            let lone_control =
+                class.statements == 1 && class.kind == crate::route::StatementKind::Transaction;
+            let writes = !judged && class.statements > 0 && !lone_control;
+            let ryw = !self.live.config.read_your_writes.scopes.is_empty();
+            // A commit's position is recorded before the client learns of
+            // the commit: a read it sends next, on any connection, must
+            // already find the position under its scopes.
+            self.client.defer_ready = ryw && (self.tx_wrote || writes);
+            let exchanged = self.exchange(bytes, &mut plan, hold).await;
+            let deferred = std::mem::take(&mut self.client.defer_ready);
+            match exchanged? {
                 Ok(outcome) => {
                     if let Some(lease) = self.lease.as_mut() {
                         for slot in &outcome.failed_parses {
@@ -462,12 +474,8 @@ impl Session {
                             self.encoding = e;
                         }
                     }
-                    if !self.live.config.read_your_writes.scopes.is_empty() {
-                        // A lone BEGIN/COMMIT writes nothing: a read-only
-                        // transaction on the primary records no position.
-                        let lone_control = class.statements == 1
-                            && class.kind == crate::route::StatementKind::Transaction;
-                        self.tx_wrote |= !judged && class.statements > 0 && !lone_control;
+                    if ryw {
+                        self.tx_wrote |= writes;
                         if outcome.status.is_some() && self.tx_wrote {
                             let committed = outcome.status == Some(b'I')
                                 && !outcome.error
@@ -479,6 +487,9 @@ impl Session {
                         if outcome.status == Some(b'I') {
                             self.tx_wrote = false;
                         }
+                    }
+                    if deferred {
+                        self.client.flush().await.map_err(SessionError::Client)?;
                     }
                     // An error with no Sync after it: the server skips to
                     // the client's Sync.
