@@ -391,3 +391,99 @@ async fn a_policy_switched_by_config_reload_keeps_history_and_rollback() {
     let c = connect(server.addr.port(), "postgres").await;
     assert!(!c.simple_query("SELECT 1").await.unwrap().is_empty());
 }
+
+/// Relay one client connection to `upstream`, holding back what the client
+/// sends after its startup message until `go` fires; `spoke` fires once
+/// the server has answered the startup message (the session exists).
+async fn slow_login_relay(
+    upstream: u16,
+) -> (
+    u16,
+    tokio::sync::oneshot::Receiver<()>,
+    tokio::sync::oneshot::Sender<()>,
+) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let (spoke_tx, spoke_rx) = tokio::sync::oneshot::channel();
+    let (go_tx, go_rx) = tokio::sync::oneshot::channel::<()>();
+    tokio::spawn(async move {
+        let (client, _) = listener.accept().await.unwrap();
+        let server = tokio::net::TcpStream::connect(("127.0.0.1", upstream))
+            .await
+            .unwrap();
+        let (mut from_client, mut to_client) = client.into_split();
+        let (mut from_server, mut to_server) = server.into_split();
+        tokio::spawn(async move {
+            let mut buf = vec![0u8; 8192];
+            let mut spoke = Some(spoke_tx);
+            while let Ok(n @ 1..) = from_server.read(&mut buf).await {
+                if to_client.write_all(&buf[..n]).await.is_err() {
+                    break;
+                }
+                if let Some(s) = spoke.take() {
+                    let _ = s.send(());
+                }
+            }
+        });
+        let mut buf = vec![0u8; 8192];
+        let n = from_client.read(&mut buf).await.unwrap();
+        to_server.write_all(&buf[..n]).await.unwrap();
+        let _ = go_rx.await;
+        let _ = tokio::io::copy(&mut from_client, &mut to_server).await;
+    });
+    (port, spoke_rx, go_tx)
+}
+
+/// A client still authenticating when a config reload replaces the
+/// cluster (its pools retired) logs in on the new cluster, in session and
+/// in transaction pooling: a reload refuses no login.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_login_under_way_survives_a_config_reload() {
+    for mode in ["session", "transaction"] {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("signalbox.toml");
+        let text = |size: u32| {
+            service::config_text(&format!(
+                "[auth]\nmethod = \"scram-sha-256\"\n[[auth.users]]\nname = \"postgres\"\n\
+                 password = \"pw\"\n[pool]\nmode = \"{mode}\"\nsize = {size}\n"
+            ))
+        };
+        std::fs::write(&path, text(10)).unwrap();
+        let server = Server::start(Config::load(&path).unwrap()).await.unwrap();
+        let (port, spoke, go) = slow_login_relay(server.addr.port()).await;
+        let login = tokio::spawn(async move {
+            tokio_postgres::connect(
+                &format!(
+                    "host=127.0.0.1 port={port} user=postgres password=pw dbname=postgres sslmode=disable"
+                ),
+                tokio_postgres::NoTls,
+            )
+            .await
+        });
+        spoke.await.unwrap();
+        // A [pool] change rebuilds the cluster and retires the old pools.
+        std::fs::write(&path, text(9)).unwrap();
+        let event = server.reloader.reload("test").await;
+        assert_eq!(event.result, "applied", "{event:?}");
+        go.send(()).unwrap();
+        let (client, conn) = login
+            .await
+            .unwrap()
+            .unwrap_or_else(|e| panic!("{mode} pooling: a login across a reload failed: {e}"));
+        tokio::spawn(conn);
+        let rows = client.simple_query("SELECT 1").await.unwrap();
+        assert!(rows.len() > 1, "{mode} pooling: {rows:?}");
+        if mode == "session" {
+            // Its own connection comes from the new configuration's pools
+            // (not one born in the retired set, outside every count).
+            let live = server.shared.live();
+            let primary = live.cluster.view().primary().unwrap();
+            assert_eq!(
+                live.cluster.pools.in_flight(primary),
+                1,
+                "the session's connection belongs to the current cluster"
+            );
+        }
+    }
+}

@@ -199,12 +199,13 @@ async fn catalog_facts_route_what_text_cannot_show() {
 }
 
 /// `CREATE OR REPLACE FUNCTION` through signalbox changes the verdict of
-/// the very next statement.
+/// the very next statement, on this connection and on any other.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ddl_through_signalbox_refreshes_the_catalog_at_once() {
     setup();
     let server = start("").await;
     let mut c = Raw::connect(server.addr.port(), "postgres", "postgres").await;
+    let mut other = Raw::connect(server.addr.port(), "postgres", "postgres").await;
     row(
         &mut c,
         "CREATE OR REPLACE FUNCTION routing_flip() RETURNS bigint LANGUAGE sql AS 'SELECT 1::bigint'",
@@ -224,6 +225,13 @@ async fn ddl_through_signalbox_refreshes_the_catalog_at_once() {
              AS 'SELECT nextval(''routing_seq'')'",
         )
         .await;
+        // Sent the moment the DDL's reply arrived, on another connection.
+        let r = row(&mut other, "SELECT routing_flip(), pg_is_in_recovery()").await;
+        assert_eq!(
+            r[1].as_deref(),
+            Some("f"),
+            "now it writes: the primary, for every connection"
+        );
         let r = row(&mut c, "SELECT routing_flip(), pg_is_in_recovery()").await;
         assert_eq!(r[1].as_deref(), Some("f"), "now it writes: the primary");
         row(

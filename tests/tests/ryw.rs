@@ -229,7 +229,10 @@ fn lsn(text: &str) -> u64 {
 /// A commit's position is recorded under its scopes before the client
 /// hears that it committed: another connection that asks at once must
 /// already find it (a read sent right after a commit was routed on the
-/// previous position and could miss the row).
+/// previous position and could miss the row). Each way a write commits:
+/// simple and extended protocol, autocommit and explicit transactions
+/// (the position is asked behind the client's own work, or after it).
+/// Failed writes and COPY FROM STDIN leave the connection in step.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_commit_is_recorded_before_the_client_hears_of_it() {
     let _serial = SERIAL.lock().await;
@@ -241,27 +244,99 @@ async fn a_commit_is_recorded_before_the_client_hears_of_it() {
         policy(&example("read-your-writes"), "")
     ))
     .await;
-    let a = connect(server.addr.port(), "postgres").await;
-    let b = connect(server.addr.port(), "postgres").await;
-    let mut late = 0;
+    let port = server.addr.port();
+    let a = connect(port, "postgres").await;
+    let b = connect(port, "postgres").await;
+    let mut late = [0u32; 4];
     for round in 0..200 {
-        if round % 2 == 0 {
-            a.batch_execute("INSERT INTO ryw (v) VALUES (-2)").await
-        } else {
-            a.batch_execute("BEGIN; INSERT INTO ryw (v) VALUES (-2); COMMIT")
+        match round % 4 {
+            0 => a.batch_execute("INSERT INTO ryw (v) VALUES (-2)").await,
+            1 => a
+                .execute("INSERT INTO ryw (v) VALUES ($1)", &[&-2i32])
                 .await
+                .map(drop),
+            2 => {
+                a.batch_execute("BEGIN").await.unwrap();
+                a.execute("INSERT INTO ryw (v) VALUES ($1)", &[&-2i32])
+                    .await
+                    .unwrap();
+                a.batch_execute("COMMIT").await
+            }
+            _ => {
+                a.batch_execute("BEGIN; INSERT INTO ryw (v) VALUES (-2); COMMIT")
+                    .await
+            }
         }
         .unwrap();
         let seen = value(&b, "SHOW signalbox.write_lsn").await;
         let recorded = value(&a, "SHOW signalbox.write_lsn").await;
-        late += u32::from(lsn(&seen) < lsn(&recorded));
+        late[round % 4] += u32::from(lsn(&seen) < lsn(&recorded));
     }
-    c.psql(c.primary.port, "DELETE FROM ryw WHERE v = -2")
-        .unwrap();
     assert_eq!(
-        late, 0,
-        "commits whose position another connection did not find yet (of 200)"
+        late,
+        [0; 4],
+        "commits (simple, extended, explicit, one message) whose position another connection did not find yet, of 50 each"
     );
+
+    // A write that fails records nothing, and the connection stays in step.
+    let before = lsn(&value(&a, "SHOW signalbox.write_lsn").await);
+    for sql in [
+        "INSERT INTO ryw (v) VALUES (1/0)",
+        "INSERT INTO ryw (v) VALUES (1/$1)",
+    ] {
+        let err = if sql.contains('$') {
+            a.execute(sql, &[&0i32]).await.unwrap_err()
+        } else {
+            a.batch_execute(sql).await.unwrap_err()
+        };
+        assert_eq!(err.code().map(|c| c.code()), Some("22012"), "{err}");
+        assert_eq!(lsn(&value(&a, "SHOW signalbox.write_lsn").await), before);
+        let row = a.query_one("SELECT 41 + 1", &[]).await.unwrap();
+        assert_eq!(row.get::<_, i32>(0), 42);
+    }
+
+    // COPY FROM STDIN: the server reads the client's data after the
+    // statement; the position is asked once the COPY is done.
+    let mut raw = signalbox_tests::raw::Raw::connect(port, "postgres", "postgres").await;
+    raw.send(&signalbox_tests::raw::query("COPY ryw FROM STDIN"))
+        .await;
+    loop {
+        let m = raw.next().await;
+        assert_ne!(m.0, b'E', "COPY refused");
+        if m.0 == b'G' {
+            break;
+        }
+    }
+    raw.send(
+        &[
+            signalbox_tests::raw::copy_data(b"-3\n-3\n"),
+            signalbox_tests::raw::copy_done(),
+        ]
+        .concat(),
+    )
+    .await;
+    let mut tags = Vec::new();
+    loop {
+        let m = raw.next().await;
+        assert_ne!(m.0, b'E', "COPY failed");
+        if m.0 == b'C' {
+            tags.push(
+                String::from_utf8_lossy(&m.1)
+                    .trim_end_matches('\0')
+                    .to_owned(),
+            );
+        }
+        if m.0 == b'Z' {
+            break;
+        }
+    }
+    assert_eq!(tags, ["COPY 2"]);
+    let after_copy = lsn(&value(&b, "SHOW signalbox.write_lsn").await);
+    assert!(after_copy > before, "the COPY's commit is recorded");
+    let copied = raw.simple("SELECT count(*) FROM ryw WHERE v = -3").await;
+    assert!(copied.iter().any(|m| m.0 == b'D'), "{copied:?}");
+    c.psql(c.primary.port, "DELETE FROM ryw WHERE v IN (-2, -3)")
+        .unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -296,6 +296,15 @@ impl BackendConn {
         let mut out = BytesMut::new();
         wire::query(&mut out, sql);
         self.send_frames(&out).await?;
+        self.simple_reply().await
+    }
+
+    /// Read the answer to a simple query of signalbox's own that was sent
+    /// after everything else now owed (pipelined behind a client's work):
+    /// the first error's (SQLSTATE, message) and the first row's first value.
+    pub async fn simple_reply(
+        &mut self,
+    ) -> Result<(Option<(String, String)>, Option<String>), WireError> {
         let (mut error, mut value) = (None, None);
         loop {
             let f = self.next_frame().await?;

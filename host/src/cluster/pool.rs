@@ -163,6 +163,9 @@ pub struct Pools {
     /// connections for each statement reads this without the map's lock.
     listed: arc_swap::ArcSwap<Vec<(NodeId, Pool)>>,
     in_flight: Arc<[AtomicU32]>,
+    /// Closed by a config reload: a pool asked for afterwards is born
+    /// closed (set under the map's lock, so none slips in between).
+    retired: std::sync::atomic::AtomicBool,
 }
 
 impl Pools {
@@ -174,6 +177,7 @@ impl Pools {
             pools: Mutex::default(),
             listed: arc_swap::ArcSwap::from_pointee(Vec::new()),
             in_flight,
+            retired: std::sync::atomic::AtomicBool::new(false),
         }
     }
 
@@ -210,6 +214,12 @@ impl Pools {
             .runtime(deadpool::Runtime::Tokio1)
             .build()
             .expect("a pool with a runtime and a positive size always builds");
+        if self.retired.load(Ordering::Relaxed) {
+            // A session still on the replaced configuration: it gets no
+            // connection here and goes to the current one.
+            pool.close();
+            return pool;
+        }
         pools.insert(key, pool.clone());
         let mut listed: Vec<(NodeId, Pool)> = self.listed.load().as_ref().clone();
         listed.push((node, pool.clone()));
@@ -286,6 +296,7 @@ impl Pools {
     /// come back, and no new checkouts (a config reload replaced them).
     pub fn close(&self) {
         let pools = self.pools.lock().unwrap_or_else(|p| p.into_inner());
+        self.retired.store(true, Ordering::Relaxed);
         for ((node, _, _), p) in pools.iter() {
             // Idle ones close now, checked-out ones when they come back.
             let open = p.status().size as u64;

@@ -111,6 +111,10 @@ pub struct Classified {
     /// procedure whose body may SET, create temp tables, take session locks):
     /// the connection is fully reset before anyone uses it next.
     pub touches_session: bool,
+    /// `COPY ... FROM STDIN` (or text that did not parse, which might be):
+    /// the server then reads the client's data, so nothing of signalbox's
+    /// own may follow the statement on the connection.
+    pub copies_in: bool,
 }
 
 impl Classified {
@@ -122,6 +126,7 @@ impl Classified {
             statements: 0,
             parse_error: false,
             touches_session: false,
+            copies_in: false,
             facts: Facts {
                 catalog_candidate: true,
                 ..Facts::default()
@@ -148,6 +153,7 @@ impl Classified {
             needs_database_alone: None,
             parse_error: true,
             touches_session: true,
+            copies_in: true,
         }
     }
 }
@@ -484,6 +490,7 @@ pub fn classify(sql: &str) -> Classified {
         needs_database_alone: None,
         parse_error: false,
         touches_session: false,
+        copies_in: false,
     };
     let nodes: Vec<&NodeEnum> = parsed
         .protobuf
@@ -492,6 +499,9 @@ pub fn classify(sql: &str) -> Classified {
         .filter_map(|raw| raw.stmt.as_ref().and_then(|n| n.node.as_ref()))
         .collect();
     c.facts.catalog_candidate = true;
+    c.copies_in = nodes
+        .iter()
+        .any(|n| matches!(n, NodeEnum::CopyStmt(copy) if copy.is_from));
     c.changes_catalog = nodes.iter().any(|n| {
         is_ddl(n)
             || matches!(
@@ -1315,6 +1325,28 @@ mod tests {
 
     fn ro(sql: &str) -> bool {
         classify(sql).read_only
+    }
+
+    /// Nothing of signalbox's own may follow these on a connection: the
+    /// server reads the client's COPY data next (and unparsed text might
+    /// be such a COPY).
+    #[test]
+    fn copy_from_stdin_is_flagged() {
+        for sql in [
+            "COPY t FROM STDIN",
+            "copy t (a, b) from stdin with (format csv)",
+            "INSERT INTO t VALUES (1); COPY t FROM STDIN",
+            "this is not sql",
+        ] {
+            assert!(classify(sql).copies_in, "{sql}");
+        }
+        for sql in [
+            "COPY t TO STDOUT",
+            "INSERT INTO t VALUES (1)",
+            "SELECT 'COPY t FROM STDIN'",
+        ] {
+            assert!(!classify(sql).copies_in, "{sql}");
+        }
     }
 
     #[test]

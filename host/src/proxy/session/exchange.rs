@@ -10,7 +10,7 @@ use std::time::Instant;
 use super::{Session, SessionError};
 use crate::cluster::pool::Lease;
 use crate::config::UntrackedState;
-use crate::proxy::message::Message;
+use crate::proxy::message::{Kind, Message};
 use crate::proxy::relay::{self, Outcome, RelayError, Step};
 use crate::route::guardrails::Routed;
 use crate::route::{NodeId, RouteInput, Statement, Target, TxState};
@@ -41,14 +41,14 @@ impl Session {
     /// Take up the configuration in force (between transactions, holding
     /// no connection): node numbers may have changed, so the pool handles
     /// kept by node go too.
-    fn refresh_live(&mut self) {
+    pub(super) fn refresh_live(&mut self) {
         if !self.live_is_current() {
             self.live = self.shared.live();
             self.pools.clear();
         }
     }
 
-    fn live_is_current(&self) -> bool {
+    pub(super) fn live_is_current(&self) -> bool {
         Arc::ptr_eq(&self.live, &*self.shared.live.load())
     }
 
@@ -454,10 +454,35 @@ impl Session {
                 class.statements == 1 && class.kind == crate::route::StatementKind::Transaction;
             let writes = !judged && class.statements > 0 && !lone_control;
             let ryw = !self.live.config.read_your_writes.scopes.is_empty();
-            // A commit's position is recorded before the client learns of
-            // the commit: a read it sends next, on any connection, must
-            // already find the position under its scopes.
-            self.client.defer_ready = ryw && (self.tx_wrote || writes);
+            // A commit's position is recorded, and committed DDL's catalog
+            // facts fetched, before the client learns of the commit: what
+            // it sends next, on any connection, is routed knowing them.
+            self.client.defer_ready =
+                (ryw && (self.tx_wrote || writes)) || class.changes_catalog || self.catalog_dirty;
+            // The position is asked in the same write, behind the client's
+            // work, when that work ends the transaction and nothing of ours
+            // can be mistaken for client data (COPY FROM STDIN) or skipped
+            // (an error in a batch not ended by Sync): its answer follows
+            // the client's ReadyForQuery with no round trip of its own.
+            let ends_with_sync = match work {
+                Work::Query(_) => true,
+                Work::Batch(b) => b.last().is_some_and(|m| m.kind == Kind::Sync),
+            };
+            let pipelined = ryw
+                && (self.tx_wrote || writes)
+                && ends_with_sync
+                && !class.copies_in
+                && ((self.tx == TxState::Idle && !class.begins) || lone_control);
+            let joined;
+            let bytes = if pipelined {
+                let mut b = bytes::BytesMut::with_capacity(bytes.len() + 96);
+                b.extend_from_slice(bytes);
+                wire::query(&mut b, super::ryw::POSITION_SQL);
+                joined = b;
+                &joined[..]
+            } else {
+                bytes
+            };
             let exchanged = self.exchange(bytes, &mut plan, hold).await;
             let deferred = std::mem::take(&mut self.client.defer_ready);
             match exchanged? {
@@ -476,20 +501,20 @@ impl Session {
                     }
                     if ryw {
                         self.tx_wrote |= writes;
-                        if outcome.status.is_some() && self.tx_wrote {
-                            let committed = outcome.status == Some(b'I')
-                                && !outcome.error
-                                && outcome.last_tag.as_deref() != Some("ROLLBACK");
-                            if committed {
-                                self.record_write().await;
+                        let committed = self.tx_wrote
+                            && outcome.status == Some(b'I')
+                            && !outcome.error
+                            && outcome.last_tag.as_deref() != Some("ROLLBACK");
+                        // A pipelined answer is read whatever happened.
+                        if pipelined || committed {
+                            let lsn = self.write_lsn_after(pipelined).await;
+                            if let (true, Some(lsn)) = (committed, lsn) {
+                                self.remember_write(lsn);
                             }
                         }
                         if outcome.status == Some(b'I') {
                             self.tx_wrote = false;
                         }
-                    }
-                    if deferred {
-                        self.client.flush().await.map_err(SessionError::Client)?;
                     }
                     // An error with no Sync after it: the server skips to
                     // the client's Sync.
@@ -514,6 +539,9 @@ impl Session {
                     if self.catalog_dirty && self.tx == TxState::Idle {
                         self.catalog_dirty = false;
                         self.refresh_catalog().await;
+                    }
+                    if deferred {
+                        self.client.flush().await.map_err(SessionError::Client)?;
                     }
                     return Ok(());
                 }

@@ -2,6 +2,7 @@
 //! parameters a real login reported, and the greeting with our cancel key.
 
 use super::{Session, SessionError};
+use crate::cluster::pool::Lease;
 use crate::route::NodeId;
 use crate::wire::{self, WireError};
 
@@ -71,27 +72,51 @@ impl Session {
     /// The first session of a (user, database) logs in to a node for real:
     /// PostgreSQL checks the user and database and reports its parameters.
     pub(super) async fn first_login(&mut self) -> Result<Vec<(String, String)>, SessionError> {
-        let view = self.live.cluster.view();
-        let node = view.primary().or_else(|| {
-            view.states
-                .iter()
-                .position(|s| s.healthy)
-                .map(|i| i as NodeId)
-        });
-        let Some(node) = node else {
-            self.fatal("57P03", "signalbox: no healthy node to serve this session")
-                .await;
-            return Err(SessionError::Backend(WireError::Closed));
-        };
-        let lease = match self.checkout(node).await {
-            Ok(l) => l,
-            Err((code, msg)) => {
-                self.fatal(&code, &msg).await;
-                return Err(SessionError::Backend(WireError::Closed));
-            }
-        };
-        let mut lease = lease;
+        let mut lease = self.login_checkout(false).await?;
         Ok(lease.conn().params().to_vec())
+    }
+
+    /// A server connection for logging in: on the primary, or (`any`) on
+    /// any healthy node when there is no primary. The configuration may
+    /// have been reloaded while the client authenticated (a client can
+    /// take seconds to answer): a retired cluster's closed pool is no
+    /// reason to refuse the login, the current cluster is asked instead.
+    async fn login_checkout(&mut self, primary_only: bool) -> Result<Lease, SessionError> {
+        let mut failure = None;
+        for _ in 0..3 {
+            self.refresh_live();
+            let view = self.live.cluster.view();
+            let node = view.primary().or_else(|| {
+                (!primary_only)
+                    .then(|| view.states.iter().position(|s| s.healthy))
+                    .flatten()
+                    .map(|i| i as NodeId)
+            });
+            let Some(node) = node else {
+                let msg = if primary_only {
+                    "signalbox: no primary to serve this session"
+                } else {
+                    "signalbox: no healthy node to serve this session"
+                };
+                failure = Some(("57P03".to_owned(), msg.to_owned()));
+                break;
+            };
+            match self.checkout(node).await {
+                Ok(lease) => return Ok(lease),
+                Err(e) => failure = Some(e),
+            }
+            if self.live_is_current() {
+                break;
+            }
+        }
+        let (code, msg) = failure.unwrap_or_else(|| {
+            (
+                "08006".to_owned(),
+                "signalbox: the configuration kept changing during login".to_owned(),
+            )
+        });
+        self.fatal(&code, &msg).await;
+        Err(SessionError::Backend(WireError::Closed))
     }
 
     /// Session mode: the client gets its own server connection (on the
@@ -99,18 +124,7 @@ impl Session {
     /// key, so `pg_backend_pid()`, `pg_terminate_backend()` and cancel
     /// requests mean exactly what they mean on PostgreSQL.
     async fn session_login(&mut self) -> Result<(), SessionError> {
-        let Some(node) = self.live.cluster.view().primary() else {
-            self.fatal("57P03", "signalbox: no primary to serve this session")
-                .await;
-            return Err(SessionError::Backend(WireError::Closed));
-        };
-        match self.checkout(node).await {
-            Ok(lease) => self.lease = Some(lease),
-            Err((code, msg)) => {
-                self.fatal(&code, &msg).await;
-                return Err(SessionError::Backend(WireError::Closed));
-            }
-        }
+        self.lease = Some(self.login_checkout(true).await?);
         let failed = match self.sync_state().await {
             Ok(None) => None,
             Ok(Some((code, msg))) => Some((code, format!("signalbox: {msg}"))),

@@ -18,6 +18,12 @@ use crate::wire;
 /// How long recording a write's WAL position may take.
 const RECORD_WRITE_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// The primary's WAL position once what ran before it on the connection
+/// is done: for a commit, at or past the commit record (the insert
+/// position, so even an asynchronous commit's record is covered).
+pub(super) const POSITION_SQL: &str =
+    "SELECT (pg_catalog.pg_current_wal_insert_lsn() - '0/0'::pg_lsn)::bigint";
+
 /// A WAL position as PostgreSQL prints a `pg_lsn`: `16/B374D848`.
 pub fn format_lsn(lsn: u64) -> String {
     format!("{:X}/{:X}", lsn >> 32, lsn & 0xffff_ffff)
@@ -80,28 +86,33 @@ impl Session {
             .collect()
     }
 
-    /// After a transaction that wrote committed: record the primary's WAL
-    /// position (one round trip on the connection that ran it, before it
-    /// goes back to the pool) under every configured scope.
-    pub(super) async fn record_write(&mut self) {
-        let Some(lease) = self.lease.as_mut() else {
-            return;
+    /// The primary's WAL position after the work that ran before it on the
+    /// same connection. `pipelined`: the query was already sent behind the
+    /// client's work ([`POSITION_SQL`]), only its answer is read (it is owed
+    /// on the connection whatever the work did); otherwise it is asked now,
+    /// one more round trip. Bounded: a primary that stops answering costs
+    /// this connection (discarded when released), not the session.
+    pub(super) async fn write_lsn_after(&mut self, pipelined: bool) -> Option<u64> {
+        let conn = self.lease.as_mut()?.conn();
+        let asked = if pipelined {
+            tokio::time::timeout(RECORD_WRITE_TIMEOUT, conn.simple_reply())
+                .await
+                .map(|r| r.map(|(_, value)| value))
+        } else {
+            tokio::time::timeout(RECORD_WRITE_TIMEOUT, conn.query_value(POSITION_SQL)).await
         };
-        let sql = "SELECT (pg_catalog.pg_current_wal_insert_lsn() - '0/0'::pg_lsn)::bigint";
-        // Bounded: a primary that stops answering costs this connection
-        // (discarded when released), not the session.
-        let asked = tokio::time::timeout(RECORD_WRITE_TIMEOUT, lease.conn().query_value(sql)).await;
-        let v = match asked {
-            Ok(Ok(Some(v))) => v,
-            Ok(_) => return,
-            Err(_) => {
-                lease.conn().mark_broken();
-                return;
+        match asked {
+            Ok(Ok(value)) => value.and_then(|v| v.parse().ok()),
+            Ok(Err(_)) | Err(_) => {
+                conn.mark_broken();
+                None
             }
-        };
-        let Ok(lsn) = v.parse::<u64>() else {
-            return;
-        };
+        }
+    }
+
+    /// A transaction that wrote committed at `lsn`: record it for this
+    /// session and under every configured scope.
+    pub(super) fn remember_write(&mut self, lsn: u64) {
         let now = Instant::now();
         self.own_write = Some((lsn, now));
         let mut shared = self.shared.writes.lock().unwrap_or_else(|p| p.into_inner());
