@@ -335,7 +335,36 @@ async fn a_commit_is_recorded_before_the_client_hears_of_it() {
     assert!(after_copy > before, "the COPY's commit is recorded");
     let copied = raw.simple("SELECT count(*) FROM ryw WHERE v = -3").await;
     assert!(copied.iter().any(|m| m.0 == b'D'), "{copied:?}");
-    c.psql(c.primary.port, "DELETE FROM ryw WHERE v IN (-2, -3)")
+
+    // A COMMIT answered, then the connection lost (here the backend ends
+    // itself: FATAL 57P01 before ReadyForQuery). The write did commit, so
+    // its position must still be recorded (asked on the control plane).
+    let before = lsn(&value(&b, "SHOW signalbox.write_lsn").await);
+    let mut doomed = signalbox_tests::raw::Raw::connect(port, "postgres", "postgres").await;
+    doomed
+        .send(&signalbox_tests::raw::query(
+            "INSERT INTO ryw (v) VALUES (-4); COMMIT; SELECT pg_terminate_backend(pg_backend_pid())",
+        ))
+        .await;
+    let mut seen = Vec::new();
+    while let Some(m) = doomed.try_next().await {
+        seen.push(m);
+    }
+    assert!(
+        seen.iter()
+            .any(|m| m.0 == b'E' && signalbox_tests::raw::field(&m.1, b'C') == "57P01"),
+        "the backend ended: {seen:?}"
+    );
+    let committed = c
+        .psql(c.primary.port, "SELECT count(*) FROM ryw WHERE v = -4")
+        .unwrap();
+    assert_eq!(committed.trim(), "1", "the write committed");
+    let after = lsn(&value(&b, "SHOW signalbox.write_lsn").await);
+    assert!(
+        after > before,
+        "a commit whose connection died before ReadyForQuery is recorded too"
+    );
+    c.psql(c.primary.port, "DELETE FROM ryw WHERE v IN (-2, -3, -4)")
         .unwrap();
 }
 

@@ -319,6 +319,21 @@ impl Cluster {
         fence.newest_timeline = fence.newest_timeline.max(newest);
     }
 
+    /// `node`'s WAL insert position, asked on the control plane (bounded
+    /// by the probe timeout): a position at or past every commit that
+    /// returned before the call.
+    pub async fn insert_lsn(&self, node: NodeId) -> Option<u64> {
+        let pool = self.control.get(node as usize)?;
+        let sql =
+            "SELECT pg_catalog.pg_wal_lsn_diff(pg_catalog.pg_current_wal_insert_lsn(), '0/0')::bigint";
+        let q = sqlx::query_scalar::<_, i64>(sql).fetch_one(pool);
+        let timeout = Duration::from_millis(self.health.probe_timeout_ms);
+        match tokio::time::timeout(timeout, q).await {
+            Ok(Ok(lsn)) => u64::try_from(lsn).ok(),
+            _ => None,
+        }
+    }
+
     async fn probe(&self, node: usize) -> Result<Probe, String> {
         let timeout = Duration::from_millis(self.health.probe_timeout_ms);
         let q =

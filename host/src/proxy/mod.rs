@@ -140,6 +140,11 @@ impl prometheus_client::collector::Collector for DataPath {
             one(n(&m.rejected)),
         )?;
         r.counter(
+            "signalbox_ryw_unrecorded",
+            "Committed write transactions whose WAL position neither their connection nor the control plane could tell (read-your-writes cannot cover them).",
+            one(n(&m.ryw_unrecorded)),
+        )?;
+        r.counter(
             "signalbox_cancel_requests",
             "Cancel requests forwarded.",
             one(n(&m.cancels)),
@@ -245,6 +250,8 @@ pub struct Metrics {
     pub routed: Arc<NodeCounters>,
     pub routed_read_only: AtomicU64,
     pub rejected: AtomicU64,
+    /// Committed write transactions whose position could not be learned.
+    pub ryw_unrecorded: AtomicU64,
     pub cancels: AtomicU64,
     pub protocol_errors: AtomicU64,
     /// accept() failures (e.g. out of file descriptors); the loop goes on.
@@ -311,6 +318,7 @@ impl Metrics {
             routed,
             routed_read_only: AtomicU64::new(0),
             rejected: AtomicU64::new(0),
+            ryw_unrecorded: AtomicU64::new(0),
             cancels: AtomicU64::new(0),
             protocol_errors: AtomicU64::new(0),
             accept_errors: AtomicU64::new(0),
@@ -335,6 +343,10 @@ impl Metrics {
 
     pub fn rejected(&self) {
         self.rejected.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn ryw_unrecorded(&self) {
+        self.ryw_unrecorded.fetch_add(1, Ordering::Relaxed);
     }
 }
 

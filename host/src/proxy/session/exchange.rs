@@ -508,8 +508,8 @@ impl Session {
                         // A pipelined answer is read whatever happened.
                         if pipelined || committed {
                             let lsn = self.write_lsn_after(pipelined).await;
-                            if let (true, Some(lsn)) = (committed, lsn) {
-                                self.remember_write(lsn);
+                            if let (true, Some(node)) = (committed, failed_node) {
+                                self.commit_recorded(lsn, node).await;
                             }
                         }
                         if outcome.status == Some(b'I') {
@@ -550,7 +550,14 @@ impl Session {
                     self.client.out.clear();
                     tracing::debug!(error = ?e, "read retried on a fresh connection");
                 }
-                Err(e) => return self.lost_backend(e, held).await,
+                Err(e) => {
+                    // The connection died after the work was sent: it may
+                    // have committed (a COMMIT answered, then a FATAL).
+                    if let (true, Some(node)) = (ryw && (self.tx_wrote || writes), failed_node) {
+                        self.commit_recorded(None, node).await;
+                    }
+                    return self.lost_backend(e, held).await;
+                }
             }
         }
         Ok(())

@@ -11,7 +11,7 @@ use std::sync::Arc;
 use super::{Session, SessionError};
 use crate::config::RywScope;
 use crate::proxy::message::{Kind, Message};
-use crate::route::TxState;
+use crate::route::{NodeId, TxState};
 use crate::sql::classify::{Classified, OwnSetting, SessionEffect};
 use crate::wire;
 
@@ -21,8 +21,10 @@ const RECORD_WRITE_TIMEOUT: Duration = Duration::from_secs(5);
 /// The primary's WAL position once what ran before it on the connection
 /// is done: for a commit, at or past the commit record (the insert
 /// position, so even an asynchronous commit's record is covered).
+/// Every name schema-qualified or a keyword: the client's `search_path`
+/// (and what it may have defined there) is in force on its connection.
 pub(super) const POSITION_SQL: &str =
-    "SELECT (pg_catalog.pg_current_wal_insert_lsn() - '0/0'::pg_lsn)::bigint";
+    "SELECT pg_catalog.pg_wal_lsn_diff(pg_catalog.pg_current_wal_insert_lsn(), '0/0')::bigint";
 
 /// A WAL position as PostgreSQL prints a `pg_lsn`: `16/B374D848`.
 pub fn format_lsn(lsn: u64) -> String {
@@ -106,6 +108,30 @@ impl Session {
             Ok(Err(_)) | Err(_) => {
                 conn.mark_broken();
                 None
+            }
+        }
+    }
+
+    /// A transaction that wrote committed on `node`, or may have (its
+    /// connection was lost after the work was sent); `lsn` what the
+    /// connection said the position was. Without that answer the primary
+    /// is asked on the control plane instead (any later position will do,
+    /// and one recorded for a write that did not commit costs nothing but
+    /// a wait), so reads do not silently miss the write; failing that too,
+    /// the loss is logged and counted.
+    pub(super) async fn commit_recorded(&mut self, lsn: Option<u64>, node: NodeId) {
+        let lsn = match lsn {
+            Some(lsn) => Some(lsn),
+            None => self.live.cluster.insert_lsn(node).await,
+        };
+        match lsn {
+            Some(lsn) => self.remember_write(lsn),
+            None => {
+                self.shared.metrics.ryw_unrecorded();
+                tracing::warn!(
+                    session = self.id,
+                    "read-your-writes: the primary did not say the position of a commit; reads may not see it"
+                );
             }
         }
     }
