@@ -44,9 +44,12 @@ async fn primary_replica_and_signalbox(health: &str) -> (LocalCluster, signalbox
     c.psql(c.primary.port, "CREATE TABLE fo (id serial, v int)")
         .unwrap();
     c.wait_replayed().unwrap();
+    // Roles are not configured: signalbox asks each node (`role = "auto"`).
     let text = format!(
         "listen = \"127.0.0.1:0\"\n[health]\ninterval_ms = 200\n{health}{}",
         c.nodes_toml()
+            .replace("role = \"primary\"", "role = \"auto\"")
+            .replace("role = \"replica\"", "role = \"auto\"")
     );
     let config =
         signalbox::config::Config::parse(&text, std::path::Path::new("failover.toml")).unwrap();
@@ -159,4 +162,122 @@ async fn replica_ban_and_time_lag() {
     let mut r = Raw::connect(server.addr.port(), "postgres", "postgres").await;
     let msgs = r.simple("SELECT pg_is_in_recovery()").await;
     assert_eq!(data_row(&msgs[1].1)[0].as_deref(), Some("f"));
+}
+
+/// Log in and try a write: the error the client gets, at login or for
+/// the statement.
+async fn refusal(port: u16) -> Vec<u8> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .unwrap();
+    s.write_all(&signalbox_tests::raw::startup("postgres", "postgres"))
+        .await
+        .unwrap();
+    let mut sent = false;
+    loop {
+        let tag = s.read_u8().await.expect("a message");
+        let len = s.read_i32().await.expect("a length");
+        let mut body = vec![0u8; (len as usize).saturating_sub(4)];
+        s.read_exact(&mut body).await.expect("a body");
+        match tag {
+            b'E' => return body,
+            b'Z' if !sent => {
+                s.write_all(&signalbox_tests::raw::query(
+                    "INSERT INTO fo (v) VALUES (1)",
+                ))
+                .await
+                .unwrap();
+                sent = true;
+            }
+            b'Z' => panic!("the write was not refused"),
+            _ => {}
+        }
+    }
+}
+
+/// Two nodes both claim to be the primary on the same timeline (two
+/// independent servers, both on timeline 1): they cannot be told apart, so
+/// writes go nowhere — a clear 57P03 naming both, `/health` 503, the
+/// `signalbox_writes_fenced` gauge at 1 — until exactly one remains.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_primaries_on_one_timeline_fence_all_writes() {
+    let start = || {
+        tokio::task::block_in_place(|| LocalCluster::start(0))
+            .unwrap_or_else(|e| panic!("cannot start a PostgreSQL test server: {e:#}"))
+    };
+    let (a, b) = (start(), start());
+    for c in [&a, &b] {
+        c.psql(c.primary.port, "CREATE TABLE fo (id serial, v int)")
+            .unwrap();
+    }
+    let node = |name: &str, port: u16| {
+        format!(
+            "[[nodes]]\nname = \"{name}\"\nurl = \"postgres://postgres@127.0.0.1:{port}/postgres\"\nrole = \"auto\"\n"
+        )
+    };
+    let text = format!(
+        "listen = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\n[health]\ninterval_ms = 200\n\
+         failures_to_ban = 1\nprobe_timeout_ms = 500\n{}{}",
+        node("east", a.primary.port),
+        node("west", b.primary.port)
+    );
+    let config =
+        signalbox::config::Config::parse(&text, std::path::Path::new("split.toml")).unwrap();
+    let server = signalbox::server::Server::start(config).await.unwrap();
+    let port = server.addr.port();
+    let admin = server.admin_addr.unwrap();
+    let fenced = tokio::task::block_in_place(|| {
+        signalbox_tests::wait_until(Duration::from_secs(5), || {
+            server.shared.live().cluster.fence_reason().is_some()
+        })
+    });
+    assert!(fenced, "two primaries on one timeline were not fenced");
+
+    // A write is refused with a clear error naming both nodes (at login
+    // when no node can serve one, else for the statement).
+    let err = tokio::time::timeout(Duration::from_secs(10), refusal(port))
+        .await
+        .expect("an answer within 10 s");
+    assert_eq!(signalbox_tests::raw::field(&err, b'C'), "57P03");
+    let text = signalbox_tests::raw::field(&err, b'M');
+    assert!(
+        text.contains("split brain") && text.contains("east") && text.contains("west"),
+        "{text}"
+    );
+    for c in [&a, &b] {
+        let rows = c.psql(c.primary.port, "SELECT count(*) FROM fo").unwrap();
+        assert_eq!(
+            rows.trim(),
+            "0",
+            "a write landed on port {}",
+            c.primary.port
+        );
+    }
+    let (code, body) = tokio::task::block_in_place(|| {
+        signalbox_tests::admin_call("GET", &format!("http://{admin}/health"), None)
+    });
+    assert_eq!(code, 503, "{body}");
+    assert!(body.contains("split brain"), "{body}");
+    let (_, metrics) = tokio::task::block_in_place(|| {
+        signalbox_tests::admin_call("GET", &format!("http://{admin}/metrics"), None)
+    });
+    assert!(
+        metrics.lines().any(|l| l == "signalbox_writes_fenced 1"),
+        "{metrics}"
+    );
+
+    // One of them goes away: exactly one primary remains, writes go there.
+    tokio::task::block_in_place(|| b.kill(&b.primary)).unwrap();
+    let lifted = tokio::task::block_in_place(|| {
+        signalbox_tests::wait_until(Duration::from_secs(5), || {
+            server.shared.live().cluster.fence_reason().is_none()
+        })
+    });
+    assert!(lifted, "the fence stayed with one primary left");
+    assert_eq!(write(port, 2).await, Some(a.primary.port));
+    let (code, body) = tokio::task::block_in_place(|| {
+        signalbox_tests::admin_call("GET", &format!("http://{admin}/health"), None)
+    });
+    assert_eq!(code, 200, "{body}");
 }

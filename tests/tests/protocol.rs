@@ -725,3 +725,67 @@ async fn clients_in_different_encodings_share_connections_safely() {
         "{msgs:?}"
     );
 }
+
+/// COPY FROM STDIN through the extended protocol, as libpq and
+/// tokio-postgres send it: Parse/Bind/Execute/Sync, the data, then
+/// CopyDone (or CopyFail) and a Sync. The server ignores the first Sync
+/// while it reads COPY data and answers the second; the client gets
+/// CommandComplete and ReadyForQuery (or the error and ReadyForQuery), and
+/// the session goes on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_extended_protocol_copy_in_completes() {
+    let server = start("").await;
+    let primary = port_of("primary");
+    let c = cluster();
+    c.psql(
+        primary,
+        "CREATE TABLE IF NOT EXISTS protocol_copied (v int)",
+    )
+    .unwrap();
+    let mut a = Raw::connect(server.addr.port(), "postgres", "postgres").await;
+    let start_copy = [
+        raw::parse("", "COPY protocol_copied FROM STDIN"),
+        raw::bind("", ""),
+        raw::execute("", 0),
+        raw::sync(),
+    ]
+    .concat();
+    a.send(&start_copy).await;
+    assert_eq!(
+        tags(&[a.next().await, a.next().await, a.next().await]),
+        "12G"
+    );
+    a.send(&[raw::copy_data(b"7\n8\n"), raw::copy_done(), raw::sync()].concat())
+        .await;
+    let msgs = a.until_ready().await;
+    assert_eq!(tags(&msgs), "CZ", "{msgs:?}");
+    // CopyFail: the server's error, then ReadyForQuery; nothing copied.
+    a.send(&start_copy).await;
+    assert_eq!(
+        tags(&[a.next().await, a.next().await, a.next().await]),
+        "12G"
+    );
+    let mut fail = b"client gave up".to_vec();
+    fail.push(0);
+    let copy_fail = {
+        let mut m = vec![b'f'];
+        m.extend_from_slice(&((fail.len() + 4) as i32).to_be_bytes());
+        m.extend_from_slice(&fail);
+        m
+    };
+    a.send(&[raw::copy_data(b"9\n"), copy_fail, raw::sync()].concat())
+        .await;
+    let msgs = a.until_ready().await;
+    assert_eq!(tags(&msgs), "EZ", "{msgs:?}");
+    assert_eq!(sqlstate(&msgs[0].1), "57014");
+    // The session goes on.
+    assert_eq!(tags(&a.simple("SELECT 1").await), "TDCZ");
+    let copied = c
+        .psql(
+            primary,
+            "SELECT string_agg(v::text, ',' ORDER BY v) FROM protocol_copied",
+        )
+        .unwrap();
+    assert_eq!(copied.trim(), "7,8");
+    c.psql(primary, "DROP TABLE protocol_copied").unwrap();
+}

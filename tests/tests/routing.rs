@@ -87,6 +87,27 @@ async fn serializable_and_read_write_settings_route_to_the_primary() {
             assert_eq!(r[1].as_deref(), Some("serializable"), "after {set}");
         }
     }
+    // Read-write settings: a standby refuses `transaction_read_only = off`
+    // ("cannot set transaction read-write mode during recovery"), and a
+    // session that asks for read-write transactions gets them.
+    for set in [
+        "SET transaction_read_only = off",
+        "SELECT set_config('transaction_read_only', 'off', false)",
+        "SET SESSION CHARACTERISTICS AS TRANSACTION READ WRITE",
+        "SET default_transaction_read_only = off",
+    ] {
+        let mut c = Raw::connect(server.addr.port(), "postgres", "postgres").await;
+        row(&mut c, set).await;
+        for _ in 0..3 {
+            let r = row(
+                &mut c,
+                "SELECT pg_is_in_recovery(), current_setting('transaction_read_only')",
+            )
+            .await;
+            assert_eq!(r[0].as_deref(), Some("f"), "after {set}");
+            assert_eq!(r[1].as_deref(), Some("off"), "after {set}");
+        }
+    }
 }
 
 /// Statements a standby can run are offloaded: EXPLAIN (without ANALYZE)

@@ -336,6 +336,67 @@ async fn a_commit_is_recorded_before_the_client_hears_of_it() {
     let copied = raw.simple("SELECT count(*) FROM ryw WHERE v = -3").await;
     assert!(copied.iter().any(|m| m.0 == b'D'), "{copied:?}");
 
+    // A COMMIT, then an error in the same message: the write committed,
+    // so its position is recorded although the message ended in an error.
+    let before = lsn(&value(&b, "SHOW signalbox.write_lsn").await);
+    let err = a
+        .batch_execute("INSERT INTO ryw (v) VALUES (-5); COMMIT; SELECT 1/0")
+        .await
+        .unwrap_err();
+    assert_eq!(err.code().map(|c| c.code()), Some("22012"), "{err}");
+    let recorded = lsn(&value(&b, "SHOW signalbox.write_lsn").await);
+    assert!(
+        recorded > before,
+        "a commit followed by an error is recorded"
+    );
+
+    // COMMIT AND CHAIN commits and opens the next transaction at once.
+    let before = recorded;
+    a.batch_execute("BEGIN").await.unwrap();
+    a.execute("INSERT INTO ryw (v) VALUES ($1)", &[&-7i32])
+        .await
+        .unwrap();
+    a.batch_execute("COMMIT AND CHAIN").await.unwrap();
+    let chained = lsn(&value(&b, "SHOW signalbox.write_lsn").await);
+    a.batch_execute("COMMIT").await.unwrap();
+    assert!(chained > before, "a COMMIT AND CHAIN is recorded");
+
+    // COPY FROM STDIN through a portal bound in an earlier, Flush-ended
+    // message: nothing of signalbox's may follow the Execute (the server
+    // would take it for COPY data and abort the COPY).
+    use signalbox_tests::raw;
+    let mut r = raw::Raw::connect(port, "postgres", "postgres").await;
+    r.send(
+        &[
+            raw::parse("", "COPY ryw FROM STDIN"),
+            raw::bind("", ""),
+            raw::flush(),
+        ]
+        .concat(),
+    )
+    .await;
+    assert_eq!(r.next().await.0, b'1');
+    assert_eq!(r.next().await.0, b'2');
+    r.send(&[raw::execute("", 0), raw::sync()].concat()).await;
+    let m = r.next().await;
+    assert_eq!(m.0, b'G', "COPY IN expected: {m:?}");
+    r.send(&[raw::copy_data(b"-6\n"), raw::copy_done(), raw::sync()].concat())
+        .await;
+    let mut tags = String::new();
+    loop {
+        let m = r.next().await;
+        assert_ne!(m.0, b'E', "COPY broken: {}", raw::field(&m.1, b'M'));
+        tags.push(m.0 as char);
+        if m.0 == b'Z' {
+            break;
+        }
+    }
+    assert!(tags.starts_with('C'), "{tags}");
+    let copied = c
+        .psql(c.primary.port, "SELECT count(*) FROM ryw WHERE v = -6")
+        .unwrap();
+    assert_eq!(copied.trim(), "1");
+
     // A COMMIT answered, then the connection lost (here the backend ends
     // itself: FATAL 57P01 before ReadyForQuery). The write did commit, so
     // its position must still be recorded (asked on the control plane).
@@ -364,8 +425,11 @@ async fn a_commit_is_recorded_before_the_client_hears_of_it() {
         after > before,
         "a commit whose connection died before ReadyForQuery is recorded too"
     );
-    c.psql(c.primary.port, "DELETE FROM ryw WHERE v IN (-2, -3, -4)")
-        .unwrap();
+    c.psql(
+        c.primary.port,
+        "DELETE FROM ryw WHERE v IN (-2, -3, -4, -5, -6, -7)",
+    )
+    .unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

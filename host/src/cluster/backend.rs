@@ -296,14 +296,17 @@ impl BackendConn {
         let mut out = BytesMut::new();
         wire::query(&mut out, sql);
         self.send_frames(&out).await?;
-        self.simple_reply().await
+        self.simple_reply(|_| {}).await
     }
 
     /// Read the answer to a simple query of signalbox's own that was sent
     /// after everything else now owed (pipelined behind a client's work):
     /// the first error's (SQLSTATE, message) and the first row's first value.
+    /// What the server sends on its own meanwhile (notifications, notices,
+    /// parameter changes) goes to `unsolicited`, for the client.
     pub async fn simple_reply(
         &mut self,
+        mut unsolicited: impl FnMut(&Frame),
     ) -> Result<(Option<(String, String)>, Option<String>), WireError> {
         let (mut error, mut value) = (None, None);
         loop {
@@ -312,6 +315,7 @@ impl BackendConn {
                 b'E' if error.is_none() => error = Some(wire::error_fields(&f.body)),
                 b'D' if value.is_none() => value = first_value(&f.body),
                 b'Z' if self.owed == 0 => return Ok((error, value)),
+                b'A' | b'N' | b'S' => unsolicited(&f),
                 _ => {}
             }
         }
@@ -421,6 +425,18 @@ impl BackendConn {
             }
         }
         self.quiet = false;
+        if let Err(e) = self.stream.write_all(bytes).await {
+            self.broken = true;
+            return Err(e.into());
+        }
+        Ok(())
+    }
+
+    /// Send the client's Sync that ends an extended-protocol COPY IN. The
+    /// Sync sent after the COPY's Execute was ignored by the server (it
+    /// was reading COPY data) but counted as owed: this one is answered
+    /// in its place, so it is not counted again.
+    pub async fn send_in_place_of_ignored_sync(&mut self, bytes: &[u8]) -> Result<(), WireError> {
         if let Err(e) = self.stream.write_all(bytes).await {
             self.broken = true;
             return Err(e.into());

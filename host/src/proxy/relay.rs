@@ -276,10 +276,15 @@ pub async fn relay(
             }
             emit_synthetic(plan, &mut client.out);
             let alias = client.pid_alias;
+            // An extended-protocol COPY (Execute, then the batch's Sync): the
+            // server ignores that Sync while it reads COPY data, and answers
+            // the one the client sends after CopyDone instead.
+            let sync_swallowed = matches!(plan.front(), Some(Step::Execute))
+                && plan.iter().any(|s| *s == Step::Sync);
             let copy_in = handle(&frame, plan, &mut outcome, &mut client.out, alias);
             if copy_in {
                 client.flush().await.map_err(RelayError::Client)?;
-                pump_copy_in(conn, client).await?;
+                pump_copy_in(conn, client, sync_swallowed).await?;
             }
             if plan.is_empty() {
                 return finish(client, outcome).await;
@@ -294,6 +299,13 @@ pub async fn relay(
                 // Slow: show what there is (notices, first rows) and stream.
                 Err(_) => hold = false,
             }
+            continue;
+        }
+        if client.defer_ready && client.out.len() <= 64 * 1024 {
+            // The caller must act before the client may see the end of this
+            // exchange (a commit's CommandComplete as much as its
+            // ReadyForQuery): a reply split across reads is not shown early.
+            wait_server(conn, client).await?;
             continue;
         }
         client.flush().await.map_err(RelayError::Client)?;
@@ -427,13 +439,21 @@ pub fn forward(frame: &Frame, alias: Option<(i32, i32)>, out: &mut BytesMut) {
     }
 }
 
-/// Forward the client's COPY data until it ends the COPY.
-async fn pump_copy_in(conn: &mut BackendConn, client: &mut ClientIo) -> Result<(), RelayError> {
+/// Forward the client's COPY data until it ends the COPY. `sync_swallowed`:
+/// the server ignored the Sync that followed the COPY's Execute, so the
+/// client's Sync after CopyDone/CopyFail takes its place (it is forwarded
+/// here, as the answer the exchange already waits for).
+async fn pump_copy_in(
+    conn: &mut BackendConn,
+    client: &mut ClientIo,
+    sync_swallowed: bool,
+) -> Result<(), RelayError> {
     let mut chunk = BytesMut::with_capacity(64 * 1024);
+    let mut ended = false;
     loop {
         let f = client.next().await.map_err(RelayError::Client)?;
         match f.tag {
-            b'd' | b'c' | b'f' => {
+            b'd' | b'c' | b'f' if !ended => {
                 f.encode_into(&mut chunk);
                 if f.tag != b'd' || chunk.len() >= 64 * 1024 {
                     conn.send_frames(&chunk)
@@ -442,8 +462,19 @@ async fn pump_copy_in(conn: &mut BackendConn, client: &mut ClientIo) -> Result<(
                     chunk.clear();
                 }
                 if f.tag != b'd' {
-                    return Ok(());
+                    if !sync_swallowed {
+                        return Ok(());
+                    }
+                    ended = true;
                 }
+            }
+            b'S' if ended => {
+                let mut sync = BytesMut::new();
+                f.encode_into(&mut sync);
+                conn.send_in_place_of_ignored_sync(&sync)
+                    .await
+                    .map_err(RelayError::Backend)?;
+                return Ok(());
             }
             // Flush and Sync are ignored during COPY IN (protocol rule).
             b'H' | b'S' => {}

@@ -115,6 +115,9 @@ pub struct Classified {
     /// the server then reads the client's data, so nothing of signalbox's
     /// own may follow the statement on the connection.
     pub copies_in: bool,
+    /// `COMMIT`/`END`/`ROLLBACK`/`ABORT` without `AND CHAIN`: the
+    /// transaction is over once it has run.
+    pub ends_transaction: bool,
 }
 
 impl Classified {
@@ -154,6 +157,7 @@ impl Classified {
             parse_error: true,
             touches_session: true,
             copies_in: true,
+            ends_transaction: false,
         }
     }
 }
@@ -491,6 +495,7 @@ pub fn classify(sql: &str) -> Classified {
         parse_error: false,
         touches_session: false,
         copies_in: false,
+        ends_transaction: false,
     };
     let nodes: Vec<&NodeEnum> = parsed
         .protobuf
@@ -502,15 +507,33 @@ pub fn classify(sql: &str) -> Classified {
     c.copies_in = nodes
         .iter()
         .any(|n| matches!(n, NodeEnum::CopyStmt(copy) if copy.is_from));
+    c.ends_transaction = nodes.iter().any(|n| match n {
+        NodeEnum::TransactionStmt(t) => {
+            let kind =
+                TransactionStmtKind::try_from(t.kind).unwrap_or(TransactionStmtKind::Undefined);
+            !t.chain
+                && matches!(
+                    kind,
+                    TransactionStmtKind::TransStmtCommit | TransactionStmtKind::TransStmtRollback
+                )
+        }
+        _ => false,
+    });
+    // (TRUNCATE and temporary tables change no fact another session's
+    // routing depends on: no catalog fetch for them.)
+    let temporary = |n: &NodeEnum| {
+        matches!(n, NodeEnum::CreateStmt(t)
+            if t.relation.as_ref().is_some_and(|r| r.relpersistence == "t"))
+    };
     c.changes_catalog = nodes.iter().any(|n| {
-        is_ddl(n)
-            || matches!(
+        (is_ddl(n) && !matches!(n, NodeEnum::TruncateStmt(_)))
+            || (matches!(
                 n,
                 NodeEnum::CreateStmt(_)
                     | NodeEnum::CreateTableAsStmt(_)
                     | NodeEnum::DoStmt(_)
                     | NodeEnum::CallStmt(_)
-            )
+            ) && !temporary(n))
     });
     for (i, raw) in parsed.protobuf.stmts.iter().enumerate() {
         let Some(node) = raw.stmt.as_ref().and_then(|n| n.node.as_ref()) else {
@@ -645,12 +668,27 @@ fn session_calls(parsed: &pg_query::ParseResult, c: &mut Classified) {
                     .push(SessionEffect::Pin("serializable default isolation"));
                 c.effects.push(set_config_effect(name, value));
             }
+            Some((name, value, false)) if read_write_request(&name, &value) => {
+                c.effects
+                    .push(SessionEffect::Pin("read-write transactions"));
+                c.effects.push(set_config_effect(name, value));
+            }
             Some((name, value, false)) => c.effects.push(set_config_effect(name, value)),
             None => c
                 .effects
                 .push(SessionEffect::Pin("set_config with computed arguments")),
         }
     }
+}
+
+/// `transaction_read_only` or `default_transaction_read_only` set to
+/// anything but true: a standby refuses the first ("cannot set transaction
+/// read-write mode during recovery") and cannot honour the second.
+fn read_write_request(name: &str, value: &str) -> bool {
+    let truthy = ["on", "true", "yes", "1"]
+        .iter()
+        .any(|t| t.eq_ignore_ascii_case(value.trim()));
+    (name == "transaction_read_only" || name == "default_transaction_read_only") && !truthy
 }
 
 fn serializable_default(name: &str, value: &str) -> bool {
@@ -1158,8 +1196,14 @@ fn variable_set(v: &protobuf::VariableSetStmt, text: &str, c: &mut Classified) -
                 });
                 return false;
             }
-            // transaction_read_only = off makes the transaction read-write.
-            let read_write = name == "transaction_read_only";
+            // Read-write transactions asked for: the primary, for the rest
+            // of the session (a standby refuses or ignores the setting).
+            let value = v.args.first().and_then(|a| const_string(Some(a)));
+            let read_write = read_write_request(&name, value.as_deref().unwrap_or("off"));
+            if read_write {
+                c.effects
+                    .push(SessionEffect::Pin("read-write transactions"));
+            }
             c.effects.push(SessionEffect::Set {
                 name,
                 sql: text.to_owned(),
@@ -1566,6 +1610,19 @@ mod tests {
             .any(|e| matches!(e, SessionEffect::Set { .. })));
         assert!(classify("SET default_transaction_isolation = 'read committed'").read_only);
         assert!(classify("SET work_mem = '64MB'").read_only);
+        // Read-write transactions: the session stays on the primary.
+        for sql in [
+            "SET transaction_read_only = off",
+            "SET default_transaction_read_only = false",
+            "SELECT set_config('transaction_read_only', 'off', false)",
+        ] {
+            let c = classify(sql);
+            assert!(!c.read_only, "{sql}");
+            let pinned = c.effects.iter().any(|e| matches!(e, SessionEffect::Pin(_)));
+            assert!(pinned, "{sql}");
+        }
+        let c = classify("SET default_transaction_read_only = on");
+        assert!(!c.effects.iter().any(|e| matches!(e, SessionEffect::Pin(_))));
     }
 
     #[test]

@@ -163,6 +163,18 @@ impl Session {
         sql: &Arc<str>,
         avoid: Option<NodeId>,
     ) -> Result<Option<bool>, SessionError> {
+        if self.lease.as_mut().is_some_and(|l| l.conn().is_broken()) {
+            // A held connection that may still owe answers to something
+            // else: nothing more may be sent on it, and what the session
+            // relied on (its transaction, its pin) is gone with it.
+            self.release(true);
+            self.fatal(
+                "08006",
+                "terminating connection: signalbox lost the server connection that held this session",
+            )
+            .await;
+            return Err(SessionError::Backend(WireError::Closed));
+        }
         if let Some(lease) = &self.lease {
             if self.trace {
                 let node = lease.node();
@@ -472,7 +484,9 @@ impl Session {
                 && (self.tx_wrote || writes)
                 && ends_with_sync
                 && !class.copies_in
-                && ((self.tx == TxState::Idle && !class.begins) || lone_control);
+                && binds_what_it_executes(&work)
+                && ((self.tx == TxState::Idle && !class.begins)
+                    || (lone_control && class.ends_transaction));
             let joined;
             let bytes = if pipelined {
                 let mut b = bytes::BytesMut::with_capacity(bytes.len() + 96);
@@ -501,20 +515,25 @@ impl Session {
                     }
                     if ryw {
                         self.tx_wrote |= writes;
-                        let committed = self.tx_wrote
-                            && outcome.status == Some(b'I')
-                            && !outcome.error
-                            && outcome.last_tag.as_deref() != Some("ROLLBACK");
+                        // A transaction that wrote is over: record its
+                        // position even when it may have rolled back (an
+                        // error after a COMMIT in the same message can
+                        // hide a commit; a needless record costs a wait).
+                        // (`COMMIT AND CHAIN` commits and opens the next.)
+                        let chained = outcome.status == Some(b'T')
+                            && outcome.last_tag.as_deref() == Some("COMMIT");
+                        let ended = self.tx_wrote && (outcome.status == Some(b'I') || chained);
                         // A pipelined answer is read whatever happened.
-                        if pipelined || committed {
+                        if pipelined || ended {
                             let lsn = self.write_lsn_after(pipelined).await;
-                            if let (true, Some(node)) = (committed, failed_node) {
+                            if let (true, Some(node)) = (ended, failed_node) {
                                 self.commit_recorded(lsn, node).await;
                             }
                         }
-                        if outcome.status == Some(b'I') {
-                            self.tx_wrote = false;
-                        }
+                    }
+                    if outcome.status == Some(b'I') || outcome.last_tag.as_deref() == Some("COMMIT")
+                    {
+                        self.tx_wrote = false;
                     }
                     // An error with no Sync after it: the server skips to
                     // the client's Sync.
@@ -895,4 +914,34 @@ impl Session {
             }
         }
     }
+}
+
+/// Every portal the work executes was bound in the work itself (by name),
+/// so its statement was classified here: a portal bound earlier might be
+/// a `COPY ... FROM STDIN`, and then nothing of signalbox's own may follow.
+fn binds_what_it_executes(work: &Work<'_>) -> bool {
+    let Work::Batch(batch) = work else {
+        return true;
+    };
+    let portal = |m: &Message| {
+        let body = &m.frame.body[..];
+        body.iter()
+            .position(|&b| b == 0)
+            .map(|end| body[..end].to_vec())
+    };
+    let mut bound: Vec<Vec<u8>> = Vec::new();
+    for m in batch.iter() {
+        match m.kind {
+            Kind::Bind { .. } => match portal(m) {
+                Some(p) => bound.push(p),
+                None => return false,
+            },
+            Kind::Execute => match portal(m) {
+                Some(p) if bound.contains(&p) => {}
+                _ => return false,
+            },
+            _ => {}
+        }
+    }
+    true
 }

@@ -93,12 +93,16 @@ impl Session {
                     .map(|i| i as NodeId)
             });
             let Some(node) = node else {
-                let msg = if primary_only {
-                    "signalbox: no primary to serve this session"
+                let what = if primary_only {
+                    "no primary"
                 } else {
-                    "signalbox: no healthy node to serve this session"
+                    "no healthy node"
                 };
-                failure = Some(("57P03".to_owned(), msg.to_owned()));
+                let msg = match self.live.cluster.fence_reason() {
+                    Some(f) => format!("signalbox: {what} to serve this session ({f})"),
+                    None => format!("signalbox: {what} to serve this session"),
+                };
+                failure = Some(("57P03".to_owned(), msg));
                 break;
             };
             match self.checkout(node).await {

@@ -96,16 +96,23 @@ impl Session {
     /// this connection (discarded when released), not the session.
     pub(super) async fn write_lsn_after(&mut self, pipelined: bool) -> Option<u64> {
         let conn = self.lease.as_mut()?.conn();
-        let asked = if pipelined {
-            tokio::time::timeout(RECORD_WRITE_TIMEOUT, conn.simple_reply())
-                .await
-                .map(|r| r.map(|(_, value)| value))
-        } else {
-            tokio::time::timeout(RECORD_WRITE_TIMEOUT, conn.query_value(POSITION_SQL)).await
+        let (out, alias) = (&mut self.client.out, self.client.pid_alias);
+        // A notification that arrives meanwhile still reaches the client.
+        let pass = |f: &crate::wire::Frame| crate::proxy::relay::forward(f, alias, out);
+        let ask = async {
+            if !pipelined {
+                let mut q = bytes::BytesMut::new();
+                crate::wire::query(&mut q, POSITION_SQL);
+                conn.send_frames(&q).await?;
+            }
+            conn.simple_reply(pass).await.map(|(_, value)| value)
         };
-        match asked {
+        match tokio::time::timeout(RECORD_WRITE_TIMEOUT, ask).await {
             Ok(Ok(value)) => value.and_then(|v| v.parse().ok()),
             Ok(Err(_)) | Err(_) => {
+                // Whatever it still owes must never reach anyone: a held
+                // connection that is broken ends its session at the next
+                // statement, a pooled one is discarded when released.
                 conn.mark_broken();
                 None
             }
