@@ -518,6 +518,7 @@ async fn random_disconnects_leave_no_session_or_server_connection_behind() {
             .load(std::sync::atomic::Ordering::Relaxed)
     };
     let big = "SELECT repeat('x', 40) || g FROM generate_series(1, 200000) g";
+    let (sessions_before, connections_before) = (sessions(), server_connections("protocol_chaos"));
     let mut seed: u64 = 0x5157_a1b0_c0ff_ee00;
     let mut next = move || {
         seed = seed
@@ -574,7 +575,8 @@ async fn random_disconnects_leave_no_session_or_server_connection_behind() {
                 c.read_some(next() % 8192 + 1).await;
             }
             _ => {
-                c.send(&raw::query("SELECT pg_sleep(10), 'sleeper'")).await;
+                // Longer than the settle window below: only a cancel ends it.
+                c.send(&raw::query("SELECT pg_sleep(60), 'sleeper'")).await;
                 tokio::time::sleep(Duration::from_millis(next() as u64 % 50)).await;
             }
         }
@@ -601,7 +603,7 @@ async fn random_disconnects_leave_no_session_or_server_connection_behind() {
     };
     let settled = tokio::task::block_in_place(|| {
         signalbox_tests::wait_until(Duration::from_secs(30), || {
-            sessions() == 0
+            sessions() == sessions_before
                 && (0..3).all(|n| server.shared.live().cluster.pools.in_flight(n) == 0)
                 && busy(c) == 0
         })
@@ -616,8 +618,13 @@ async fn random_disconnects_leave_no_session_or_server_connection_behind() {
         busy(c)
     );
     let total = server_connections("protocol_chaos");
+    eprintln!(
+        "200 random disconnects: sessions {sessions_before} before, {} after; \
+         server connections {connections_before} before, {total} after (all idle)",
+        sessions()
+    );
     assert!(
-        total <= 3 * 3,
+        total <= connections_before + 3 * 3,
         "{total} server connections for pools of 3 on 3 nodes"
     );
     // And the next client is served normally.
@@ -788,4 +795,35 @@ async fn an_extended_protocol_copy_in_completes() {
         .unwrap();
     assert_eq!(copied.trim(), "7,8");
     c.psql(primary, "DROP TABLE protocol_copied").unwrap();
+}
+
+/// A message that starts but never finishes (a slowloris) is bounded: after
+/// `message_timeout_s` the client gets FATAL 08P01 and the connection is
+/// closed, and the service goes on serving others.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_that_never_finishes_is_timed_out() {
+    let server = start("[clients]\nmessage_timeout_s = 1\n").await;
+    let port = server.addr.port();
+    let mut a = Raw::connect(port, "postgres", "postgres").await;
+    // A Query announcing 100 bytes of which 10 arrive.
+    let mut partial = vec![b'Q'];
+    partial.extend_from_slice(&104i32.to_be_bytes());
+    partial.extend_from_slice(b"SELECT 1; ");
+    a.send(&partial).await;
+    let started = std::time::Instant::now();
+    let fatal = a
+        .next_within(Duration::from_secs(5))
+        .await
+        .expect("an answer within 5 s");
+    assert_eq!(fatal.0, b'E', "{fatal:?}");
+    assert_eq!(raw::field(&fatal.1, b'S'), "FATAL");
+    assert_eq!(sqlstate(&fatal.1), "08P01");
+    let waited = started.elapsed();
+    assert!(
+        waited >= Duration::from_millis(900),
+        "timed out after {waited:?}, before the 1 s bound"
+    );
+    assert!(a.try_next().await.is_none(), "the connection is closed");
+    let mut b = Raw::connect(port, "postgres", "postgres").await;
+    assert_eq!(tags(&b.simple("SELECT 1").await), "TDCZ");
 }
