@@ -5,7 +5,7 @@
 use std::sync::atomic::Ordering;
 
 use signalbox_tests::raw::{data_row, sqlstate, Raw};
-use signalbox_tests::service::{cluster, start};
+use signalbox_tests::service::{cluster, connect, start};
 
 /// Run `sql`; the values of the first row (an error fails the test).
 async fn row(c: &mut Raw, sql: &str) -> Vec<Option<String>> {
@@ -342,4 +342,59 @@ async fn session_mode_reads_stay_home_after_untracked_state() {
         .await;
         assert_eq!(r, [Some("42".to_string()), Some("f".to_string())]);
     }
+}
+
+/// Without catalog facts (`catalog = false`, or a fetch that failed) a read
+/// of an UNLOGGED table looks safe and goes to a standby, which refuses it.
+/// Nothing reached the client yet: the read runs on the primary instead,
+/// the client gets its rows, and the retry is counted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_read_a_standby_refuses_runs_on_the_primary() {
+    setup();
+    let c = cluster();
+    c.psql(
+        c.primary.port,
+        "CREATE UNLOGGED TABLE IF NOT EXISTS routing_unlogged_nocat (n int); \
+         INSERT INTO routing_unlogged_nocat SELECT 1 WHERE NOT EXISTS (SELECT FROM routing_unlogged_nocat)",
+    )
+    .unwrap();
+    c.wait_replayed().unwrap();
+    let server = start("[classifier]\ncatalog = false\n").await;
+    let mut raw = Raw::connect(server.addr.port(), "postgres", "postgres").await;
+    for _ in 0..3 {
+        let r = row(
+            &mut raw,
+            "SELECT count(*), pg_is_in_recovery() FROM routing_unlogged_nocat",
+        )
+        .await;
+        assert_eq!(r, [Some("1".into()), Some("f".into())]);
+    }
+    let retried = server
+        .shared
+        .metrics
+        .standby_retries
+        .load(Ordering::Relaxed);
+    assert_eq!(
+        retried, 3,
+        "each read was refused by a standby, then retried"
+    );
+    // Extended protocol (what drivers use) too.
+    let client = connect(server.addr.port(), "postgres").await;
+    let n: i64 = client
+        .query_one(
+            "SELECT count(*) FROM routing_unlogged_nocat WHERE n = $1",
+            &[&1i32],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(n, 1);
+    assert_eq!(
+        server
+            .shared
+            .metrics
+            .standby_retries
+            .load(Ordering::Relaxed),
+        4
+    );
 }

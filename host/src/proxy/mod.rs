@@ -145,6 +145,11 @@ impl prometheus_client::collector::Collector for DataPath {
             one(n(&m.ryw_unrecorded)),
         )?;
         r.counter(
+            "signalbox_standby_retries",
+            "Reads judged safe that a standby refused (25006, or recovery), run again on the primary before the client saw anything.",
+            one(n(&m.standby_retries)),
+        )?;
+        r.counter(
             "signalbox_cancel_requests",
             "Cancel requests forwarded.",
             one(n(&m.cancels)),
@@ -252,6 +257,8 @@ pub struct Metrics {
     pub rejected: AtomicU64,
     /// Committed write transactions whose position could not be learned.
     pub ryw_unrecorded: AtomicU64,
+    /// Reads a standby refused, run again on the primary.
+    pub standby_retries: AtomicU64,
     pub cancels: AtomicU64,
     pub protocol_errors: AtomicU64,
     /// accept() failures (e.g. out of file descriptors); the loop goes on.
@@ -319,6 +326,7 @@ impl Metrics {
             routed_read_only: AtomicU64::new(0),
             rejected: AtomicU64::new(0),
             ryw_unrecorded: AtomicU64::new(0),
+            standby_retries: AtomicU64::new(0),
             cancels: AtomicU64::new(0),
             protocol_errors: AtomicU64::new(0),
             accept_errors: AtomicU64::new(0),
@@ -343,6 +351,10 @@ impl Metrics {
 
     pub fn rejected(&self) {
         self.rejected.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn standby_retried(&self) {
+        self.standby_retries.fetch_add(1, Ordering::Relaxed);
     }
 
     pub fn ryw_unrecorded(&self) {

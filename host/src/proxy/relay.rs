@@ -51,6 +51,21 @@ pub struct Outcome {
     pub failed_parses: Vec<u32>,
     /// The `client_encoding` the server reported (a SET, or its rollback).
     pub client_encoding: Option<String>,
+    /// An error a hot standby gives for what only a primary can do
+    /// (`25006` read-only transaction, or a `0A000`/`55000` naming
+    /// recovery): a read judged safe was not.
+    pub standby_refused: bool,
+}
+
+/// Whether an ErrorResponse is a hot standby refusing work only a primary
+/// can do.
+fn refused_by_standby(body: &[u8]) -> bool {
+    let (code, message) = wire::error_fields(body);
+    match code.as_str() {
+        "25006" => true,
+        "0A000" | "55000" => message.contains("recovery"),
+        _ => false,
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -267,7 +282,7 @@ pub async fn relay(
     loop {
         emit_synthetic(plan, &mut client.out);
         if plan.is_empty() {
-            return finish(client, outcome).await;
+            return finish(client, outcome, hold).await;
         }
         while let Some(frame) = conn.take_frame().map_err(RelayError::Backend)? {
             if frame.tag == b'E' && wire::is_fatal(&frame.body) {
@@ -287,7 +302,7 @@ pub async fn relay(
                 pump_copy_in(conn, client, sync_swallowed).await?;
             }
             if plan.is_empty() {
-                return finish(client, outcome).await;
+                return finish(client, outcome, hold).await;
             }
             if client.out.len() > 64 * 1024 {
                 client.flush().await.map_err(RelayError::Client)?;
@@ -313,9 +328,15 @@ pub async fn relay(
     }
 }
 
-/// The exchange is complete: show the client, unless the caller defers it.
-async fn finish(client: &mut ClientIo, outcome: Outcome) -> Result<Outcome, RelayError> {
-    if !client.defer_ready {
+/// The exchange is complete: show the client, unless the caller defers it,
+/// or (`held`: nothing shown yet) a standby refused the read, which the
+/// caller may then run elsewhere as if it never ran.
+async fn finish(
+    client: &mut ClientIo,
+    outcome: Outcome,
+    held: bool,
+) -> Result<Outcome, RelayError> {
+    if !client.defer_ready && !(held && outcome.standby_refused) {
         client.flush().await.map_err(RelayError::Client)?;
     }
     Ok(outcome)
@@ -369,6 +390,7 @@ fn handle(
     match frame.tag {
         b'E' => {
             outcome.error = true;
+            outcome.standby_refused |= refused_by_standby(&frame.body);
             // After an error the backend skips to the next Sync; so must we.
             while let Some(s) = plan.front() {
                 match s {

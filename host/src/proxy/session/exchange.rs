@@ -425,7 +425,7 @@ impl Session {
     async fn run_routed_here(
         &mut self,
         class: &Classified,
-        judged: bool,
+        mut judged: bool,
         sql: &Arc<str>,
         work: Work<'_>,
     ) -> Result<(), SessionError> {
@@ -498,8 +498,30 @@ impl Session {
                 bytes
             };
             let exchanged = self.exchange(bytes, &mut plan, hold).await;
-            let deferred = std::mem::take(&mut self.client.defer_ready);
+            self.client.defer_ready = false;
             match exchanged? {
+                Ok(outcome)
+                    if hold
+                        && outcome.standby_refused
+                        && !self.client.progressed_since(mark)
+                        && self.lease.as_ref().is_some_and(|l| {
+                            self.live.cluster.view().primary() != Some(l.node())
+                        }) =>
+                {
+                    // A standby refused a read judged safe (catalog facts
+                    // stale or missing, DDL made outside signalbox): nothing
+                    // ran and nothing reached the client, so it runs on the
+                    // primary instead, as a write would.
+                    self.client.out.clear();
+                    self.release(false);
+                    self.shared.metrics.standby_retried();
+                    tracing::info!(
+                        session = self.id,
+                        fingerprint = format_args!("{:016x}", class.fingerprint),
+                        "a standby refused a read judged safe; it runs on the primary"
+                    );
+                    judged = false;
+                }
                 Ok(outcome) => {
                     if let Some(lease) = self.lease.as_mut() {
                         for slot in &outcome.failed_parses {
@@ -559,9 +581,9 @@ impl Session {
                         self.catalog_dirty = false;
                         self.refresh_catalog().await;
                     }
-                    if deferred {
-                        self.client.flush().await.map_err(SessionError::Client)?;
-                    }
+                    // What was held back: a deferred ending, or a refused
+                    // read that could not run elsewhere.
+                    self.client.flush().await.map_err(SessionError::Client)?;
                     return Ok(());
                 }
                 Err(e) if hold && !self.client.progressed_since(mark) => {
