@@ -215,6 +215,16 @@ impl Reloader {
                 .map_err(|e| format!("{}: {e}", self.path.display()))?;
             c.adopt_fence(&old.cluster);
             c.probe_all().await;
+            // A new cluster's first probes open new connections, and under
+            // load one can miss its connect budget: look again (about a
+            // second in all) before concluding no node is the primary.
+            for _ in 0..4 {
+                if c.view().primary().is_some() || old.cluster.view().primary().is_none() {
+                    break;
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(250)).await;
+                c.probe_all().await;
+            }
             refuses_losing_the_primary(&old.cluster, &c, &self.path)?;
             Some(c)
         } else {

@@ -46,7 +46,7 @@ async fn primary_replica_and_signalbox(health: &str) -> (LocalCluster, signalbox
     c.wait_replayed().unwrap();
     // Roles are not configured: signalbox asks each node (`role = "auto"`).
     let text = format!(
-        "listen = \"127.0.0.1:0\"\n[health]\ninterval_ms = 200\n{health}{}",
+        "listen = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\n[health]\ninterval_ms = 200\n{health}{}",
         c.nodes_toml()
             .replace("role = \"primary\"", "role = \"auto\"")
             .replace("role = \"replica\"", "role = \"auto\"")
@@ -99,6 +99,18 @@ async fn promotion_is_followed_and_a_returning_old_primary_is_fenced() {
     assert_eq!(rows_on_old(), before, "no write landed on the old primary");
     let reason = server.shared.live().cluster.fence_reason().expect("fenced");
     assert!(reason.contains("former primary"), "{reason}");
+    // `/health` says why (a primary still takes writes: 200), and the
+    // gauge shows the fence.
+    let admin = server.admin_addr.unwrap();
+    let (code, body) = tokio::task::block_in_place(|| {
+        signalbox_tests::admin_call("GET", &format!("http://{admin}/health"), None)
+    });
+    assert_eq!(code, 200, "{body}");
+    assert!(body.contains("former primary"), "{body}");
+    let (_, metrics) = tokio::task::block_in_place(|| {
+        signalbox_tests::admin_call("GET", &format!("http://{admin}/metrics"), None)
+    });
+    assert!(metrics.lines().any(|l| l == "signalbox_writes_fenced 1"));
     assert!(
         server
             .shared

@@ -827,3 +827,78 @@ async fn a_message_that_never_finishes_is_timed_out() {
     let mut b = Raw::connect(port, "postgres", "postgres").await;
     assert_eq!(tags(&b.simple("SELECT 1").await), "TDCZ");
 }
+
+/// A transaction-pooled client pinned to its server connection (LISTEN)
+/// and idle between transactions learns at once that the connection was
+/// terminated, as it would directly: the FATAL is forwarded and the
+/// connection closed, without the client sending anything.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pinned_idle_client_learns_its_connection_died() {
+    let server = start("").await;
+    let primary = port_of("primary");
+    let c = cluster();
+    let mut a = Raw::connect(server.addr.port(), "postgres", "postgres").await;
+    assert_eq!(
+        tags(&a.simple("LISTEN protocol_pinned_channel").await),
+        "CZ"
+    );
+    let killed = c
+        .psql(
+            primary,
+            "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity \
+             WHERE query = 'LISTEN protocol_pinned_channel'",
+        )
+        .unwrap();
+    assert_eq!(killed.trim(), "1");
+    let fatal = a
+        .try_next()
+        .await
+        .expect("the FATAL reaches the idle client");
+    assert_eq!(fatal.0, b'E');
+    assert_eq!(raw::field(&fatal.1, b'S'), "FATAL");
+    assert_eq!(sqlstate(&fatal.1), "57P01");
+    assert!(a.try_next().await.is_none(), "the connection is closed");
+}
+
+/// Session pooling: a setting from the startup packet that the server
+/// refuses, met while the session's connection is being prepared, ends
+/// the login with a FATAL naming it (as PostgreSQL would), not a silent
+/// close.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_whose_settings_cannot_be_applied_gets_a_fatal() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let server = start("[pool]\nmode = \"session\"\n").await;
+    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", server.addr.port()))
+        .await
+        .unwrap();
+    s.write_all(&raw::startup_with(
+        "postgres",
+        "postgres",
+        &[("options", "-c work_mem=banana")],
+    ))
+    .await
+    .unwrap();
+    let mut got = Vec::new();
+    let read = async {
+        loop {
+            let Ok(tag) = s.read_u8().await else { break };
+            let len = s.read_i32().await.unwrap_or(4);
+            let mut body = vec![0u8; (len as usize).saturating_sub(4)];
+            if s.read_exact(&mut body).await.is_err() {
+                break;
+            }
+            got.push((tag, body));
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(10), read)
+        .await
+        .expect("the connection ends within 10 s");
+    let err = got
+        .iter()
+        .find(|m| m.0 == b'E')
+        .unwrap_or_else(|| panic!("no error before the close: {got:?}"));
+    assert_eq!(raw::field(&err.1, b'S'), "FATAL");
+    assert_eq!(sqlstate(&err.1), "22023");
+    assert!(raw::field(&err.1, b'M').contains("work_mem"), "{err:?}");
+    assert!(got.iter().all(|m| m.0 != b'Z'), "no ReadyForQuery: {got:?}");
+}

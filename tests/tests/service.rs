@@ -1312,24 +1312,46 @@ async fn contract_fields_are_true_in_the_service() {
         "no reason with fingerprint {fp:016x}: {:?}",
         reasons()
     );
-    // "fp=… I lat=<µs>,idle=<n>": outside a transaction; after the first
-    // statement the primary has a latency and an idle pooled connection.
-    let parsed: Vec<(u32, u32)> = mine
+    // "fp=… I lat=<µs>,idle=<n>,fl=<n>": outside a transaction; after the
+    // first statement the primary has a latency and an idle pooled
+    // connection, and nothing in flight.
+    let parse = |r: &str| -> Vec<u32> {
+        let p = r.rsplit(' ').next().unwrap();
+        p.split(&['=', ','][..])
+            .filter_map(|x| x.parse().ok())
+            .collect()
+    };
+    let parsed: Vec<Vec<u32>> = mine
         .iter()
         .map(|r| {
             assert!(r.contains(" I "), "{r}");
-            let p = r.rsplit(' ').next().unwrap();
-            let v: Vec<u32> = p
-                .split(&['=', ','][..])
-                .filter_map(|x| x.parse().ok())
-                .collect();
-            (v[0], v[1])
+            parse(r)
         })
         .collect();
     assert!(
-        parsed.iter().any(|(lat, idle)| *lat > 0 && *idle >= 1),
-        "latency and idle as received: {mine:?}"
+        parsed.iter().any(|v| v[0] > 0 && v[1] >= 1 && v[2] == 0),
+        "latency, idle and in-flight as received: {mine:?}"
     );
+    // Another client holds a primary connection (an open transaction):
+    // the policy sees one in flight on the primary, then none again.
+    let other = connect(server.addr.port(), "postgres").await;
+    other.batch_execute("BEGIN; SELECT 1").await.unwrap();
+    let held = "SELECT 1 AS held";
+    client.simple_query(held).await.unwrap();
+    other.batch_execute("COMMIT").await.unwrap();
+    let released = "SELECT 1 AS released, 2 AS again";
+    client.simple_query(released).await.unwrap();
+    for (sql, want) in [(held, 1), (released, 0)] {
+        let fp = signalbox::sql::classify::classify(sql).fingerprint;
+        let seen: Vec<String> = reasons()
+            .into_iter()
+            .filter(|r| r.starts_with(&format!("fp={fp:016x}")))
+            .collect();
+        assert!(
+            seen.iter().any(|r| parse(r)[2] == want),
+            "{sql}: in-flight on the primary as received, want {want}: {seen:?}"
+        );
+    }
     // Other literals, same fingerprint: counted under reasons with it.
     let count: u64 = server
         .shared

@@ -336,7 +336,8 @@ async fn finish(
     outcome: Outcome,
     held: bool,
 ) -> Result<Outcome, RelayError> {
-    if !client.defer_ready && !(held && outcome.standby_refused) {
+    let keep = client.defer_ready || (held && outcome.standby_refused);
+    if !keep {
         client.flush().await.map_err(RelayError::Client)?;
     }
     Ok(outcome)

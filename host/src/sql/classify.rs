@@ -1068,6 +1068,17 @@ fn is_ddl(n: &NodeEnum) -> bool {
             | NodeEnum::CreateDomainStmt(_)
             | NodeEnum::DefineStmt(_)
             | NodeEnum::AlterDomainStmt(_)
+            | NodeEnum::AlterObjectSchemaStmt(_)
+            | NodeEnum::AlterExtensionStmt(_)
+            | NodeEnum::AlterExtensionContentsStmt(_)
+            | NodeEnum::CreateCastStmt(_)
+            | NodeEnum::AlterOperatorStmt(_)
+            | NodeEnum::CreateForeignTableStmt(_)
+            | NodeEnum::AlterOwnerStmt(_)
+            | NodeEnum::CreatePolicyStmt(_)
+            | NodeEnum::AlterPolicyStmt(_)
+            | NodeEnum::CreateOpClassStmt(_)
+            | NodeEnum::AlterTypeStmt(_)
     )
 }
 

@@ -34,7 +34,7 @@ impl Policy for Faulty {
             // (Reasons are at most 64 bytes: the primary's facts only.)
             let p = backends
                 .primary()
-                .map(|b| format!("lat={},idle={}", b.latency_us, b.idle))
+                .map(|b| format!("lat={},idle={},fl={}", b.latency_us, b.idle, b.in_flight))
                 .unwrap_or_default();
             let tx = if session.in_transaction() { "T" } else { "I" };
             return Decision::primary().because(format!("fp={:016x} {tx} {p}", stmt.fingerprint));
