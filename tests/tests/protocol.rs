@@ -880,8 +880,7 @@ async fn a_session_whose_settings_cannot_be_applied_gets_a_fatal() {
     .unwrap();
     let mut got = Vec::new();
     let read = async {
-        loop {
-            let Ok(tag) = s.read_u8().await else { break };
+        while let Ok(tag) = s.read_u8().await {
             let len = s.read_i32().await.unwrap_or(4);
             let mut body = vec![0u8; (len as usize).saturating_sub(4)];
             if s.read_exact(&mut body).await.is_err() {
