@@ -148,7 +148,7 @@ impl LocalCluster {
             "\nport = {}\nlisten_addresses = '127.0.0.1'\nunix_socket_directories = '{}'\n\
              wal_level = replica\nmax_wal_senders = 10\nhot_standby = on\nfsync = off\n\
              full_page_writes = off\nmax_connections = 200\nshared_buffers = 32MB\n\
-             wal_keep_size = 256MB\nlog_min_messages = warning\n",
+             wal_keep_size = 256MB\nlog_min_messages = warning\nmax_prepared_transactions = 10\n",
             self.primary.port,
             self.dir.path().display()
         );

@@ -188,14 +188,7 @@ async fn a_terminated_server_connection_ends_the_client_connection() {
         .unwrap();
     c.psql(primary, &format!("SELECT pg_terminate_backend({pid})"))
         .unwrap();
-    let fatal = a
-        .try_next()
-        .await
-        .expect("the FATAL reaches the idle client");
-    assert_eq!(fatal.0, b'E');
-    assert_eq!(raw::field(&fatal.1, b'S'), "FATAL");
-    assert_eq!(sqlstate(&fatal.1), "57P01");
-    assert!(a.try_next().await.is_none(), "the connection is closed");
+    terminated_while_idle(&mut a).await;
 
     // Running a statement.
     let mut b = Raw::connect(port, "postgres", "postgres").await;
@@ -633,6 +626,19 @@ async fn random_disconnects_leave_no_session_or_server_connection_behind() {
     assert_eq!(tags(&msgs), "TDCZ", "{msgs:?}");
 }
 
+/// An idle client whose server connection was terminated gets what
+/// PostgreSQL sends (FATAL 57P01), then the connection closes.
+async fn terminated_while_idle(a: &mut Raw) {
+    let fatal = a
+        .try_next()
+        .await
+        .expect("the FATAL reaches the idle client");
+    assert_eq!(fatal.0, b'E');
+    assert_eq!(raw::field(&fatal.1, b'S'), "FATAL");
+    assert_eq!(sqlstate(&fatal.1), "57P01");
+    assert!(a.try_next().await.is_none(), "the connection is closed");
+}
+
 /// A frame built from parts (for names that are not UTF-8).
 fn frame(tag: u8, parts: &[&[u8]]) -> Vec<u8> {
     let body: Vec<u8> = parts.concat();
@@ -850,14 +856,7 @@ async fn a_pinned_idle_client_learns_its_connection_died() {
         )
         .unwrap();
     assert_eq!(killed.trim(), "1");
-    let fatal = a
-        .try_next()
-        .await
-        .expect("the FATAL reaches the idle client");
-    assert_eq!(fatal.0, b'E');
-    assert_eq!(raw::field(&fatal.1, b'S'), "FATAL");
-    assert_eq!(sqlstate(&fatal.1), "57P01");
-    assert!(a.try_next().await.is_none(), "the connection is closed");
+    terminated_while_idle(&mut a).await;
 }
 
 /// Session pooling: a setting from the startup packet that the server

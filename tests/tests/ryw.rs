@@ -361,6 +361,16 @@ async fn a_commit_is_recorded_before_the_client_hears_of_it() {
     a.batch_execute("COMMIT").await.unwrap();
     assert!(chained > before, "a COMMIT AND CHAIN is recorded");
 
+    // Two-phase commit: the writes become visible at COMMIT PREPARED, which
+    // writes nothing itself; its position is recorded all the same.
+    a.batch_execute("BEGIN; INSERT INTO ryw (v) VALUES (-8); PREPARE TRANSACTION 'ryw_2pc'")
+        .await
+        .unwrap();
+    let prepared = lsn(&value(&b, "SHOW signalbox.write_lsn").await);
+    a.batch_execute("COMMIT PREPARED 'ryw_2pc'").await.unwrap();
+    let committed = lsn(&value(&b, "SHOW signalbox.write_lsn").await);
+    assert!(committed > prepared, "COMMIT PREPARED is recorded");
+
     // COPY FROM STDIN through a portal bound in an earlier, Flush-ended
     // message: nothing of signalbox's may follow the Execute (the server
     // would take it for COPY data and abort the COPY).
@@ -427,7 +437,7 @@ async fn a_commit_is_recorded_before_the_client_hears_of_it() {
     );
     c.psql(
         c.primary.port,
-        "DELETE FROM ryw WHERE v IN (-2, -3, -4, -5, -6, -7)",
+        "DELETE FROM ryw WHERE v IN (-2, -3, -4, -5, -6, -7, -8)",
     )
     .unwrap();
 }

@@ -544,7 +544,12 @@ impl Session {
                         // (`COMMIT AND CHAIN` commits and opens the next.)
                         let chained = outcome.status == Some(b'T')
                             && outcome.last_tag.as_deref() == Some("COMMIT");
-                        let ended = self.tx_wrote && (outcome.status == Some(b'I') || chained);
+                        // (`COMMIT PREPARED` makes a prepared transaction's
+                        // writes visible now, whoever wrote them.)
+                        let prepared = outcome.status == Some(b'I')
+                            && outcome.last_tag.as_deref() == Some("COMMIT PREPARED");
+                        let ended = (self.tx_wrote && (outcome.status == Some(b'I') || chained))
+                            || prepared;
                         // A pipelined answer is read whatever happened.
                         if pipelined || ended {
                             let lsn = self.write_lsn_after(pipelined).await;
