@@ -291,13 +291,14 @@ pub async fn relay(
             }
             emit_synthetic(plan, &mut client.out);
             let alias = client.pid_alias;
-            // An extended-protocol COPY (Execute, then the batch's Sync): the
-            // server ignores that Sync while it reads COPY data, and answers
-            // the one the client sends after CopyDone instead.
-            let sync_swallowed = matches!(plan.front(), Some(Step::Execute))
-                && plan.iter().any(|s| *s == Step::Sync);
             let copy_in = handle(&frame, plan, &mut outcome, &mut client.out, alias);
             if copy_in {
+                // An extended-protocol COPY (its Execute still first, then
+                // the batch's Sync): the server ignores that Sync while it
+                // reads COPY data, and answers the one the client sends
+                // after CopyDone instead.
+                let sync_swallowed = matches!(plan.front(), Some(Step::Execute))
+                    && plan.iter().any(|s| *s == Step::Sync);
                 client.flush().await.map_err(RelayError::Client)?;
                 pump_copy_in(conn, client, sync_swallowed).await?;
             }
