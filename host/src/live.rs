@@ -218,12 +218,13 @@ impl Reloader {
             // A new cluster's first probes open new connections, and under
             // load one can miss its connect budget: look again (about a
             // second in all) before concluding no node is the primary.
-            for _ in 0..4 {
-                if c.view().primary().is_some() || old.cluster.view().primary().is_none() {
-                    break;
-                }
+            let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(1);
+            while c.view().primary().is_none()
+                && old.cluster.view().primary().is_some()
+                && tokio::time::Instant::now() < deadline
+            {
                 tokio::time::sleep(std::time::Duration::from_millis(250)).await;
-                c.probe_all().await;
+                let _ = tokio::time::timeout_at(deadline, c.probe_all()).await;
             }
             refuses_losing_the_primary(&old.cluster, &c, &self.path)?;
             Some(c)

@@ -38,7 +38,10 @@ fn create_objects() {
          CREATE OR REPLACE FUNCTION routing_writer() RETURNS int LANGUAGE plpgsql AS \
          $$BEGIN INSERT INTO routing_log VALUES (1); RETURN 1; END$$; \
          CREATE OR REPLACE FUNCTION routing_set_tenant(t text) RETURNS void LANGUAGE plpgsql AS \
-         $$BEGIN PERFORM set_config('app.tenant', t, false); END$$;",
+         $$BEGIN PERFORM set_config('app.tenant', t, false); END$$; \
+         CREATE UNLOGGED TABLE IF NOT EXISTS routing_unlogged_nocat (n int); \
+         INSERT INTO routing_unlogged_nocat SELECT 1 \
+         WHERE NOT EXISTS (SELECT FROM routing_unlogged_nocat);",
     )
     .unwrap();
     c.wait_replayed().unwrap();
@@ -351,14 +354,6 @@ async fn session_mode_reads_stay_home_after_untracked_state() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_read_a_standby_refuses_runs_on_the_primary() {
     setup();
-    let c = cluster();
-    c.psql(
-        c.primary.port,
-        "CREATE UNLOGGED TABLE IF NOT EXISTS routing_unlogged_nocat (n int); \
-         INSERT INTO routing_unlogged_nocat SELECT 1 WHERE NOT EXISTS (SELECT FROM routing_unlogged_nocat)",
-    )
-    .unwrap();
-    c.wait_replayed().unwrap();
     let server = start("[classifier]\ncatalog = false\n").await;
     let mut raw = Raw::connect(server.addr.port(), "postgres", "postgres").await;
     for _ in 0..3 {
@@ -397,4 +392,53 @@ async fn a_read_a_standby_refuses_runs_on_the_primary() {
             .load(Ordering::Relaxed),
         4
     );
+}
+
+/// A refused read whose message also changed the standby connection (a SET
+/// committed before the refused statement, in an earlier Sync of the same
+/// pipeline) must not hand that connection to anyone else: the next
+/// clients' reads never see the setting.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_read_leaves_no_connection_state_behind() {
+    use signalbox_tests::raw;
+    setup();
+    let server = start("[classifier]\ncatalog = false\n").await;
+    let port = server.addr.port();
+    for _ in 0..4 {
+        let mut a = Raw::connect(port, "postgres", "postgres").await;
+        a.send(
+            &[
+                raw::parse("", "SET application_name = 'leaked-by-a-refused-read'"),
+                raw::bind("", ""),
+                raw::execute("", 0),
+                raw::sync(),
+                raw::parse("", "SELECT count(*) FROM routing_unlogged_nocat"),
+                raw::bind("", ""),
+                raw::execute("", 0),
+                raw::sync(),
+            ]
+            .concat(),
+        )
+        .await;
+        let mut zs = 0;
+        while zs < 2 {
+            let m = a.next().await;
+            assert_ne!(m.0, b'E', "{}", raw::field(&m.1, b'M'));
+            zs += usize::from(m.0 == b'Z');
+        }
+    }
+    for _ in 0..20 {
+        let mut b = Raw::connect(port, "postgres", "postgres").await;
+        let r = row(
+            &mut b,
+            "SELECT current_setting('application_name'), pg_is_in_recovery()",
+        )
+        .await;
+        assert_ne!(
+            r[0].as_deref(),
+            Some("leaked-by-a-refused-read"),
+            "another client's setting reached this one (on a standby: {:?})",
+            r[1]
+        );
+    }
 }

@@ -118,6 +118,8 @@ pub struct Classified {
     /// `COMMIT`/`END`/`ROLLBACK`/`ABORT` without `AND CHAIN`: the
     /// transaction is over once it has run.
     pub ends_transaction: bool,
+    /// `COMMIT PREPARED`: a prepared transaction's writes become visible.
+    pub commits_prepared: bool,
 }
 
 impl Classified {
@@ -158,6 +160,7 @@ impl Classified {
             touches_session: true,
             copies_in: true,
             ends_transaction: false,
+            commits_prepared: false,
         }
     }
 }
@@ -496,6 +499,7 @@ pub fn classify(sql: &str) -> Classified {
         touches_session: false,
         copies_in: false,
         ends_transaction: false,
+        commits_prepared: false,
     };
     let nodes: Vec<&NodeEnum> = parsed
         .protobuf
@@ -518,6 +522,10 @@ pub fn classify(sql: &str) -> Classified {
                 )
         }
         _ => false,
+    });
+    c.commits_prepared = nodes.iter().any(|n| {
+        matches!(n, NodeEnum::TransactionStmt(t)
+            if TransactionStmtKind::try_from(t.kind) == Ok(TransactionStmtKind::TransStmtCommitPrepared))
     });
     // (TRUNCATE and temporary tables change no fact another session's
     // routing depends on: no catalog fetch for them.)

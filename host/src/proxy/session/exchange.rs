@@ -469,8 +469,9 @@ impl Session {
             // A commit's position is recorded, and committed DDL's catalog
             // facts fetched, before the client learns of the commit: what
             // it sends next, on any connection, is routed knowing them.
-            self.client.defer_ready =
-                (ryw && (self.tx_wrote || writes)) || class.changes_catalog || self.catalog_dirty;
+            self.client.defer_ready = (ryw && (self.tx_wrote || writes || class.commits_prepared))
+                || class.changes_catalog
+                || self.catalog_dirty;
             // The position is asked in the same write, behind the client's
             // work, when that work ends the transaction and nothing of ours
             // can be mistaken for client data (COPY FROM STDIN) or skipped
@@ -504,6 +505,11 @@ impl Session {
                     if hold
                         && outcome.standby_refused
                         && !self.client.progressed_since(mark)
+                        // (Session mode's own connection is not where this
+                        // ran; a batch that closes a statement cannot be
+                        // translated twice.)
+                        && !self.offloading
+                        && !closes_statements(&work)
                         && self.lease.as_ref().is_some_and(|l| {
                             self.live.cluster.view().primary() != Some(l.node())
                         }) =>
@@ -513,7 +519,9 @@ impl Session {
                     // ran and nothing reached the client, so it runs on the
                     // primary instead, as a write would.
                     self.client.out.clear();
-                    self.release(false);
+                    // Discarded, not pooled: what the refused work did to it
+                    // (statements prepared, settings) was never accounted.
+                    self.release(true);
                     self.shared.metrics.standby_retried();
                     tracing::info!(
                         session = self.id,
@@ -546,8 +554,7 @@ impl Session {
                             && outcome.last_tag.as_deref() == Some("COMMIT");
                         // (`COMMIT PREPARED` makes a prepared transaction's
                         // writes visible now, whoever wrote them.)
-                        let prepared = outcome.status == Some(b'I')
-                            && outcome.last_tag.as_deref() == Some("COMMIT PREPARED");
+                        let prepared = outcome.status == Some(b'I') && class.commits_prepared;
                         let ended = (self.tx_wrote && (outcome.status == Some(b'I') || chained))
                             || prepared;
                         // A pipelined answer is read whatever happened.
@@ -971,4 +978,10 @@ fn binds_what_it_executes(work: &Work<'_>) -> bool {
         }
     }
     true
+}
+
+/// Whether the work closes a prepared statement or portal: translating it
+/// forgets names, so it cannot be translated (and sent) a second time.
+fn closes_statements(work: &Work<'_>) -> bool {
+    matches!(work, Work::Batch(batch) if batch.iter().any(|m| matches!(m.kind, Kind::Close { .. })))
 }

@@ -559,6 +559,7 @@ fn merge(classes: &[Arc<Classified>]) -> Classified {
         m.touches_session |= c.touches_session;
         m.copies_in |= c.copies_in;
         m.ends_transaction |= c.ends_transaction;
+        m.commits_prepared |= c.commits_prepared;
         m.begins_read_only &= c.begins_read_only;
         m.tables = m.tables.iter().chain(c.tables.iter()).cloned().collect();
         m.functions = m
