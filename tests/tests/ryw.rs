@@ -218,12 +218,7 @@ async fn a_token_carries_a_write_to_another_instance() {
 
 /// A `pg_lsn` text as a number, to compare positions.
 fn lsn(text: &str) -> u64 {
-    let (hi, lo) = text
-        .split_once('/')
-        .unwrap_or_else(|| panic!("not an LSN: {text}"));
-    let part =
-        |p: &str| u64::from_str_radix(p, 16).unwrap_or_else(|_| panic!("not an LSN: {text}"));
-    (part(hi) << 32) | part(lo)
+    signalbox::proxy::session::parse_lsn(text).unwrap_or_else(|| panic!("not an LSN: {text}"))
 }
 
 /// A commit's position is recorded under its scopes before the client

@@ -425,6 +425,10 @@ impl BackendConn {
             }
         }
         self.quiet = false;
+        self.write(bytes).await
+    }
+
+    async fn write(&mut self, bytes: &[u8]) -> Result<(), WireError> {
         if let Err(e) = self.stream.write_all(bytes).await {
             self.broken = true;
             return Err(e.into());
@@ -437,11 +441,7 @@ impl BackendConn {
     /// was reading COPY data) but counted as owed: this one is answered
     /// in its place, so it is not counted again.
     pub async fn send_in_place_of_ignored_sync(&mut self, bytes: &[u8]) -> Result<(), WireError> {
-        if let Err(e) = self.stream.write_all(bytes).await {
-            self.broken = true;
-            return Err(e.into());
-        }
-        Ok(())
+        self.write(bytes).await
     }
 
     /// The next complete message already buffered, if any.

@@ -24,6 +24,13 @@ use pool::{NodeLogin, PoolSettings, Pools};
 use crate::config::{Config, HealthConfig, NodeRole};
 use crate::route::{ClusterView, NodeId, NodeInfo, NodeState, Role};
 
+/// A node's WAL insert position, as a number: after a commit, at or past
+/// its commit record (even an asynchronous commit's). Every name is
+/// schema-qualified or a keyword, as it also runs on clients' connections,
+/// under their `search_path`.
+pub const INSERT_LSN_SQL: &str =
+    "SELECT pg_catalog.pg_wal_lsn_diff(pg_catalog.pg_current_wal_insert_lsn(), '0/0')::bigint";
+
 const PROBE_SQL: &str = "SELECT pg_is_in_recovery(), \
     (CASE WHEN pg_is_in_recovery() THEN COALESCE(pg_last_wal_replay_lsn(), '0/0'::pg_lsn) \
           ELSE pg_current_wal_lsn() END - '0/0'::pg_lsn)::bigint, \
@@ -324,9 +331,7 @@ impl Cluster {
     /// returned before the call.
     pub async fn insert_lsn(&self, node: NodeId) -> Option<u64> {
         let pool = self.control.get(node as usize)?;
-        let sql =
-            "SELECT pg_catalog.pg_wal_lsn_diff(pg_catalog.pg_current_wal_insert_lsn(), '0/0')::bigint";
-        let q = sqlx::query_scalar::<_, i64>(sql).fetch_one(pool);
+        let q = sqlx::query_scalar::<_, i64>(INSERT_LSN_SQL).fetch_one(pool);
         let timeout = Duration::from_millis(self.health.probe_timeout_ms);
         match tokio::time::timeout(timeout, q).await {
             Ok(Ok(lsn)) => u64::try_from(lsn).ok(),

@@ -20,6 +20,7 @@ pub enum Kind {
         param_types: Bytes,
     },
     Bind {
+        portal: String,
         statement: String,
     },
     /// `kind` is `S` (statement) or `P` (portal).
@@ -31,7 +32,9 @@ pub enum Kind {
         kind: u8,
         name: String,
     },
-    Execute,
+    Execute {
+        portal: String,
+    },
     Sync,
     Flush,
     Terminate,
@@ -74,12 +77,10 @@ impl Message {
                     param_types,
                 }
             }
-            b'B' => {
-                let _portal = f.cbytes()?;
-                Kind::Bind {
-                    statement: name(&mut f)?,
-                }
-            }
+            b'B' => Kind::Bind {
+                portal: name(&mut f)?,
+                statement: name(&mut f)?,
+            },
             b'D' => Kind::Describe {
                 kind: f.u8()?,
                 name: name(&mut f)?,
@@ -88,7 +89,9 @@ impl Message {
                 kind: f.u8()?,
                 name: name(&mut f)?,
             },
-            b'E' => Kind::Execute,
+            b'E' => Kind::Execute {
+                portal: name(&mut f)?,
+            },
             b'S' => Kind::Sync,
             b'H' => Kind::Flush,
             b'X' => Kind::Terminate,
@@ -146,6 +149,7 @@ mod tests {
         assert_eq!(
             b.kind,
             Kind::Bind {
+                portal: "portal".into(),
                 statement: "s1".into()
             }
         );

@@ -127,7 +127,7 @@ impl Statements {
                         }
                     }
                 }
-                Kind::Bind { statement } => {
+                Kind::Bind { statement, .. } => {
                     let target = self.target(statement, &mut unnamed_parsed, &mut t, on_server);
                     match target {
                         Some(server) => wire::bind_renamed(&mut t.bytes, &m.frame.body, &server)?,
@@ -156,7 +156,7 @@ impl Statements {
                     m.frame.encode_into(&mut t.bytes);
                     t.plan.push_back(Step::Close);
                 }
-                Kind::Execute => {
+                Kind::Execute { .. } => {
                     m.frame.encode_into(&mut t.bytes);
                     t.plan.push_back(Step::Execute);
                 }

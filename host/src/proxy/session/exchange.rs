@@ -957,23 +957,11 @@ fn binds_what_it_executes(work: &Work<'_>) -> bool {
     let Work::Batch(batch) = work else {
         return true;
     };
-    let portal = |m: &Message| {
-        let body = &m.frame.body[..];
-        body.iter()
-            .position(|&b| b == 0)
-            .map(|end| body[..end].to_vec())
-    };
-    let mut bound: Vec<Vec<u8>> = Vec::new();
+    let mut bound: Vec<&str> = Vec::new();
     for m in batch.iter() {
-        match m.kind {
-            Kind::Bind { .. } => match portal(m) {
-                Some(p) => bound.push(p),
-                None => return false,
-            },
-            Kind::Execute => match portal(m) {
-                Some(p) if bound.contains(&p) => {}
-                _ => return false,
-            },
+        match &m.kind {
+            Kind::Bind { portal, .. } => bound.push(portal),
+            Kind::Execute { portal } if !bound.contains(&portal.as_str()) => return false,
             _ => {}
         }
     }

@@ -11,6 +11,8 @@
 mod exchange;
 mod login;
 mod ryw;
+
+pub use ryw::{format_lsn, parse_lsn};
 mod trace;
 
 use std::collections::HashSet;
@@ -357,7 +359,7 @@ impl Session {
                 Kind::Parse { .. }
                 | Kind::Bind { .. }
                 | Kind::Describe { .. }
-                | Kind::Execute
+                | Kind::Execute { .. }
                 | Kind::Close { .. } => {
                     if self.batch.len() >= 10_000 {
                         self.fatal(
@@ -502,7 +504,7 @@ impl Session {
                     );
                     self.statements.define(name, p);
                 }
-                Kind::Bind { statement } => {
+                Kind::Bind { statement, .. } => {
                     if let Some(p) = self.statements.get(statement) {
                         first_sql.get_or_insert_with(|| p.sql.clone());
                         classes.push(p.class.clone());

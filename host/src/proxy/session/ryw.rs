@@ -19,12 +19,8 @@ use crate::wire;
 const RECORD_WRITE_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// The primary's WAL position once what ran before it on the connection
-/// is done: for a commit, at or past the commit record (the insert
-/// position, so even an asynchronous commit's record is covered).
-/// Every name schema-qualified or a keyword: the client's `search_path`
-/// (and what it may have defined there) is in force on its connection.
-pub(super) const POSITION_SQL: &str =
-    "SELECT pg_catalog.pg_wal_lsn_diff(pg_catalog.pg_current_wal_insert_lsn(), '0/0')::bigint";
+/// is done.
+pub(super) use crate::cluster::INSERT_LSN_SQL as POSITION_SQL;
 
 /// A WAL position as PostgreSQL prints a `pg_lsn`: `16/B374D848`.
 pub fn format_lsn(lsn: u64) -> String {
@@ -209,7 +205,7 @@ impl Session {
                 Kind::Parse { .. }
                     | Kind::Bind { .. }
                     | Kind::Describe { .. }
-                    | Kind::Execute
+                    | Kind::Execute { .. }
                     | Kind::Sync
                     | Kind::Flush
             )
@@ -229,7 +225,7 @@ impl Session {
             }
             match &m.kind {
                 Kind::Parse { .. } => wire::parse_complete(&mut self.client.out),
-                Kind::Bind { statement } => {
+                Kind::Bind { statement, .. } => {
                     bound = self.statements.get(statement).and_then(|p| own(&p.class));
                     wire::bind_complete(&mut self.client.out);
                 }
@@ -248,7 +244,7 @@ impl Session {
                         _ => wire::no_data(&mut self.client.out),
                     }
                 }
-                Kind::Execute => {
+                Kind::Execute { .. } => {
                     if let Some(setting) = bound.clone() {
                         failed = !self.own_setting(&setting, false);
                     }
