@@ -151,16 +151,14 @@ impl HostState {
         }
     }
 
-    /// The epoch deadline passed. The epoch is wall-clock time, so a call
-    /// that was merely preempted (busy machine) looks the same as a runaway.
-    /// Tell them apart by the thread's CPU time, read only on this slow path:
-    /// from then on, check every tick and stop the call once it has kept the
-    /// CPU busy for a quarter deadline and at least half of the overtime, or
-    /// once it is far over budget whatever the reason.
     pub(super) fn now(&self) -> u64 {
         self.determinism.now_ms.unwrap_or_else(kv::now_ms)
     }
 
+    /// The epoch deadline passed. The epoch is wall-clock time, so a call
+    /// that was merely preempted (busy machine) looks the same as a runaway.
+    /// Tell them apart by the thread's CPU time, read only on this slow path:
+    /// from then on, check every tick (see [`runaway`]).
     fn on_deadline(&mut self) -> UpdateDeadline {
         let now = Instant::now();
         let cpu = thread_cpu_ns();
@@ -173,13 +171,24 @@ impl HostState {
         };
         let wall = now.duration_since(first.wall);
         let busy = Duration::from_nanos(cpu.saturating_sub(first.cpu_ns));
-        let spinning = busy >= self.deadline / 4 && busy * 2 >= wall;
-        if spinning || wall > self.deadline * 8 {
+        if runaway(self.deadline, wall, busy) {
             UpdateDeadline::Interrupt
         } else {
             UpdateDeadline::Continue(1)
         }
     }
+}
+
+/// Whether a call past its deadline is to be stopped, given the wall time
+/// and the thread's CPU time since the deadline passed. A call that keeps
+/// the CPU busy (a quarter deadline of CPU, at least half of the overtime)
+/// is stopped at once; on a starved machine, one that has burnt a whole
+/// further deadline of CPU. A call that was merely waiting for the CPU is
+/// never stopped for it: it finishes in microseconds once it runs again, and
+/// failing it then would save no time, only lose the policy's decision.
+fn runaway(deadline: Duration, wall: Duration, busy: Duration) -> bool {
+    let spinning = busy >= deadline / 4 && busy * 2 >= wall;
+    spinning || busy >= deadline
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -433,4 +442,36 @@ fn validate(target: Target, reason: Option<String>) -> Result<PolicyDecision, Ca
         }
     }
     Ok(PolicyDecision { target, reason })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::runaway;
+    use std::time::Duration;
+
+    const MS: Duration = Duration::from_millis(1);
+
+    #[test]
+    fn a_preempted_call_is_never_stopped_for_waiting() {
+        // Descheduled for 50× its deadline, then a few microseconds of work.
+        for wall in [2 * MS, 17 * MS, 100 * MS, 2000 * MS] {
+            assert!(
+                !runaway(2 * MS, wall, Duration::from_micros(40)),
+                "{wall:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_spinning_call_is_stopped_soon_after_its_deadline() {
+        assert!(runaway(2 * MS, MS, MS));
+        assert!(!runaway(2 * MS, MS, Duration::from_micros(400)));
+    }
+
+    #[test]
+    fn a_starved_runaway_is_stopped_once_it_has_burnt_a_deadline() {
+        // A fifth of the CPU: never "spinning", but its CPU adds up.
+        assert!(!runaway(2 * MS, 9 * MS, Duration::from_micros(1800)));
+        assert!(runaway(2 * MS, 10 * MS, 2 * MS));
+    }
 }
