@@ -9,7 +9,8 @@
 # Pgpool-II (read load balancing), against the same cluster, plus a direct
 # connection to the primary. For each run it prints, per transaction:
 #
-#   proxy µs     the proxy's own CPU (utime + stime of its processes)
+#   proxy µs     the proxy's own CPU (utime + stime of its processes), and
+#                of it the user time (the proxy's code, not the kernel's)
 #   sysc         the proxy's system calls (perf stat raw_syscalls:sys_enter)
 #   cs           the proxy's context switches (voluntary + involuntary)
 #   path µs      whole-path CPU: proxy + every PostgreSQL process of the
@@ -44,6 +45,13 @@ ticks() { # utime + stime of pids, in clock ticks (comm may hold spaces)
   local p t=0
   for p in "$@"; do
     [ -r "/proc/$p/stat" ] && t=$((t + $(sed 's/.*) //' "/proc/$p/stat" | awk '{print $12 + $13}')))
+  done
+  echo "$t"
+}
+uticks() { # user time alone (utime + cutime): the proxy's own code, not the kernel's
+  local p t=0
+  for p in "$@"; do
+    [ -r "/proc/$p/stat" ] && t=$((t + $(sed 's/.*) //' "/proc/$p/stat" | awk '{print $12 + $14}')))
   done
   echo "$t"
 }
@@ -160,10 +168,11 @@ pgbench_args() { # pgbench_args MODE
 
 # run TARGET MODE: one pgbench run with the accounting around it.
 run() {
-  local target=$1 mode=$2 port pids pg0 px0 cs0 out perf_pid=
+  local target=$1 mode=$2 port pids pg0 px0 pu0 cs0 out perf_pid=
   port=$(port_of "$target")
   mapfile -t pids < <(proxy_pids "$target")
   pg0=$(postgres_ticks); px0=$(($(ticks "${pids[@]}") + $(reaped "${pids[@]}")))
+  pu0=$(uticks "${pids[@]}")
   cs0=$(switches "${pids[@]}")
   rm -f "$WORK/perf.out"
   if [ "${#pids[@]}" -gt 0 ]; then
@@ -195,13 +204,14 @@ else:
 print("pgbench_cpu_s", r.ru_utime + r.ru_stime)
 EOF
 )
-  local pg1 px1 sc=0 cs1 xacts tps bench_s
+  local pg1 px1 pu1 sc=0 cs1 xacts tps bench_s
   if [ -n "$perf_pid" ]; then
     kill -INT "$perf_pid" 2>/dev/null || true
     wait "$perf_pid" 2>/dev/null || true
     sc=$(awk -F, '/raw_syscalls/ {print $1 + 0}' "$WORK/perf.out" 2>/dev/null || echo 0)
   fi
   pg1=$(postgres_ticks); px1=$(($(ticks "${pids[@]}") + $(reaped "${pids[@]}")))
+  pu1=$(uticks "${pids[@]}")
   cs1=$(switches "${pids[@]}")
   xacts=$(sed -nE 's/^number of transactions actually processed: ([0-9]+).*/\1/p' <<<"$out")
   tps=$(sed -nE 's/^tps = ([0-9.]+).*/\1/p' <<<"$out")
@@ -210,11 +220,12 @@ EOF
     printf '  %-18s %-16s FAILED\n' "$target" "$mode"; return
   fi
   awk -v t="$target" -v m="$mode" -v x="$xacts" -v tps="$tps" -v tck="$TCK" \
-      -v px=$((px1 - px0)) -v pg=$((pg1 - pg0)) -v sc="${sc:-0}" -v cs=$((cs1 - cs0)) -v b="$bench_s" \
+      -v px=$((px1 - px0)) -v pu=$((pu1 - pu0)) -v pg=$((pg1 - pg0)) -v sc="${sc:-0}" -v cs=$((cs1 - cs0)) -v b="$bench_s" \
       'BEGIN {
          proxy = px / tck * 1e6 / x; path = (px + pg) / tck * 1e6 / x + b * 1e6 / x
-         printf "%s %s %.0f %.2f %.2f %.2f %.2f\n", t, m, tps, proxy, sc / x, cs / x, path >> "'"$WORK"'/cpu"
-         printf "  %-18s %-16s %8.0f tps  proxy %6.2f µs  sysc %5.2f  cs %5.2f  path %7.2f µs\n", t, m, tps, proxy, sc / x, cs / x, path
+         user = pu / tck * 1e6 / x
+         printf "%s %s %.0f %.2f %.2f %.2f %.2f %.2f\n", t, m, tps, proxy, sc / x, cs / x, path, user >> "'"$WORK"'/cpu"
+         printf "  %-18s %-16s %8.0f tps  proxy %6.2f µs (user %5.2f)  sysc %5.2f  cs %5.2f  path %7.2f µs\n", t, m, tps, proxy, user, sc / x, cs / x, path
        }'
 }
 
@@ -248,16 +259,16 @@ med() { awk -v t="$1" -v m="$2" -v c="$3" '$1 == t && $2 == m {print $c}' "$WORK
 echo
 echo "Medians per transaction (ratio: TPS to direct in the same rounds)"
 echo
-echo "| mode | target | TPS | vs direct | proxy CPU µs | proxy syscalls | proxy ctx switches | whole-path CPU µs |"
-echo "|---|---|---:|---:|---:|---:|---:|---:|"
+echo "| mode | target | TPS | vs direct | proxy CPU µs | of which user µs | proxy syscalls | proxy ctx switches | whole-path CPU µs |"
+echo "|---|---|---:|---:|---:|---:|---:|---:|---:|"
 for mode in $MODES; do
   direct=$(med direct "$mode" 3)
   for target in $(targets_for "$mode"); do
     tps=$(med "$target" "$mode" 3)
     [ -n "$tps" ] || continue
-    printf '| %s | %s | %.0f | %.2f× | %s | %s | %s | %s |\n' "$mode" "$target" "$tps" \
+    printf '| %s | %s | %.0f | %.2f× | %s | %s | %s | %s | %s |\n' "$mode" "$target" "$tps" \
       "$(awk -v a="$tps" -v b="$direct" 'BEGIN {print a / b}')" \
-      "$(med "$target" "$mode" 4)" "$(med "$target" "$mode" 5)" "$(med "$target" "$mode" 6)" "$(med "$target" "$mode" 7)"
+      "$(med "$target" "$mode" 4)" "$(med "$target" "$mode" 8)" "$(med "$target" "$mode" 5)" "$(med "$target" "$mode" 6)" "$(med "$target" "$mode" 7)"
   done
 done
 

@@ -108,7 +108,7 @@ pub struct Router {
     pub stats: RouterStats,
     shadow_stats: ArcSwap<ShadowStats>,
     /// Time the active policy took to decide (sandbox call included).
-    call_seconds: prometheus_client::metrics::histogram::Histogram,
+    call_seconds: crate::telemetry::Histogram,
 }
 
 impl std::fmt::Debug for Router {

@@ -45,7 +45,9 @@ pub fn demo(port: u16, admin_port: u16, workers: Option<usize>) -> Result<ExitCo
     )?;
     let policy = if example_policy_dir().is_dir() {
         println!("building the rw-split policy ...");
-        let out = dir.join("rw-split.wasm");
+        // A directory of its own: the watcher then never sees the nodes' logs.
+        let out = dir.join("policy").join("rw-split.wasm");
+        std::fs::create_dir_all(dir.join("policy"))?;
         let opts = BuildOptions {
             out: Some(out.clone()),
             quiet: true,

@@ -192,8 +192,8 @@ impl NodeCounters {
 /// A node's handles into [`NodeCounters`].
 pub struct NodeMetrics {
     pub routed: Arc<AtomicU64>,
-    pub exchange: prometheus_client::metrics::histogram::Histogram,
-    pub checkout_wait: prometheus_client::metrics::histogram::Histogram,
+    pub exchange: crate::telemetry::Histogram,
+    pub checkout_wait: crate::telemetry::Histogram,
 }
 
 impl Cluster {

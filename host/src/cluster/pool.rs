@@ -62,7 +62,9 @@ impl managed::Manager for Manager {
     type Error = BackendError;
 
     async fn create(&self) -> Result<BackendConn, BackendError> {
-        let conn = BackendConn::connect(self.node, &self.spec).await;
+        // Boxed: connecting (TLS, authentication) is a large future, and
+        // it would otherwise sit inside every checkout's.
+        let conn = Box::pin(BackendConn::connect(self.node, &self.spec)).await;
         match &conn {
             Ok(_) => self.events.opened.inc(),
             Err(_) => self.events.connect_failed.inc(),

@@ -601,6 +601,49 @@ impl FileStamp {
     }
 }
 
+/// Which file-system events can change the policy file, so that a directory
+/// shared with busy files (logs next to the policy) wakes nothing: the
+/// policy's own name, Kubernetes' `..data`-style entries, the first step of
+/// the policy's symlink (`policy.wasm -> releases/v3.wasm`), and the
+/// directory itself (swapped in its parent).
+struct Relevant {
+    dir: PathBuf,
+    names: Vec<std::ffi::OsString>,
+}
+
+impl Relevant {
+    fn of(path: &Path) -> Self {
+        let dir = path
+            .parent()
+            .filter(|p| !p.as_os_str().is_empty())
+            .unwrap_or(Path::new("."))
+            .to_path_buf();
+        let mut names: Vec<_> = path.file_name().map(|n| n.to_owned()).into_iter().collect();
+        if let Ok(target) = std::fs::read_link(path) {
+            if let Some(std::path::Component::Normal(first)) = target.components().next() {
+                names.push(first.to_owned());
+            }
+        }
+        Self { dir, names }
+    }
+
+    fn concerns(&self, event: &notify::Event) -> bool {
+        // No paths: the watcher lost track (queue overflow); check.
+        event.paths.is_empty()
+            || event.paths.iter().any(|p| {
+                if p == &self.dir {
+                    return true;
+                }
+                if p.parent() != Some(self.dir.as_path()) {
+                    return false;
+                }
+                p.file_name().is_some_and(|n| {
+                    n.as_encoded_bytes().starts_with(b"..") || self.names.iter().any(|m| m == n)
+                })
+            })
+    }
+}
+
 /// What the watch thread receives: a file-system event, or a wake-up to stop.
 enum WatchMsg {
     Event,
@@ -620,24 +663,28 @@ impl Watcher {
     fn start(manager: Arc<PolicyManager>) -> Result<Self, notify::Error> {
         let (tx, rx) = mpsc::channel();
         let events = tx.clone();
+        let settings = manager.settings();
+        let relevant = Relevant::of(&settings.path);
+        let dir = relevant.dir.clone();
         let mut watcher =
             notify::recommended_watcher(move |e: notify::Result<notify::Event>| match e {
-                Ok(_) => {
+                Ok(event) if relevant.concerns(&event) => {
                     let _ = events.send(WatchMsg::Event);
                 }
+                Ok(_) => {}
                 Err(e) => tracing::warn!(error = %e, "policy watcher error"),
             })?;
         // Watch the directory (not the file): editors replace files by rename
-        // and Kubernetes swaps a `..data` symlink inside it. The grandparent is
-        // watched too so that swapping a symlinked directory is seen.
-        let settings = manager.settings();
-        let path = &settings.path;
-        let dir = path
+        // and Kubernetes swaps a `..data` symlink inside it. When the
+        // directory is itself a symlink, its parent is watched too so that
+        // swapping it is seen (only then: the parent of an ordinary
+        // directory, say /tmp or /etc, is busy with unrelated files).
+        watcher.watch(&dir, RecursiveMode::NonRecursive)?;
+        let dir_is_link = std::fs::symlink_metadata(&dir).is_ok_and(|m| m.file_type().is_symlink());
+        if let Some(grand) = dir
             .parent()
-            .filter(|p| !p.as_os_str().is_empty())
-            .unwrap_or(Path::new("."));
-        watcher.watch(dir, RecursiveMode::NonRecursive)?;
-        if let Some(grand) = dir.parent().filter(|p| !p.as_os_str().is_empty()) {
+            .filter(|p| dir_is_link && !p.as_os_str().is_empty())
+        {
             if let Err(e) = watcher.watch(grand, RecursiveMode::NonRecursive) {
                 tracing::debug!(error = %e, dir = %grand.display(), "not watching the policy directory's parent");
             }
@@ -686,5 +733,56 @@ fn watch_loop(manager: &PolicyManager, rx: &mpsc::Receiver<WatchMsg>) {
                 manager.reload_if_changed("poll");
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Relevant;
+    use notify::{Event, EventKind};
+    use std::path::{Path, PathBuf};
+
+    fn event(paths: &[&Path]) -> Event {
+        let mut e = Event::new(EventKind::Any);
+        e.paths = paths.iter().map(|p| p.to_path_buf()).collect();
+        e
+    }
+
+    #[test]
+    fn only_events_that_can_change_the_policy_wake_the_watcher() {
+        let d = tempfile::tempdir().unwrap();
+        let dir = d.path().join("policies");
+        std::fs::create_dir_all(dir.join("releases")).unwrap();
+        std::os::unix::fs::symlink("releases/v3.wasm", dir.join("policy.wasm")).unwrap();
+        let r = Relevant::of(&dir.join("policy.wasm"));
+        for yes in [
+            dir.join("policy.wasm"),
+            dir.join("..data"),
+            dir.join("..data_tmp"),
+            dir.join("releases"),
+            dir.clone(),
+        ] {
+            assert!(r.concerns(&event(&[&yes])), "{yes:?}");
+        }
+        for no in [
+            dir.join("primary.log"),
+            dir.join("policy.wasm.bak"),
+            dir.join("releases/v3.wasm.log"),
+            d.path().join("other"),
+            PathBuf::from("/tmp/perf.data"),
+        ] {
+            assert!(!r.concerns(&event(&[&no])), "{no:?}");
+        }
+        // A rename reports both ends; either one that matters counts.
+        assert!(r.concerns(&event(&[&dir.join("tmp123"), &dir.join("policy.wasm")])));
+        // An overflow names no path: look anyway.
+        assert!(r.concerns(&event(&[])));
+    }
+
+    #[test]
+    fn a_bare_file_name_watches_the_working_directory() {
+        let r = Relevant::of(Path::new("policy.wasm"));
+        assert!(r.concerns(&event(&[Path::new("./policy.wasm")])));
+        assert!(!r.concerns(&event(&[Path::new("./server.log")])));
     }
 }

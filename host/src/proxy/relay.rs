@@ -202,14 +202,14 @@ impl ClientIo {
                 Poll::Ready(Ok(())) => {}
                 Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
                 Poll::Pending => {
-                    self.rbuf = BytesMut::new();
+                    spare::give(std::mem::take(&mut self.rbuf));
                     if self.out.is_empty() {
-                        self.out = BytesMut::new();
+                        spare::give(std::mem::take(&mut self.out));
                     }
                     return Poll::Pending;
                 }
             }
-            self.rbuf.reserve(8 * 1024);
+            spare::fill(&mut self.rbuf);
             let read = std::pin::pin!(self.stream.read_buf(&mut self.rbuf));
             match read.poll(cx) {
                 // Readiness was stale (the last read emptied the socket
@@ -219,7 +219,7 @@ impl ClientIo {
             }
         })
         .await?;
-        self.out.reserve(8 * 1024);
+        spare::fill(&mut self.out);
         Ok(n)
     }
 
@@ -261,6 +261,51 @@ impl ClientIo {
                 return Err(WireError::Closed);
             }
         }
+    }
+}
+
+/// Buffers of clients that went idle, kept per thread for the next client
+/// that speaks: an idle client holds none (its memory is its state alone),
+/// and a busy server does not free and allocate two buffers per statement.
+mod spare {
+    use bytes::BytesMut;
+    use std::cell::RefCell;
+
+    /// What one buffer is grown to before a read.
+    const SIZE: usize = 8 * 1024;
+    /// Buffers kept per thread: enough for the clients a worker serves
+    /// between two waits, a bounded amount of memory either way.
+    const KEEP: usize = 64;
+
+    thread_local! {
+        static SPARE: RefCell<Vec<BytesMut>> = const { RefCell::new(Vec::new()) };
+    }
+
+    /// Keep an empty buffer of the usual size for reuse. One whose memory
+    /// is still shared with messages in use, or that a big message grew,
+    /// is freed instead.
+    pub fn give(mut buf: BytesMut) {
+        buf.clear();
+        // Takes back the room of the messages split off it, if all are gone.
+        if !buf.try_reclaim(SIZE) || buf.capacity() > 2 * SIZE {
+            return;
+        }
+        SPARE.with(|s| {
+            let mut s = s.borrow_mut();
+            if s.len() < KEEP {
+                s.push(buf);
+            }
+        });
+    }
+
+    /// Make room for a read in `buf`, reusing a kept buffer if it has none.
+    pub fn fill(buf: &mut BytesMut) {
+        if buf.capacity() == 0 {
+            if let Some(b) = SPARE.with(|s| s.borrow_mut().pop()) {
+                *buf = b;
+            }
+        }
+        buf.reserve(SIZE);
     }
 }
 

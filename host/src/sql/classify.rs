@@ -1251,11 +1251,51 @@ fn variable_set(v: &protobuf::VariableSetStmt, text: &str, c: &mut Classified) -
 
 /// A bounded cache of verdicts by SQL text. Statements with session effects
 /// are cached by exact text; the rest also by text with literals masked, so
-/// `... WHERE id = 1` and `... WHERE id = 2` share one parse.
+/// `... WHERE id = 1` and `... WHERE id = 2` share one parse. Every
+/// statement of every session looks here, so the maps are split in shards
+/// (workers rarely meet on one lock) and keyed with a fast hash.
 pub struct Classifier {
-    exact: Mutex<HashMap<Box<str>, Arc<Classified>>>,
-    masked: Mutex<HashMap<String, Arc<Classified>>>,
+    exact: Shards<Box<str>>,
+    masked: Shards<String>,
+}
+
+const SHARDS: usize = 16;
+
+type Map<K> = HashMap<K, Arc<Classified>, rustc_hash::FxBuildHasher>;
+
+struct Shards<K> {
+    maps: [Mutex<Map<K>>; SHARDS],
+    /// Entries per shard before it is emptied.
     capacity: usize,
+}
+
+impl<K: std::hash::Hash + Eq + std::borrow::Borrow<str>> Shards<K> {
+    fn new(capacity: usize) -> Self {
+        Self {
+            maps: std::array::from_fn(|_| Mutex::default()),
+            capacity: capacity.div_ceil(SHARDS).max(1),
+        }
+    }
+
+    fn shard(&self, key: &str) -> &Mutex<Map<K>> {
+        use std::hash::BuildHasher;
+        let h = rustc_hash::FxBuildHasher.hash_one(key);
+        // The high bits: FxHash mixes them best.
+        &self.maps[(h >> 60) as usize % SHARDS]
+    }
+
+    fn get(&self, key: &str) -> Option<Arc<Classified>> {
+        lock(self.shard(key)).get(key).cloned()
+    }
+
+    fn insert(&self, key: K, value: Arc<Classified>) {
+        let mut map = lock(self.shard(key.borrow()));
+        if map.len() >= self.capacity {
+            // Crude but bounded: ORMs' working sets are far smaller than this.
+            map.clear();
+        }
+        map.insert(key, value);
+    }
 }
 
 impl Default for Classifier {
@@ -1264,30 +1304,43 @@ impl Default for Classifier {
     }
 }
 
+thread_local! {
+    /// The masked text of the statement being looked up: one buffer per
+    /// thread instead of an allocation per statement.
+    static MASKED: std::cell::RefCell<String> = const { std::cell::RefCell::new(String::new()) };
+}
+
 impl Classifier {
     pub fn new(capacity: usize) -> Self {
         Self {
-            exact: Mutex::default(),
-            masked: Mutex::default(),
-            capacity,
+            exact: Shards::new(capacity),
+            masked: Shards::new(capacity),
         }
     }
 
     pub fn classify(&self, sql: &str) -> Arc<Classified> {
-        if let Some(c) = lock(&self.exact).get(sql) {
-            return c.clone();
+        if let Some(c) = self.exact.get(sql) {
+            return c;
         }
-        let masked = mask_literals(sql);
-        if let Some(m) = &masked {
-            if let Some(c) = lock(&self.masked).get(m) {
-                return c.clone();
+        let hit = MASKED.with(|buf| {
+            let mut buf = buf.borrow_mut();
+            if !mask_literals_into(sql, &mut buf) {
+                return Err(None);
             }
-        }
+            match self.masked.get(&buf) {
+                Some(c) => Ok(c),
+                None => Err(Some(buf.clone())),
+            }
+        });
+        let masked = match hit {
+            Ok(c) => return c,
+            Err(masked) => masked,
+        };
         let c = Arc::new(classify(sql));
         let maskable = c.effects.is_empty() && c.needs_database_alone.is_none();
         match masked {
-            Some(m) if maskable => insert(&self.masked, m, c.clone(), self.capacity),
-            _ => insert(&self.exact, sql.into(), c.clone(), self.capacity),
+            Some(m) if maskable => self.masked.insert(m, c.clone()),
+            _ => self.exact.insert(sql.into(), c.clone()),
         }
         c
     }
@@ -1297,26 +1350,22 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-fn insert<K: std::hash::Hash + Eq>(
-    m: &Mutex<HashMap<K, Arc<Classified>>>,
-    k: K,
-    v: Arc<Classified>,
-    capacity: usize,
-) {
-    let mut map = lock(m);
-    if map.len() >= capacity {
-        // Crude but bounded: ORMs' working sets are far smaller than this.
-        map.clear();
-    }
-    map.insert(k, v);
-}
-
 /// The text with numeric and string literals replaced by `?`; `None` when
 /// the text has a construct this cheap pass does not understand (then the
 /// caller caches by exact text instead). Comments are kept: they carry hints.
 pub fn mask_literals(sql: &str) -> Option<String> {
-    let b = sql.as_bytes();
     let mut out = String::with_capacity(sql.len());
+    mask_literals_into(sql, &mut out).then_some(out)
+}
+
+/// [`mask_literals`] into `out` (cleared first); `false` where it gives up.
+fn mask_literals_into(sql: &str, out: &mut String) -> bool {
+    out.clear();
+    mask(sql, out).is_some()
+}
+
+fn mask(sql: &str, out: &mut String) -> Option<()> {
+    let b = sql.as_bytes();
     let mut i = 0;
     let mut last = 0;
     let ident = |c: u8| c.is_ascii_alphanumeric() || c == b'_' || c == b'$' || c >= 0x80;
@@ -1379,7 +1428,7 @@ pub fn mask_literals(sql: &str) -> Option<String> {
         }
     }
     out.push_str(&sql[last..]);
-    Some(out)
+    Some(())
 }
 
 #[cfg(test)]

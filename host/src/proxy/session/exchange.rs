@@ -97,10 +97,18 @@ impl Session {
         let Some(lease) = self.lease.as_mut() else {
             return Ok(None);
         };
-        let conn = lease.conn();
-        if conn.carries(self.state.key) {
+        if lease.conn().carries(self.state.key) {
             return Ok(None);
         }
+        Box::pin(self.replay_state()).await
+    }
+
+    /// [`Self::sync_state`]'s slow path: the connection carries other state.
+    async fn replay_state(&mut self) -> Result<Option<(String, String)>, SessionError> {
+        let Some(lease) = self.lease.as_mut() else {
+            return Ok(None);
+        };
+        let conn = lease.conn();
         let sql = self.state.replay_sql(conn.needs_full_reset());
         if !sql.is_ascii() {
             // The server converts a whole Query from the connection's
@@ -200,7 +208,7 @@ impl Session {
             if read_only && ryw.wait_for_replay_ms > 0 && self.tx == TxState::Idle {
                 if let Some((lsn, _)) = self.write_position() {
                     let limit = std::time::Duration::from_millis(ryw.wait_for_replay_ms);
-                    self.live.cluster.wait_for_replay(lsn, limit).await;
+                    Box::pin(self.live.cluster.wait_for_replay(lsn, limit)).await;
                 }
             }
             self.refresh_route_session();
@@ -220,7 +228,9 @@ impl Session {
             cluster: self.live.cluster.view(),
         };
         let mut routing = self.shared.router.route(&input);
-        self.wait_if_asked(&mut routing, &input).await;
+        if matches!(routing.target, Target::CaughtUpReplica(_)) {
+            Box::pin(self.wait_if_asked(&mut routing, &input)).await;
+        }
         if self.statement_lsn.take().is_some() {
             self.refresh_route_session();
         }
@@ -341,7 +351,7 @@ impl Session {
             return;
         }
         let limit = std::time::Duration::from_millis(u64::from(ms.min(MAX_REPLAY_WAIT_MS)));
-        if self.live.cluster.wait_for_replay(lsn, limit).await {
+        if Box::pin(self.live.cluster.wait_for_replay(lsn, limit)).await {
             let cluster = self.live.cluster.view();
             routing.enforced = crate::route::guardrails::enforce(
                 &routing.target,
@@ -559,9 +569,11 @@ impl Session {
                             || prepared;
                         // A pipelined answer is read whatever happened.
                         if pipelined || ended {
-                            let lsn = self.write_lsn_after(pipelined).await;
+                            // (Boxed, like every rare path here: the
+                            // future of each statement stays small.)
+                            let lsn = Box::pin(self.write_lsn_after(pipelined)).await;
                             if let (true, Some(node)) = (ended, failed_node) {
-                                self.commit_recorded(lsn, node).await;
+                                Box::pin(self.commit_recorded(lsn, node)).await;
                             }
                         }
                     }
@@ -591,7 +603,7 @@ impl Session {
                     }
                     if self.catalog_dirty && self.tx == TxState::Idle {
                         self.catalog_dirty = false;
-                        self.refresh_catalog().await;
+                        Box::pin(self.refresh_catalog()).await;
                     }
                     // What was held back: a deferred ending, or a refused
                     // read that could not run elsewhere.
@@ -607,9 +619,9 @@ impl Session {
                     // The connection died after the work was sent: it may
                     // have committed (a COMMIT answered, then a FATAL).
                     if let (true, Some(node)) = (ryw && (self.tx_wrote || writes), failed_node) {
-                        self.commit_recorded(None, node).await;
+                        Box::pin(self.commit_recorded(None, node)).await;
                     }
-                    return self.lost_backend(e, held).await;
+                    return Box::pin(self.lost_backend(e, held)).await;
                 }
             }
         }
@@ -787,7 +799,7 @@ impl Session {
                 // An idle client is between statements: even a transaction-
                 // pooled one learns of it only if the connection was its own.
                 let _ = self.client.flush().await;
-                self.lost_backend(lost, true).await
+                Box::pin(self.lost_backend(lost, true)).await
             }
         }
     }
