@@ -273,12 +273,23 @@ for mode in $MODES; do
 done
 
 echo
-[ -n "$MODES" ] && echo "Single client (-S, -c 1, simple), mean latency:"
-[ -n "$MODES" ] && for target in $(targets_for select-simple); do
-  lat=$(pgbench -n -S -c 1 -T "$DURATION" -h 127.0.0.1 -p "$(port_of "$target" | cut -d, -f1)" -U postgres postgres 2>&1 |
-    sed -nE 's/^latency average = ([0-9.]+) ms/\1/p')
-  printf '  %-18s %s ms\n' "$target" "${lat:-FAILED}"
-done
+# Single client: rounds interleaved like the runs above (one sequential
+# run each differed by up to 20 % between identical configurations).
+if [ -n "$MODES" ]; then
+  echo "Single client (-S, -c 1, simple), mean latency per round, then the median:"
+  for round in $(seq 1 "$ROUNDS"); do
+    for target in $(targets_for select-simple); do
+      lat=$(pgbench -n -S -c 1 -T "$DURATION" -h 127.0.0.1 -p "$(port_of "$target" | cut -d, -f1)" -U postgres postgres 2>&1 |
+        sed -nE 's/^latency average = ([0-9.]+) ms/\1/p')
+      echo "$target ${lat:-0}" >>"$WORK/latency"
+    done
+  done
+  for target in $(targets_for select-simple); do
+    printf '  %-18s %s  median %s ms\n' "$target" \
+      "$(awk -v t="$target" '$1 == t {printf "%s ", $2}' "$WORK/latency")" \
+      "$(awk -v t="$target" '$1 == t {print $2}' "$WORK/latency" | median)"
+  done
+fi
 
 [ -n "${SKIP_IDLE:-}" ] && exit 0
 

@@ -625,7 +625,8 @@ pub async fn fetch(options: PgConnectOptions, timeout: Duration) -> Result<Rows,
 /// The catalogs of every database signalbox serves.
 #[derive(Default)]
 pub struct Catalogs {
-    dbs: Mutex<HashMap<String, Arc<DbCatalog>>>,
+    /// Read by every statement, replaced after a fetch: no lock to read.
+    dbs: arc_swap::ArcSwap<HashMap<String, Arc<DbCatalog>>>,
     /// One fetch at a time per database. A caller waits for its own
     /// fetch: one already running may have started before its DDL.
     locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
@@ -711,27 +712,20 @@ impl Catalogs {
     }
 
     pub fn get(&self, database: &str) -> Option<Arc<DbCatalog>> {
-        self.dbs
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(database)
-            .cloned()
+        self.dbs.load().get(database).cloned()
     }
 
     pub fn put(&self, database: &str, cat: DbCatalog) {
-        self.dbs
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(database.to_owned(), Arc::new(cat));
+        let cat = Arc::new(cat);
+        self.dbs.rcu(|dbs| {
+            let mut dbs = HashMap::clone(dbs);
+            dbs.insert(database.to_owned(), cat.clone());
+            dbs
+        });
     }
 
     pub fn databases(&self) -> Vec<String> {
-        self.dbs
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .keys()
-            .cloned()
-            .collect()
+        self.dbs.load().keys().cloned().collect()
     }
 }
 
