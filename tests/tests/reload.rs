@@ -86,6 +86,33 @@ fn in_place_overwrite_is_picked_up() {
 }
 
 #[test]
+fn a_relative_policy_path_is_watched() {
+    // `path = "policy.wasm"` next to a config given as a relative path:
+    // the watcher reports absolute paths, which must still be recognised.
+    let dir = tempfile::tempdir().unwrap();
+    let cwd = std::env::current_dir().unwrap();
+    let mut relative = PathBuf::new();
+    for _ in cwd.components().skip(1) {
+        relative.push("..");
+    }
+    relative.push(dir.path().strip_prefix("/").unwrap());
+    relative.push("policy.wasm");
+    assert!(relative.is_relative());
+    std::fs::copy(example("rw-split"), &relative).unwrap();
+    let manager = PolicyManager::start(settings(&relative)).unwrap();
+    let _w = manager.watch().unwrap();
+    let c = cluster();
+    assert_eq!(reason(&manager, &read(&c)).as_deref(), Some("read"));
+    replace_by_rename(&example("lag-aware"), &relative);
+    assert!(
+        wait_until(LIMIT, || reason(&manager, &read(&c)).as_deref()
+            == Some("fresh replica")),
+        "{:?}",
+        manager.status()
+    );
+}
+
+#[test]
 fn kubernetes_configmap_symlink_swap() {
     // ConfigMap layout: policy.wasm -> ..data/policy.wasm, ..data -> ..v1
     let dir = tempfile::tempdir().unwrap();

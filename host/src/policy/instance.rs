@@ -170,7 +170,12 @@ impl HostState {
             return UpdateDeadline::Continue(1);
         };
         let wall = now.duration_since(first.wall);
-        let busy = Duration::from_nanos(cpu.saturating_sub(first.cpu_ns));
+        // Without a CPU clock, all of the overtime counts as busy: a plain
+        // wall-clock deadline.
+        let busy = match (cpu, first.cpu_ns) {
+            (Some(now), Some(then)) => Duration::from_nanos(now.saturating_sub(then)),
+            _ => wall,
+        };
         if runaway(self.deadline, wall, busy) {
             UpdateDeadline::Interrupt
         } else {
@@ -194,11 +199,11 @@ fn runaway(deadline: Duration, wall: Duration, busy: Duration) -> bool {
 #[derive(Clone, Copy, Debug)]
 struct Overtime {
     wall: Instant,
-    cpu_ns: u64,
+    cpu_ns: Option<u64>,
 }
 
-/// CPU time consumed by the calling thread, in nanoseconds (0 if unavailable).
-fn thread_cpu_ns() -> u64 {
+/// CPU time consumed by the calling thread, in nanoseconds.
+fn thread_cpu_ns() -> Option<u64> {
     let mut ts = libc::timespec {
         tv_sec: 0,
         tv_nsec: 0,
@@ -206,9 +211,9 @@ fn thread_cpu_ns() -> u64 {
     // SAFETY: `ts` is a valid, writable timespec for the duration of the call.
     let rc = unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
     if rc != 0 {
-        return 0;
+        return None;
     }
-    (ts.tv_sec as u64).saturating_mul(1_000_000_000) + ts.tv_nsec as u64
+    Some((ts.tv_sec as u64).saturating_mul(1_000_000_000) + ts.tv_nsec as u64)
 }
 
 impl ResourceLimiter for HostState {

@@ -616,8 +616,12 @@ impl Relevant {
         let dir = path
             .parent()
             .filter(|p| !p.as_os_str().is_empty())
-            .unwrap_or(Path::new("."))
-            .to_path_buf();
+            .unwrap_or(Path::new("."));
+        // The watcher reports events under the absolute form of what it
+        // watches (a relative directory is joined to the working one).
+        let dir = std::env::current_dir()
+            .map(|cwd| cwd.join(dir))
+            .unwrap_or_else(|_| dir.to_path_buf());
         let mut names: Vec<_> = path.file_name().map(|n| n.to_owned()).into_iter().collect();
         if let Ok(target) = std::fs::read_link(path) {
             if let Some(std::path::Component::Normal(first)) = target.components().next() {
@@ -780,9 +784,15 @@ mod tests {
     }
 
     #[test]
-    fn a_bare_file_name_watches_the_working_directory() {
+    fn a_relative_path_matches_what_the_watcher_reports() {
+        // notify reports events under the absolute directory it watches.
+        let cwd = std::env::current_dir().unwrap();
         let r = Relevant::of(Path::new("policy.wasm"));
-        assert!(r.concerns(&event(&[Path::new("./policy.wasm")])));
-        assert!(!r.concerns(&event(&[Path::new("./server.log")])));
+        assert!(r.concerns(&event(&[&cwd.join("policy.wasm")])));
+        assert!(r.concerns(&event(&[&cwd.join("./policy.wasm")])));
+        assert!(!r.concerns(&event(&[&cwd.join("server.log")])));
+        let r = Relevant::of(Path::new("conf/policy.wasm"));
+        assert!(r.concerns(&event(&[&cwd.join("conf/policy.wasm")])));
+        assert!(r.concerns(&event(&[&cwd.join("conf")])));
     }
 }

@@ -100,6 +100,10 @@ pub struct ClientIo {
     /// relay ends: the caller has work to finish before the client may
     /// learn that the exchange is over, and flushes itself.
     pub defer_ready: bool,
+    /// The read buffer grew past the usual size (a large message): it may
+    /// still hold that memory, so it is freed, not kept for reuse, when
+    /// the client goes idle.
+    pub rbuf_grew: bool,
 }
 
 impl Drop for ClientIo {
@@ -202,7 +206,10 @@ impl ClientIo {
                 Poll::Ready(Ok(())) => {}
                 Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
                 Poll::Pending => {
-                    spare::give(std::mem::take(&mut self.rbuf));
+                    let rbuf = std::mem::take(&mut self.rbuf);
+                    if !std::mem::take(&mut self.rbuf_grew) {
+                        spare::give(rbuf);
+                    }
                     if self.out.is_empty() {
                         spare::give(std::mem::take(&mut self.out));
                     }
@@ -260,6 +267,9 @@ impl ClientIo {
             if n == 0 {
                 return Err(WireError::Closed);
             }
+            if self.rbuf.capacity() > spare::KEEP_MAX {
+                self.rbuf_grew = true;
+            }
         }
     }
 }
@@ -281,13 +291,16 @@ mod spare {
         static SPARE: RefCell<Vec<BytesMut>> = const { RefCell::new(Vec::new()) };
     }
 
-    /// Keep an empty buffer of the usual size for reuse. One whose memory
-    /// is still shared with messages in use, or that a big message grew,
-    /// is freed instead.
+    /// The largest buffer kept.
+    pub const KEEP_MAX: usize = 2 * SIZE;
+
+    /// Keep an empty buffer of about the usual size for reuse (the caller
+    /// does not offer one that a large message grew); one too small to be
+    /// worth it is freed.
     pub fn give(mut buf: BytesMut) {
         buf.clear();
         // Takes back the room of the messages split off it, if all are gone.
-        if !buf.try_reclaim(SIZE) || buf.capacity() > 2 * SIZE {
+        if !buf.try_reclaim(SIZE) || buf.capacity() > KEEP_MAX {
             return;
         }
         SPARE.with(|s| {
@@ -584,6 +597,7 @@ mod tests {
             reserved: 0,
             pid_alias: None,
             defer_ready: false,
+            rbuf_grew: false,
         };
         let query = |sql: &str| {
             let mut m = vec![b'Q'];

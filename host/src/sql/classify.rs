@@ -1280,8 +1280,8 @@ impl<K: std::hash::Hash + Eq + std::borrow::Borrow<str>> Shards<K> {
     fn shard(&self, key: &str) -> &Mutex<Map<K>> {
         use std::hash::BuildHasher;
         let h = rustc_hash::FxBuildHasher.hash_one(key);
-        // The high bits: FxHash mixes them best.
-        &self.maps[(h >> 60) as usize % SHARDS]
+        // Middle bits: the map inside uses the top ones for its own tags.
+        &self.maps[(h >> 40) as usize % SHARDS]
     }
 
     fn get(&self, key: &str) -> Option<Arc<Classified>> {
@@ -1324,13 +1324,22 @@ impl Classifier {
         }
         let hit = MASKED.with(|buf| {
             let mut buf = buf.borrow_mut();
-            if !mask_literals_into(sql, &mut buf) {
-                return Err(None);
+            let masked = mask_literals_into(sql, &mut buf);
+            // (A text the pass gave up on is never looked up: the buffer
+            // holds only part of it.)
+            let hit = if !masked {
+                Err(None)
+            } else {
+                match self.masked.get(&buf) {
+                    Some(c) => Ok(c),
+                    None => Err(Some(buf.clone())),
+                }
+            };
+            // A huge statement's buffer is not kept for the thread's life.
+            if buf.capacity() > 64 * 1024 {
+                *buf = String::new();
             }
-            match self.masked.get(&buf) {
-                Some(c) => Ok(c),
-                None => Err(Some(buf.clone())),
-            }
+            hit
         });
         let masked = match hit {
             Ok(c) => return c,

@@ -163,6 +163,7 @@ impl Session {
             reserved: 0,
             pid_alias: None,
             defer_ready: false,
+            rbuf_grew: false,
         };
         let get = |k: &str| params.iter().find(|(n, _)| n == k).map(|(_, v)| v.clone());
         let user = get("user").unwrap_or_default();
