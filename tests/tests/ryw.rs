@@ -29,13 +29,23 @@ async fn stale_reads(port: u16, n: u32) -> (u32, u32) {
         }
         let row = b
             .query_one(
-                "SELECT count(*), pg_is_in_recovery() FROM ryw WHERE v = $1",
+                "SELECT count(*), pg_is_in_recovery(), inet_server_port(), \
+                 pg_last_wal_replay_lsn()::text FROM ryw WHERE v = $1",
                 &[&(i as i32)],
             )
             .await
             .unwrap();
         if row.get::<_, i64>(0) == 0 {
             stale += 1;
+            // Which node answered, and how far it had replayed: what a
+            // failure report needs (the first few; "off" has hundreds).
+            if stale <= 3 {
+                eprintln!(
+                    "stale read {i}: node port {:?}, replayed {:?}",
+                    row.get::<_, Option<i32>>(2),
+                    row.get::<_, Option<String>>(3)
+                );
+            }
         }
         if row.get::<_, bool>(1) {
             on_replica += 1;
@@ -45,7 +55,11 @@ async fn stale_reads(port: u16, n: u32) -> (u32, u32) {
 }
 
 async fn start(extra: &str) -> signalbox::server::Server {
-    let text = config_text(&format!("[health]\ninterval_ms = 100\n{extra}"));
+    start_with_health("interval_ms = 100", extra).await
+}
+
+async fn start_with_health(health: &str, extra: &str) -> signalbox::server::Server {
+    let text = config_text(&format!("[health]\n{health}\n{extra}"));
     let config = signalbox::config::Config::parse(&text, std::path::Path::new("ryw.toml")).unwrap();
     signalbox::server::Server::start(config).await.unwrap()
 }
@@ -693,4 +707,78 @@ async fn lag_aware_leaves_a_paused_replica_and_returns() {
     );
     stop.store(true, Ordering::Relaxed);
     writer.await.unwrap();
+}
+
+/// The replica the policy chose for a read is dead (its node stopped and
+/// signalbox has not banned it yet): the read moves to another node, and
+/// that node too must have replayed the session's writes — not the paused
+/// replica, which lacks them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_read_moved_off_a_dead_replica_still_sees_the_sessions_writes() {
+    let _serial = SERIAL.lock().await;
+    let c = cluster();
+    c.psql(
+        c.primary.port,
+        "DROP TABLE IF EXISTS ryw_moved; CREATE TABLE ryw_moved (v int)",
+    )
+    .unwrap();
+    c.wait_replayed().unwrap();
+    let (live, paused) = (&c.replicas[0], &c.replicas[1]);
+    c.psql(paused.port, "SELECT pg_wal_replay_pause()").unwrap();
+    // Probes slow to ban (10 failures, 300 ms apart): the read below runs
+    // while the view still calls the dead replica healthy, as it would
+    // between two probes.
+    let sb = start_with_health(
+        "interval_ms = 300\nfailures_to_ban = 10",
+        &format!(
+            "{}[read_your_writes]\nscopes = [\"user\"]\n",
+            policy(&example("read-your-writes"), "")
+        ),
+    )
+    .await;
+    let a = connect(sb.addr.port(), "postgres").await;
+    let b = connect(sb.addr.port(), "postgres").await;
+    a.batch_execute("INSERT INTO ryw_moved VALUES (1)")
+        .await
+        .unwrap();
+    // Until signalbox sees the live replica caught up, reads stay on the
+    // primary; then they go there (and leave a pooled connection to it).
+    let read = "SELECT count(*)::int, inet_server_port() FROM ryw_moved";
+    let mut on_live = false;
+    for _ in 0..100 {
+        let row = b.query_one(read, &[]).await.unwrap();
+        assert_eq!(row.get::<_, i32>(0), 1, "a read missed the write");
+        if row.get::<_, Option<i32>>(1) == Some(i32::from(live.port)) {
+            on_live = true;
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    assert!(on_live, "reads never reached the caught-up replica");
+    tokio::task::block_in_place(|| c.kill(live)).unwrap();
+    // At once, before the probes ban it: the policy still picks it. (One
+    // simple Query: a prepared read would be routed twice, its Execute
+    // after the failed connection got the node banned.)
+    let answer = value(
+        &b,
+        "SELECT count(*) || ',' || inet_server_port() FROM ryw_moved",
+    )
+    .await;
+    let (count, port) = answer.split_once(',').unwrap();
+    let served_by: Option<i32> = port.parse().ok();
+    eprintln!(
+        "read after the replica died: served by port {served_by:?} (primary {}, live {}, paused {})",
+        c.primary.port, live.port, paused.port
+    );
+    let fresh = count == "1";
+    drop((a, b, sb));
+    tokio::task::block_in_place(|| c.restart(live)).unwrap();
+    c.psql(paused.port, "SELECT pg_wal_replay_resume()")
+        .unwrap();
+    c.wait_replayed().unwrap();
+    assert!(
+        fresh,
+        "the read moved to a node that had not replayed the session's write (port {served_by:?}, paused replica {})",
+        paused.port
+    );
 }

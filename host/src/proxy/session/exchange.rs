@@ -333,8 +333,6 @@ impl Session {
         Ok(Some(false))
     }
 
-    /// For a read whose node failed: the built-in choice among the other
-    /// healthy replicas, else a healthy primary.
     /// The policy asked for a replica that has replayed the session's
     /// writes, waiting a bounded time, and none has yet: wait for one
     /// (signalbox watches the replicas' positions), then decide again on
@@ -363,13 +361,20 @@ impl Session {
         }
     }
 
+    /// For a read whose node failed: the built-in choice among the other
+    /// healthy replicas, else a healthy primary. A replica qualifies only
+    /// if it has replayed the session's last write (read-your-writes holds
+    /// on this path too), as seen now.
     pub(super) fn other_node_for_read(&self, input: &RouteInput, failed: NodeId) -> Option<NodeId> {
-        let mut view = (*input.cluster).clone();
+        let mut view = (*self.live.cluster.view()).clone();
         if let Some(s) = view.states.get_mut(failed as usize) {
             s.healthy = false;
         }
-        crate::route::builtin::choose_replica(&view, fastrand::u64(..))
-            .or_else(|| view.primary().filter(|p| *p != failed))
+        let session = &input.session;
+        crate::route::builtin::choose_replica_where(&view, fastrand::u64(..), |id| {
+            view.replayed(id, session)
+        })
+        .or_else(|| view.primary().filter(|p| *p != failed))
     }
 
     /// Route `class`, hold a connection, send `work` and relay the answers.
