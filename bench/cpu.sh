@@ -2,7 +2,7 @@
 # CPU cost per transaction, side by side in one run, rounds interleaved:
 # signalbox (rw-split over two replicas, each client session kept on one;
 # `signalbox-rr`: the same with `spread = "statement"`, round-robin per
-# statement; `signalbox-1w`: the default with one worker thread;
+# statement; `signalbox-2w`: the same with two worker threads, one per core;
 # `signalbox-percore`: thread-per-core emulated by two one-worker
 # processes), PgBouncer (transaction mode; session mode for -M prepared,
 # which it cannot serve in transaction mode) and
@@ -83,15 +83,18 @@ sed -E -e "s/^listen = .*/listen = \"127.0.0.1:$STICKY_PORT\"/" \
 STICKY_PID=$!
 PIDS+=("$STICKY_PID")
 wait_port "$STICKY_PORT"
-# And the demo's configuration with one worker thread (`signalbox-1w`).
-ONE_PORT=$((SB_PORT + 30))
+# The demo's configuration with one worker thread (the emulated
+# thread-per-core below starts from it), and with two (`signalbox-2w`: one
+# per core on a 2-core host; the default is half the cores).
 grep -v '^workers = ' "$CLUSTER_DIR/signalbox.toml" |
-  sed -E -e "s/^listen = .*/listen = \"127.0.0.1:$ONE_PORT\"\nworkers = 1/" \
-    -e "s/^admin_listen = .*/admin_listen = \"127.0.0.1:$((ONE_PORT + 1))\"/" >"$WORK/one.toml"
-./target/release/signalbox serve --config "$WORK/one.toml" >"$WORK/one.log" 2>&1 &
-ONE_PID=$!
-PIDS+=("$ONE_PID")
-wait_port "$ONE_PORT"
+  sed -E -e "s/^listen = .*/listen = \"127.0.0.1:$SB_PORT\"\nworkers = 1/" >"$WORK/one.toml"
+TWO_PORT=$((SB_PORT + 30))
+sed -E -e "s/^listen = .*/listen = \"127.0.0.1:$TWO_PORT\"/" -e 's/^workers = 1$/workers = 2/' \
+  -e "s/^admin_listen = .*/admin_listen = \"127.0.0.1:$((TWO_PORT + 1))\"/" "$WORK/one.toml" >"$WORK/two.toml"
+./target/release/signalbox serve --config "$WORK/two.toml" >"$WORK/two.log" 2>&1 &
+TWO_PID=$!
+PIDS+=("$TWO_PID")
+wait_port "$TWO_PORT"
 # Thread-per-core, emulated (`signalbox-percore`): two processes with one
 # worker each, each serving half the clients with pools and backend
 # connections of its own: no session, socket or pool is shared between the
@@ -136,7 +139,7 @@ proxy_pids() { # proxy_pids TARGET
     direct) ;;
     signalbox) echo "$SB_PID" ;;
     signalbox-rr) echo "$STICKY_PID" ;;
-    signalbox-1w) echo "$ONE_PID" ;;
+    signalbox-2w) echo "$TWO_PID" ;;
     signalbox-base) echo "$BASE_PID" ;;
     signalbox-percore) printf '%s\n' "${PC_PIDS[@]}" ;;
     pgbouncer-tx) pidfile "$WORK/pgbouncer-transaction.pid" ;;
@@ -149,7 +152,7 @@ port_of() {
     direct) echo "$P" ;;
     signalbox) echo "$SB_PORT" ;;
     signalbox-rr) echo "$STICKY_PORT" ;;
-    signalbox-1w) echo "$ONE_PORT" ;;
+    signalbox-2w) echo "$TWO_PORT" ;;
     signalbox-base) echo "$BASE_PORT" ;;
     signalbox-percore) echo "$PC_PORT,$((PC_PORT + 10))" ;;
     pgbouncer-tx) echo "$PGB_TX_PORT" ;;
@@ -233,8 +236,8 @@ targets_for() { # the targets that can run MODE (TARGETS narrows them;
   # `pgbouncer` there means the instance that can serve MODE)
   local all
   case $1 in
-    select-prepared) all="direct signalbox signalbox-rr signalbox-1w signalbox-percore pgbouncer-session pgpool" ;;
-    *) all="direct signalbox signalbox-rr signalbox-1w signalbox-percore pgbouncer-tx pgpool" ;;
+    select-prepared) all="direct signalbox signalbox-rr signalbox-2w signalbox-percore pgbouncer-session pgpool" ;;
+    *) all="direct signalbox signalbox-rr signalbox-2w signalbox-percore pgbouncer-tx pgpool" ;;
   esac
   [ -n "${BASELINE:-}" ] && all="$all signalbox-base"
   local t

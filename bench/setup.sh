@@ -17,7 +17,7 @@ ADMIN_PORT=$((SB_PORT + 1))
 PGB_TX_PORT=$((SB_PORT + 2))
 PGB_SESSION_PORT=$((SB_PORT + 3))
 PGPOOL_PORT=$((SB_PORT + 4))
-SB_WORKERS=${SB_WORKERS:-}   # signalbox worker threads (default: one per core)
+SB_WORKERS=${SB_WORKERS:-}   # signalbox worker threads (default: half the cores)
 
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 for tool in pgbench psql pgbouncer pgpool; do

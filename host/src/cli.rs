@@ -35,7 +35,7 @@ enum Command {
         /// Port for the admin API.
         #[arg(long, default_value_t = 9930)]
         admin_port: u16,
-        /// Threads serving clients (default: one per core).
+        /// Threads serving clients (default: half the cores, at least one).
         #[arg(long)]
         workers: Option<usize>,
     },

@@ -25,7 +25,7 @@ pub struct Config {
     /// `admin_listen` is not a loopback address, and then asked of every
     /// request; on loopback it guards the endpoints that change something.
     pub admin_token: Option<String>,
-    /// Threads serving clients (default: one per core).
+    /// Threads serving clients (default: half the cores, at least one).
     pub workers: Option<usize>,
     pub nodes: Vec<NodeConfig>,
     #[serde(default)]

@@ -114,7 +114,7 @@ impl Server {
     /// between transactions. Returns whether every session ended within
     /// `drain`; the caller then exits, which closes whatever is left.
     pub async fn shutdown(&self, drain: std::time::Duration) -> bool {
-        self.shared.shutdown.send_replace(true);
+        self.shared.begin_shutdown();
         let metrics = &self.shared.metrics;
         let active = || {
             metrics

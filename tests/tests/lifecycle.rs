@@ -119,6 +119,55 @@ async fn shutdown_lets_open_transactions_finish() {
     );
 }
 
+/// Shutdown with clients sitting idle: each is told at once (FATAL 57P01),
+/// while one inside a transaction is left alone until it ends it, then told
+/// too. Every idle client waits on its own stop signal.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_tells_idle_clients_at_once_and_waits_for_a_transaction() {
+    database("lifecycle_idle");
+    let server = start("[clients]\nshutdown_drain_s = 20\n").await;
+    let port = server.addr.port();
+    let mut idle = Vec::new();
+    for _ in 0..5 {
+        let mut c = Raw::connect(port, "postgres", "lifecycle_idle").await;
+        assert_eq!(c.simple("SELECT 1").await.last().map(|m| m.0), Some(b'Z'));
+        idle.push(c);
+    }
+    let mut in_tx = Raw::connect(port, "postgres", "lifecycle_idle").await;
+    in_tx.simple("BEGIN").await;
+    in_tx.simple("SELECT 1").await;
+    let server = std::sync::Arc::new(server);
+    let draining = {
+        let server = server.clone();
+        tokio::spawn(async move { server.shutdown(Duration::from_secs(20)).await })
+    };
+    for (i, c) in idle.iter_mut().enumerate() {
+        let m = c.try_next().await;
+        let m = m.unwrap_or_else(|| panic!("idle client {i} was not told to go"));
+        assert_eq!(
+            (m.0, sqlstate(&m.1)),
+            (b'E', "57P01".to_owned()),
+            "client {i}"
+        );
+        assert!(
+            c.try_next().await.is_none(),
+            "client {i}: connection closed"
+        );
+    }
+    // The transaction goes on, untouched, while the others are gone.
+    assert!(
+        !draining.is_finished(),
+        "shutdown did not wait for the transaction"
+    );
+    let answer = in_tx.simple("SELECT 2").await;
+    assert!(answer.iter().all(|m| m.0 != b'E'), "{answer:?}");
+    let end = in_tx.simple("COMMIT").await;
+    assert!(end.iter().all(|m| m.0 != b'E'), "{end:?}");
+    let told = in_tx.try_next().await.expect("told to go after COMMIT");
+    assert_eq!((told.0, sqlstate(&told.1)), (b'E', "57P01".to_owned()));
+    assert!(draining.await.expect("shutdown task"), "not drained");
+}
+
 /// A Query of `n` bytes of SQL text: `SELECT length('xxx...')`.
 fn big_query(n: usize) -> Vec<u8> {
     let sql = format!("SELECT length('{}')", "x".repeat(n));

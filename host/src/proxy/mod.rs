@@ -42,6 +42,9 @@ pub struct Shared {
     /// Set once when signalbox begins to shut down: no new clients, and
     /// sessions end at their next moment outside a transaction.
     pub shutdown: tokio::sync::watch::Sender<bool>,
+    /// Each serving session's own stop signal, so that a session waits on
+    /// nothing shared between statements (see [`Shared::stop_signal`]).
+    stops: Mutex<rustc_hash::FxHashMap<u64, Arc<tokio::sync::Notify>>>,
     /// Shared by every client's partly received large messages.
     pub message_budget: Arc<relay::MessageBudget>,
     /// Catalog facts per database, for read-only verdicts.
@@ -73,6 +76,7 @@ impl Shared {
             metrics: Metrics::new(routed),
             server_params: Mutex::default(),
             shutdown: tokio::sync::watch::channel(false).0,
+            stops: Mutex::default(),
             message_budget,
             catalogs: Arc::default(),
             writes: Mutex::default(),
@@ -275,7 +279,9 @@ pub struct Metrics {
 /// time takes the lock and publishes a new map (at most [`REASONS`] times).
 #[derive(Default)]
 pub struct Reasons {
-    map: arc_swap::ArcSwap<HashMap<String, Arc<AtomicU64>>>,
+    // Fx: hashed on every statement; the keys are the policy's own
+    // reasons, at most REASONS of them.
+    map: arc_swap::ArcSwap<HashMap<String, Arc<AtomicU64>, rustc_hash::FxBuildHasher>>,
     adding: Mutex<()>,
 }
 
@@ -360,6 +366,63 @@ impl Metrics {
     pub fn ryw_unrecorded(&self) {
         self.ryw_unrecorded.fetch_add(1, Ordering::Relaxed);
     }
+}
+
+impl Shared {
+    /// Begin shutting down: refuse new clients and tell every serving
+    /// session to end at its next moment outside a transaction.
+    pub fn begin_shutdown(&self) {
+        self.shutdown.send_replace(true);
+        for stop in lock(&self.stops).values() {
+            // A session inside a transaction keeps the permit until it is
+            // between transactions again.
+            stop.notify_one();
+        }
+    }
+
+    /// The stop signal of session `id`, which [`Self::begin_shutdown`]
+    /// fires, until the returned guard drops. A watch channel shared by
+    /// every session would take its shared lock twice per statement.
+    pub fn stop_signal(self: &Arc<Self>, id: u64) -> StopSignal {
+        let notify = Arc::new(tokio::sync::Notify::new());
+        lock(&self.stops).insert(id, notify.clone());
+        // After registering: a shutdown that began before it is seen here,
+        // one that begins after it finds the signal registered.
+        if *self.shutdown.borrow() {
+            notify.notify_one();
+        }
+        StopSignal {
+            shared: self.clone(),
+            id,
+            notify,
+        }
+    }
+}
+
+/// A session's registration for shutdown; fires once shutdown begins.
+pub struct StopSignal {
+    shared: Arc<Shared>,
+    id: u64,
+    notify: Arc<tokio::sync::Notify>,
+}
+
+impl StopSignal {
+    /// Completes once shutdown has begun (at once if it already has).
+    pub async fn stopped(&self) {
+        self.notify.notified().await;
+        // Keep the permit: a caller that polls again must see it too.
+        self.notify.notify_one();
+    }
+}
+
+impl Drop for StopSignal {
+    fn drop(&mut self) {
+        lock(&self.shared.stops).remove(&self.id);
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 /// Accept clients until shutdown begins. An accept error (out of file

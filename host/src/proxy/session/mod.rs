@@ -280,7 +280,7 @@ impl Session {
             }
         }
         Box::pin(self.load_catalog()).await;
-        let mut shutdown = self.shared.shutdown.subscribe();
+        let stop = self.shared.stop_signal(self.id);
         // The statement paths are boxed: the future of an idle session
         // then holds only this loop's state, not the largest of theirs.
         loop {
@@ -306,7 +306,7 @@ impl Session {
                 };
                 tokio::select! {
                     f = self.client.next() => Wake::Client(f),
-                    _ = shutdown.wait_for(|stop| *stop), if idle => Wake::Shutdown,
+                    _ = stop.stopped(), if idle => Wake::Shutdown,
                     r = backend, if watch => Wake::Backend(r),
                 }
             };
