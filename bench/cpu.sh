@@ -2,12 +2,16 @@
 # CPU cost per transaction, side by side in one run, rounds interleaved:
 # signalbox (rw-split over two replicas, each client session kept on one;
 # `signalbox-rr`: the same with `spread = "statement"`, round-robin per
-# statement; `signalbox-2w`: the same with two worker threads, one per core;
+# statement; `signalbox-2w`: the default with two worker threads;
+# `signalbox-builtin`: no policy, the built-in split, which spreads reads
+# per statement like `signalbox-rr`;
 # `signalbox-percore`: thread-per-core emulated by two one-worker
 # processes), PgBouncer (transaction mode; session mode for -M prepared,
 # which it cannot serve in transaction mode) and
 # Pgpool-II (read load balancing), against the same cluster, plus a direct
-# connection to the primary. For each run it prints, per transaction:
+# connection to the primary (`direct`) and, for the read-only modes, to a
+# replica (`direct-replica`: what the servers signalbox sends reads to cost
+# on their own). For each run it prints, per transaction:
 #
 #   proxy µs     the proxy's own CPU (utime + stime of its processes), and
 #                of it the user time (the proxy's code, not the kernel's)
@@ -83,9 +87,9 @@ sed -E -e "s/^listen = .*/listen = \"127.0.0.1:$STICKY_PORT\"/" \
 STICKY_PID=$!
 PIDS+=("$STICKY_PID")
 wait_port "$STICKY_PORT"
-# The demo's configuration with one worker thread (the emulated
-# thread-per-core below starts from it), and with two (`signalbox-2w`: one
-# per core on a 2-core host; the default is half the cores).
+# The demo's configuration with one worker thread (a template, never
+# started itself: the emulated thread-per-core below starts from it), and
+# with two (`signalbox-2w`; the default is half the cores).
 grep -v '^workers = ' "$CLUSTER_DIR/signalbox.toml" |
   sed -E -e "s/^listen = .*/listen = \"127.0.0.1:$SB_PORT\"\nworkers = 1/" >"$WORK/one.toml"
 TWO_PORT=$((SB_PORT + 30))
@@ -95,6 +99,17 @@ sed -E -e "s/^listen = .*/listen = \"127.0.0.1:$TWO_PORT\"/" -e 's/^workers = 1$
 TWO_PID=$!
 PIDS+=("$TWO_PID")
 wait_port "$TWO_PORT"
+# And without a policy (`signalbox-builtin`: the built-in read/write
+# split, spreading reads per statement): against `signalbox-rr`, which
+# spreads them the same way, what asking the policy costs per statement.
+BUILTIN_PORT=$((SB_PORT + 70))
+sed -E -e "s/^listen = .*/listen = \"127.0.0.1:$BUILTIN_PORT\"/" \
+  -e "s/^admin_listen = .*/admin_listen = \"127.0.0.1:$((BUILTIN_PORT + 1))\"/" \
+  -e '/^\[policy\]$/d' -e '/^path = /d' "$CLUSTER_DIR/signalbox.toml" >"$WORK/builtin.toml"
+./target/release/signalbox serve --config "$WORK/builtin.toml" >"$WORK/builtin.log" 2>&1 &
+BUILTIN_PID=$!
+PIDS+=("$BUILTIN_PID")
+wait_port "$BUILTIN_PORT"
 # Thread-per-core, emulated (`signalbox-percore`): two processes with one
 # worker each, each serving half the clients with pools and backend
 # connections of its own: no session, socket or pool is shared between the
@@ -136,10 +151,11 @@ postgres_ticks() {
 }
 proxy_pids() { # proxy_pids TARGET
   case $1 in
-    direct) ;;
+    direct | direct-replica) ;;
     signalbox) echo "$SB_PID" ;;
     signalbox-rr) echo "$STICKY_PID" ;;
     signalbox-2w) echo "$TWO_PID" ;;
+    signalbox-builtin) echo "$BUILTIN_PID" ;;
     signalbox-base) echo "$BASE_PID" ;;
     signalbox-percore) printf '%s\n' "${PC_PIDS[@]}" ;;
     pgbouncer-tx) pidfile "$WORK/pgbouncer-transaction.pid" ;;
@@ -150,9 +166,11 @@ proxy_pids() { # proxy_pids TARGET
 port_of() {
   case $1 in
     direct) echo "$P" ;;
+    direct-replica) echo "$R1" ;;
     signalbox) echo "$SB_PORT" ;;
     signalbox-rr) echo "$STICKY_PORT" ;;
     signalbox-2w) echo "$TWO_PORT" ;;
+    signalbox-builtin) echo "$BUILTIN_PORT" ;;
     signalbox-base) echo "$BASE_PORT" ;;
     signalbox-percore) echo "$PC_PORT,$((PC_PORT + 10))" ;;
     pgbouncer-tx) echo "$PGB_TX_PORT" ;;
@@ -236,8 +254,9 @@ targets_for() { # the targets that can run MODE (TARGETS narrows them;
   # `pgbouncer` there means the instance that can serve MODE)
   local all
   case $1 in
-    select-prepared) all="direct signalbox signalbox-rr signalbox-2w signalbox-percore pgbouncer-session pgpool" ;;
-    *) all="direct signalbox signalbox-rr signalbox-2w signalbox-percore pgbouncer-tx pgpool" ;;
+    select-prepared) all="direct direct-replica signalbox signalbox-rr signalbox-2w signalbox-builtin signalbox-percore pgbouncer-session pgpool" ;;
+    select-*) all="direct direct-replica signalbox signalbox-rr signalbox-2w signalbox-builtin signalbox-percore pgbouncer-tx pgpool" ;;
+    *) all="direct signalbox signalbox-rr signalbox-2w signalbox-builtin signalbox-percore pgbouncer-tx pgpool" ;;
   esac
   [ -n "${BASELINE:-}" ] && all="$all signalbox-base"
   local t

@@ -24,10 +24,11 @@ fn runtime(workers: Option<usize>) -> Result<tokio::runtime::Runtime> {
 }
 
 /// Worker threads when the config does not say: half the cores, at least
-/// one. Two thirds of a statement's cost in the proxy is the kernel's
-/// network stack, and every extra worker that parks is one more to wake
-/// when another's sockets become ready. On a 2-core host one worker spent
-/// 10-20 % less CPU per transaction than two (`bench/RESULTS.md`).
+/// one. Most of a statement's cost in the proxy is the kernel's network
+/// stack, and every extra worker that parks is one more to wake when
+/// another's sockets become ready. On a 2-core host one worker spent 0.78×
+/// the CPU per `-S` transaction of two, at 1.2× their throughput (medians
+/// of 15 rounds, `bench/RESULTS.md`).
 fn default_workers(cores: usize) -> usize {
     (cores / 2).max(1)
 }

@@ -41,7 +41,9 @@ pub struct Shared {
     pub tls: Option<crate::tls::ClientTls>,
     /// Set once when signalbox begins to shut down: no new clients, and
     /// sessions end at their next moment outside a transaction.
-    pub shutdown: tokio::sync::watch::Sender<bool>,
+    /// Set only through [`Shared::begin_shutdown`], which also tells the
+    /// sessions.
+    shutdown: tokio::sync::watch::Sender<bool>,
     /// Each serving session's own stop signal, so that a session waits on
     /// nothing shared between statements (see [`Shared::stop_signal`]).
     stops: Mutex<rustc_hash::FxHashMap<u64, Arc<tokio::sync::Notify>>>,
@@ -373,11 +375,18 @@ impl Shared {
     /// session to end at its next moment outside a transaction.
     pub fn begin_shutdown(&self) {
         self.shutdown.send_replace(true);
-        for stop in lock(&self.stops).values() {
+        // Woken outside the lock: sessions starting and ending take it.
+        let stops: Vec<_> = lock(&self.stops).values().cloned().collect();
+        for stop in stops {
             // A session inside a transaction keeps the permit until it is
             // between transactions again.
             stop.notify_one();
         }
+    }
+
+    /// Sessions registered for the shutdown signal (ended ones deregister).
+    pub fn stop_signals(&self) -> usize {
+        lock(&self.stops).len()
     }
 
     /// The stop signal of session `id`, which [`Self::begin_shutdown`]
