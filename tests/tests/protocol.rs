@@ -900,3 +900,56 @@ async fn a_session_whose_settings_cannot_be_applied_gets_a_fatal() {
     assert!(raw::field(&err.1, b'M').contains("work_mem"), "{err:?}");
     assert!(got.iter().all(|m| m.0 != b'Z'), "no ReadyForQuery: {got:?}");
 }
+
+/// A client that stops reading cannot keep a server connection once the
+/// server has finished answering: the connection goes back to the pool
+/// before the answer is written to the client, so a client whose socket is
+/// full blocks only itself. (Before, its session held the connection until
+/// the client read the answer's last bytes: with a pool of one, everyone
+/// else waited and got 53300.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_stops_reading_holds_no_server_connection() {
+    database("protocol_unread");
+    // The primary alone: every statement needs its one pooled connection.
+    let text = format!(
+        "listen = \"127.0.0.1:0\"\n[pool]\nsize = 1\ncheckout_timeout_ms = 1000\n\
+         [[nodes]]\nname = \"primary\"\nurl = \"postgres://postgres@127.0.0.1:{}/postgres\"\nrole = \"primary\"\n",
+        cluster().primary.port
+    );
+    let config = signalbox::config::Config::parse(&text, std::path::Path::new("test.toml"))
+        .expect("test config");
+    let server = signalbox::server::Server::start(config)
+        .await
+        .expect("signalbox starts");
+    let port = server.addr.port();
+    let mut reader = Raw::connect(port, "postgres", "protocol_unread").await;
+    let mut other = Raw::connect(port, "postgres", "protocol_unread").await;
+    // Reads of ~60 KB each, pipelined and never read: the kernel's buffers
+    // fill up and the session blocks writing an answer.
+    let one = raw::query("SELECT repeat('x', 60000)");
+    reader.send(&one.repeat(400)).await;
+    let decisions = || {
+        server
+            .shared
+            .router
+            .stats
+            .decisions
+            .load(std::sync::atomic::Ordering::Relaxed)
+    };
+    let mut last = decisions();
+    for _ in 0..100 {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let now = decisions();
+        if now == last && now > 0 {
+            break;
+        }
+        last = now;
+    }
+    assert!(last < 400, "the reader's answers never filled its socket");
+    // The blocked session holds no server connection: the other client's
+    // statement gets the pool's only one.
+    let msgs = other.simple("SELECT 'served'").await;
+    assert_eq!(tags(&msgs), "TDCZ", "{msgs:?}");
+    assert_eq!(data_row(&msgs[1].1)[0].as_deref(), Some("served"));
+    drop(reader);
+}

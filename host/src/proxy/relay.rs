@@ -329,7 +329,10 @@ const HOLD: std::time::Duration = std::time::Duration::from_millis(20);
 /// Relay until the plan is exhausted. With `hold`, partial answers stay in
 /// the client buffer (up to 64 KiB, and at most [`HOLD`] per wait) instead of
 /// being flushed before each wait on the server: a small result the server
-/// sends in pieces is either shown whole or not at all.
+/// sends in pieces is either shown whole or not at all. The end of the
+/// answer is left in the client buffer: the caller returns the server
+/// connection first (a client slow to read holds only itself up), unless
+/// it must act first (`defer_ready`) or run a refused read elsewhere.
 pub async fn relay(
     conn: &mut BackendConn,
     client: &mut ClientIo,
@@ -340,7 +343,7 @@ pub async fn relay(
     loop {
         emit_synthetic(plan, &mut client.out);
         if plan.is_empty() {
-            return finish(client, outcome, hold).await;
+            return Ok(outcome);
         }
         while let Some(frame) = conn.take_frame().map_err(RelayError::Backend)? {
             if frame.tag == b'E' && wire::is_fatal(&frame.body) {
@@ -361,7 +364,7 @@ pub async fn relay(
                 pump_copy_in(conn, client, sync_swallowed).await?;
             }
             if plan.is_empty() {
-                return finish(client, outcome, hold).await;
+                return Ok(outcome);
             }
             if client.out.len() > 64 * 1024 {
                 client.flush().await.map_err(RelayError::Client)?;
@@ -385,21 +388,6 @@ pub async fn relay(
         client.flush().await.map_err(RelayError::Client)?;
         wait_server(conn, client).await?;
     }
-}
-
-/// The exchange is complete: show the client, unless the caller defers it,
-/// or (`held`: nothing shown yet) a standby refused the read, which the
-/// caller may then run elsewhere as if it never ran.
-async fn finish(
-    client: &mut ClientIo,
-    outcome: Outcome,
-    held: bool,
-) -> Result<Outcome, RelayError> {
-    let keep = client.defer_ready || (held && outcome.standby_refused);
-    if !keep {
-        client.flush().await.map_err(RelayError::Client)?;
-    }
-    Ok(outcome)
 }
 
 /// Wait for more from the server while watching the client: a client that

@@ -610,8 +610,9 @@ impl Session {
                         self.catalog_dirty = false;
                         Box::pin(self.refresh_catalog()).await;
                     }
-                    // What was held back: a deferred ending, or a refused
-                    // read that could not run elsewhere.
+                    // The end of the answer, now that the connection is
+                    // back in its pool (a client slow to read it holds no
+                    // server connection), or a deferred ending.
                     self.client.flush().await.map_err(SessionError::Client)?;
                     return Ok(());
                 }
