@@ -25,3 +25,9 @@ pub mod sql;
 pub mod telemetry;
 pub mod tls;
 pub mod wire;
+
+/// Lock a mutex, taking over one that a panicking holder poisoned: one
+/// failed task must not stop every other one that uses the same state.
+pub(crate) fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}

@@ -23,6 +23,7 @@ use tokio::task::JoinHandle;
 
 use crate::cluster::Cluster;
 use crate::config::{Config, NodeConfig};
+use crate::lock;
 use crate::policy::{reload::Watcher, PolicyManager, PolicySettings};
 use crate::proxy::Shared;
 
@@ -80,10 +81,6 @@ pub struct ConfigStatus {
     pub path: PathBuf,
     pub generation: u64,
     pub history: Vec<ConfigEvent>,
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 impl Reloader {

@@ -14,6 +14,7 @@ use std::sync::{Arc, Mutex};
 use arc_swap::{ArcSwap, ArcSwapOption};
 use serde::Serialize;
 
+use crate::lock;
 use crate::policy::{CallFailure, PolicyManager};
 use crate::route::guardrails::{self, Enforced, Override, Routed};
 use crate::route::{ClusterView, RouteInput, Target};
@@ -316,10 +317,6 @@ fn place(routed: &Routed, cluster: &ClusterView) -> String {
         Routed::Reject(_) => "rejected".into(),
         Routed::Unavailable(_) => "unavailable".into(),
     }
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 impl prometheus_client::collector::Collector for Router {

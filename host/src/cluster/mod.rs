@@ -22,6 +22,7 @@ pub use addr::NodeAddr;
 use pool::{NodeLogin, PoolSettings, Pools};
 
 use crate::config::{Config, HealthConfig, NodeRole};
+use crate::lock;
 use crate::route::{ClusterView, NodeId, NodeInfo, NodeState, Role};
 
 /// A node's WAL insert position, as a number: after a commit, at or past
@@ -687,10 +688,6 @@ impl Cluster {
     pub fn states(&self) -> Arc<Vec<NodeState>> {
         self.states.load_full()
     }
-}
-
-fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 /// A replica's time lag: how long ago the primary first stood beyond the

@@ -12,7 +12,7 @@
 use std::collections::{HashSet, VecDeque};
 use std::path::{Path, PathBuf};
 use std::sync::mpsc::{self, RecvTimeoutError};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
@@ -26,6 +26,7 @@ use super::fixtures;
 use super::instance::CallFailure;
 use super::kv::{self, KvStore};
 use super::loaded::{Limits, LoadError, LoadSpec, LoadedPolicy, PolicyInfo, Stage, StatsSnapshot};
+use crate::lock;
 use crate::route::{RouteInput, Target};
 
 /// What to do when the policy cannot give a decision.
@@ -181,10 +182,6 @@ pub struct PolicyManager {
     last_stamp: Mutex<Option<FileStamp>>,
     kv: Arc<KvStore>,
     fallbacks: super::instance::FailureCounters,
-}
-
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 impl PolicyManager {

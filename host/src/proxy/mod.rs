@@ -21,6 +21,7 @@ use tokio::net::{TcpListener, TcpStream};
 
 use crate::cluster::NodeCounters;
 use crate::live::Live;
+use crate::lock;
 use crate::router::Router;
 use crate::sql::classify::Classifier;
 use crate::tls::BoxStream;
@@ -428,10 +429,6 @@ impl Drop for StopSignal {
     fn drop(&mut self) {
         lock(&self.shared.stops).remove(&self.id);
     }
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 /// Accept clients until shutdown begins. An accept error (out of file

@@ -10,6 +10,7 @@ use std::sync::{Arc, Mutex};
 use pg_query::protobuf::{self, a_const, TransactionStmtKind, VariableSetKind};
 use pg_query::{Context, NodeEnum, NodeRef};
 
+use crate::lock;
 use crate::route::StatementKind;
 use crate::sql::hints;
 pub use crate::sql::walk::Name;
@@ -1353,10 +1354,6 @@ impl Classifier {
         }
         c
     }
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 /// The text with numeric and string literals replaced by `?`; `None` when
