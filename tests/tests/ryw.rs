@@ -126,15 +126,21 @@ async fn stale_across(a_port: u16, b_port: u16, n: u32, token: Token) -> (u32, u
     (stale, on_replica)
 }
 
+/// Run `sql` (a table's creation) on the primary, wait until both replicas
+/// have it, then pause replica-2's replay. Returns replica-2's port.
+fn table_then_pause(c: &signalbox::local::LocalCluster, sql: &str) -> u16 {
+    c.psql(c.primary.port, sql).unwrap();
+    c.wait_replayed().unwrap();
+    let paused = c.replicas[1].port;
+    c.psql(paused, "SELECT pg_wal_replay_pause()").unwrap();
+    paused
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_token_carries_a_write_to_another_instance() {
     let _serial = SERIAL.lock().await;
     let c = cluster();
-    c.psql(c.primary.port, "CREATE TABLE IF NOT EXISTS ryw (v int)")
-        .unwrap();
-    c.wait_replayed().unwrap();
-    let paused = c.replicas[1].port;
-    c.psql(paused, "SELECT pg_wal_replay_pause()").unwrap();
+    let paused = table_then_pause(c, "CREATE TABLE IF NOT EXISTS ryw (v int)");
 
     // A records its sessions' positions; B knows nothing of A's writes.
     // B's policy waits up to 50 ms for a replica to replay the token.
@@ -455,14 +461,7 @@ async fn a_commit_is_recorded_before_the_client_hears_of_it() {
 async fn reads_see_writes_made_on_other_connections() {
     let _serial = SERIAL.lock().await;
     let c = cluster();
-    c.psql(
-        c.primary.port,
-        "DROP TABLE IF EXISTS ryw; CREATE TABLE ryw (v int)",
-    )
-    .unwrap();
-    c.wait_replayed().unwrap();
-    let paused = c.replicas[1].port;
-    c.psql(paused, "SELECT pg_wal_replay_pause()").unwrap();
+    let paused = table_then_pause(c, "DROP TABLE IF EXISTS ryw; CREATE TABLE ryw (v int)");
 
     // Off: reads sent to the paused replica (rw-split, read = replica-2)
     // miss every row — the loop can see stale reads.
@@ -717,14 +716,11 @@ async fn lag_aware_leaves_a_paused_replica_and_returns() {
 async fn a_read_moved_off_a_dead_replica_still_sees_the_sessions_writes() {
     let _serial = SERIAL.lock().await;
     let c = cluster();
-    c.psql(
-        c.primary.port,
+    table_then_pause(
+        c,
         "DROP TABLE IF EXISTS ryw_moved; CREATE TABLE ryw_moved (v int)",
-    )
-    .unwrap();
-    c.wait_replayed().unwrap();
+    );
     let (live, paused) = (&c.replicas[0], &c.replicas[1]);
-    c.psql(paused.port, "SELECT pg_wal_replay_pause()").unwrap();
     // Probes slow to ban (10 failures, 300 ms apart): the read below runs
     // while the view still calls the dead replica healthy, as it would
     // between two probes.
