@@ -303,6 +303,48 @@ impl LocalCluster {
         self.pg_ctl_start(node)
     }
 
+    /// Pause WAL replay on the replica listening on `port`.
+    pub fn pause_replay(&self, port: u16) -> Result<()> {
+        self.set_replay(port, true)
+    }
+
+    /// Resume WAL replay on the replica listening on `port`.
+    pub fn resume_replay(&self, port: u16) -> Result<()> {
+        self.set_replay(port, false)
+    }
+
+    /// A standby cancels a query whose snapshot conflicts with the WAL it
+    /// replays once `max_standby_streaming_delay` has run out, counted from
+    /// when that WAL arrived: after a long pause, at once. The statement that
+    /// resumed replay can itself be cancelled after it took effect, so the
+    /// call is repeated, and the state read back, until it holds.
+    fn set_replay(&self, port: u16, pause: bool) -> Result<()> {
+        let call = if pause {
+            "SELECT pg_wal_replay_pause()"
+        } else {
+            "SELECT pg_wal_replay_resume()"
+        };
+        self.set_replay_by(port, call, pause)
+    }
+
+    fn set_replay_by(&self, port: u16, call: &str, pause: bool) -> Result<()> {
+        let mut last = None;
+        for _ in 0..20 {
+            match self.psql(port, call) {
+                Ok(_) => return Ok(()),
+                Err(e) if is_recovery_conflict(&e) => last = Some(e),
+                Err(e) => return Err(e),
+            }
+            if let Ok(state) = self.psql(port, "SELECT pg_get_wal_replay_pause_state()") {
+                if (state.trim() == "not paused") != pause {
+                    return Ok(());
+                }
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Err(last.unwrap_or_else(|| anyhow::anyhow!("replay state did not change")))
+    }
+
     /// Wait until every replica has replayed the primary's current WAL position.
     pub fn wait_replayed(&self) -> Result<()> {
         let lsn = self.psql(self.primary.port, "SELECT pg_current_wal_lsn()")?;
@@ -313,9 +355,14 @@ impl LocalCluster {
             );
             let mut ok = false;
             for _ in 0..200 {
-                if self.psql(r.port, &q)?.trim() == "t" {
-                    ok = true;
-                    break;
+                match self.psql(r.port, &q) {
+                    Ok(out) if out.trim() == "t" => {
+                        ok = true;
+                        break;
+                    }
+                    Ok(_) => {}
+                    Err(e) if is_recovery_conflict(&e) => {}
+                    Err(e) => return Err(e),
                 }
                 std::thread::sleep(Duration::from_millis(50));
             }
@@ -325,6 +372,11 @@ impl LocalCluster {
         }
         Ok(())
     }
+}
+
+/// psql's report of a query cancelled by a standby's WAL replay.
+fn is_recovery_conflict(e: &anyhow::Error) -> bool {
+    e.to_string().contains("conflict with recovery")
 }
 
 impl Drop for LocalCluster {
@@ -367,4 +419,33 @@ fn chown(path: &Path, uid: u32, gid: u32) -> Result<()> {
         );
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The statement that resumes replay holds a snapshot that the cleanup
+    /// replayed next conflicts with; with no grace left the standby cancels
+    /// it. Replay is resumed all the same, and the helper must say so. The
+    /// sleep makes the cancellation certain instead of a race.
+    #[test]
+    fn a_resume_cancelled_by_what_it_replays_still_resumes() -> Result<()> {
+        let c = LocalCluster::start(1)?;
+        let replica = c.replicas[0].port;
+        append(
+            &c.replicas[0].data.join("postgresql.conf"),
+            "\nmax_standby_streaming_delay = 0\n",
+        )?;
+        c.psql(replica, "SELECT pg_reload_conf()")?;
+        c.psql(c.primary.port, "CREATE TABLE churn (v int)")?;
+        c.psql(c.primary.port, "INSERT INTO churn VALUES (1)")?;
+        c.wait_replayed()?;
+        c.pause_replay(replica)?;
+        c.psql(c.primary.port, "DELETE FROM churn")?;
+        c.psql(c.primary.port, "VACUUM churn")?;
+        std::thread::sleep(Duration::from_millis(200));
+        c.set_replay_by(replica, "SELECT pg_wal_replay_resume(), pg_sleep(5)", false)?;
+        c.wait_replayed()
+    }
 }

@@ -143,8 +143,7 @@ async fn replica_ban_and_time_lag() {
         || replica().healthy && replica().lag_ms == Some(0)
     )));
     // Pause replay; stay quiet for 3 s; then write once and wait 1 s.
-    c.psql(c.replicas[0].port, "SELECT pg_wal_replay_pause()")
-        .unwrap();
+    c.pause_replay(c.replicas[0].port).unwrap();
     tokio::time::sleep(Duration::from_secs(3)).await;
     c.psql(c.primary.port, "INSERT INTO fo (v) VALUES (1)")
         .unwrap();
@@ -156,8 +155,7 @@ async fn replica_ban_and_time_lag() {
         "the quiet time does not count: {lag} ms"
     );
     assert!(replica().lag_bytes > 0);
-    c.psql(c.replicas[0].port, "SELECT pg_wal_replay_resume()")
-        .unwrap();
+    c.resume_replay(c.replicas[0].port).unwrap();
     assert!(tokio::task::block_in_place(|| signalbox_tests::wait_until(
         Duration::from_secs(5),
         || replica().lag_ms == Some(0)

@@ -36,7 +36,7 @@ struct Resume(u16);
 
 impl Drop for Resume {
     fn drop(&mut self) {
-        let _ = service::cluster().psql(self.0, "SELECT pg_wal_replay_resume()");
+        let _ = service::cluster().resume_replay(self.0);
     }
 }
 
@@ -67,9 +67,7 @@ async fn a_shadow_policy_is_compared_without_deciding_anything() {
 
     let cluster = service::cluster();
     let paused = cluster.replicas[0].port;
-    cluster
-        .psql(paused, "SELECT pg_wal_replay_pause()")
-        .unwrap();
+    cluster.pause_replay(paused).unwrap();
     let _resume = Resume(paused);
     let primary = connect(cluster.primary.port, "postgres").await;
     primary

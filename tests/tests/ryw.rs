@@ -132,7 +132,7 @@ fn table_then_pause(c: &signalbox::local::LocalCluster, sql: &str) -> u16 {
     c.psql(c.primary.port, sql).unwrap();
     c.wait_replayed().unwrap();
     let paused = c.replicas[1].port;
-    c.psql(paused, "SELECT pg_wal_replay_pause()").unwrap();
+    c.pause_replay(paused).unwrap();
     paused
 }
 
@@ -233,7 +233,7 @@ async fn a_token_carries_a_write_to_another_instance() {
             "{how}: reads wait for the replica that keeps up"
         );
     }
-    c.psql(paused, "SELECT pg_wal_replay_resume()").unwrap();
+    c.resume_replay(paused).unwrap();
 }
 
 /// A `pg_lsn` text as a number, to compare positions.
@@ -517,7 +517,7 @@ async fn reads_see_writes_made_on_other_connections() {
         on_replica > 900,
         "the wait lets reads use the replica that keeps up"
     );
-    c.psql(paused, "SELECT pg_wal_replay_resume()").unwrap();
+    c.resume_replay(paused).unwrap();
 }
 
 /// Run the Sequelize application of `tests/drivers/sequelize_ryw.js`
@@ -674,7 +674,7 @@ async fn lag_aware_leaves_a_paused_replica_and_returns() {
             "reads never reached replica-2"
         );
     }
-    c.psql(late, "SELECT pg_wal_replay_pause()").unwrap();
+    c.pause_replay(late).unwrap();
     let paused = std::time::Instant::now();
     // Reads leave it; then none returns while it stays paused.
     let mut last_on_late = std::time::Duration::ZERO;
@@ -690,7 +690,7 @@ async fn lag_aware_leaves_a_paused_replica_and_returns() {
         last_on_late < std::time::Duration::from_millis(1000),
         "reads kept going to the paused replica for {last_on_late:?}"
     );
-    c.psql(late, "SELECT pg_wal_replay_resume()").unwrap();
+    c.resume_replay(late).unwrap();
     let resumed = std::time::Instant::now();
     let until = deadline(5);
     while port().await != late {
@@ -769,8 +769,7 @@ async fn a_read_moved_off_a_dead_replica_still_sees_the_sessions_writes() {
     let fresh = count == "1";
     drop((a, b, sb));
     tokio::task::block_in_place(|| c.restart(live)).unwrap();
-    c.psql(paused.port, "SELECT pg_wal_replay_resume()")
-        .unwrap();
+    c.resume_replay(paused.port).unwrap();
     c.wait_replayed().unwrap();
     assert!(
         fresh,
