@@ -288,11 +288,28 @@ for mode in $MODES; do
   for target in $(targets_for "$mode"); do
     tps=$(med "$target" "$mode" 3)
     [ -n "$tps" ] || continue
-    printf '| %s | %s | %.0f | %.2f× | %s | %s | %s | %s | %s |\n' "$mode" "$target" "$tps" \
-      "$(awk -v a="$tps" -v b="$direct" 'BEGIN {print a / b}')" \
+    printf '| %s | %s | %.0f | %s | %s | %s | %s | %s | %s |\n' "$mode" "$target" "$tps" \
+      "$(awk -v a="$tps" -v b="${direct:-0}" 'BEGIN {if (b > 0) printf "%.2f×", a / b; else print "—"}')" \
       "$(med "$target" "$mode" 4)" "$(med "$target" "$mode" 8)" "$(med "$target" "$mode" 5)" "$(med "$target" "$mode" 6)" "$(med "$target" "$mode" 7)"
   done
 done
+
+# A build against the baseline, round by round: the two ran seconds apart,
+# so their ratio is steadier on a shared machine than either median.
+if [ -n "${BASELINE:-}" ]; then
+  echo
+  echo "signalbox ÷ signalbox-base, per round (proxy CPU, then TPS), and the median:"
+  for mode in $MODES; do
+    for col in 4 3; do
+      ratios=$(awk -v m="$mode" -v c="$col" '$2 == m && $1 == "signalbox" {a[++i] = $c}
+        $2 == m && $1 == "signalbox-base" {b[++j] = $c}
+        END {for (k = 1; k <= i && k <= j; k++) if (b[k] > 0) printf "%.3f\n", a[k] / b[k]}' "$WORK/cpu")
+      [ -n "$ratios" ] || continue
+      printf '  %-16s %-9s %s median %s\n' "$mode" "$([ "$col" = 4 ] && echo CPU || echo TPS)" \
+        "$(tr '\n' ' ' <<<"$ratios")" "$(median <<<"$ratios")"
+    done
+  done
+fi
 
 echo
 # Single client: rounds interleaved like the runs above (one sequential

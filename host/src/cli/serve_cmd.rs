@@ -16,8 +16,17 @@ fn runtime(workers: Option<usize>) -> Result<tokio::runtime::Runtime> {
         .filter(|n| *n > 0)
         .unwrap_or_else(|| default_workers(cores));
     tracing::info!(workers = n, cores, "worker threads");
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(n)
+    // One worker: the thread that starts the server runs every session
+    // itself, with no work-stealing queue and no hand-off to another thread
+    // (tpcb-like: 1.05x the TPS at 0.94x the CPU, `bench/RESULTS.md`).
+    let mut builder = if n == 1 {
+        tokio::runtime::Builder::new_current_thread()
+    } else {
+        let mut b = tokio::runtime::Builder::new_multi_thread();
+        b.worker_threads(n);
+        b
+    };
+    builder
         .enable_all()
         .build()
         .context("starting the async runtime")
