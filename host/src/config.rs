@@ -101,6 +101,11 @@ pub struct ClientsConfig {
     pub login_timeout_s: u64,
     /// Once a message has started arriving, the rest must follow within this.
     pub message_timeout_s: u64,
+    /// While a client's statement holds a server connection, the client
+    /// must take some of its answer within this; one that takes nothing is
+    /// disconnected and its statement cancelled, so a client that stops
+    /// reading cannot keep a pooled connection from everyone else.
+    pub write_timeout_s: u64,
     /// Largest single message a client may send.
     pub max_message_mb: usize,
     /// All clients' partly received large (> 64 KiB) messages together; a
@@ -116,6 +121,7 @@ impl Default for ClientsConfig {
             max_connections: 1000,
             login_timeout_s: 60,
             message_timeout_s: 60,
+            write_timeout_s: 60,
             max_message_mb: 64,
             buffer_budget_mb: 256,
             shutdown_drain_s: 30,

@@ -2,7 +2,8 @@
 //! promoted and the primary killed under a write loop; writes follow the
 //! promotion without a restart. Then the old primary comes back as a
 //! primary (on its old timeline): no write ever lands on it, and the
-//! service says why.
+//! service says why. And a read that a replica cancels for a conflict with
+//! recovery runs again on another node.
 
 use std::time::{Duration, Instant};
 
@@ -290,4 +291,74 @@ async fn two_primaries_on_one_timeline_fence_all_writes() {
         signalbox_tests::admin_call("GET", &format!("http://{admin}/health"), None)
     });
     assert_eq!(code, 200, "{body}");
+}
+
+/// A read the replica cancels for a conflict with recovery runs again on
+/// another node, and the client gets its answer, never the `40001`. The
+/// replica has no grace for conflicts (`max_standby_streaming_delay = 0`),
+/// replay is paused while rows are deleted and vacuumed on the primary, and
+/// resumed while the read (which can still see those rows) runs. `EXPLAIN
+/// ANALYZE` sends nothing until it is done, so the cancel always comes
+/// before any of the answer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_read_cancelled_for_a_recovery_conflict_runs_again_elsewhere() {
+    let (c, server) = primary_replica_and_signalbox("").await;
+    let (primary, replica) = (c.primary.port, c.replicas[0].port);
+    let conf = c.replicas[0].data.join("postgresql.conf");
+    let mut f = std::fs::OpenOptions::new()
+        .append(true)
+        .open(&conf)
+        .unwrap();
+    std::io::Write::write_all(&mut f, b"\nmax_standby_streaming_delay = 0\n").unwrap();
+    c.psql(replica, "SELECT pg_reload_conf()").unwrap();
+    c.psql(primary, "CREATE TABLE churn (v int)").unwrap();
+    c.psql(primary, "INSERT INTO churn SELECT generate_series(1, 1000)")
+        .unwrap();
+    c.wait_replayed().unwrap();
+    c.pause_replay(replica).unwrap();
+    c.psql(primary, "DELETE FROM churn").unwrap();
+    c.psql(primary, "VACUUM churn").unwrap();
+    // The replica has received the cleanup, not replayed it.
+    let lsn = c.psql(primary, "SELECT pg_current_wal_lsn()").unwrap();
+    let received = format!("SELECT pg_last_wal_receive_lsn() >= '{}'", lsn.trim());
+    assert!(tokio::task::block_in_place(|| signalbox_tests::wait_until(
+        Duration::from_secs(10),
+        || c.psql(replica, &received).unwrap_or_default().trim() == "t"
+    )));
+    let mut resume = Raw::connect(replica, "postgres", "postgres").await;
+    let mut reader = Raw::connect(server.addr.port(), "postgres", "postgres").await;
+    reader
+        .send(&signalbox_tests::raw::query(
+            "EXPLAIN ANALYZE SELECT count(*), pg_sleep(1) FROM churn",
+        ))
+        .await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    resume
+        .send(&signalbox_tests::raw::query(
+            "SELECT pg_wal_replay_resume()",
+        ))
+        .await;
+    let mut tags = String::new();
+    let mut error = None;
+    loop {
+        let m = reader.next().await;
+        tags.push(m.0 as char);
+        if m.0 == b'E' {
+            error = Some(signalbox_tests::raw::sqlstate(&m.1));
+        }
+        if m.0 == b'Z' {
+            break;
+        }
+    }
+    let retries = server
+        .shared
+        .metrics
+        .conflict_retries
+        .load(std::sync::atomic::Ordering::Relaxed);
+    eprintln!("answer {tags}, error {error:?}, retries {retries}");
+    assert_eq!(error, None, "the client got the replica's cancel: {tags}");
+    assert!(tags.starts_with('T') && tags.ends_with("CZ"), "{tags}");
+    assert_eq!(retries, 1);
+    // Replay went on: the replica caught up.
+    c.wait_replayed().unwrap();
 }

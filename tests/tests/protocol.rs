@@ -953,3 +953,94 @@ async fn a_client_that_stops_reading_holds_no_server_connection() {
     assert_eq!(data_row(&msgs[1].1)[0].as_deref(), Some("served"));
     drop(reader);
 }
+
+/// A client that stops reading in the middle of an answer holds its server
+/// connection for `[clients] write_timeout_s` at most: then it is
+/// disconnected, its statement cancelled, and the connection serves the
+/// others. (Before, it held the connection for as long as it did not read:
+/// with a pool of one, everyone else got 53300.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_stops_reading_mid_answer_is_cut_off_after_the_write_timeout() {
+    database("protocol_stalled");
+    let primary = cluster().primary.port;
+    let text = format!(
+        "listen = \"127.0.0.1:0\"\n[pool]\nsize = 1\ncheckout_timeout_ms = 8000\n\
+         [clients]\nwrite_timeout_s = 1\n\
+         [[nodes]]\nname = \"primary\"\nurl = \"postgres://postgres@127.0.0.1:{primary}/postgres\"\nrole = \"primary\"\n"
+    );
+    let config = signalbox::config::Config::parse(&text, std::path::Path::new("test.toml"))
+        .expect("test config");
+    let server = signalbox::server::Server::start(config)
+        .await
+        .expect("signalbox starts");
+    let port = server.addr.port();
+    // A client reading slowly but steadily (about 3 s for 15 MB) is never
+    // cut off: the limit is on taking nothing, not on the whole answer.
+    let mut slow = Raw::connect(port, "postgres", "protocol_stalled").await;
+    slow.send(&raw::query(
+        "SELECT repeat('x', 100000) FROM generate_series(1, 150)",
+    ))
+    .await;
+    let (mut rows, started) = (0, std::time::Instant::now());
+    loop {
+        match slow.next().await.0 {
+            b'D' => rows += 1,
+            b'Z' => break,
+            _ => {}
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(rows, 150);
+    eprintln!("the slow reader took {:?}", started.elapsed());
+    let mut reader = Raw::connect(port, "postgres", "protocol_stalled").await;
+    let mut other = Raw::connect(port, "postgres", "protocol_stalled").await;
+    // One answer of about 200 MB, which no buffer on the way can hold.
+    reader
+        .send(&raw::query(
+            "SELECT repeat('x', 100000) FROM generate_series(1, 2000) AS stalled",
+        ))
+        .await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let asked = std::time::Instant::now();
+    let msgs = other.simple("SELECT 'served'").await;
+    assert_eq!(tags(&msgs), "TDCZ", "{msgs:?}");
+    eprintln!(
+        "the other client was served {:?} after asking",
+        asked.elapsed()
+    );
+    // The stalled statement no longer runs on the server.
+    let running = || {
+        cluster()
+            .psql(
+                primary,
+                "SELECT count(*) FROM pg_stat_activity \
+                 WHERE query LIKE '%AS stalled%' AND pid <> pg_backend_pid()",
+            )
+            .unwrap_or_default()
+    };
+    assert!(
+        tokio::task::block_in_place(|| signalbox_tests::wait_until(Duration::from_secs(5), || {
+            running().trim() == "0"
+        })),
+        "the stalled statement still runs"
+    );
+    // The stalled client reads what was on the way, then the end of its
+    // connection: never the end of the answer.
+    let mut rows = 0;
+    while let Some((tag, _)) = reader.next_within(Duration::from_secs(5)).await {
+        assert_ne!(
+            tag, b'Z',
+            "the stalled answer was completed after {rows} rows"
+        );
+        rows += 1;
+        assert!(rows < 2000, "the stalled client kept receiving rows");
+    }
+    assert_eq!(
+        server
+            .shared
+            .metrics
+            .stalled_clients
+            .load(std::sync::atomic::Ordering::Relaxed),
+        1
+    );
+}

@@ -157,6 +157,11 @@ impl prometheus_client::collector::Collector for DataPath {
             one(n(&m.standby_retries)),
         )?;
         r.counter(
+            "signalbox_conflict_retries",
+            "Reads a standby cancelled for a conflict with recovery (40001), run again on another node before the client saw anything.",
+            one(n(&m.conflict_retries)),
+        )?;
+        r.counter(
             "signalbox_cancel_requests",
             "Cancel requests forwarded.",
             one(n(&m.cancels)),
@@ -187,6 +192,11 @@ impl prometheus_client::collector::Collector for DataPath {
             "signalbox_refused_connections",
             "Clients refused by [clients] max_connections (53300).",
             one(n(&m.refused_connections)),
+        )?;
+        r.counter(
+            "signalbox_stalled_clients",
+            "Clients disconnected (their statement cancelled) for taking none of an answer for [clients] write_timeout_s while it held a server connection.",
+            one(n(&m.stalled_clients)),
         )?;
         r.counter(
             "signalbox_protocol_errors",
@@ -266,12 +276,18 @@ pub struct Metrics {
     pub ryw_unrecorded: AtomicU64,
     /// Reads a standby refused, run again on the primary.
     pub standby_retries: AtomicU64,
+    /// Reads a standby cancelled for a conflict with recovery, run again
+    /// on another node.
+    pub conflict_retries: AtomicU64,
     pub cancels: AtomicU64,
     pub protocol_errors: AtomicU64,
     /// accept() failures (e.g. out of file descriptors); the loop goes on.
     pub accept_errors: AtomicU64,
     /// Clients turned away by `[clients] max_connections`.
     pub refused_connections: AtomicU64,
+    /// Clients disconnected for taking none of an answer while it held a
+    /// server connection (`[clients] write_timeout_s`).
+    pub stalled_clients: AtomicU64,
     /// Decisions by the policy's reason: the first [`REASONS`] distinct
     /// reasons get their own count, the rest count as `other`.
     pub reasons: Reasons,
@@ -336,10 +352,12 @@ impl Metrics {
             rejected: AtomicU64::new(0),
             ryw_unrecorded: AtomicU64::new(0),
             standby_retries: AtomicU64::new(0),
+            conflict_retries: AtomicU64::new(0),
             cancels: AtomicU64::new(0),
             protocol_errors: AtomicU64::new(0),
             accept_errors: AtomicU64::new(0),
             refused_connections: AtomicU64::new(0),
+            stalled_clients: AtomicU64::new(0),
             reasons: Reasons::default(),
         }
     }

@@ -55,6 +55,10 @@ pub struct Outcome {
     /// (`25006` read-only transaction, or a `0A000`/`55000` naming
     /// recovery): a read judged safe was not.
     pub standby_refused: bool,
+    /// A hot standby cancelled the statement because the WAL it replays
+    /// conflicts with it (`40001`, e.g. rows the query could still see were
+    /// vacuumed on the primary): nothing is wrong with the statement.
+    pub recovery_conflict: bool,
 }
 
 /// Whether an ErrorResponse is a hot standby refusing work only a primary
@@ -66,6 +70,13 @@ fn refused_by_standby(body: &[u8]) -> bool {
         "0A000" | "55000" => message.contains("recovery"),
         _ => false,
     }
+}
+
+/// Whether an ErrorResponse is a standby cancelling a query for a conflict
+/// with the WAL it replays. A standby gives `40001` for nothing else: it
+/// refuses serializable transactions, the other source of that code.
+fn cancelled_by_recovery(body: &[u8]) -> bool {
+    wire::error_fields(body).0 == "40001"
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -148,6 +159,7 @@ impl MessageBudget {
 pub struct ClientLimits {
     pub max_message: usize,
     pub message_timeout: std::time::Duration,
+    pub write_timeout: std::time::Duration,
     pub budget: std::sync::Arc<MessageBudget>,
 }
 
@@ -159,6 +171,7 @@ impl ClientLimits {
         Self {
             max_message: c.max_message_mb.max(1) << 20,
             message_timeout: std::time::Duration::from_secs(c.message_timeout_s.max(1)),
+            write_timeout: std::time::Duration::from_secs(c.write_timeout_s.max(1)),
             budget,
         }
     }
@@ -171,6 +184,38 @@ impl ClientIo {
             self.sent += self.out.len() as u64;
             self.out.clear();
         }
+        Ok(())
+    }
+
+    /// Flush while a server connection waits on this client: a client
+    /// that takes no byte of it for the write timeout is given up on (the
+    /// caller then cancels the statement and closes the connection). One
+    /// that reads slowly but steadily is never cut off.
+    async fn flush_holding(&mut self) -> Result<(), WireError> {
+        use tokio::io::AsyncWriteExt;
+        let limit = self.limits.write_timeout;
+        let mut done = 0;
+        while done < self.out.len() {
+            let write = self.stream.write(&self.out[done..]);
+            let n = match tokio::time::timeout(limit, write).await {
+                Ok(n) => n?,
+                Err(_) => {
+                    return Err(WireError::Io(std::io::Error::new(
+                        std::io::ErrorKind::TimedOut,
+                        format!(
+                        "the client took none of its answer for {} s ([clients] write_timeout_s)",
+                        limit.as_secs()
+                    ),
+                    )))
+                }
+            };
+            if n == 0 {
+                return Err(WireError::Closed);
+            }
+            done += n;
+            self.sent += n as u64;
+        }
+        self.out.clear();
         Ok(())
     }
 
@@ -360,14 +405,14 @@ pub async fn relay(
                 // after CopyDone instead.
                 let sync_swallowed = matches!(plan.front(), Some(Step::Execute))
                     && plan.iter().any(|s| *s == Step::Sync);
-                client.flush().await.map_err(RelayError::Client)?;
+                client.flush_holding().await.map_err(RelayError::Client)?;
                 pump_copy_in(conn, client, sync_swallowed).await?;
             }
             if plan.is_empty() {
                 return Ok(outcome);
             }
             if client.out.len() > 64 * 1024 {
-                client.flush().await.map_err(RelayError::Client)?;
+                client.flush_holding().await.map_err(RelayError::Client)?;
             }
         }
         if hold && !client.out.is_empty() && client.out.len() <= 64 * 1024 {
@@ -385,7 +430,7 @@ pub async fn relay(
             wait_server(conn, client).await?;
             continue;
         }
-        client.flush().await.map_err(RelayError::Client)?;
+        client.flush_holding().await.map_err(RelayError::Client)?;
         wait_server(conn, client).await?;
     }
 }
@@ -439,6 +484,7 @@ fn handle(
         b'E' => {
             outcome.error = true;
             outcome.standby_refused |= refused_by_standby(&frame.body);
+            outcome.recovery_conflict |= cancelled_by_recovery(&frame.body);
             // After an error the backend skips to the next Sync; so must we.
             while let Some(s) = plan.front() {
                 match s {
@@ -580,6 +626,7 @@ mod tests {
             limits: ClientLimits {
                 max_message: 1 << 20,
                 message_timeout: std::time::Duration::from_secs(5),
+                write_timeout: std::time::Duration::from_secs(5),
                 budget: std::sync::Arc::new(MessageBudget::new(1 << 20)),
             },
             reserved: 0,

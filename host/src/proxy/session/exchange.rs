@@ -516,19 +516,7 @@ impl Session {
             let exchanged = self.exchange(bytes, &mut plan, hold).await;
             self.client.defer_ready = false;
             match exchanged? {
-                Ok(outcome)
-                    if hold
-                        && outcome.standby_refused
-                        && !self.client.progressed_since(mark)
-                        // (Session mode's own connection is not where this
-                        // ran; a batch that closes a statement cannot be
-                        // translated twice.)
-                        && !self.offloading
-                        && !closes_statements(&work)
-                        && self.lease.as_ref().is_some_and(|l| {
-                            self.live.cluster.view().primary() != Some(l.node())
-                        }) =>
-                {
+                Ok(outcome) if outcome.standby_refused && self.may_run_again(hold, mark, &work) => {
                     // A standby refused a read judged safe (catalog facts
                     // stale or missing, DDL made outside signalbox): nothing
                     // ran and nothing reached the client, so it runs on the
@@ -544,6 +532,26 @@ impl Session {
                         "a standby refused a read judged safe; it runs on the primary"
                     );
                     judged = false;
+                }
+                Ok(outcome)
+                    if outcome.recovery_conflict && self.may_run_again(hold, mark, &work) =>
+                {
+                    // The standby replayed a change the read could not
+                    // coexist with (its grace period spent, as after a
+                    // pause or lag): nothing reached the client, so the
+                    // read runs again, avoiding that node. Discarded, as
+                    // above: what the cancelled work did was not accounted.
+                    self.client.out.clear();
+                    self.release(true);
+                    self.shared
+                        .metrics
+                        .conflict_retries
+                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    tracing::info!(
+                        session = self.id,
+                        node = failed_node,
+                        "a standby cancelled a read for a conflict with recovery; it runs again elsewhere"
+                    );
                 }
                 Ok(outcome) => {
                     if let Some(lease) = self.lease.as_mut() {
@@ -632,6 +640,20 @@ impl Session {
             }
         }
         Ok(())
+    }
+
+    /// Whether an attempt that a standby refused or cancelled may run again:
+    /// a read outside a transaction, of which the client saw nothing, that
+    /// ran on a standby. (Session mode's own connection is not where this
+    /// ran; a batch that closes a statement cannot be translated twice.)
+    fn may_run_again(&self, hold: bool, mark: u64, work: &Work<'_>) -> bool {
+        hold && !self.client.progressed_since(mark)
+            && !self.offloading
+            && !closes_statements(work)
+            && self
+                .lease
+                .as_ref()
+                .is_some_and(|l| self.live.cluster.view().primary() != Some(l.node()))
     }
 
     /// Whether the statement was routed as a read (so a retry is harmless).

@@ -16,6 +16,7 @@ pub use ryw::{format_lsn, parse_lsn};
 mod trace;
 
 use std::collections::HashSet;
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use bytes::BytesMut;
@@ -225,8 +226,18 @@ impl Session {
         }
         s.ryw_keys = s.scope_keys();
         s.refresh_route_session();
-        if let Err(e) = s.serve(login_deadline).await {
-            tracing::debug!(session = s.id, error = %e, "session ended");
+        match s.serve(login_deadline).await {
+            Err(SessionError::Client(WireError::Io(e)))
+                if e.kind() == std::io::ErrorKind::TimedOut =>
+            {
+                s.shared
+                    .metrics
+                    .stalled_clients
+                    .fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(session = s.id, peer = %s.client_addr, error = %e, "client disconnected and its statement cancelled");
+            }
+            Err(e) => tracing::debug!(session = s.id, error = %e, "session ended"),
+            Ok(()) => {}
         }
         s.shared.cancel.forget(s.key);
         if let Some(lease) = s.lease.take() {
