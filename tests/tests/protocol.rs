@@ -901,6 +901,21 @@ async fn a_session_whose_settings_cannot_be_applied_gets_a_fatal() {
     assert!(got.iter().all(|m| m.0 != b'Z'), "no ReadyForQuery: {got:?}");
 }
 
+/// signalbox in front of the primary alone, with a pool of one connection
+/// (`pool` adds to `[pool]` and may open further tables).
+async fn one_connection(pool: &str) -> signalbox::server::Server {
+    let text = format!(
+        "listen = \"127.0.0.1:0\"\n[pool]\nsize = 1\n{pool}\
+         [[nodes]]\nname = \"primary\"\nurl = \"postgres://postgres@127.0.0.1:{}/postgres\"\nrole = \"primary\"\n",
+        cluster().primary.port
+    );
+    let config = signalbox::config::Config::parse(&text, std::path::Path::new("test.toml"))
+        .expect("test config");
+    signalbox::server::Server::start(config)
+        .await
+        .expect("signalbox starts")
+}
+
 /// A client that stops reading cannot keep a server connection once the
 /// server has finished answering: the connection goes back to the pool
 /// before the answer is written to the client, so a client whose socket is
@@ -911,16 +926,7 @@ async fn a_session_whose_settings_cannot_be_applied_gets_a_fatal() {
 async fn a_client_that_stops_reading_holds_no_server_connection() {
     database("protocol_unread");
     // The primary alone: every statement needs its one pooled connection.
-    let text = format!(
-        "listen = \"127.0.0.1:0\"\n[pool]\nsize = 1\ncheckout_timeout_ms = 1000\n\
-         [[nodes]]\nname = \"primary\"\nurl = \"postgres://postgres@127.0.0.1:{}/postgres\"\nrole = \"primary\"\n",
-        cluster().primary.port
-    );
-    let config = signalbox::config::Config::parse(&text, std::path::Path::new("test.toml"))
-        .expect("test config");
-    let server = signalbox::server::Server::start(config)
-        .await
-        .expect("signalbox starts");
+    let server = one_connection("checkout_timeout_ms = 1000\n").await;
     let port = server.addr.port();
     let mut reader = Raw::connect(port, "postgres", "protocol_unread").await;
     let mut other = Raw::connect(port, "postgres", "protocol_unread").await;
@@ -963,16 +969,8 @@ async fn a_client_that_stops_reading_holds_no_server_connection() {
 async fn a_client_that_stops_reading_mid_answer_is_cut_off_after_the_write_timeout() {
     database("protocol_stalled");
     let primary = cluster().primary.port;
-    let text = format!(
-        "listen = \"127.0.0.1:0\"\n[pool]\nsize = 1\ncheckout_timeout_ms = 8000\n\
-         [clients]\nwrite_timeout_s = 1\n\
-         [[nodes]]\nname = \"primary\"\nurl = \"postgres://postgres@127.0.0.1:{primary}/postgres\"\nrole = \"primary\"\n"
-    );
-    let config = signalbox::config::Config::parse(&text, std::path::Path::new("test.toml"))
-        .expect("test config");
-    let server = signalbox::server::Server::start(config)
-        .await
-        .expect("signalbox starts");
+    let server =
+        one_connection("checkout_timeout_ms = 8000\n[clients]\nwrite_timeout_s = 1\n").await;
     let port = server.addr.port();
     // A client reading slowly but steadily (about 3 s for 15 MB) is never
     // cut off: the limit is on taking nothing, not on the whole answer.
