@@ -335,8 +335,9 @@ impl LocalCluster {
                 Err(e) if is_recovery_conflict(&e) => last = Some(e),
                 Err(e) => return Err(e),
             }
-            if let Ok(state) = self.psql(port, "SELECT pg_get_wal_replay_pause_state()") {
-                if (state.trim() == "not paused") != pause {
+            // (True once a pause is requested; there since PostgreSQL 10.)
+            if let Ok(state) = self.psql(port, "SELECT pg_is_wal_replay_paused()") {
+                if (state.trim() == "t") == pause {
                     return Ok(());
                 }
             }
