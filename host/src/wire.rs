@@ -21,6 +21,10 @@ pub enum WireError {
     Protocol(String),
     #[error("out of memory: no room to buffer a {0}-byte message (the [clients] buffer_budget_mb is in use)")]
     OutOfMemory(usize),
+    /// A client took no byte of an answer for this many seconds while it
+    /// held a server connection.
+    #[error("the client took none of its answer for {0} s ([clients] write_timeout_s)")]
+    Stalled(u64),
 }
 
 /// One framed message: its type byte and body (without the length).

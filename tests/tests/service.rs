@@ -976,6 +976,83 @@ async fn tls_for_clients_and_towards_nodes() {
     assert!(!ok && out.contains("requires TLS"), "{out}");
 }
 
+/// One protocol message from any stream: its tag and body.
+async fn message<S: tokio::io::AsyncRead + Unpin>(s: &mut S) -> std::io::Result<(u8, Vec<u8>)> {
+    use tokio::io::AsyncReadExt;
+    let tag = s.read_u8().await?;
+    let len = s.read_i32().await?;
+    let mut body = vec![0u8; (len as usize).saturating_sub(4)];
+    s.read_exact(&mut body).await?;
+    Ok((tag, body))
+}
+
+/// A TLS client reading large answers slowly gets all of them. TLS takes
+/// bytes the socket cannot take yet into a buffer of its own and sends them
+/// on the next write or a flush; signalbox did not flush, so when the
+/// socket was full as an answer ended, its last bytes could stay there and
+/// the client wait forever. That happens only when the socket fills at the
+/// very end, so this end-to-end run catches it by chance; the relay's unit
+/// test `a_flush_over_tls_leaves_nothing_behind` makes it certain.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_tls_client_gets_the_end_of_a_large_answer() {
+    use tokio::io::AsyncWriteExt;
+    let cluster = tokio::task::block_in_place(|| signalbox::local::LocalCluster::start(0)).unwrap();
+    let (cert, key) = self_signed(cluster.dir.path());
+    let text = format!(
+        "listen = \"127.0.0.1:0\"\n[tls]\ncert = {cert:?}\nkey = {key:?}\n\
+         [[nodes]]\nname = \"primary\"\nrole = \"primary\"\n\
+         url = \"postgres://postgres@127.0.0.1:{}/postgres\"\n",
+        cluster.primary.port
+    );
+    let config = signalbox::config::Config::parse(&text, std::path::Path::new("tls.toml")).unwrap();
+    let server = signalbox::server::Server::start(config).await.unwrap();
+    let mut tcp = tokio::net::TcpStream::connect(server.addr).await.unwrap();
+    // SSLRequest; signalbox answers 'S' and the handshake follows.
+    tcp.write_all(&[0, 0, 0, 8, 0x04, 0xd2, 0x16, 0x2f])
+        .await
+        .unwrap();
+    let mut answer = [0u8; 1];
+    tokio::io::AsyncReadExt::read_exact(&mut tcp, &mut answer)
+        .await
+        .unwrap();
+    assert_eq!(answer[0], b'S');
+    let connector = signalbox::tls::connector(signalbox::tls::SslMode::Require, None)
+        .unwrap()
+        .expect("a TLS connector");
+    let name = signalbox::tls::server_name("127.0.0.1").unwrap();
+    let mut tls = connector.connect(name, tcp).await.unwrap();
+    tls.write_all(&signalbox_tests::raw::startup("postgres", "postgres"))
+        .await
+        .unwrap();
+    tls.flush().await.unwrap();
+    while message(&mut tls).await.unwrap().0 != b'Z' {}
+    for round in 0..3 {
+        tls.write_all(&signalbox_tests::raw::query(
+            "SELECT repeat('x', 100000) FROM generate_series(1, 100)",
+        ))
+        .await
+        .unwrap();
+        tls.flush().await.unwrap();
+        // Slowly: the socket towards the client stays full.
+        let mut rows = 0;
+        loop {
+            let next = tokio::time::timeout(Duration::from_secs(10), message(&mut tls)).await;
+            let (tag, _) = next
+                .unwrap_or_else(|_| {
+                    panic!("round {round}: the end of the answer never came after {rows} rows")
+                })
+                .unwrap();
+            match tag {
+                b'D' => rows += 1,
+                b'Z' => break,
+                _ => {}
+            }
+            tokio::time::sleep(Duration::from_millis(3)).await;
+        }
+        assert_eq!(rows, 100);
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn logs_in_to_nodes_with_scram_and_md5_passwords() {
     // A primary of its own whose pg_hba.conf demands passwords for two roles.

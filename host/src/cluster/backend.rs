@@ -254,13 +254,15 @@ impl BackendConn {
     }
 
     async fn send(&mut self, bytes: &[u8], node: &str) -> Result<(), BackendError> {
-        self.stream
-            .write_all(bytes)
-            .await
-            .map_err(|e| BackendError::Wire {
-                node: node.to_owned(),
-                source: e.into(),
-            })
+        // (Flushed for TLS, as in `write`.)
+        let sent = match self.stream.write_all(bytes).await {
+            Ok(()) => self.stream.flush().await,
+            Err(e) => Err(e),
+        };
+        sent.map_err(|e| BackendError::Wire {
+            node: node.to_owned(),
+            source: e.into(),
+        })
     }
 
     async fn next(&mut self, node: &str) -> Result<Frame, BackendError> {
@@ -429,7 +431,15 @@ impl BackendConn {
     }
 
     async fn write(&mut self, bytes: &[u8]) -> Result<(), WireError> {
-        if let Err(e) = self.stream.write_all(bytes).await {
+        // TLS keeps what the socket cannot take yet in a buffer of its own
+        // and sends it only on the next write or a flush: the end of a
+        // large message would wait there while the server waits for it.
+        // (A plain socket's flush does nothing.)
+        let sent = match self.stream.write_all(bytes).await {
+            Ok(()) => self.stream.flush().await,
+            Err(e) => Err(e),
+        };
+        if let Err(e) = sent {
             self.broken = true;
             return Err(e.into());
         }

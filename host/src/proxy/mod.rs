@@ -603,6 +603,7 @@ async fn refuse(stream: &mut BoxStream, code: &str, message: &str) {
     let mut out = BytesMut::new();
     wire::error_response(&mut out, "FATAL", code, message);
     let _ = stream.write_all(&out).await;
+    let _ = stream.flush().await;
 }
 
 /// Read startup packets until a StartupMessage: its parameters, and whether

@@ -183,32 +183,30 @@ impl ClientIo {
             self.stream.write_all(&self.out).await?;
             self.sent += self.out.len() as u64;
             self.out.clear();
+            // TLS keeps what the socket cannot take yet in a buffer of its
+            // own and sends it only on the next write or a flush: the end
+            // of an answer would wait there while the client waits for it.
+            // (A plain socket's flush does nothing.)
+            self.stream.flush().await?;
         }
         Ok(())
     }
 
     /// Flush while a server connection waits on this client: a client
     /// that takes no byte of it for the write timeout is given up on (the
-    /// caller then cancels the statement and closes the connection). One
-    /// that reads slowly but steadily is never cut off.
+    /// caller then cancels the statement and closes the connection). The
+    /// limit is on making no progress, so a client that keeps reading,
+    /// even slowly, keeps its connection.
     async fn flush_holding(&mut self) -> Result<(), WireError> {
         use tokio::io::AsyncWriteExt;
         let limit = self.limits.write_timeout;
+        let stalled = || WireError::Stalled(limit.as_secs());
         let mut done = 0;
         while done < self.out.len() {
             let write = self.stream.write(&self.out[done..]);
-            let n = match tokio::time::timeout(limit, write).await {
-                Ok(n) => n?,
-                Err(_) => {
-                    return Err(WireError::Io(std::io::Error::new(
-                        std::io::ErrorKind::TimedOut,
-                        format!(
-                        "the client took none of its answer for {} s ([clients] write_timeout_s)",
-                        limit.as_secs()
-                    ),
-                    )))
-                }
-            };
+            let n = tokio::time::timeout(limit, write)
+                .await
+                .map_err(|_| stalled())??;
             if n == 0 {
                 return Err(WireError::Closed);
             }
@@ -216,6 +214,9 @@ impl ClientIo {
             self.sent += n as u64;
         }
         self.out.clear();
+        tokio::time::timeout(limit, self.stream.flush())
+            .await
+            .map_err(|_| stalled())??;
         Ok(())
     }
 
@@ -608,6 +609,60 @@ async fn pump_copy_in(
 mod tests {
     use super::*;
     use bytes::Bytes;
+
+    /// TLS keeps what the socket cannot take yet in a buffer of its own
+    /// and sends it on the next write or a flush: a flush must leave
+    /// nothing there, or the end of an answer waits while the client waits
+    /// for it. (A pipe of 4 KiB stands for a full socket.)
+    #[tokio::test]
+    async fn a_flush_over_tls_leaves_nothing_behind() -> anyhow::Result<()> {
+        use tokio::io::AsyncReadExt;
+        let dir = tempfile::tempdir()?;
+        let ck = rcgen::generate_simple_self_signed(vec!["localhost".to_string()])?;
+        let (cert, key) = (dir.path().join("c.pem"), dir.path().join("k.pem"));
+        std::fs::write(&cert, ck.cert.pem())?;
+        std::fs::write(&key, ck.signing_key.serialize_pem())?;
+        let tls = crate::tls::client_tls(&cert, &key, false)?;
+        let connector = crate::tls::connector(crate::tls::SslMode::Require, None)?
+            .ok_or_else(|| anyhow::anyhow!("no connector"))?;
+        let name = crate::tls::server_name("localhost").map_err(anyhow::Error::msg)?;
+        let (near, far) = tokio::io::duplex(4096);
+        let near: crate::tls::BoxStream = Box::new(near);
+        let (ours, theirs) = tokio::join!(tls.acceptor.accept(near), connector.connect(name, far));
+        let (ours, mut theirs) = (ours?, theirs?);
+        let mut client = ClientIo {
+            stream: Box::new(ours),
+            rbuf: BytesMut::new(),
+            out: BytesMut::new(),
+            sent: 0,
+            limits: ClientLimits {
+                max_message: 1 << 20,
+                message_timeout: std::time::Duration::from_secs(5),
+                write_timeout: std::time::Duration::from_secs(5),
+                budget: std::sync::Arc::new(MessageBudget::new(1 << 20)),
+            },
+            reserved: 0,
+            pid_alias: None,
+            defer_ready: false,
+            rbuf_grew: false,
+        };
+        const ANSWER: usize = 100_000;
+        let reader = tokio::spawn(async move {
+            let (mut got, mut buf) = (0, vec![0u8; 8192]);
+            while got < ANSWER {
+                let read = theirs.read(&mut buf);
+                match tokio::time::timeout(std::time::Duration::from_secs(2), read).await {
+                    Ok(Ok(n)) if n > 0 => got += n,
+                    _ => break,
+                }
+            }
+            got
+        });
+        client.out.extend_from_slice(&[b'x'; ANSWER]);
+        client.flush().await?;
+        assert_eq!(reader.await?, ANSWER, "the end stayed in the TLS buffer");
+        Ok(())
+    }
 
     /// A session waiting for its client's next message holds no read or
     /// output buffer (thousands of idle clients cost only their state), and

@@ -227,9 +227,7 @@ impl Session {
         s.ryw_keys = s.scope_keys();
         s.refresh_route_session();
         match s.serve(login_deadline).await {
-            Err(SessionError::Client(WireError::Io(e)))
-                if e.kind() == std::io::ErrorKind::TimedOut =>
-            {
+            Err(SessionError::Client(e @ WireError::Stalled(_))) => {
                 s.shared
                     .metrics
                     .stalled_clients
