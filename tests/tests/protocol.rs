@@ -834,6 +834,34 @@ async fn a_message_that_never_finishes_is_timed_out() {
     assert_eq!(tags(&b.simple("SELECT 1").await), "TDCZ");
 }
 
+/// The message timeout counts from the message's start: a client sending
+/// a byte now and then cannot stretch it (each read used to start the
+/// timeout over, so a trickle kept the message, and its reserved buffer
+/// room, open for ever).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_trickling_in_is_timed_out_from_its_start() {
+    let server = start("[clients]\nmessage_timeout_s = 1\n").await;
+    let mut a = Raw::connect(server.addr.port(), "postgres", "postgres").await;
+    let mut partial = vec![b'Q'];
+    partial.extend_from_slice(&104i32.to_be_bytes());
+    partial.extend_from_slice(b"SELECT 1; ");
+    a.send(&partial).await;
+    let started = std::time::Instant::now();
+    let mut answer = None;
+    // One more byte every 300 ms, for up to 6 s: never the whole message.
+    for _ in 0..20 {
+        answer = a.next_within(Duration::from_millis(300)).await;
+        if answer.is_some() {
+            break;
+        }
+        a.send(b" ").await;
+    }
+    let fatal = answer.expect("the trickle was timed out");
+    eprintln!("timed out after {:?}", started.elapsed());
+    assert_eq!(fatal.0, b'E', "{fatal:?}");
+    assert_eq!(sqlstate(&fatal.1), "08P01");
+}
+
 /// A transaction-pooled client pinned to its server connection (LISTEN)
 /// and idle between transactions learns at once that the connection was
 /// terminated, as it would directly: the FATAL is forwarded and the
@@ -958,6 +986,39 @@ async fn a_client_that_stops_reading_holds_no_server_connection() {
     assert_eq!(tags(&msgs), "TDCZ", "{msgs:?}");
     assert_eq!(data_row(&msgs[1].1)[0].as_deref(), Some("served"));
     drop(reader);
+}
+
+/// Inside a transaction the connection stays with the client between
+/// statements, so the end of each answer is written while it is held: a
+/// client that stops reading there is given up on after the write timeout
+/// too, its transaction rolled back, and the connection serves the others.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_stops_reading_inside_a_transaction_is_cut_off() {
+    database("protocol_stalled");
+    let server =
+        one_connection("checkout_timeout_ms = 8000\n[clients]\nwrite_timeout_s = 1\n").await;
+    let port = server.addr.port();
+    let mut reader = Raw::connect(port, "postgres", "protocol_stalled").await;
+    let mut other = Raw::connect(port, "postgres", "protocol_stalled").await;
+    // Answers of ~60 KB each (each under the size at which signalbox
+    // writes mid-answer), pipelined inside a transaction and never read.
+    let mut batch = raw::query("BEGIN");
+    batch.extend(raw::query("SELECT repeat('x', 60000)").repeat(400));
+    reader.send(&batch).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let msgs = other.simple("SELECT 'served'").await;
+    assert_eq!(tags(&msgs), "TDCZ", "{msgs:?}");
+    let stalled = || {
+        server
+            .shared
+            .metrics
+            .stalled_clients
+            .load(std::sync::atomic::Ordering::Relaxed)
+    };
+    assert!(tokio::task::block_in_place(|| signalbox_tests::wait_until(
+        Duration::from_secs(5),
+        || stalled() == 1
+    )));
 }
 
 /// A client that stops reading in the middle of an answer holds its server

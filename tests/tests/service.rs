@@ -1303,6 +1303,39 @@ async fn a_client_stalling_mid_login_is_timed_out() {
     );
 }
 
+/// Before a client is authenticated, a message larger than a password or
+/// SASL message can be is refused at its header (FATAL 08P01, as
+/// PostgreSQL does): a stranger cannot make signalbox wait for, or reserve
+/// room for, megabytes. (Before, the whole 64 MB `max_message_mb` was
+/// allowed and counted against the shared budget: four such connections
+/// took all of it.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_not_yet_authenticated_cannot_send_a_large_message() {
+    use tokio::io::AsyncWriteExt;
+    let server = start(
+        "[auth]\nmethod = \"scram-sha-256\"\n[[auth.users]]\nname = \"postgres\"\npassword = \"pw\"\n",
+    )
+    .await;
+    let mut c = tokio::net::TcpStream::connect(server.addr).await.unwrap();
+    c.write_all(&signalbox_tests::raw::startup("postgres", "postgres"))
+        .await
+        .unwrap();
+    // A SASL initial response announcing 1 MB, of which 100 bytes arrive.
+    let mut start_of = vec![b'p'];
+    start_of.extend_from_slice(&(1i32 << 20).to_be_bytes());
+    start_of.extend_from_slice(&[b'x'; 100]);
+    c.write_all(&start_of).await.unwrap();
+    let mut got = Vec::new();
+    let read = tokio::io::AsyncReadExt::read_to_end(&mut c, &mut got);
+    tokio::time::timeout(Duration::from_secs(5), read)
+        .await
+        .expect("refused at once, not after a timeout")
+        .unwrap();
+    let text = String::from_utf8_lossy(&got);
+    assert!(text.contains("SCRAM-SHA-256"), "SASL was offered: {text}");
+    assert!(text.contains("08P01"), "{text}");
+}
+
 /// A policy that routes by node name sees the real cluster's names, never
 /// the made-up cluster it was validated against: rw-split with `read` set
 /// to one real replica (names unlike any example's) sends every read there,

@@ -16,6 +16,10 @@ use ring::{digest, hmac, pbkdf2};
 use super::relay::ClientIo;
 use crate::wire::{Fields, WireError};
 
+/// The largest message a client may send before it is authenticated
+/// (PostgreSQL's limit for password and SASL messages).
+pub const MAX_AUTH_MESSAGE: usize = 65_535;
+
 const ITERATIONS: u32 = 4096;
 const PLUS: &str = "SCRAM-SHA-256-PLUS";
 const PLAIN: &str = "SCRAM-SHA-256";

@@ -104,6 +104,9 @@ pub struct ClientIo {
     pub limits: ClientLimits,
     /// Bytes of the message now arriving that count against the budget.
     pub reserved: usize,
+    /// When the message now arriving must be whole: set at its first
+    /// read, so a client sending a byte now and then cannot stretch it.
+    pub due: Option<tokio::time::Instant>,
     /// (server pid, pid the client was given): a notification the client's
     /// own server connection sent names the pid the client knows.
     pub pid_alias: Option<(i32, i32)>,
@@ -197,7 +200,7 @@ impl ClientIo {
     /// caller then cancels the statement and closes the connection). The
     /// limit is on making no progress, so a client that keeps reading,
     /// even slowly, keeps its connection.
-    async fn flush_holding(&mut self) -> Result<(), WireError> {
+    pub async fn flush_holding(&mut self) -> Result<(), WireError> {
         use tokio::io::AsyncWriteExt;
         let limit = self.limits.write_timeout;
         let stalled = || WireError::Stalled(limit.as_secs());
@@ -296,6 +299,7 @@ impl ClientIo {
             }
             if let Some(f) = wire::take_frame(&mut self.rbuf, self.limits.max_message)? {
                 self.limits.budget.give(std::mem::take(&mut self.reserved));
+                self.due = None;
                 return Ok(f);
             }
             self.reserve_for_message()?;
@@ -303,12 +307,14 @@ impl ClientIo {
                 self.read_idle().await?
             } else {
                 self.rbuf.reserve(8 * 1024);
+                let limit = self.limits.message_timeout;
+                let due = *self
+                    .due
+                    .get_or_insert_with(|| tokio::time::Instant::now() + limit);
                 let read = self.stream.read_buf(&mut self.rbuf);
-                tokio::time::timeout(self.limits.message_timeout, read)
-                    .await
-                    .map_err(|_| {
-                        WireError::Protocol("incomplete message: the rest never arrived".into())
-                    })??
+                tokio::time::timeout_at(due, read).await.map_err(|_| {
+                    WireError::Protocol("incomplete message: the rest never arrived".into())
+                })??
             };
             if n == 0 {
                 return Err(WireError::Closed);
@@ -610,6 +616,27 @@ mod tests {
     use super::*;
     use bytes::Bytes;
 
+    /// A client connection over `stream`, with small limits.
+    fn client_io(stream: crate::tls::BoxStream) -> ClientIo {
+        ClientIo {
+            stream,
+            rbuf: BytesMut::new(),
+            out: BytesMut::new(),
+            sent: 0,
+            limits: ClientLimits {
+                max_message: 1 << 20,
+                message_timeout: std::time::Duration::from_secs(5),
+                write_timeout: std::time::Duration::from_secs(5),
+                budget: std::sync::Arc::new(MessageBudget::new(1 << 20)),
+            },
+            reserved: 0,
+            due: None,
+            pid_alias: None,
+            defer_ready: false,
+            rbuf_grew: false,
+        }
+    }
+
     /// TLS keeps what the socket cannot take yet in a buffer of its own
     /// and sends it on the next write or a flush: a flush must leave
     /// nothing there, or the end of an answer waits while the client waits
@@ -630,22 +657,7 @@ mod tests {
         let near: crate::tls::BoxStream = Box::new(near);
         let (ours, theirs) = tokio::join!(tls.acceptor.accept(near), connector.connect(name, far));
         let (ours, mut theirs) = (ours?, theirs?);
-        let mut client = ClientIo {
-            stream: Box::new(ours),
-            rbuf: BytesMut::new(),
-            out: BytesMut::new(),
-            sent: 0,
-            limits: ClientLimits {
-                max_message: 1 << 20,
-                message_timeout: std::time::Duration::from_secs(5),
-                write_timeout: std::time::Duration::from_secs(5),
-                budget: std::sync::Arc::new(MessageBudget::new(1 << 20)),
-            },
-            reserved: 0,
-            pid_alias: None,
-            defer_ready: false,
-            rbuf_grew: false,
-        };
+        let mut client = client_io(Box::new(ours));
         const ANSWER: usize = 100_000;
         let reader = tokio::spawn(async move {
             let (mut got, mut buf) = (0, vec![0u8; 8192]);
@@ -673,22 +685,7 @@ mod tests {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
         let mut peer = tokio::net::TcpStream::connect(listener.local_addr()?).await?;
         let (server, _) = listener.accept().await?;
-        let mut client = ClientIo {
-            stream: Box::new(server),
-            rbuf: BytesMut::new(),
-            out: BytesMut::with_capacity(4096),
-            sent: 0,
-            limits: ClientLimits {
-                max_message: 1 << 20,
-                message_timeout: std::time::Duration::from_secs(5),
-                write_timeout: std::time::Duration::from_secs(5),
-                budget: std::sync::Arc::new(MessageBudget::new(1 << 20)),
-            },
-            reserved: 0,
-            pid_alias: None,
-            defer_ready: false,
-            rbuf_grew: false,
-        };
+        let mut client = client_io(Box::new(server));
         let query = |sql: &str| {
             let mut m = vec![b'Q'];
             m.extend_from_slice(&(sql.len() as i32 + 5).to_be_bytes());

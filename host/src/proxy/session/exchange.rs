@@ -620,8 +620,15 @@ impl Session {
                     }
                     // The end of the answer, now that the connection is
                     // back in its pool (a client slow to read it holds no
-                    // server connection), or a deferred ending.
-                    self.client.flush().await.map_err(SessionError::Client)?;
+                    // server connection), or a deferred ending. Inside a
+                    // transaction the connection is still held: a client
+                    // that takes none of it is given up on, as mid-answer.
+                    let flushed = if self.lease.is_some() {
+                        self.client.flush_holding().await
+                    } else {
+                        self.client.flush().await
+                    };
+                    flushed.map_err(SessionError::Client)?;
                     return Ok(());
                 }
                 Err(e) if hold && !self.client.progressed_since(mark) => {

@@ -15,14 +15,27 @@ impl Session {
                 Some(t) if self.tls => t.end_point.clone(),
                 _ => None,
             };
-            let verdict = crate::proxy::auth::scram(
+            // Before authentication a message may be as large as a
+            // password or SASL message can be, as in PostgreSQL: no stranger
+            // can make signalbox hold (or reserve) megabytes.
+            let max = self.client.limits.max_message;
+            self.client.limits.max_message = max.min(crate::proxy::auth::MAX_AUTH_MESSAGE);
+            let verdict = match crate::proxy::auth::scram(
                 &mut self.client,
                 &self.user,
                 password.as_deref(),
                 end_point.as_deref(),
             )
             .await
-            .map_err(SessionError::Client)?;
+            {
+                Ok(v) => v,
+                Err(e @ WireError::Protocol(_)) => {
+                    self.fatal("08P01", &e.to_string()).await;
+                    return Err(SessionError::Client(e));
+                }
+                Err(e) => return Err(SessionError::Client(e)),
+            };
+            self.client.limits.max_message = max;
             if let crate::proxy::auth::Verdict::Refused(code, msg) = verdict {
                 self.fatal(code, &msg).await;
                 return Err(SessionError::Client(WireError::Closed));

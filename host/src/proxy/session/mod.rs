@@ -162,6 +162,7 @@ impl Session {
                 shared.message_budget.clone(),
             ),
             reserved: 0,
+            due: None,
             pid_alias: None,
             defer_ready: false,
             rbuf_grew: false,
