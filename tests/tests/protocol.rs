@@ -944,6 +944,43 @@ async fn one_connection(pool: &str) -> signalbox::server::Server {
         .expect("signalbox starts")
 }
 
+/// A client that sends a long statement and vanishes at once leaves nothing
+/// running: its connection is closed and the statement cancelled, even when
+/// the cancel reaches the server before the statement has started there (a
+/// server ignores a cancel that arrives while it is still reading the
+/// statement; signalbox asks again).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_statement_whose_client_vanished_at_once_does_not_run_on() {
+    database("protocol_vanish");
+    let server = start("").await;
+    let port = server.addr.port();
+    for i in 0..100u64 {
+        let mut c = Raw::connect(port, "postgres", "protocol_vanish").await;
+        c.send(&raw::query("SELECT pg_sleep(60), 'vanished'")).await;
+        tokio::time::sleep(Duration::from_micros(i * 50)).await;
+        c.reset();
+    }
+    let c = cluster();
+    let busy = || {
+        c.all_nodes()
+            .map(|n| {
+                c.psql(
+                    n.port,
+                    "SELECT count(*) FROM pg_stat_activity WHERE datname = 'protocol_vanish' \
+                     AND state <> 'idle'",
+                )
+                .ok()
+                .and_then(|v| v.trim().parse::<usize>().ok())
+                .unwrap_or(usize::MAX)
+            })
+            .sum::<usize>()
+    };
+    let settled = tokio::task::block_in_place(|| {
+        signalbox_tests::wait_until(Duration::from_secs(15), || busy() == 0)
+    });
+    assert!(settled, "{} statements still run", busy());
+}
+
 /// A client that stops reading cannot keep a server connection once the
 /// server has finished answering: the connection goes back to the pool
 /// before the answer is written to the client, so a client whose socket is

@@ -30,3 +30,17 @@ pub async fn send(addr: std::sync::Arc<str>, key: (i32, i32)) -> bool {
     }
     ok
 }
+
+/// Stop what backend `key` is running on a connection being closed: cancel
+/// now, and again twice a little later. A server ignores a cancel that
+/// arrives while it is still reading the statement (the statement then
+/// runs to its end, for nobody); a cancel for a backend that has stopped
+/// or gone does nothing.
+pub async fn send_until_stopped(addr: std::sync::Arc<str>, key: (i32, i32)) {
+    for wait in [0, 200, 1000] {
+        tokio::time::sleep(Duration::from_millis(wait)).await;
+        if !send(addr.clone(), key).await {
+            return;
+        }
+    }
+}

@@ -385,7 +385,7 @@ impl Drop for Lease {
         if conn.is_busy() && !conn.is_broken() {
             let (addr, key) = (conn.addr().clone(), conn.key());
             if let Ok(rt) = tokio::runtime::Handle::try_current() {
-                rt.spawn(super::cancel::send(addr, key));
+                rt.spawn(super::cancel::send_until_stopped(addr, key));
             }
         }
         drop(conn);
