@@ -136,12 +136,14 @@ async fn shutdown_tells_idle_clients_at_once_and_waits_for_a_transaction() {
     let mut in_tx = Raw::connect(port, "postgres", "lifecycle_idle").await;
     in_tx.simple("BEGIN").await;
     in_tx.simple("SELECT 1").await;
+    // Each session waits on a stop signal of its own. (Counted before the
+    // shutdown starts: once it has, the idle ones end and deregister.)
+    assert_eq!(server.shared.stop_signals(), 6);
     let server = std::sync::Arc::new(server);
     let draining = {
         let server = server.clone();
         tokio::spawn(async move { server.shutdown(Duration::from_secs(20)).await })
     };
-    assert_eq!(server.shared.stop_signals(), 6);
     for (i, c) in idle.iter_mut().enumerate() {
         // Well before the 20 s drain: told, not left to time out.
         let m = c.next_within(Duration::from_secs(5)).await;
