@@ -579,26 +579,12 @@ async fn random_disconnects_leave_no_session_or_server_connection_behind() {
             drop(c);
         }
     }
-    let c = cluster();
-    let busy = |c: &signalbox::local::LocalCluster| {
-        c.all_nodes()
-            .map(|n| {
-                c.psql(
-                    n.port,
-                    "SELECT count(*) FROM pg_stat_activity WHERE datname = 'protocol_chaos' \
-                     AND state <> 'idle'",
-                )
-                .ok()
-                .and_then(|v| v.trim().parse::<usize>().ok())
-                .unwrap_or(usize::MAX)
-            })
-            .sum::<usize>()
-    };
+    let busy = || busy_in("protocol_chaos");
     let settled = tokio::task::block_in_place(|| {
         signalbox_tests::wait_until(Duration::from_secs(30), || {
             sessions() == sessions_before
                 && (0..3).all(|n| server.shared.live().cluster.pools.in_flight(n) == 0)
-                && busy(c) == 0
+                && busy() == 0
         })
     });
     assert!(
@@ -608,7 +594,7 @@ async fn random_disconnects_leave_no_session_or_server_connection_behind() {
         (0..3)
             .map(|n| server.shared.live().cluster.pools.in_flight(n))
             .collect::<Vec<_>>(),
-        busy(c)
+        busy()
     );
     let total = server_connections("protocol_chaos");
     eprintln!(
@@ -944,6 +930,22 @@ async fn one_connection(pool: &str) -> signalbox::server::Server {
         .expect("signalbox starts")
 }
 
+/// Server connections to `db`, on every node, that are not idle (a failed
+/// query counts as busy, so a broken node fails the check).
+fn busy_in(db: &str) -> usize {
+    let c = cluster();
+    let sql =
+        format!("SELECT count(*) FROM pg_stat_activity WHERE datname = '{db}' AND state <> 'idle'");
+    c.all_nodes()
+        .map(|n| {
+            c.psql(n.port, &sql)
+                .ok()
+                .and_then(|v| v.trim().parse::<usize>().ok())
+                .unwrap_or(usize::MAX)
+        })
+        .fold(0usize, usize::saturating_add)
+}
+
 /// A client that sends a long statement and vanishes at once leaves nothing
 /// running: its connection is closed and the statement cancelled, even when
 /// the cancel reaches the server before the statement has started there (a
@@ -960,21 +962,7 @@ async fn a_statement_whose_client_vanished_at_once_does_not_run_on() {
         tokio::time::sleep(Duration::from_micros(i * 50)).await;
         c.reset();
     }
-    let c = cluster();
-    let busy = || {
-        c.all_nodes()
-            .map(|n| {
-                c.psql(
-                    n.port,
-                    "SELECT count(*) FROM pg_stat_activity WHERE datname = 'protocol_vanish' \
-                     AND state <> 'idle'",
-                )
-                .ok()
-                .and_then(|v| v.trim().parse::<usize>().ok())
-                .unwrap_or(usize::MAX)
-            })
-            .sum::<usize>()
-    };
+    let busy = || busy_in("protocol_vanish");
     let settled = tokio::task::block_in_place(|| {
         signalbox_tests::wait_until(Duration::from_secs(15), || busy() == 0)
     });

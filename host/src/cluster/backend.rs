@@ -254,15 +254,12 @@ impl BackendConn {
     }
 
     async fn send(&mut self, bytes: &[u8], node: &str) -> Result<(), BackendError> {
-        // (Flushed for TLS, as in `write`.)
-        let sent = match self.stream.write_all(bytes).await {
-            Ok(()) => self.stream.flush().await,
-            Err(e) => Err(e),
-        };
-        sent.map_err(|e| BackendError::Wire {
-            node: node.to_owned(),
-            source: e.into(),
-        })
+        self.write_flushed(bytes)
+            .await
+            .map_err(|e| BackendError::Wire {
+                node: node.to_owned(),
+                source: e.into(),
+            })
     }
 
     async fn next(&mut self, node: &str) -> Result<Frame, BackendError> {
@@ -430,16 +427,17 @@ impl BackendConn {
         self.write(bytes).await
     }
 
+    /// TLS keeps what the socket cannot take yet in a buffer of its own
+    /// and sends it only on the next write or a flush: without the flush,
+    /// the end of a large message could wait there while the server waits
+    /// for it. (A plain socket's flush does nothing.)
+    async fn write_flushed(&mut self, bytes: &[u8]) -> std::io::Result<()> {
+        self.stream.write_all(bytes).await?;
+        self.stream.flush().await
+    }
+
     async fn write(&mut self, bytes: &[u8]) -> Result<(), WireError> {
-        // TLS keeps what the socket cannot take yet in a buffer of its own
-        // and sends it only on the next write or a flush: the end of a
-        // large message would wait there while the server waits for it.
-        // (A plain socket's flush does nothing.)
-        let sent = match self.stream.write_all(bytes).await {
-            Ok(()) => self.stream.flush().await,
-            Err(e) => Err(e),
-        };
-        if let Err(e) = sent {
+        if let Err(e) = self.write_flushed(bytes).await {
             self.broken = true;
             return Err(e.into());
         }
