@@ -60,8 +60,7 @@ async fn primary_replica_and_signalbox(health: &str) -> (LocalCluster, signalbox
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn promotion_is_followed_and_a_returning_old_primary_is_fenced() {
-    let (c, server) =
-        primary_replica_and_signalbox("failures_to_ban = 1\nprobe_timeout_ms = 500\n").await;
+    let (c, server) = primary_replica_and_signalbox("probe_timeout_ms = 3000\n").await;
     let port = server.addr.port();
     let (old, new) = (c.primary.port, c.replicas[0].port);
     tokio::time::sleep(Duration::from_millis(500)).await;
@@ -229,7 +228,7 @@ async fn two_primaries_on_one_timeline_fence_all_writes() {
     };
     let text = format!(
         "listen = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\n[health]\ninterval_ms = 200\n\
-         failures_to_ban = 1\nprobe_timeout_ms = 500\n{}{}",
+         probe_timeout_ms = 3000\n{}{}",
         node("east", a.primary.port),
         node("west", b.primary.port)
     );
@@ -332,7 +331,14 @@ async fn a_read_cancelled_for_a_recovery_conflict_runs_again_elsewhere() {
             "EXPLAIN ANALYZE SELECT count(*), pg_sleep(1) FROM churn",
         ))
         .await;
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    // Resume once the read runs on the replica (its snapshot taken), so
+    // that the cleanup replayed next conflicts with it.
+    let running = "SELECT count(*) FROM pg_stat_activity \
+                   WHERE query LIKE 'EXPLAIN ANALYZE%' AND state = 'active'";
+    assert!(tokio::task::block_in_place(|| signalbox_tests::wait_until(
+        Duration::from_secs(10),
+        || c.psql(replica, running).unwrap_or_default().trim() == "1"
+    )));
     resume
         .send(&signalbox_tests::raw::query(
             "SELECT pg_wal_replay_resume()",

@@ -378,7 +378,9 @@ async fn dead_pooled_connections_are_replaced_not_handed_out() {
         for node in c.all_nodes() {
             c.psql(
                 node.port,
-                "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity \
+                // (With a timeout, each call returns once its backend has
+                // exited: none is half-dead when the next client comes.)
+                "SELECT count(pg_terminate_backend(pid, 10000)) FROM pg_stat_activity \
                  WHERE datname = 'integrity_dead' AND pid <> pg_backend_pid()",
             )
             .expect("terminate backends");

@@ -18,7 +18,17 @@ async fn the_connection_limit_answers_53300_and_frees_up() {
     let (tag, body) = Raw::first_answer(port).await.expect("an answer");
     assert_eq!((tag, sqlstate(&body).as_str()), (b'E', "53300"));
     drop(held);
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    // Their sessions notice the closed sockets and free their slots.
+    let active = || {
+        server
+            .shared
+            .metrics
+            .sessions_active
+            .load(std::sync::atomic::Ordering::Relaxed)
+    };
+    assert!(tokio::task::block_in_place(|| {
+        signalbox_tests::wait_until(Duration::from_secs(10), || active() == 0)
+    }));
     let mut again = Raw::connect(port, "postgres", "postgres").await;
     let msgs = again.simple("SELECT 1").await;
     assert_eq!(msgs.last().unwrap().0, b'Z');
@@ -186,7 +196,14 @@ async fn large_messages_share_a_bounded_buffer_budget() {
     // B holds 600 KiB of the 1 MiB budget with a half-sent message.
     let mut b = Raw::connect(port, "postgres", "postgres").await;
     b.send(&msg[..msg.len() / 2]).await;
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    let budget = server.shared.message_budget.clone();
+    let whole = 1 << 20;
+    let held_by_one = || {
+        tokio::task::block_in_place(|| {
+            signalbox_tests::wait_until(Duration::from_secs(10), || budget.free() < whole)
+        })
+    };
+    assert!(held_by_one(), "B's message reserved no room");
     // C's 600 KiB message does not fit: refused at once.
     let mut c = Raw::connect(port, "postgres", "postgres").await;
     c.send(&msg[..1024]).await;
@@ -209,11 +226,85 @@ async fn large_messages_share_a_bounded_buffer_budget() {
     );
     let mut e = Raw::connect(port, "postgres", "postgres").await;
     e.send(&msg[..msg.len() / 2]).await;
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(held_by_one(), "E's message reserved no room");
     e.reset(); // vanishes mid-message: its share must come back too
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(
+        tokio::task::block_in_place(|| {
+            signalbox_tests::wait_until(Duration::from_secs(10), || budget.free() == whole)
+        }),
+        "E's share did not come back"
+    );
     let mut f = Raw::connect(port, "postgres", "postgres").await;
     f.send(&msg).await;
     let msgs = f.until_ready().await;
     assert_eq!(msgs[1].0, b'D', "{:?}", &msgs[..1]);
+}
+
+/// Complete messages count too while they wait for their batch's Sync: a
+/// client that sends large Binds and no Sync cannot make signalbox hold
+/// more than the budget (before, only messages still arriving counted, and
+/// one client could pile up 64 MB messages until the process ran out of
+/// memory). The room comes back once the batch has run.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn messages_waiting_for_their_sync_hold_their_room() {
+    use signalbox_tests::raw;
+    let server = start("[clients]\nbuffer_budget_mb = 1\nmax_message_mb = 8\n").await;
+    let port = server.addr.port();
+    let budget = server.shared.message_budget.clone();
+    let whole = 1 << 20;
+    // A 600 KiB text parameter, bound and left waiting for its Sync.
+    let mut bind = vec![0u8]; // unnamed portal
+    bind.extend_from_slice(b"\0"); // unnamed statement
+    bind.extend_from_slice(&0i16.to_be_bytes());
+    bind.extend_from_slice(&1i16.to_be_bytes());
+    bind.extend_from_slice(&(600 * 1024i32).to_be_bytes());
+    bind.extend(std::iter::repeat_n(b'x', 600 * 1024));
+    bind.extend_from_slice(&0i16.to_be_bytes());
+    let mut bind_frame = vec![b'B'];
+    bind_frame.extend_from_slice(&(bind.len() as i32 + 4).to_be_bytes());
+    bind_frame.extend_from_slice(&bind);
+    let mut a = Raw::connect(port, "postgres", "postgres").await;
+    let mut batch = raw::parse("", "SELECT length($1)");
+    batch.extend(&bind_frame);
+    a.send(&batch).await;
+    assert!(
+        tokio::task::block_in_place(|| { wait_until_free(&budget, |free| free < whole) }),
+        "the bound message reserved no room"
+    );
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(
+        budget.free() < whole,
+        "the waiting batch gave its room back"
+    );
+    // Another client's 600 KiB message does not fit meanwhile.
+    let mut b = Raw::connect(port, "postgres", "postgres").await;
+    b.send(&big_query(600 * 1024)[..1024]).await;
+    let (tag, body) = b.next().await;
+    assert_eq!((tag, sqlstate(&body).as_str()), (b'E', "53200"));
+    // The batch runs at its Sync; then the room is back.
+    let mut rest = raw::execute("", 0);
+    rest.extend(raw::sync());
+    a.send(&rest).await;
+    let msgs = a.until_ready().await;
+    assert_eq!(
+        raw::data_row(&msgs[2].1),
+        [Some((600 * 1024).to_string())],
+        "{:?}",
+        msgs.iter().map(|m| m.0 as char).collect::<String>()
+    );
+    assert!(
+        tokio::task::block_in_place(|| wait_until_free(&budget, |free| free == whole)),
+        "the batch's room did not come back"
+    );
+    let mut c = Raw::connect(port, "postgres", "postgres").await;
+    c.send(&big_query(600 * 1024)).await;
+    let msgs = c.until_ready().await;
+    assert_eq!(msgs[1].0, b'D', "{:?}", &msgs[..1]);
+}
+
+fn wait_until_free(
+    budget: &signalbox::proxy::relay::MessageBudget,
+    cond: impl Fn(usize) -> bool,
+) -> bool {
+    signalbox_tests::wait_until(Duration::from_secs(10), || cond(budget.free()))
 }

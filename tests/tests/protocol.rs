@@ -160,8 +160,13 @@ async fn errors_in_pipelines_with_and_without_sync() {
     // A simple query too is discarded until the Sync.
     bytes.extend(raw::query("SELECT 'ignored until Sync'"));
     c.send(&bytes).await;
+    let first = c.next().await;
     let got = quiet_for(&mut c, Duration::from_millis(800)).await;
-    assert_eq!(tags(&got), "E", "{got:?}");
+    assert_eq!(
+        (first.0, tags(&got).as_str()),
+        (b'E', ""),
+        "{first:?} {got:?}"
+    );
     c.send(&raw::sync()).await;
     assert_eq!(tags(&c.until_ready().await), "Z");
     let got = c.simple("SELECT 'still here'").await;
@@ -262,8 +267,22 @@ async fn backend_key_data_is_never_someone_elses_pid() {
     assert_eq!(real, pid.to_string(), "session mode tells the real pid");
 
     // A cancel request to signalbox with that key stops the query.
-    c.send(&raw::query("SELECT pg_sleep(30)")).await;
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    c.send(&raw::query("SELECT pg_sleep(30), 'cancelled by key'"))
+        .await;
+    // Cancel once the sleep runs (on whichever node: a read may be
+    // offloaded to a replica): a cancel that reaches a server still
+    // reading the statement is ignored.
+    let running = "SELECT count(*) FROM pg_stat_activity \
+                   WHERE query LIKE '%cancelled by key''' AND state = 'active'";
+    let seen = || {
+        let c = cluster();
+        c.all_nodes()
+            .any(|n| c.psql(n.port, running).unwrap_or_default().trim() == "1")
+    };
+    assert!(tokio::task::block_in_place(|| signalbox_tests::wait_until(
+        Duration::from_secs(10),
+        seen
+    )));
     let mut cancel = tokio::net::TcpStream::connect(("127.0.0.1", port))
         .await
         .unwrap();
@@ -1041,7 +1060,7 @@ async fn a_client_that_stops_reading_inside_a_transaction_is_cut_off() {
             .load(std::sync::atomic::Ordering::Relaxed)
     };
     assert!(tokio::task::block_in_place(|| signalbox_tests::wait_until(
-        Duration::from_secs(5),
+        Duration::from_secs(15),
         || stalled() == 1
     )));
 }
@@ -1056,7 +1075,7 @@ async fn a_client_that_stops_reading_mid_answer_is_cut_off_after_the_write_timeo
     database("protocol_stalled");
     let primary = cluster().primary.port;
     let server =
-        one_connection("checkout_timeout_ms = 8000\n[clients]\nwrite_timeout_s = 1\n").await;
+        one_connection("checkout_timeout_ms = 8000\n[clients]\nwrite_timeout_s = 3\n").await;
     let port = server.addr.port();
     // A client reading slowly but steadily (about 3 s for 15 MB) is never
     // cut off: the limit is on taking nothing, not on the whole answer.
@@ -1103,9 +1122,10 @@ async fn a_client_that_stops_reading_mid_answer_is_cut_off_after_the_write_timeo
             .unwrap_or_default()
     };
     assert!(
-        tokio::task::block_in_place(|| signalbox_tests::wait_until(Duration::from_secs(5), || {
-            running().trim() == "0"
-        })),
+        tokio::task::block_in_place(|| signalbox_tests::wait_until(
+            Duration::from_secs(15),
+            || { running().trim() == "0" }
+        )),
         "the stalled statement still runs"
     );
     // The stalled client reads what was on the way, then the end of its
@@ -1127,4 +1147,72 @@ async fn a_client_that_stops_reading_mid_answer_is_cut_off_after_the_write_timeo
             .load(std::sync::atomic::Ordering::Relaxed),
         1
     );
+}
+
+/// A Bind of `stmt` to the unnamed portal with text parameters.
+fn bind_params(stmt: &str, params: &[&[u8]]) -> Vec<u8> {
+    let mut body = vec![0u8];
+    body.extend_from_slice(stmt.as_bytes());
+    body.push(0);
+    body.extend_from_slice(&0i16.to_be_bytes());
+    body.extend_from_slice(&(params.len() as i16).to_be_bytes());
+    for p in params {
+        body.extend_from_slice(&(p.len() as i32).to_be_bytes());
+        body.extend_from_slice(p);
+    }
+    body.extend_from_slice(&0i16.to_be_bytes());
+    frame(b'B', &[&body])
+}
+
+/// A pipelined batch whose first statement answers more than the sockets
+/// between signalbox and the server can hold, followed by a message larger
+/// than they can hold either, completes. The server reads the batch only as
+/// fast as its answers are taken: signalbox must read them while it is
+/// still sending the rest. (Before, it wrote the whole batch first; both
+/// sides then waited on each other for ever, with the pool's connection.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_larger_than_the_sockets_behind_a_large_answer_completes() {
+    database("protocol_duplex");
+    let server = one_connection("checkout_timeout_ms = 2000\n").await;
+    let port = server.addr.port();
+    let mut c = Raw::connect(port, "postgres", "protocol_duplex").await;
+    // About 40 MB of answer, then a 16 MB parameter.
+    let mut batch = raw::parse(
+        "",
+        "SELECT repeat('x', 1000000) FROM generate_series(1, 40)",
+    );
+    batch.extend(raw::bind("", ""));
+    batch.extend(raw::execute("", 0));
+    batch.extend(raw::parse("big", "SELECT length($1)"));
+    let param = vec![b'y'; 16 << 20];
+    batch.extend(bind_params("big", &[&param]));
+    batch.extend(raw::execute("", 0));
+    batch.extend(raw::sync());
+    c.send(&batch).await;
+    let mut got = String::new();
+    let mut last_row = None;
+    loop {
+        let Some((tag, body)) = c.next_within(Duration::from_secs(20)).await else {
+            panic!("the batch's answers stopped after {got:?}");
+        };
+        if tag == b'D' {
+            last_row = data_row(&body)[0].clone();
+            if body.len() > 100 {
+                // The 1 MB rows: count them by one letter.
+                got.push('d');
+                continue;
+            }
+        }
+        got.push(tag as char);
+        if tag == b'Z' {
+            break;
+        }
+    }
+    assert_eq!(got, format!("12{}C12DCZ", "d".repeat(40)));
+    assert_eq!(last_row.as_deref(), Some("16777216"));
+    // The pool's only connection came back in step: the next client is
+    // served on it.
+    let mut other = Raw::connect(port, "postgres", "protocol_duplex").await;
+    let msgs = other.simple("SELECT 'served'").await;
+    assert_eq!(tags(&msgs), "TDCZ", "{msgs:?}");
 }

@@ -349,19 +349,35 @@ async fn cancel_request_reaches_the_node_running_the_query() {
             c.batch_execute(s).await.unwrap();
         }
         let token = c.cancel_token();
+        let sql = format!("SELECT pg_sleep(30), 'cancel on the {label}'");
+        // Cancel once the sleep runs on its node: a cancel that reaches a
+        // server still reading the statement is ignored.
+        let running = format!(
+            "SELECT count(*) FROM pg_stat_activity WHERE query = '{}' AND state = 'active'",
+            sql.replace('\'', "''")
+        );
         let canceller = tokio::spawn(async move {
-            tokio::time::sleep(Duration::from_millis(500)).await;
+            let c = service::cluster();
+            let seen = tokio::task::spawn_blocking(move || {
+                wait_until(Duration::from_secs(10), || {
+                    c.all_nodes()
+                        .any(|n| c.psql(n.port, &running).unwrap_or_default().trim() == "1")
+                })
+            })
+            .await
+            .unwrap_or(false);
+            assert!(seen, "the statement never ran");
             token.cancel_query(tokio_postgres::NoTls).await
         });
         let started = std::time::Instant::now();
-        let err = c.simple_query("SELECT pg_sleep(30)").await.unwrap_err();
+        let err = c.simple_query(&sql).await.unwrap_err();
         assert_eq!(
             err.code(),
             Some(&tokio_postgres::error::SqlState::QUERY_CANCELED),
             "{label}: {err}"
         );
         assert!(
-            started.elapsed() < Duration::from_secs(10),
+            started.elapsed() < Duration::from_secs(20),
             "{label}: cancel took too long"
         );
         canceller.await.unwrap().unwrap();

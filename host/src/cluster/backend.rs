@@ -3,12 +3,14 @@
 //! that, messages are forwarded as raw frames.
 
 use std::collections::HashSet;
+use std::pin::Pin;
+use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
 use postgres_protocol::authentication::sasl::{ChannelBinding, ScramSha256};
 use postgres_protocol::message::{backend, frontend};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 use crate::tls::{BoxStream, NodeTls};
@@ -76,6 +78,12 @@ pub struct BackendConn {
     stream: BoxStream,
     /// Bytes read past the last frame.
     rbuf: BytesMut,
+    /// The tail of a client's batch the socket could not take yet: it goes
+    /// out while the answers are read ([`BackendConn::fill`]), because the
+    /// server stops reading once its answers fill the socket.
+    unsent: BytesMut,
+    /// A TLS stream may still hold written bytes in its own buffer.
+    unflushed: bool,
     /// ParameterStatus values the server reported at startup.
     params: Vec<(String, String)>,
     /// Process id and secret, for cancel requests.
@@ -125,6 +133,8 @@ impl BackendConn {
             node,
             stream,
             rbuf: BytesMut::with_capacity(16 * 1024),
+            unsent: BytesMut::new(),
+            unflushed: false,
             params: Vec::new(),
             key: (0, 0),
             addr: spec.addr.as_str().into(),
@@ -406,16 +416,38 @@ impl BackendConn {
             && self.status == b'I'
             && !self.copy_in
             && self.rbuf.is_empty()
+            && self.unsent.is_empty()
+            && !self.unflushed
     }
 
     /// Results may still be on their way (a cancel would stop them).
     pub fn is_busy(&self) -> bool {
-        !self.quiet || self.owed > 0 || self.copy_in
+        !self.quiet || self.owed > 0 || self.copy_in || !self.unsent.is_empty()
     }
 
     /// Send whole protocol messages. Every Query and Sync makes the server
     /// owe one more ReadyForQuery; a CopyDone/CopyFail ends COPY IN.
     pub async fn send_frames(&mut self, bytes: &[u8]) -> Result<(), WireError> {
+        self.count(bytes);
+        self.write(bytes).await
+    }
+
+    /// Send a client's batch for the answers to be read next: what the
+    /// socket does not take at once is sent by [`fill`](Self::fill) as it
+    /// reads. A batch larger than the socket's buffers would otherwise
+    /// deadlock: PostgreSQL answers each message as it reads it and stops
+    /// reading while its answers cannot be written, and signalbox would
+    /// not read them before the whole batch was written.
+    pub async fn send_batch(&mut self, bytes: &[u8]) -> Result<(), WireError> {
+        self.count(bytes);
+        if let Err(e) = self.send_what_fits(bytes).await {
+            self.broken = true;
+            return Err(e.into());
+        }
+        Ok(())
+    }
+
+    fn count(&mut self, bytes: &[u8]) {
         for (tag, _) in wire::frames(bytes) {
             match tag {
                 b'Q' | b'S' => self.owed += 1,
@@ -424,7 +456,69 @@ impl BackendConn {
             }
         }
         self.quiet = false;
-        self.write(bytes).await
+    }
+
+    async fn send_what_fits(&mut self, bytes: &[u8]) -> std::io::Result<()> {
+        self.drain().await?;
+        let mut sent = 0;
+        std::future::poll_fn(|cx| {
+            while sent < bytes.len() {
+                match Pin::new(&mut self.stream).poll_write(cx, &bytes[sent..]) {
+                    Poll::Ready(Ok(0)) => return Poll::Ready(Err(write_zero())),
+                    Poll::Ready(Ok(n)) => sent += n,
+                    Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                    Poll::Pending => break,
+                }
+            }
+            self.unsent.extend_from_slice(&bytes[sent..]);
+            self.unflushed = true;
+            match self.poll_send_unsent(cx) {
+                Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
+                _ => Poll::Ready(Ok(())),
+            }
+        })
+        .await
+    }
+
+    /// Push out the batch's unsent tail, then flush (TLS). Ready once
+    /// everything is out; written bytes leave `unsent` at once, so a caller
+    /// that stops polling (a `select!`) loses nothing.
+    fn poll_send_unsent(&mut self, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        while !self.unsent.is_empty() {
+            match tokio_util::io::poll_write_buf(Pin::new(&mut self.stream), cx, &mut self.unsent) {
+                Poll::Ready(Ok(0)) => return Poll::Ready(Err(write_zero())),
+                Poll::Ready(Ok(_)) => {}
+                Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                Poll::Pending => return Poll::Pending,
+            }
+        }
+        if self.unflushed {
+            std::task::ready!(Pin::new(&mut self.stream).poll_flush(cx))?;
+            self.unflushed = false;
+        }
+        Poll::Ready(Ok(()))
+    }
+
+    /// Finish sending an earlier batch, reading the server's answers
+    /// meanwhile (they are kept for the relay), so that what is sent next
+    /// goes out after it.
+    async fn drain(&mut self) -> std::io::Result<()> {
+        std::future::poll_fn(|cx| loop {
+            if let Poll::Ready(r) = self.poll_send_unsent(cx) {
+                return Poll::Ready(r);
+            }
+            self.rbuf.reserve(16 * 1024);
+            match std::task::ready!(tokio_util::io::poll_read_buf(
+                Pin::new(&mut self.stream),
+                cx,
+                &mut self.rbuf
+            )) {
+                Ok(0) => return Poll::Ready(Err(std::io::ErrorKind::UnexpectedEof.into())),
+                Ok(_) => {}
+                Err(e) => return Poll::Ready(Err(e)),
+            }
+        })
+        .await
     }
 
     /// TLS keeps what the socket cannot take yet in a buffer of its own
@@ -432,6 +526,7 @@ impl BackendConn {
     /// the end of a large message could wait there while the server waits
     /// for it. (A plain socket's flush does nothing.)
     async fn write_flushed(&mut self, bytes: &[u8]) -> std::io::Result<()> {
+        self.drain().await?;
         self.stream.write_all(bytes).await?;
         self.stream.flush().await
     }
@@ -473,9 +568,17 @@ impl BackendConn {
         !self.rbuf.is_empty()
     }
 
+    /// Also sends the unsent tail of the last batch: the server may be
+    /// waiting for it before it answers more. Cancel-safe.
     pub async fn fill(&mut self) -> Result<(), WireError> {
         self.rbuf.reserve(16 * 1024);
-        match self.stream.read_buf(&mut self.rbuf).await {
+        let read = std::future::poll_fn(|cx| {
+            if let Poll::Ready(Err(e)) = self.poll_send_unsent(cx) {
+                return Poll::Ready(Err(e));
+            }
+            tokio_util::io::poll_read_buf(Pin::new(&mut self.stream), cx, &mut self.rbuf)
+        });
+        match read.await {
             Ok(0) => {
                 self.broken = true;
                 Err(WireError::Closed)
@@ -530,6 +633,10 @@ impl BackendConn {
             }
         }
     }
+}
+
+fn write_zero() -> std::io::Error {
+    std::io::ErrorKind::WriteZero.into()
 }
 
 /// Ask for TLS if the node's `sslmode` says so; PostgreSQL answers one byte.

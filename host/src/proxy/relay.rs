@@ -104,6 +104,10 @@ pub struct ClientIo {
     pub limits: ClientLimits,
     /// Bytes of the message now arriving that count against the budget.
     pub reserved: usize,
+    /// Bytes of complete large messages the session still holds (a batch
+    /// waiting for its Sync): they count against the budget until
+    /// [`ClientIo::release_held`].
+    pub held: usize,
     /// When the message now arriving must be whole: set at its first
     /// read, so a client sending a byte now and then cannot stretch it.
     pub due: Option<tokio::time::Instant>,
@@ -123,12 +127,14 @@ pub struct ClientIo {
 impl Drop for ClientIo {
     fn drop(&mut self) {
         self.limits.budget.give(std::mem::take(&mut self.reserved));
+        self.release_held();
     }
 }
 
-/// Memory all clients together may hold in partly received large messages:
-/// one client cannot make signalbox buffer gigabytes, and many slow clients
-/// together cannot either.
+/// Memory all clients together may hold in large messages, partly received
+/// or complete but not yet run (a batch waiting for its Sync): one client
+/// cannot make signalbox buffer gigabytes, and many clients together cannot
+/// either.
 #[derive(Debug)]
 pub struct MessageBudget {
     free: std::sync::atomic::AtomicUsize,
@@ -154,6 +160,11 @@ impl MessageBudget {
 
     fn give(&self, n: usize) {
         self.free.fetch_add(n, std::sync::atomic::Ordering::AcqRel);
+    }
+
+    /// Bytes not reserved by a message in flight.
+    pub fn free(&self) -> usize {
+        self.free.load(std::sync::atomic::Ordering::Acquire)
     }
 }
 
@@ -279,6 +290,12 @@ impl ClientIo {
         Ok(n)
     }
 
+    /// The session no longer holds any message it read: their room in
+    /// the budget is free again.
+    pub fn release_held(&mut self) {
+        self.limits.budget.give(std::mem::take(&mut self.held));
+    }
+
     /// Something was shown to the client since `mark`.
     pub fn progressed_since(&self, mark: u64) -> bool {
         self.sent != mark
@@ -298,7 +315,8 @@ impl ClientIo {
                 }
             }
             if let Some(f) = wire::take_frame(&mut self.rbuf, self.limits.max_message)? {
-                self.limits.budget.give(std::mem::take(&mut self.reserved));
+                // Still held by the session until its batch has gone out.
+                self.held += std::mem::take(&mut self.reserved);
                 self.due = None;
                 return Ok(f);
             }
@@ -583,6 +601,7 @@ async fn pump_copy_in(
                         .await
                         .map_err(RelayError::Backend)?;
                     chunk.clear();
+                    client.release_held();
                 }
                 if f.tag != b'd' {
                     if !sync_swallowed {
@@ -630,6 +649,7 @@ mod tests {
                 budget: std::sync::Arc::new(MessageBudget::new(1 << 20)),
             },
             reserved: 0,
+            held: 0,
             due: None,
             pid_alias: None,
             defer_ready: false,

@@ -122,11 +122,12 @@ pub fn enforce(
 
     match target {
         Target::Primary => Enforced::keep(primary(cluster)),
-        Target::Default | Target::AnyReplica => {
-            Enforced::keep(replica_or_primary(cluster, tiebreak))
-        }
-        // The wait, when there is one to do, is the session's (it is async).
-        Target::CaughtUpReplica(_) => {
+        Target::AnyReplica => Enforced::keep(replica_or_primary(cluster, tiebreak)),
+        // The built-in choice (a policy's `builtin()`, no policy, or the
+        // fallback of a failed call) keeps read-your-writes: a session's
+        // read goes only to a replica that has its last write. The wait,
+        // when a policy asks for one, is the session's (it is async).
+        Target::Default | Target::CaughtUpReplica(_) => {
             let caught_up = |id| cluster.replayed(id, session);
             match builtin::choose_replica_where(cluster, tiebreak, caught_up) {
                 Some(id) => Enforced::keep(Routed::Node(id)),
@@ -361,6 +362,33 @@ mod tests {
         assert_eq!(
             enforce(&t, &write(), &wrote(200), &c, 0),
             Enforced::overridden(Routed::Node(0), Override::WriteToReplica)
+        );
+    }
+
+    #[test]
+    fn the_builtin_choice_keeps_read_your_writes() {
+        // The same cluster: replica 1 has replayed to 100, replica 3 to 300.
+        let mut c = cluster();
+        c.states[1].replay_lsn = 100;
+        c.states[3].replay_lsn = 300;
+        let wrote = |lsn| Session {
+            last_write_lsn: Some(lsn),
+            ..Session::default()
+        };
+        let t = Target::Default;
+        assert_eq!(
+            enforce(&t, &read(), &wrote(200), &c, 0),
+            Enforced::keep(Routed::Node(3))
+        );
+        assert_eq!(
+            enforce(&t, &read(), &wrote(400), &c, 0),
+            Enforced::keep(Routed::Node(0)),
+            "none has the write: the primary"
+        );
+        // A policy's explicit "any replica" is its own call to make.
+        assert_eq!(
+            enforce(&Target::AnyReplica, &read(), &wrote(400), &c, 0),
+            Enforced::keep(Routed::Node(1))
         );
     }
 

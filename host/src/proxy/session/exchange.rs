@@ -728,7 +728,7 @@ impl Session {
         let started = Instant::now();
         let lease = self.lease.as_mut().expect("exchange needs a lease");
         let conn = lease.conn();
-        let result = match conn.send_frames(bytes).await {
+        let result = match conn.send_batch(bytes).await {
             Ok(()) => relay::relay(conn, &mut self.client, plan, hold).await,
             Err(e) => Err(RelayError::Backend(e)),
         };

@@ -162,6 +162,7 @@ impl Session {
                 shared.message_budget.clone(),
             ),
             reserved: 0,
+            held: 0,
             due: None,
             pid_alias: None,
             defer_ready: false,
@@ -300,6 +301,10 @@ impl Session {
             // client) is watched too: what it says while the client is idle
             // (notifications, its death) reaches the client at once.
             let idle = self.tx == TxState::Idle && self.batch.is_empty();
+            if self.batch.is_empty() {
+                // Every message read so far has been run or dropped.
+                self.client.release_held();
+            }
             // What the held connection sent along with its last answer
             // (a notification of the client's own NOTIFY) goes out first.
             if self.lease.as_mut().is_some_and(|l| l.conn().has_buffered()) {
