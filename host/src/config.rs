@@ -206,6 +206,10 @@ pub struct PoolConfig {
     /// policy sends them (replicas), on pooled connections; the session's
     /// own primary connection serves everything else.
     pub session_reads_on_replicas: bool,
+    /// Prepared statements kept on one server connection; beyond it, the
+    /// least recently used are closed (PostgreSQL keeps each one's plan in
+    /// the backend's memory for as long as the connection lives). 0: no cap.
+    pub max_prepared_statements: usize,
 }
 
 impl Default for PoolConfig {
@@ -217,6 +221,7 @@ impl Default for PoolConfig {
             idle_timeout_s: 300,
             max_lifetime_s: 3600,
             session_reads_on_replicas: true,
+            max_prepared_statements: 500,
             mode: PoolMode::Transaction,
             untracked_state: UntrackedState::Reset,
             session_databases: Vec::new(),

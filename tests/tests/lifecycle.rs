@@ -253,19 +253,9 @@ async fn messages_waiting_for_their_sync_hold_their_room() {
     let budget = server.shared.message_budget.clone();
     let whole = 1 << 20;
     // A 600 KiB text parameter, bound and left waiting for its Sync.
-    let mut bind = vec![0u8]; // unnamed portal
-    bind.extend_from_slice(b"\0"); // unnamed statement
-    bind.extend_from_slice(&0i16.to_be_bytes());
-    bind.extend_from_slice(&1i16.to_be_bytes());
-    bind.extend_from_slice(&(600 * 1024i32).to_be_bytes());
-    bind.extend(std::iter::repeat_n(b'x', 600 * 1024));
-    bind.extend_from_slice(&0i16.to_be_bytes());
-    let mut bind_frame = vec![b'B'];
-    bind_frame.extend_from_slice(&(bind.len() as i32 + 4).to_be_bytes());
-    bind_frame.extend_from_slice(&bind);
     let mut a = Raw::connect(port, "postgres", "postgres").await;
     let mut batch = raw::parse("", "SELECT length($1)");
-    batch.extend(&bind_frame);
+    batch.extend(&bind_600k());
     a.send(&batch).await;
     assert!(
         tokio::task::block_in_place(|| { wait_until_free(&budget, |free| free < whole) }),
@@ -307,4 +297,44 @@ fn wait_until_free(
     cond: impl Fn(usize) -> bool,
 ) -> bool {
     signalbox_tests::wait_until(Duration::from_secs(10), || cond(budget.free()))
+}
+
+/// A Bind of the unnamed statement with one 600 KiB text parameter.
+fn bind_600k() -> Vec<u8> {
+    let mut bind = vec![0u8, 0u8]; // unnamed portal, unnamed statement
+    bind.extend_from_slice(&0i16.to_be_bytes());
+    bind.extend_from_slice(&1i16.to_be_bytes());
+    bind.extend_from_slice(&(600 * 1024i32).to_be_bytes());
+    bind.extend(std::iter::repeat_n(b'x', 600 * 1024));
+    bind.extend_from_slice(&0i16.to_be_bytes());
+    let mut frame = vec![b'B'];
+    frame.extend_from_slice(&(bind.len() as i32 + 4).to_be_bytes());
+    frame.extend_from_slice(&bind);
+    frame
+}
+
+/// Held room is bounded in time like a message still arriving: a client
+/// that leaves a large message waiting for a Sync longer than
+/// `message_timeout_s` is disconnected with a clear error, and the room
+/// comes back for everyone else.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_left_waiting_for_its_sync_is_timed_out() {
+    use signalbox_tests::raw;
+    let server =
+        start("[clients]\nbuffer_budget_mb = 1\nmax_message_mb = 8\nmessage_timeout_s = 1\n").await;
+    let port = server.addr.port();
+    let budget = server.shared.message_budget.clone();
+    let mut a = Raw::connect(port, "postgres", "postgres").await;
+    let mut batch = raw::parse("", "SELECT length($1)");
+    batch.extend(&bind_600k());
+    a.send(&batch).await;
+    let (tag, body) = a.next().await;
+    assert_eq!((tag, sqlstate(&body).as_str()), (b'E', "08P01"));
+    let message = raw::field(&body, b'M');
+    assert!(message.contains("Sync"), "{message}");
+    assert!(a.try_next().await.is_none(), "the connection is closed");
+    assert!(
+        tokio::task::block_in_place(|| wait_until_free(&budget, |free| free == 1 << 20)),
+        "the room did not come back"
+    );
 }

@@ -1216,3 +1216,87 @@ async fn a_batch_larger_than_the_sockets_behind_a_large_answer_completes() {
     let msgs = other.simple("SELECT 'served'").await;
     assert_eq!(tags(&msgs), "TDCZ", "{msgs:?}");
 }
+
+/// A server connection keeps at most `[pool] max_prepared_statements`
+/// prepared statements: beyond it the least recently used are closed (a
+/// client closing its own statement leaves the shared server statement, so
+/// without a cap every statement any client ever prepared stayed in the
+/// backend's memory). A closed statement a client still uses is prepared
+/// again when it is next used; the client sees nothing of it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn server_connections_keep_a_bounded_number_of_prepared_statements() {
+    database("protocol_prepared");
+    let server = one_connection("max_prepared_statements = 3\n").await;
+    let port = server.addr.port();
+    let mut c = Raw::connect(port, "postgres", "protocol_prepared").await;
+    let run = |name: &str| {
+        let mut b = raw::bind("", name);
+        b.extend(raw::execute("", 0));
+        b.extend(raw::sync());
+        b
+    };
+    for i in 0..6 {
+        let name = format!("s{i}");
+        let mut batch = raw::parse(&name, &format!("SELECT {i} + 100"));
+        batch.extend(run(&name));
+        c.send(&batch).await;
+        let got = c.until_ready().await;
+        assert_eq!(tags(&got), "12DCZ", "{got:?}");
+        assert_eq!(data_row(&got[2].1)[0], Some((i + 100).to_string()));
+    }
+    // Every statement still answers, the evicted ones included.
+    for i in (0..6).rev() {
+        c.send(&run(&format!("s{i}"))).await;
+        let got = c.until_ready().await;
+        assert_eq!(tags(&got), "2DCZ", "s{i}: {got:?}");
+        assert_eq!(data_row(&got[1].1)[0], Some((i + 100).to_string()));
+    }
+    // The pool's only server connection holds no more than the cap.
+    let got = c
+        .simple("SELECT count(*) FROM pg_prepared_statements")
+        .await;
+    assert_eq!(data_row(&got[1].1)[0].as_deref(), Some("3"), "{got:?}");
+    let evicted = server
+        .shared
+        .metrics
+        .prepared_evicted
+        .load(std::sync::atomic::Ordering::Relaxed);
+    assert!(evicted >= 3, "{evicted} evicted");
+}
+
+/// Session mode: a read the policy sends to the primary runs on the
+/// session's own primary connection, not on a second one from the pool
+/// (with every slot held by session clients, it used to wait out the
+/// checkout timeout for one, then run on a replica against the policy).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_mode_read_routed_to_the_primary_uses_the_sessions_connection() {
+    database("protocol_session_own");
+    let policy = signalbox_tests::faulty(&["all-primary"]);
+    let server = start(&format!(
+        "[pool]\nmode = \"session\"\nsize = 1\ncheckout_timeout_ms = 1000\n\
+         [policy]\npath = {:?}\n",
+        policy.display().to_string()
+    ))
+    .await;
+    let port = server.addr.port();
+    let mut c = Raw::connect(port, "postgres", "protocol_session_own").await;
+    // The session takes its own primary connection (the pool's only one).
+    let got = c.simple("SET application_name = 'own'").await;
+    assert_eq!(tags(&got), "CSZ", "{got:?}");
+    let got = c.simple("SELECT current_setting('application_name')").await;
+    assert_eq!(tags(&got), "TDCZ", "{got:?}");
+    assert_eq!(data_row(&got[1].1)[0].as_deref(), Some("own"));
+    // Where the policy sent it (a second primary connection would have to
+    // wait for the pool, then the read would give up and go to a replica).
+    let got = c.simple("SELECT pg_is_in_recovery()").await;
+    assert_eq!(data_row(&got[1].1)[0].as_deref(), Some("f"), "{got:?}");
+    // The extended protocol too.
+    let mut batch = raw::parse("", "SELECT pg_is_in_recovery()");
+    batch.extend(raw::bind("", ""));
+    batch.extend(raw::execute("", 0));
+    batch.extend(raw::sync());
+    c.send(&batch).await;
+    let got = c.until_ready().await;
+    assert_eq!(tags(&got), "12DCZ", "{got:?}");
+    assert_eq!(data_row(&got[2].1)[0].as_deref(), Some("f"), "{got:?}");
+}

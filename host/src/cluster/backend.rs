@@ -2,7 +2,7 @@
 //! (trust, cleartext, MD5, SCRAM-SHA-256) uses `postgres-protocol`; after
 //! that, messages are forwarded as raw frames.
 
-use std::collections::HashSet;
+use std::collections::HashMap;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
@@ -66,6 +66,82 @@ pub struct LoginSpec {
     pub tls: Option<NodeTls>,
 }
 
+/// The statements prepared on one server connection, by server name, each
+/// with the batch that last used it: when their number is capped, the least
+/// recently used are closed first.
+#[derive(Debug, Default)]
+pub struct ServerStatements {
+    used: HashMap<String, u64>,
+    batch: u64,
+}
+
+impl ServerStatements {
+    /// A batch starts: what it uses from now on is marked as its own.
+    pub fn start_batch(&mut self) {
+        self.batch += 1;
+    }
+
+    /// Whether `name` is prepared here; if so, it counts as used now.
+    pub fn has(&mut self, name: &str) -> bool {
+        match self.used.get_mut(name) {
+            Some(b) => {
+                *b = self.batch;
+                true
+            }
+            None => false,
+        }
+    }
+
+    pub fn contains(&self, name: &str) -> bool {
+        self.used.contains_key(name)
+    }
+
+    pub fn insert(&mut self, name: String) {
+        self.used.insert(name, self.batch);
+    }
+
+    pub fn remove(&mut self, name: &str) {
+        self.used.remove(name);
+    }
+
+    pub fn clear(&mut self) {
+        self.used.clear();
+    }
+
+    pub fn len(&self) -> usize {
+        self.used.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.used.is_empty()
+    }
+
+    /// The statements to close so that at most `cap` remain (0: no cap),
+    /// least recently used first, never one the current batch uses; they
+    /// are forgotten here at once.
+    pub fn evict(&mut self, cap: usize) -> Vec<String> {
+        if cap == 0 || self.used.len() <= cap {
+            return Vec::new();
+        }
+        let mut old: Vec<(u64, &String)> = self
+            .used
+            .iter()
+            .filter(|(_, b)| **b < self.batch)
+            .map(|(n, b)| (*b, n))
+            .collect();
+        old.sort_unstable();
+        let victims: Vec<String> = old
+            .into_iter()
+            .take(self.used.len() - cap)
+            .map(|(_, n)| n.clone())
+            .collect();
+        for v in &victims {
+            self.used.remove(v);
+        }
+        victims
+    }
+}
+
 /// One authenticated server connection. Every byte sent and every message
 /// received goes through its methods, so it always knows whether the server
 /// still owes answers: only a connection that has answered everything, is
@@ -90,7 +166,7 @@ pub struct BackendConn {
     key: (i32, i32),
     addr: std::sync::Arc<str>,
     /// Server-side names of statements prepared on this connection.
-    prepared: HashSet<String>,
+    prepared: ServerStatements,
     /// Fingerprint of the session state (SETs) last applied here; 0: unknown.
     state_key: u64,
     /// Something a client ran may have changed session state signalbox does
@@ -138,7 +214,7 @@ impl BackendConn {
             params: Vec::new(),
             key: (0, 0),
             addr: spec.addr.as_str().into(),
-            prepared: HashSet::new(),
+            prepared: ServerStatements::default(),
             state_key: 0,
             needs_reset: false,
             owed: 0,
@@ -335,7 +411,7 @@ impl BackendConn {
     }
 
     /// Server-side names of the statements prepared here.
-    pub fn prepared_mut(&mut self) -> &mut HashSet<String> {
+    pub fn prepared_mut(&mut self) -> &mut ServerStatements {
         &mut self.prepared
     }
 
@@ -492,6 +568,10 @@ impl BackendConn {
                 Poll::Pending => return Poll::Pending,
             }
         }
+        if self.unsent.capacity() > 64 * 1024 {
+            // A pooled connection keeps no large batch's buffer.
+            self.unsent = BytesMut::new();
+        }
         if self.unflushed {
             std::task::ready!(Pin::new(&mut self.stream).poll_flush(cx))?;
             self.unflushed = false;
@@ -573,10 +653,16 @@ impl BackendConn {
     pub async fn fill(&mut self) -> Result<(), WireError> {
         self.rbuf.reserve(16 * 1024);
         let read = std::future::poll_fn(|cx| {
-            if let Poll::Ready(Err(e)) = self.poll_send_unsent(cx) {
-                return Poll::Ready(Err(e));
+            let sent = self.poll_send_unsent(cx);
+            // What the server said first (a FATAL before it closed) says
+            // more than the failed write.
+            match tokio_util::io::poll_read_buf(Pin::new(&mut self.stream), cx, &mut self.rbuf) {
+                Poll::Pending => match sent {
+                    Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
+                    _ => Poll::Pending,
+                },
+                read => read,
             }
-            tokio_util::io::poll_read_buf(Pin::new(&mut self.stream), cx, &mut self.rbuf)
         });
         match read.await {
             Ok(0) => {

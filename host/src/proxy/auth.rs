@@ -76,34 +76,59 @@ impl Keys {
     }
 }
 
+thread_local! {
+    /// PBKDF2 derivations (4096 rounds of HMAC each) this thread ran.
+    static DERIVATIONS: std::cell::Cell<u64> = const { std::cell::Cell::new(0) };
+}
+
 /// Derived keys by (user, password): PBKDF2's 4096 rounds run once per
-/// user, not on every login (an unauthenticated client could otherwise
-/// make signalbox burn CPU at will). An unknown user gets stable keys from
-/// a random password, so repeated attempts see the same salt, as with
-/// PostgreSQL's mock authentication.
+/// configured user, not on every login (an unauthenticated client could
+/// otherwise make signalbox burn CPU at will). An unknown user costs no
+/// derivation at all: its salt is a keyed hash of its name, so repeated
+/// attempts see the same salt, as with PostgreSQL's mock authentication,
+/// and its keys are random, so no proof ever matches them.
 fn keys_for(user: &str, password: Option<&str>) -> std::sync::Arc<Keys> {
     use std::collections::HashMap;
     use std::sync::{Arc, Mutex, OnceLock};
-    type Cache = Mutex<HashMap<(String, Option<String>), Arc<Keys>>>;
+    type Cache = Mutex<HashMap<(String, String), Arc<Keys>>>;
     static CACHE: OnceLock<Cache> = OnceLock::new();
+    let Some(password) = password else {
+        return Arc::new(mock_keys(user));
+    };
     let cache = CACHE.get_or_init(Mutex::default);
-    let key = (user.to_owned(), password.map(str::to_owned));
+    let key = (user.to_owned(), password.to_owned());
     if let Some(k) = cache.lock().unwrap_or_else(|p| p.into_inner()).get(&key) {
         return k.clone();
     }
-    let keys = Arc::new(Keys::derive(&password.map(str::to_owned).unwrap_or_else(
-        || {
-            let mut r = [0u8; 16];
-            random(&mut r);
-            hex::encode(r)
-        },
-    )));
+    DERIVATIONS.with(|d| d.set(d.get() + 1));
+    let keys = Arc::new(Keys::derive(password));
     let mut map = cache.lock().unwrap_or_else(|p| p.into_inner());
     if map.len() >= 10_000 {
-        map.clear(); // bounded: made-up user names cannot grow it forever
+        map.clear(); // bounded, whatever the configuration holds
     }
     map.insert(key, keys.clone());
     keys
+}
+
+/// Keys for a user signalbox does not know: a stable salt, no derivation.
+fn mock_keys(user: &str) -> Keys {
+    use std::sync::OnceLock;
+    static SECRET: OnceLock<hmac::Key> = OnceLock::new();
+    let secret = SECRET.get_or_init(|| {
+        let mut k = [0u8; 32];
+        random(&mut k);
+        hmac::Key::new(hmac::HMAC_SHA256, &k)
+    });
+    let mut salt = [0u8; 16];
+    salt.copy_from_slice(&hmac::sign(secret, user.as_bytes()).as_ref()[..16]);
+    let (mut stored, mut server) = ([0u8; 32], [0u8; 32]);
+    random(&mut stored);
+    random(&mut server);
+    Keys {
+        salt,
+        stored,
+        server,
+    }
 }
 
 fn random(buf: &mut [u8]) {
@@ -313,6 +338,25 @@ pub async fn scram(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn unknown_users_cost_no_key_derivation_and_keep_their_salt() {
+        let derivations = || DERIVATIONS.with(std::cell::Cell::get);
+        for i in 0..100 {
+            keys_for(&format!("stranger-{i}"), None);
+        }
+        assert_eq!(derivations(), 0);
+        keys_for("someone", Some("only-this-test-uses-it"));
+        assert_eq!(derivations(), 1, "a configured user's keys are derived");
+        assert_eq!(
+            keys_for("stranger-1", None).salt,
+            keys_for("stranger-1", None).salt
+        );
+        assert_ne!(
+            keys_for("stranger-1", None).salt,
+            keys_for("stranger-2", None).salt
+        );
+    }
 
     /// A client side of the exchange, written from the RFC, to check ours.
     fn client_final_for(

@@ -199,6 +199,11 @@ impl prometheus_client::collector::Collector for DataPath {
             one(n(&m.stalled_clients)),
         )?;
         r.counter(
+            "signalbox_prepared_evicted",
+            "Server-side prepared statements closed to keep a server connection within [pool] max_prepared_statements.",
+            one(n(&m.prepared_evicted)),
+        )?;
+        r.counter(
             "signalbox_protocol_errors",
             "Connections closed for protocol violations at startup.",
             one(n(&m.protocol_errors)),
@@ -288,6 +293,8 @@ pub struct Metrics {
     /// Clients disconnected for taking none of an answer while it held a
     /// server connection (`[clients] write_timeout_s`).
     pub stalled_clients: AtomicU64,
+    /// Server statements closed by `[pool] max_prepared_statements`.
+    pub prepared_evicted: AtomicU64,
     /// Decisions by the policy's reason: the first [`REASONS`] distinct
     /// reasons get their own count, the rest count as `other`.
     pub reasons: Reasons,
@@ -358,6 +365,7 @@ impl Metrics {
             accept_errors: AtomicU64::new(0),
             refused_connections: AtomicU64::new(0),
             stalled_clients: AtomicU64::new(0),
+            prepared_evicted: AtomicU64::new(0),
             reasons: Reasons::default(),
         }
     }

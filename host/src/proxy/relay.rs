@@ -36,6 +36,9 @@ pub enum Step {
     SynthParse,
     /// Send `CloseComplete` to the client ourselves.
     SynthClose,
+    /// A server statement signalbox closed itself: its `CloseComplete`
+    /// is not forwarded.
+    CloseQuiet,
 }
 
 /// What the exchange ended with.
@@ -108,6 +111,9 @@ pub struct ClientIo {
     /// waiting for its Sync): they count against the budget until
     /// [`ClientIo::release_held`].
     pub held: usize,
+    /// When the client must have ended the batch holding them (Sync or
+    /// Flush): held room is bounded in time like a message still arriving.
+    pub held_due: Option<tokio::time::Instant>,
     /// When the message now arriving must be whole: set at its first
     /// read, so a client sending a byte now and then cannot stretch it.
     pub due: Option<tokio::time::Instant>,
@@ -293,7 +299,19 @@ impl ClientIo {
     /// The session no longer holds any message it read: their room in
     /// the budget is free again.
     pub fn release_held(&mut self) {
-        self.limits.budget.give(std::mem::take(&mut self.held));
+        self.release_held_above(0);
+    }
+
+    /// Free the room of the messages held beyond `mark` bytes (those read
+    /// since `held` was `mark`).
+    pub fn release_held_above(&mut self, mark: usize) {
+        if self.held > mark {
+            self.limits.budget.give(self.held - mark);
+            self.held = mark;
+        }
+        if self.held == 0 {
+            self.held_due = None;
+        }
     }
 
     /// Something was shown to the client since `mark`.
@@ -316,13 +334,26 @@ impl ClientIo {
             }
             if let Some(f) = wire::take_frame(&mut self.rbuf, self.limits.max_message)? {
                 // Still held by the session until its batch has gone out.
+                if self.reserved > 0 && self.held == 0 {
+                    self.held_due = Some(tokio::time::Instant::now() + self.limits.message_timeout);
+                }
                 self.held += std::mem::take(&mut self.reserved);
                 self.due = None;
                 return Ok(f);
             }
             self.reserve_for_message()?;
             let n = if self.rbuf.is_empty() {
-                self.read_idle().await?
+                match self.held_due {
+                    None => self.read_idle().await?,
+                    Some(due) => tokio::time::timeout_at(due, self.read_idle())
+                        .await
+                        .map_err(|_| {
+                            WireError::Protocol(format!(
+                                "{} bytes of large messages waited for a Sync or Flush longer than the message timeout",
+                                self.held
+                            ))
+                        })??,
+                }
             } else {
                 self.rbuf.reserve(8 * 1024);
                 let limit = self.limits.message_timeout;
@@ -544,6 +575,10 @@ fn handle(
         b'3' if front == Some(Step::Close) => {
             plan.pop_front();
         }
+        b'3' if front == Some(Step::CloseQuiet) => {
+            plan.pop_front();
+            forward = false;
+        }
         b'T' | b'n' if matches!(front, Some(Step::DescribeStatement | Step::DescribePortal)) => {
             plan.pop_front();
         }
@@ -591,6 +626,8 @@ async fn pump_copy_in(
 ) -> Result<(), RelayError> {
     let mut chunk = BytesMut::with_capacity(64 * 1024);
     let mut ended = false;
+    // The batch that started the COPY is still the session's.
+    let held_by_batch = client.held;
     loop {
         let f = client.next().await.map_err(RelayError::Client)?;
         match f.tag {
@@ -601,7 +638,7 @@ async fn pump_copy_in(
                         .await
                         .map_err(RelayError::Backend)?;
                     chunk.clear();
-                    client.release_held();
+                    client.release_held_above(held_by_batch);
                 }
                 if f.tag != b'd' {
                     if !sync_swallowed {
@@ -650,6 +687,7 @@ mod tests {
             },
             reserved: 0,
             held: 0,
+            held_due: None,
             due: None,
             pid_alias: None,
             defer_ready: false,

@@ -6,7 +6,7 @@
 //! connection already has is answered by signalbox. Pure: the caller passes
 //! the set of statements the connection has prepared.
 
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::{HashMap, VecDeque};
 use std::hash::{Hash, Hasher};
 use std::sync::Arc;
 
@@ -14,6 +14,7 @@ use bytes::{Bytes, BytesMut};
 
 use super::message::{Kind, Message};
 use super::relay::Step;
+use crate::cluster::backend::ServerStatements;
 use crate::sql::classify::Classified;
 use crate::wire::{self, WireError};
 
@@ -62,6 +63,8 @@ pub struct Translated {
     pub plan: VecDeque<Step>,
     /// Server statement names prepared by each Parse slot.
     pub slots: Vec<Option<String>>,
+    /// Server statements closed to stay within the cap.
+    pub evicted: usize,
 }
 
 /// The client's statements by name ("" is the unnamed statement).
@@ -99,17 +102,22 @@ impl Statements {
     }
 
     /// Rewrite `batch` for a connection that has prepared `on_server`
-    /// (updated with what the rewritten batch prepares).
+    /// (updated with what the rewritten batch prepares). Beyond `cap`
+    /// statements there (0: no cap), the least recently used are closed in
+    /// front of the batch.
     pub fn translate(
         &mut self,
         batch: &[Message],
-        on_server: &mut HashSet<String>,
+        on_server: &mut ServerStatements,
+        cap: usize,
     ) -> Result<Translated, WireError> {
         let mut t = Translated {
             bytes: BytesMut::new(),
             plan: VecDeque::new(),
             slots: Vec::new(),
+            evicted: 0,
         };
+        on_server.start_batch();
         let mut unnamed_parsed = false;
         for m in batch {
             match &m.kind {
@@ -120,7 +128,7 @@ impl Statements {
                 }
                 Kind::Parse { name, .. } => {
                     if let Some(p) = self.named.get(name) {
-                        if on_server.contains(&p.server_name) {
+                        if on_server.has(&p.server_name) {
                             t.plan.push_back(Step::SynthParse);
                         } else {
                             t.reparse(p, true, on_server);
@@ -168,6 +176,7 @@ impl Statements {
                 _ => {}
             }
         }
+        t.close_first(on_server.evict(cap));
         Ok(t)
     }
 
@@ -180,7 +189,7 @@ impl Statements {
         name: &str,
         unnamed_parsed: &mut bool,
         t: &mut Translated,
-        on_server: &mut HashSet<String>,
+        on_server: &mut ServerStatements,
     ) -> Option<String> {
         if name.is_empty() {
             if !*unnamed_parsed {
@@ -193,7 +202,7 @@ impl Statements {
             return None;
         }
         let p = self.named.get(name)?;
-        if !on_server.contains(&p.server_name) {
+        if !on_server.has(&p.server_name) {
             t.reparse(p, false, on_server);
         }
         Some(p.server_name.clone())
@@ -210,10 +219,26 @@ impl Translated {
         self.slots.push(server_name);
     }
 
-    fn reparse(&mut self, p: &Prepared, forward: bool, on_server: &mut HashSet<String>) {
+    fn reparse(&mut self, p: &Prepared, forward: bool, on_server: &mut ServerStatements) {
         wire::parse(&mut self.bytes, &p.server_name, &p.text, &p.param_types);
         on_server.insert(p.server_name.clone());
         self.parse(forward, Some(p.server_name.clone()));
+    }
+
+    /// Close `names` on the server before the batch; their CloseComplete
+    /// answers are signalbox's, not the client's.
+    fn close_first(&mut self, names: Vec<String>) {
+        if names.is_empty() {
+            return;
+        }
+        let mut bytes = BytesMut::new();
+        for name in &names {
+            wire::close(&mut bytes, b'S', name);
+            self.plan.push_front(Step::CloseQuiet);
+        }
+        bytes.extend_from_slice(&self.bytes);
+        self.bytes = bytes;
+        self.evicted = names.len();
     }
 }
 
@@ -359,11 +384,11 @@ mod tests {
         for (i, (has, batch, want_sent, want_plan)) in cases.into_iter().enumerate() {
             let mut st = Statements::default();
             define(&mut st, &[parse("s1", sql)]);
-            let mut on_server: HashSet<String> = HashSet::new();
+            let mut on_server = ServerStatements::default();
             if has {
                 on_server.insert(server.clone());
             }
-            let t = st.translate(&batch, &mut on_server).unwrap();
+            let t = st.translate(&batch, &mut on_server, 0).unwrap();
             assert_eq!(sent(&t), want_sent, "case {i}");
             assert_eq!(Vec::from(t.plan.clone()), want_plan, "case {i}");
             assert!(
@@ -377,18 +402,19 @@ mod tests {
     fn unnamed_statement_is_reparsed_once_per_batch_and_close_forgets_the_name() {
         let mut st = Statements::default();
         define(&mut st, &[parse("", "SELECT 1")]);
-        let mut on_server = HashSet::new();
+        let mut on_server = ServerStatements::default();
         let t = st
             .translate(
                 &[bind(""), execute(), bind(""), execute(), sync()],
                 &mut on_server,
+                0,
             )
             .unwrap();
         let parses = sent(&t).iter().filter(|(t, _)| *t == 'P').count();
         assert_eq!(parses, 1);
         define(&mut st, &[parse("s2", "SELECT 2")]);
         let close = msg(|o| wire::close(o, b'S', "s2"));
-        let t = st.translate(&[close, sync()], &mut on_server).unwrap();
+        let t = st.translate(&[close, sync()], &mut on_server, 0).unwrap();
         assert_eq!(
             Vec::from(t.plan.clone()),
             vec![Step::SynthClose, Step::Sync]
@@ -398,5 +424,67 @@ mod tests {
             "shared server statement kept"
         );
         assert!(st.get("s2").is_none());
+    }
+
+    #[test]
+    fn beyond_the_cap_the_least_recently_used_server_statements_are_closed_first() {
+        let mut st = Statements::default();
+        let names = ["s1", "s2", "s3", "s4"];
+        for (i, n) in names.iter().enumerate() {
+            define(&mut st, &[parse(n, &format!("SELECT {i}"))]);
+        }
+        let server = |n: &str| st.get(n).unwrap().server_name.clone();
+        let (s1, s2, s3, s4) = (server("s1"), server("s2"), server("s3"), server("s4"));
+        let mut on_server = ServerStatements::default();
+        // s1, s2, s3 prepared in that order (cap 3: nothing closed yet).
+        for n in ["s1", "s2", "s3"] {
+            let t = st.translate(&[bind(n), execute(), sync()], &mut on_server, 3);
+            assert_eq!(t.unwrap().evicted, 0);
+        }
+        // s1 used again: now s2 is the least recently used.
+        st.translate(&[bind("s1"), execute(), sync()], &mut on_server, 3)
+            .unwrap();
+        let t = st
+            .translate(&[bind("s4"), execute(), sync()], &mut on_server, 3)
+            .unwrap();
+        assert_eq!(t.evicted, 1);
+        // The Close goes first, and its answer is signalbox's own.
+        let closes: Vec<_> = wire::frames(&t.bytes)
+            .filter(|(tag, _)| *tag == b'C')
+            .map(|(_, body)| String::from_utf8_lossy(&body[1..body.len() - 1]).into_owned())
+            .collect();
+        assert_eq!(closes, vec![s2.clone()]);
+        assert_eq!(
+            wire::frames(&t.bytes).next().map(|(tag, _)| tag),
+            Some(b'C')
+        );
+        assert_eq!(t.plan.front(), Some(&Step::CloseQuiet));
+        assert!(!on_server.contains(&s2));
+        assert!(on_server.contains(&s1) && on_server.contains(&s3) && on_server.contains(&s4));
+        // A batch that uses more than the cap keeps all of its own.
+        let t = st
+            .translate(
+                &[
+                    bind("s1"),
+                    execute(),
+                    bind("s2"),
+                    execute(),
+                    bind("s3"),
+                    execute(),
+                    bind("s4"),
+                    execute(),
+                    sync(),
+                ],
+                &mut on_server,
+                3,
+            )
+            .unwrap();
+        assert_eq!(t.evicted, 0);
+        assert_eq!(on_server.len(), 4);
+        // No cap: nothing is ever closed.
+        let t = st
+            .translate(&[bind("s1"), execute(), sync()], &mut on_server, 0)
+            .unwrap();
+        assert_eq!(t.evicted, 0);
     }
 }

@@ -128,21 +128,17 @@ pub fn enforce(
         // read goes only to a replica that has its last write. The wait,
         // when a policy asks for one, is the session's (it is async).
         Target::Default | Target::CaughtUpReplica(_) => {
-            let caught_up = |id| cluster.replayed(id, session);
-            match builtin::choose_replica_where(cluster, tiebreak, caught_up) {
-                Some(id) => Enforced::keep(Routed::Node(id)),
-                None => Enforced::keep(primary(cluster)),
-            }
+            Enforced::keep(builtin_read(cluster, session, tiebreak))
         }
         Target::Replica(id) => match cluster.state(*id) {
             None => Enforced::overridden(
-                replica_or_primary(cluster, tiebreak),
+                builtin_read(cluster, session, tiebreak),
                 Override::UnknownReplica,
             ),
             Some(s) if s.role == Role::Primary && s.healthy => Enforced::keep(Routed::Node(*id)),
             Some(s) if s.healthy && s.role == Role::Replica => Enforced::keep(Routed::Node(*id)),
             Some(_) => Enforced::overridden(
-                replica_or_primary(cluster, tiebreak),
+                builtin_read(cluster, session, tiebreak),
                 Override::UnhealthyReplica,
             ),
         },
@@ -173,6 +169,16 @@ fn primary(cluster: &ClusterView) -> Routed {
                 .collect::<Vec<_>>()
                 .join(", ")
         )),
+    }
+}
+
+/// The built-in choice for a read: a healthy replica that has replayed the
+/// session's last write (any, without one), else the primary.
+fn builtin_read(cluster: &ClusterView, session: &Session, tiebreak: u64) -> Routed {
+    let caught_up = |id| cluster.replayed(id, session);
+    match builtin::choose_replica_where(cluster, tiebreak, caught_up) {
+        Some(id) => Routed::Node(id),
+        None => primary(cluster),
     }
 }
 
@@ -384,6 +390,16 @@ mod tests {
             enforce(&t, &read(), &wrote(400), &c, 0),
             Enforced::keep(Routed::Node(0)),
             "none has the write: the primary"
+        );
+        // So does the replacement of a replica target that is unknown or
+        // unhealthy (replica 2 is down).
+        assert_eq!(
+            enforce(&Target::Replica(2), &read(), &wrote(400), &c, 0),
+            Enforced::overridden(Routed::Node(0), Override::UnhealthyReplica)
+        );
+        assert_eq!(
+            enforce(&Target::Replica(9), &read(), &wrote(200), &c, 0),
+            Enforced::overridden(Routed::Node(3), Override::UnknownReplica)
         );
         // A policy's explicit "any replica" is its own call to make.
         assert_eq!(

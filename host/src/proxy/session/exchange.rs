@@ -264,7 +264,17 @@ impl Session {
             node = self.other_node_for_read(&input, node).unwrap_or(node);
         }
         for attempt in 0..2 {
-            let mut checked_out = self.checkout(node).await;
+            // An offloaded read routed to the node of the session's own
+            // connection runs there: a second connection to the same node
+            // would take a pool slot for nothing (and wait for one when
+            // session clients hold them all).
+            let mut checked_out = match self.parked.take_if(|own| own.node() == node) {
+                Some(own) => {
+                    self.offloading = false;
+                    Ok(own)
+                }
+                None => self.checkout(node).await,
+            };
             if checked_out.is_err() && reroutable {
                 // A read outside a transaction may run anywhere else that is
                 // eligible: another healthy replica, else the primary.
@@ -394,15 +404,17 @@ impl Session {
         // Session mode: a read outside a transaction runs on a pooled
         // connection the policy chooses (a replica), while the session's own
         // primary connection waits; it comes back for everything else.
-        let parked = self.lease.take();
+        self.parked = self.lease.take();
         self.offloading = true;
         let result = self.run_routed_here(class, judged, sql, work).await;
         self.offloading = false;
-        if self.lease.is_some() {
-            let idle = self.tx == TxState::Idle;
-            self.release(!idle);
-        }
-        if let Some(own) = parked {
+        // Unless the read ran on the session's own connection after all
+        // (then it is the lease, or was lost as the session's).
+        if let Some(own) = self.parked.take() {
+            if self.lease.is_some() {
+                let idle = self.tx == TxState::Idle;
+                self.release(!idle);
+            }
             self.cancel.set(own.addr(), own.key());
             self.lease = Some(own);
         }
@@ -461,8 +473,17 @@ impl Session {
                 Work::Query(bytes) => (bytes, VecDeque::from([Step::Query]), &[]),
                 Work::Batch(batch) => {
                     let conn = self.lease.as_mut().expect("acquired").conn();
-                    translated = match self.statements.translate(batch, conn.prepared_mut()) {
-                        Ok(t) => t,
+                    let cap = self.live.config.pool.max_prepared_statements;
+                    translated = match self.statements.translate(batch, conn.prepared_mut(), cap) {
+                        Ok(t) => {
+                            if t.evicted > 0 {
+                                self.shared.metrics.prepared_evicted.fetch_add(
+                                    t.evicted as u64,
+                                    std::sync::atomic::Ordering::Relaxed,
+                                );
+                            }
+                            t
+                        }
                         Err(e) => {
                             self.fatal("08P01", &e.to_string()).await;
                             return Err(SessionError::Client(e));

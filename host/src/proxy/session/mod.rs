@@ -69,6 +69,9 @@ pub struct Session {
     /// Session mode, running a read on a pooled replica connection while
     /// the session's own connection waits.
     offloading: bool,
+    /// The session's own connection while a read is offloaded; taken back
+    /// for the read when the read is routed to its node after all.
+    parked: Option<Lease>,
     /// Read-your-writes: the open transaction wrote.
     tx_wrote: bool,
     /// Read-your-writes: this session's last committed write position.
@@ -163,6 +166,7 @@ impl Session {
             ),
             reserved: 0,
             held: 0,
+            held_due: None,
             due: None,
             pid_alias: None,
             defer_ready: false,
@@ -201,6 +205,7 @@ impl Session {
             owes_ready: true,
             catalog_dirty: false,
             offloading: false,
+            parked: None,
             tx_wrote: false,
             own_write: None,
             ryw_keys: Vec::new(),
