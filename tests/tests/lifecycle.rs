@@ -338,3 +338,35 @@ async fn a_batch_left_waiting_for_its_sync_is_timed_out() {
         "the room did not come back"
     );
 }
+
+/// The deadline of held messages does not run while COPY data flows: a
+/// COPY whose statement was a large message (here a long comment) may take
+/// longer than `message_timeout_s`, as long as each message arrives in time.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_copy_started_by_a_large_statement_may_outlast_the_message_timeout() {
+    use signalbox_tests::raw;
+    signalbox_tests::service::database("lifecycle_copy");
+    let server = start("[clients]\nmessage_timeout_s = 1\n").await;
+    let port = server.addr.port();
+    let mut c = Raw::connect(port, "postgres", "lifecycle_copy").await;
+    let got = c
+        .simple("DROP TABLE IF EXISTS slow_copy; CREATE TABLE slow_copy (v int)")
+        .await;
+    assert!(got.iter().all(|m| m.0 != b'E'), "{got:?}");
+    let sql = format!("COPY slow_copy FROM STDIN /* {} */", "x".repeat(100 * 1024));
+    c.send(&raw::query(&sql)).await;
+    let (tag, _) = c.next().await;
+    assert_eq!(tag, b'G', "CopyInResponse");
+    for v in 1..=3 {
+        tokio::time::sleep(Duration::from_millis(700)).await;
+        c.send(&raw::copy_data(format!("{v}\n").as_bytes())).await;
+    }
+    c.send(&raw::copy_done()).await;
+    let got = c.until_ready().await;
+    assert_eq!(
+        got.iter().map(|m| m.0 as char).collect::<String>(),
+        "CZ",
+        "{got:?}"
+    );
+    assert_eq!(String::from_utf8_lossy(&got[0].1), "COPY 3\0");
+}

@@ -1300,3 +1300,59 @@ async fn a_session_mode_read_routed_to_the_primary_uses_the_sessions_connection(
     assert_eq!(tags(&got), "12DCZ", "{got:?}");
     assert_eq!(data_row(&got[2].1)[0].as_deref(), Some("f"), "{got:?}");
 }
+
+/// A Sync that ends the server's skip after an error makes no room for
+/// statements: the server ignores everything before that Sync, so Closes
+/// sent with it would never be answered (the session waited for ever).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_sync_after_an_error_closes_no_statement() {
+    database("protocol_prepared_skip");
+    let server = one_connection("max_prepared_statements = 2\n").await;
+    let port = server.addr.port();
+    let mut c = Raw::connect(port, "postgres", "protocol_prepared_skip").await;
+    // One batch uses three statements: all kept, over the cap.
+    let mut batch = Vec::new();
+    for i in 1..=3 {
+        batch.extend(raw::parse(&format!("s{i}"), &format!("SELECT {i}")));
+    }
+    for i in 1..=3 {
+        batch.extend(raw::bind("", &format!("s{i}")));
+        batch.extend(raw::execute("", 0));
+    }
+    batch.extend(raw::sync());
+    c.send(&batch).await;
+    assert_eq!(tags(&c.until_ready().await), "1112DC2DC2DCZ");
+    let backend = |msgs: Vec<raw::Msg>| data_row(&msgs[1].1)[0].clone();
+    let before = backend(c.simple("SELECT pg_backend_pid()").await);
+    // An error in Flush-ended work that uses all three (nothing to close
+    // yet): the server skips to the next Sync.
+    let mut bad = Vec::new();
+    for i in 1..=3 {
+        bad.extend(raw::bind("", &format!("s{i}")));
+        bad.extend(raw::execute("", 0));
+    }
+    bad.extend(raw::parse("", "SELEC nonsense"));
+    bad.extend(raw::flush());
+    c.send(&bad).await;
+    let mut got = Vec::new();
+    for _ in 0..10 {
+        got.push(c.next().await);
+    }
+    assert_eq!(tags(&got), "2DC2DC2DCE", "{got:?}");
+    assert_eq!(sqlstate(&got[9].1), "42601");
+    c.send(&raw::sync()).await;
+    assert_eq!(tags(&c.until_ready().await), "Z");
+    // Every statement still answers.
+    for i in 1..=3 {
+        let mut run = raw::bind("", &format!("s{i}"));
+        run.extend(raw::execute("", 0));
+        run.extend(raw::sync());
+        c.send(&run).await;
+        let got = c.until_ready().await;
+        assert_eq!(tags(&got), "2DCZ", "s{i}: {got:?}");
+        assert_eq!(data_row(&got[1].1)[0], Some(i.to_string()));
+    }
+    // On the same server connection: nothing made it unusable.
+    let after = backend(c.simple("SELECT pg_backend_pid()").await);
+    assert_eq!(before, after);
+}

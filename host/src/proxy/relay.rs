@@ -52,6 +52,9 @@ pub struct Outcome {
     /// Parse slots skipped or failed because of an error: those statements
     /// are not prepared on the connection.
     pub failed_parses: Vec<u32>,
+    /// A Close signalbox sent to make room went unanswered: the
+    /// connection's statements are no longer known for sure.
+    pub closes_unknown: bool,
     /// The `client_encoding` the server reported (a SET, or its rollback).
     pub client_encoding: Option<String>,
     /// An error a hot standby gives for what only a primary can do
@@ -333,8 +336,9 @@ impl ClientIo {
                 }
             }
             if let Some(f) = wire::take_frame(&mut self.rbuf, self.limits.max_message)? {
-                // Still held by the session until its batch has gone out.
-                if self.reserved > 0 && self.held == 0 {
+                // Still held by the session until its batch has gone out,
+                // and only while the client keeps adding to the batch.
+                if self.reserved > 0 {
                     self.held_due = Some(tokio::time::Instant::now() + self.limits.message_timeout);
                 }
                 self.held += std::mem::take(&mut self.reserved);
@@ -546,6 +550,7 @@ fn handle(
                 match s {
                     Step::Sync | Step::Query => break,
                     Step::Parse { slot, .. } => outcome.failed_parses.push(*slot),
+                    Step::CloseQuiet => outcome.closes_unknown = true,
                     _ => {}
                 }
                 plan.pop_front();
@@ -559,7 +564,13 @@ fn handle(
         }
         b'Z' => {
             outcome.status = frame.body.first().copied();
-            if matches!(front, Some(Step::Sync | Step::Query)) {
+            // Closes of signalbox's own the server skipped: whether those
+            // statements still exist there is unknown.
+            while plan.front() == Some(&Step::CloseQuiet) {
+                plan.pop_front();
+                outcome.closes_unknown = true;
+            }
+            if matches!(plan.front(), Some(Step::Sync | Step::Query)) {
                 plan.pop_front();
             }
         }
@@ -624,10 +635,23 @@ async fn pump_copy_in(
     client: &mut ClientIo,
     sync_swallowed: bool,
 ) -> Result<(), RelayError> {
+    // The batch that started the COPY is still the session's; its
+    // messages' deadline does not apply while the data flows.
+    let held_by_batch = client.held;
+    let held_due = client.held_due.take();
+    let pumped = pump_copy_data(conn, client, sync_swallowed, held_by_batch).await;
+    client.held_due = held_due.filter(|_| client.held > 0);
+    pumped
+}
+
+async fn pump_copy_data(
+    conn: &mut BackendConn,
+    client: &mut ClientIo,
+    sync_swallowed: bool,
+    held_by_batch: usize,
+) -> Result<(), RelayError> {
     let mut chunk = BytesMut::with_capacity(64 * 1024);
     let mut ended = false;
-    // The batch that started the COPY is still the session's.
-    let held_by_batch = client.held;
     loop {
         let f = client.next().await.map_err(RelayError::Client)?;
         match f.tag {

@@ -176,7 +176,16 @@ impl Statements {
                 _ => {}
             }
         }
-        t.close_first(on_server.evict(cap));
+        // Only a batch that uses statements makes room: a bare Sync may
+        // be ending a server's skip after an error, when it ignores all
+        // but the Sync (the Closes would go unanswered).
+        if !t.slots.is_empty()
+            || t.plan
+                .iter()
+                .any(|s| matches!(s, Step::Bind | Step::DescribeStatement))
+        {
+            t.close_first(on_server.evict(cap));
+        }
         Ok(t)
     }
 

@@ -264,23 +264,13 @@ impl Session {
             node = self.other_node_for_read(&input, node).unwrap_or(node);
         }
         for attempt in 0..2 {
-            // An offloaded read routed to the node of the session's own
-            // connection runs there: a second connection to the same node
-            // would take a pool slot for nothing (and wait for one when
-            // session clients hold them all).
-            let mut checked_out = match self.parked.take_if(|own| own.node() == node) {
-                Some(own) => {
-                    self.offloading = false;
-                    Ok(own)
-                }
-                None => self.checkout(node).await,
-            };
+            let (mut checked_out, mut own) = self.lease_for(node).await;
             if checked_out.is_err() && reroutable {
                 // A read outside a transaction may run anywhere else that is
                 // eligible: another healthy replica, else the primary.
                 if let Some(other) = self.other_node_for_read(&input, node) {
                     tracing::debug!(failed = node, retry = other, "read retried on another node");
-                    checked_out = self.checkout(other).await;
+                    (checked_out, own) = self.lease_for(other).await;
                 }
             }
             match checked_out {
@@ -296,7 +286,19 @@ impl Session {
                     return Ok(Some(false));
                 }
             }
-            match self.sync_state().await {
+            let synced = self.sync_state().await;
+            if own && !matches!(synced, Ok(None)) {
+                // The session's own connection failed: what it held (the
+                // session) is gone, as when it fails running a statement.
+                self.release(true);
+                self.fatal(
+                    "08006",
+                    "terminating connection: signalbox lost the server connection that held this session",
+                )
+                .await;
+                return Err(SessionError::Backend(WireError::Closed));
+            }
+            match synced {
                 Ok(None) => {
                     let counter = self.live.cluster.metrics.get(node as usize);
                     self.shared
@@ -341,6 +343,21 @@ impl Session {
             }
         }
         Ok(Some(false))
+    }
+
+    /// A connection to `node`: the session's own, when a read offloaded in
+    /// session mode is routed to its node after all (a second connection
+    /// there would take a pool slot for nothing, and wait for one when
+    /// session clients hold them all), else one from the pool. `true`: the
+    /// session's own.
+    async fn lease_for(&mut self, node: NodeId) -> (Result<Lease, (String, String)>, bool) {
+        match self.parked.take_if(|own| own.node() == node) {
+            Some(own) => {
+                self.offloading = false;
+                (Ok(own), true)
+            }
+            None => (self.checkout(node).await, false),
+        }
     }
 
     /// The policy asked for a replica that has replayed the session's
@@ -416,6 +433,7 @@ impl Session {
                 self.release(!idle);
             }
             self.cancel.set(own.addr(), own.key());
+            self.client.pid_alias = Some((own.key().0, self.key.0));
             self.lease = Some(own);
         }
         result
@@ -576,6 +594,10 @@ impl Session {
                 }
                 Ok(outcome) => {
                     if let Some(lease) = self.lease.as_mut() {
+                        if outcome.closes_unknown {
+                            // Never reused: its statements are not known.
+                            lease.conn().mark_broken();
+                        }
                         for slot in &outcome.failed_parses {
                             if let Some(Some(name)) = slots.get(*slot as usize) {
                                 lease.conn().prepared_mut().remove(name);
