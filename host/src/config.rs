@@ -711,7 +711,8 @@ mod tests {
 
     #[test]
     fn errors_name_file_key_and_reason() {
-        std::env::set_var("SB_TEST_PW", "x");
+        // Every test of FULL sets the same value: they run at once.
+        std::env::set_var("SB_TEST_PW", "s3cret");
         let e = Config::parse(&FULL.replace("size = 5", "sise = 5"), Path::new("sb.toml"))
             .unwrap_err()
             .to_string();
@@ -740,7 +741,8 @@ mod tests {
 
     #[test]
     fn a_public_admin_api_needs_a_token() {
-        std::env::set_var("SB_TEST_PW", "x");
+        // Every test of FULL sets the same value: they run at once.
+        std::env::set_var("SB_TEST_PW", "s3cret");
         let public = FULL.replace("127.0.0.1:9930", "0.0.0.0:9930");
         let e = Config::parse(&public, Path::new("sb.toml"))
             .unwrap_err()

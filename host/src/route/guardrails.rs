@@ -339,9 +339,9 @@ mod tests {
         }
     }
 
-    #[test]
-    fn caught_up_replica_is_a_replica_past_the_write_or_the_primary() {
-        // Replicas 1 and 3 are healthy; 1 has replayed to 100, 3 to 300.
+    /// Replicas 1 and 3 are healthy; 1 has replayed to 100, 3 to 300. And
+    /// a session whose last write is at a given position.
+    fn replayed_cluster() -> (ClusterView, fn(u64) -> Session) {
         let mut c = cluster();
         c.states[1].replay_lsn = 100;
         c.states[3].replay_lsn = 300;
@@ -349,6 +349,12 @@ mod tests {
             last_write_lsn: Some(lsn),
             ..Session::default()
         };
+        (c, wrote)
+    }
+
+    #[test]
+    fn caught_up_replica_is_a_replica_past_the_write_or_the_primary() {
+        let (c, wrote) = replayed_cluster();
         let t = Target::CaughtUpReplica(50);
         assert_eq!(
             enforce(&t, &read(), &wrote(200), &c, 0),
@@ -373,14 +379,7 @@ mod tests {
 
     #[test]
     fn the_builtin_choice_keeps_read_your_writes() {
-        // The same cluster: replica 1 has replayed to 100, replica 3 to 300.
-        let mut c = cluster();
-        c.states[1].replay_lsn = 100;
-        c.states[3].replay_lsn = 300;
-        let wrote = |lsn| Session {
-            last_write_lsn: Some(lsn),
-            ..Session::default()
-        };
+        let (c, wrote) = replayed_cluster();
         let t = Target::Default;
         assert_eq!(
             enforce(&t, &read(), &wrote(200), &c, 0),

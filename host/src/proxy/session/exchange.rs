@@ -175,13 +175,7 @@ impl Session {
             // A held connection that may still owe answers to something
             // else: nothing more may be sent on it, and what the session
             // relied on (its transaction, its pin) is gone with it.
-            self.release(true);
-            self.fatal(
-                "08006",
-                "terminating connection: signalbox lost the server connection that held this session",
-            )
-            .await;
-            return Err(SessionError::Backend(WireError::Closed));
+            return Err(self.lost_held_connection().await);
         }
         if let Some(lease) = &self.lease {
             if self.trace {
@@ -290,13 +284,7 @@ impl Session {
             if own && !matches!(synced, Ok(None)) {
                 // The session's own connection failed: what it held (the
                 // session) is gone, as when it fails running a statement.
-                self.release(true);
-                self.fatal(
-                    "08006",
-                    "terminating connection: signalbox lost the server connection that held this session",
-                )
-                .await;
-                return Err(SessionError::Backend(WireError::Closed));
+                return Err(self.lost_held_connection().await);
             }
             match synced {
                 Ok(None) => {
@@ -343,6 +331,18 @@ impl Session {
             }
         }
         Ok(Some(false))
+    }
+
+    /// The connection that held this session is gone: discard it and end
+    /// the session with `08006`.
+    async fn lost_held_connection(&mut self) -> SessionError {
+        self.release(true);
+        self.fatal(
+            "08006",
+            "terminating connection: signalbox lost the server connection that held this session",
+        )
+        .await;
+        SessionError::Backend(WireError::Closed)
     }
 
     /// A connection to `node`: the session's own, when a read offloaded in
