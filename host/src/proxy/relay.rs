@@ -133,6 +133,26 @@ pub struct ClientIo {
     pub rbuf_grew: bool,
 }
 
+impl ClientIo {
+    /// A client connection with nothing read, written or held yet.
+    pub fn new(stream: BoxStream, limits: ClientLimits) -> Self {
+        Self {
+            stream,
+            rbuf: BytesMut::new(),
+            out: BytesMut::with_capacity(4 * 1024),
+            sent: 0,
+            limits,
+            reserved: 0,
+            held: 0,
+            held_due: None,
+            due: None,
+            pid_alias: None,
+            defer_ready: false,
+            rbuf_grew: false,
+        }
+    }
+}
+
 impl Drop for ClientIo {
     fn drop(&mut self) {
         self.limits.budget.give(std::mem::take(&mut self.reserved));
@@ -698,25 +718,13 @@ mod tests {
 
     /// A client connection over `stream`, with small limits.
     fn client_io(stream: crate::tls::BoxStream) -> ClientIo {
-        ClientIo {
-            stream,
-            rbuf: BytesMut::new(),
-            out: BytesMut::new(),
-            sent: 0,
-            limits: ClientLimits {
-                max_message: 1 << 20,
-                message_timeout: std::time::Duration::from_secs(5),
-                write_timeout: std::time::Duration::from_secs(5),
-                budget: std::sync::Arc::new(MessageBudget::new(1 << 20)),
-            },
-            reserved: 0,
-            held: 0,
-            held_due: None,
-            due: None,
-            pid_alias: None,
-            defer_ready: false,
-            rbuf_grew: false,
-        }
+        let limits = ClientLimits {
+            max_message: 1 << 20,
+            message_timeout: std::time::Duration::from_secs(5),
+            write_timeout: std::time::Duration::from_secs(5),
+            budget: std::sync::Arc::new(MessageBudget::new(1 << 20)),
+        };
+        ClientIo::new(stream, limits)
     }
 
     /// TLS keeps what the socket cannot take yet in a buffer of its own

@@ -176,14 +176,10 @@ impl Statements {
                 _ => {}
             }
         }
-        // Only a batch that uses statements makes room: a bare Sync may
-        // be ending a server's skip after an error, when it ignores all
-        // but the Sync (the Closes would go unanswered).
-        if !t.slots.is_empty()
-            || t.plan
-                .iter()
-                .any(|s| matches!(s, Step::Bind | Step::DescribeStatement))
-        {
+        // Syncs alone may be ending a server's skip after an error, when it
+        // ignores all but the Sync (Closes sent with them would go
+        // unanswered): they make no room.
+        if batch.iter().any(|m| m.kind != Kind::Sync) {
             t.close_first(on_server.evict(cap));
         }
         Ok(t)

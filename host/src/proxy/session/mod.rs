@@ -155,23 +155,13 @@ impl Session {
             login_deadline,
         } = accepted;
         let live = shared.live();
-        let client = ClientIo {
+        let client = ClientIo::new(
             stream,
-            rbuf: BytesMut::new(),
-            out: BytesMut::with_capacity(4 * 1024),
-            sent: 0,
-            limits: super::relay::ClientLimits::from_config(
+            super::relay::ClientLimits::from_config(
                 &live.config.clients,
                 shared.message_budget.clone(),
             ),
-            reserved: 0,
-            held: 0,
-            held_due: None,
-            due: None,
-            pid_alias: None,
-            defer_ready: false,
-            rbuf_grew: false,
-        };
+        );
         let get = |k: &str| params.iter().find(|(n, _)| n == k).map(|(_, v)| v.clone());
         let user = get("user").unwrap_or_default();
         let database = get("database").unwrap_or_else(|| user.clone());
