@@ -335,6 +335,18 @@ pub mod raw {
         frame(b'D', &b)
     }
 
+    pub fn describe_statement(name: &str) -> Vec<u8> {
+        let mut b = vec![b'S'];
+        cstr(&mut b, name);
+        frame(b'D', &b)
+    }
+
+    pub fn close_statement(name: &str) -> Vec<u8> {
+        let mut b = vec![b'S'];
+        cstr(&mut b, name);
+        frame(b'C', &b)
+    }
+
     pub fn execute(portal: &str, max_rows: i32) -> Vec<u8> {
         let mut b = Vec::new();
         cstr(&mut b, portal);

@@ -937,10 +937,14 @@ async fn a_session_whose_settings_cannot_be_applied_gets_a_fatal() {
 /// signalbox in front of the primary alone, with a pool of one connection
 /// (`pool` adds to `[pool]` and may open further tables).
 async fn one_connection(pool: &str) -> signalbox::server::Server {
+    one_connection_to(cluster().primary.port, pool).await
+}
+
+/// [`one_connection`] to the primary as reached at `port`.
+async fn one_connection_to(port: u16, pool: &str) -> signalbox::server::Server {
     let text = format!(
         "listen = \"127.0.0.1:0\"\n[pool]\nsize = 1\n{pool}\
-         [[nodes]]\nname = \"primary\"\nurl = \"postgres://postgres@127.0.0.1:{}/postgres\"\nrole = \"primary\"\n",
-        cluster().primary.port
+         [[nodes]]\nname = \"primary\"\nurl = \"postgres://postgres@127.0.0.1:{port}/postgres\"\nrole = \"primary\"\n"
     );
     let config = signalbox::config::Config::parse(&text, std::path::Path::new("test.toml"))
         .expect("test config");
@@ -1355,4 +1359,298 @@ async fn the_sync_after_an_error_closes_no_statement() {
     // On the same server connection: nothing made it unusable.
     let after = backend(c.simple("SELECT pg_backend_pid()").await);
     assert_eq!(before, after);
+}
+
+/// What a client can tell apart in an answer: each message's type, with a
+/// data row's values, a command tag, an error's SQLSTATE, the transaction
+/// status, or a row/parameter description's bytes.
+fn answer(msgs: &[Msg]) -> Vec<String> {
+    msgs.iter()
+        .map(|(tag, body)| match tag {
+            b'D' => format!("D {:?}", data_row(body)),
+            b'E' => format!("E {}", sqlstate(body)),
+            b'C' | b'Z' => format!("{} {}", *tag as char, String::from_utf8_lossy(body)),
+            b'T' | b't' => format!("{} {body:?}", *tag as char),
+            _ => (*tag as char).to_string(),
+        })
+        .collect()
+}
+
+/// Send each batch (ending in Sync or a Query) and collect the answers.
+async fn run_batches(c: &mut Raw, batches: &[Vec<u8>]) -> Vec<Vec<String>> {
+    let mut out = Vec::new();
+    for b in batches {
+        c.send(b).await;
+        out.push(answer(&c.until_ready().await));
+    }
+    out
+}
+
+/// Prepared statement names mean what PostgreSQL says they mean at each
+/// point of a batch: a name closed and prepared again within one batch, the
+/// unnamed statement replaced within one, closed, or ended by a simple
+/// query. Each scenario runs straight on PostgreSQL and through signalbox,
+/// whose one server connection was last used by another client that left
+/// its own unnamed statement and shared server statements behind; the
+/// answers must be the same.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn statement_names_mean_what_postgresql_says_at_each_point_of_a_batch() {
+    database("protocol_names");
+    let server = one_connection("").await;
+    let port = server.addr.port();
+    let cat = |parts: &[Vec<u8>]| parts.concat();
+    let run = |stmt: &str| cat(&[raw::bind("", stmt), raw::execute("", 0)]);
+    // The server name signalbox gives the other client's `SELECT 'theirs'`.
+    let theirs = {
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        std::hash::Hash::hash(&b"SELECT 'theirs'"[..], &mut h);
+        std::hash::Hash::hash("UTF8", &mut h);
+        std::hash::Hash::hash(&[0u8, 0][..], &mut h);
+        format!("sb_{:016x}", std::hash::Hasher::finish(&h))
+    };
+    let scenarios: Vec<(&str, Vec<Vec<u8>>)> = vec![
+        (
+            "a name closed and prepared again in one batch",
+            vec![cat(&[
+                raw::parse("s1", "SELECT 'A'"),
+                run("s1"),
+                raw::close_statement("s1"),
+                raw::parse("s1", "SELECT 'B'"),
+                run("s1"),
+                raw::describe_statement("s1"),
+                raw::sync(),
+            ])],
+        ),
+        (
+            "the unnamed statement used, then replaced, in one batch",
+            vec![
+                cat(&[raw::parse("", "SELECT 'A'"), raw::sync()]),
+                cat(&[
+                    run(""),
+                    raw::parse("", "SELECT 'B', 2"),
+                    run(""),
+                    raw::sync(),
+                ]),
+            ],
+        ),
+        (
+            "an unnamed statement the client never prepared",
+            vec![cat(&[run(""), raw::sync()])],
+        ),
+        (
+            "the unnamed statement closed",
+            vec![
+                cat(&[raw::parse("", "SELECT 'A'"), raw::sync()]),
+                cat(&[raw::close_statement(""), run(""), raw::sync()]),
+            ],
+        ),
+        (
+            "the unnamed statement ended by a simple query",
+            vec![
+                cat(&[raw::parse("", "SELECT 'A'"), raw::sync()]),
+                raw::query("SELECT 1"),
+                cat(&[run(""), raw::sync()]),
+            ],
+        ),
+        (
+            "a closed name used in a later batch",
+            vec![
+                cat(&[raw::parse("s1", "SELECT 'A'"), raw::sync()]),
+                cat(&[raw::close_statement("s1"), raw::sync()]),
+                cat(&[run("s1"), raw::sync()]),
+            ],
+        ),
+        (
+            "another client's shared server statement, by its server name",
+            vec![
+                cat(&[run(&theirs), raw::sync()]),
+                cat(&[raw::describe_statement(&theirs), raw::sync()]),
+            ],
+        ),
+        (
+            "an unnamed statement the client never prepared, described",
+            vec![cat(&[raw::describe_statement(""), raw::sync()])],
+        ),
+        (
+            "an error before a use of the unnamed statement",
+            vec![cat(&[
+                raw::parse("s1", "SELECT 1/0"),
+                run("s1"),
+                raw::describe_statement(""),
+                raw::sync(),
+            ])],
+        ),
+        (
+            "another client's shared server statement deallocated",
+            vec![raw::query(&format!("DEALLOCATE {theirs}"))],
+        ),
+        (
+            "a name the client never prepared",
+            vec![cat(&[run("mine"), raw::sync()])],
+        ),
+    ];
+    let mut differ = Vec::new();
+    for (what, batches) in &scenarios {
+        let mut direct = Raw::connect(cluster().primary.port, "postgres", "protocol_names").await;
+        let want = run_batches(&mut direct, batches).await;
+        // The previous client of signalbox's one server connection.
+        let mut other = Raw::connect(port, "postgres", "protocol_names").await;
+        other
+            .send(&cat(&[
+                raw::parse("mine", "SELECT 'theirs'"),
+                run("mine"),
+                raw::parse("", "SELECT pg_backend_pid()"),
+                run(""),
+                raw::parse("", "SELECT 'theirs too'"),
+                run(""),
+                raw::sync(),
+            ]))
+            .await;
+        let msgs = other.until_ready().await;
+        assert!(
+            !answer(&msgs).iter().any(|m| m.starts_with('E')),
+            "{what}: the other client's work runs: {msgs:?}"
+        );
+        let rows: Vec<_> = msgs.iter().filter(|m| m.0 == b'D').collect();
+        let backend = data_row(&rows[1].1)[0].clone();
+        drop(other);
+        let mut c = Raw::connect(port, "postgres", "protocol_names").await;
+        let got = run_batches(&mut c, batches).await;
+        if got != want {
+            differ.push(format!(
+                "{what}:\n  signalbox  {got:?}\n  PostgreSQL {want:?}"
+            ));
+        }
+        // The session works on, on the same server connection.
+        let msgs = c.simple("SELECT pg_backend_pid()").await;
+        assert_eq!(tags(&msgs), "TDCZ", "{what}");
+        assert_eq!(
+            data_row(&msgs[1].1)[0],
+            backend,
+            "{what}: connection retired"
+        );
+    }
+    assert!(differ.is_empty(), "{}", differ.join("\n"));
+}
+
+/// A relay in front of the node at `target` that holds every cancel request
+/// back for `delay` (a slow network path to the server's postmaster) and
+/// passes everything else through; its port.
+async fn slow_cancel_relay(target: u16, delay: Duration) -> u16 {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    const CANCEL_REQUEST: i32 = 80877102;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("relay listens");
+    let port = listener.local_addr().expect("relay address").port();
+    tokio::spawn(async move {
+        while let Ok((mut client, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut head = [0u8; 8];
+                if client.read_exact(&mut head).await.is_err() {
+                    return;
+                }
+                if head[4..] == CANCEL_REQUEST.to_be_bytes() {
+                    tokio::time::sleep(delay).await;
+                }
+                let Ok(mut server) = tokio::net::TcpStream::connect(("127.0.0.1", target)).await
+                else {
+                    return;
+                };
+                if server.write_all(&head).await.is_ok() {
+                    let _ = tokio::io::copy_bidirectional(&mut client, &mut server).await;
+                }
+            });
+        }
+    });
+    port
+}
+
+/// A cancel that reaches the server late stops nothing but the statement
+/// of the client that asked: the connection it was aimed at serves no other
+/// client until the server has taken it. (A relay holds cancel requests
+/// back for 2 s; the first client's statement ends before its cancel
+/// arrives, and the next client's runs on signalbox's one connection.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_late_cancel_stops_no_other_clients_statement() {
+    let relay = slow_cancel_relay(cluster().primary.port, Duration::from_secs(2)).await;
+    let server = one_connection_to(relay, "").await;
+    let port = server.addr.port();
+    let a = signalbox_tests::service::connect(port, "postgres").await;
+    let b = signalbox_tests::service::connect(port, "postgres").await;
+    let token = a.cancel_token();
+    let canceller = tokio::spawn(async move {
+        let running = "SELECT count(*) FROM pg_stat_activity \
+                       WHERE query LIKE '%late cancel, first client''' AND state = 'active'";
+        let seen = tokio::task::spawn_blocking(move || {
+            signalbox_tests::wait_until(Duration::from_secs(10), || {
+                let c = cluster();
+                c.psql(c.primary.port, running).unwrap_or_default().trim() == "1"
+            })
+        })
+        .await
+        .unwrap_or(false);
+        assert!(seen, "the first client's statement never ran");
+        token.cancel_query(tokio_postgres::NoTls).await
+    });
+    let first = a
+        .simple_query("SELECT pg_sleep(1), 'late cancel, first client'")
+        .await;
+    assert!(first.is_ok(), "the cancel was held back: {first:?}");
+    let next = b
+        .simple_query("SELECT pg_sleep(3), 'late cancel, next client'")
+        .await;
+    assert!(
+        next.is_ok(),
+        "the first client's cancel stopped the next client's statement: {next:?}"
+    );
+    canceller
+        .await
+        .expect("canceller")
+        .expect("cancel request sent");
+}
+
+/// A statement a client prepared with SQL `PREPARE` stays on its server
+/// connection whatever becomes of the transaction (a rollback, an error in
+/// a later statement): that connection serves no other client, which can
+/// neither execute the statement by name nor bind it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn statements_prepared_with_sql_never_reach_another_client() {
+    database("protocol_sql_prepare");
+    let server = one_connection("").await;
+    let port = server.addr.port();
+    for (name, setup) in [
+        (
+            "rolled_back",
+            "BEGIN; PREPARE rolled_back AS SELECT 'secret'; ROLLBACK",
+        ),
+        (
+            "failed_after",
+            "PREPARE failed_after AS SELECT 'secret'; SELECT 1/0",
+        ),
+    ] {
+        let mut a = Raw::connect(port, "postgres", "protocol_sql_prepare").await;
+        let msgs = a.simple(setup).await;
+        // The client still has its statement, as on PostgreSQL (bound, as
+        // `EXECUTE` would pin the session by itself).
+        let mut bytes = raw::bind("", name);
+        bytes.extend(raw::execute("", 0));
+        bytes.extend(raw::sync());
+        a.send(&bytes).await;
+        let msgs2 = a.until_ready().await;
+        assert_eq!(tags(&msgs2), "2DCZ", "{name}: {msgs:?} {msgs2:?}");
+        drop(a);
+        let mut b = Raw::connect(port, "postgres", "protocol_sql_prepare").await;
+        b.send(&bytes).await;
+        let got = b.until_ready().await;
+        assert_eq!(tags(&got), "EZ", "{name}: bound by another client: {got:?}");
+        assert_eq!(sqlstate(&got[0].1), "26000");
+        let got = b.simple(&format!("EXECUTE {name}")).await;
+        assert_eq!(
+            tags(&got),
+            "EZ",
+            "{name}: executed by another client: {got:?}"
+        );
+        assert_eq!(sqlstate(&got[0].1), "26000");
+    }
 }

@@ -5,13 +5,15 @@
 use std::time::Duration;
 
 use bytes::{BufMut, BytesMut};
-use tokio::io::AsyncWriteExt;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 use crate::wire;
 
-/// Ask the server at `addr` to cancel what backend `key` is running. Bounded
-/// in time; a failure is logged, never waited for.
+/// Ask the server at `addr` to cancel what backend `key` is running, and
+/// wait until it has: the server closes the connection once it has
+/// signalled the backend. Bounded in time; a failure is logged, never
+/// waited for.
 pub async fn send(addr: std::sync::Arc<str>, key: (i32, i32)) -> bool {
     let mut packet = BytesMut::with_capacity(16);
     packet.put_i32(16);
@@ -21,7 +23,11 @@ pub async fn send(addr: std::sync::Arc<str>, key: (i32, i32)) -> bool {
     let sent = tokio::time::timeout(Duration::from_secs(5), async {
         let mut s = TcpStream::connect(&*addr).await?;
         s.write_all(&packet).await?;
-        s.shutdown().await
+        s.shutdown().await?;
+        // The server sends nothing back; anything it did is discarded.
+        let mut sink = [0u8; 64];
+        while s.read(&mut sink).await? > 0 {}
+        Ok::<_, std::io::Error>(())
     })
     .await;
     let ok = matches!(sent, Ok(Ok(())));

@@ -221,19 +221,45 @@ pub type CancelKey = (i32, i32);
 /// cancel request for it goes to. The session updates it on every checkout
 /// and release without touching the shared map.
 #[derive(Default)]
-pub struct CancelTarget(Mutex<Option<(Arc<str>, CancelKey)>>);
+pub struct CancelTarget(Mutex<Aim>);
+
+#[derive(Default)]
+struct Aim {
+    backend: Option<(Arc<str>, CancelKey)>,
+    /// Cancels sent to the backend that its server has not yet confirmed
+    /// (by closing the cancel connection once the signal is delivered).
+    in_flight: u32,
+}
 
 impl CancelTarget {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Aim> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
     pub fn set(&self, addr: Arc<str>, backend_key: CancelKey) {
-        *self.0.lock().unwrap_or_else(|p| p.into_inner()) = Some((addr, backend_key));
+        self.lock().backend = Some((addr, backend_key));
     }
 
-    pub fn clear(&self) {
-        *self.0.lock().unwrap_or_else(|p| p.into_inner()) = None;
+    /// Cancels no longer go to the current backend. True when one sent to
+    /// it may still arrive: its connection must then serve nobody else, or
+    /// the late cancel would stop another client's statement.
+    pub fn clear(&self) -> bool {
+        let mut aim = self.lock();
+        aim.backend = None;
+        aim.in_flight > 0
     }
 
-    fn get(&self) -> Option<(Arc<str>, CancelKey)> {
-        self.0.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    /// The backend to cancel, counted in flight until [`Self::done`].
+    fn start(&self) -> Option<(Arc<str>, CancelKey)> {
+        let mut aim = self.lock();
+        let backend = aim.backend.clone()?;
+        aim.in_flight += 1;
+        Some(backend)
+    }
+
+    fn done(&self) {
+        let mut aim = self.lock();
+        aim.in_flight = aim.in_flight.saturating_sub(1);
     }
 }
 
@@ -257,14 +283,12 @@ impl CancelMap {
             .remove(&key);
     }
 
-    fn lookup(&self, key: CancelKey) -> Option<(Arc<str>, CancelKey)> {
-        let target = self
-            .0
+    fn lookup(&self, key: CancelKey) -> Option<Arc<CancelTarget>> {
+        self.0
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .get(&key)
-            .cloned()?;
-        target.get()
+            .cloned()
     }
 }
 
@@ -683,9 +707,13 @@ async fn negotiate(
 
 /// Forward a cancel request to the backend running the session's query.
 async fn cancel(shared: &Shared, key: (i32, i32)) {
-    let Some((addr, backend_key)) = shared.cancel.lookup(key) else {
+    let Some(target) = shared.cancel.lookup(key) else {
+        return;
+    };
+    let Some((addr, backend_key)) = target.start() else {
         return;
     };
     shared.metrics.cancels.fetch_add(1, Ordering::Relaxed);
     crate::cluster::cancel::send(addr, backend_key).await;
+    target.done();
 }

@@ -39,6 +39,10 @@ pub enum Step {
     /// A server statement signalbox closed itself: its `CloseComplete`
     /// is not forwarded.
     CloseQuiet,
+    /// A Close signalbox sent so that the client's next message finds
+    /// nothing that is not the client's: not forwarded, and skipping it
+    /// after an error loses nothing (that message is skipped too).
+    Scrub,
 }
 
 /// What the exchange ended with.
@@ -606,7 +610,7 @@ fn handle(
         b'3' if front == Some(Step::Close) => {
             plan.pop_front();
         }
-        b'3' if front == Some(Step::CloseQuiet) => {
+        b'3' if matches!(front, Some(Step::CloseQuiet | Step::Scrub)) => {
             plan.pop_front();
             forward = false;
         }

@@ -70,12 +70,18 @@ pub struct Translated {
 /// The client's statements by name ("" is the unnamed statement).
 #[derive(Default)]
 pub struct Statements {
-    named: HashMap<String, Prepared>,
-    unnamed: Option<Prepared>,
+    named: HashMap<String, Arc<Prepared>>,
+    unnamed: Option<Arc<Prepared>>,
 }
 
+/// The statement each message of a batch names, resolved in the batch's
+/// order (what a name means can change within a batch): for a Parse the
+/// statement it prepares, for a Bind or statement Describe the one its name
+/// meant at that point; `None` for other messages and unknown names.
+pub type Uses = [Option<Arc<Prepared>>];
+
 impl Statements {
-    pub fn define(&mut self, name: &str, p: Prepared) {
+    pub fn define(&mut self, name: &str, p: Arc<Prepared>) {
         if name.is_empty() {
             self.unnamed = Some(p);
         } else {
@@ -83,7 +89,7 @@ impl Statements {
         }
     }
 
-    pub fn get(&self, name: &str) -> Option<&Prepared> {
+    pub fn get(&self, name: &str) -> Option<&Arc<Prepared>> {
         if name.is_empty() {
             self.unnamed.as_ref()
         } else {
@@ -91,9 +97,13 @@ impl Statements {
         }
     }
 
-    /// Forget a named statement; whether the client had it.
+    /// Forget a statement ("" the unnamed one); whether the client had it.
     pub fn forget(&mut self, name: &str) -> bool {
-        self.named.remove(name).is_some()
+        if name.is_empty() {
+            self.unnamed.take().is_some()
+        } else {
+            self.named.remove(name).is_some()
+        }
     }
 
     pub fn clear(&mut self) {
@@ -101,117 +111,130 @@ impl Statements {
         self.unnamed = None;
     }
 
-    /// Rewrite `batch` for a connection that has prepared `on_server`
-    /// (updated with what the rewritten batch prepares). Beyond `cap`
-    /// statements there (0: no cap), the least recently used are closed in
-    /// front of the batch.
-    pub fn translate(
-        &mut self,
-        batch: &[Message],
-        on_server: &mut ServerStatements,
-        cap: usize,
-    ) -> Result<Translated, WireError> {
-        let mut t = Translated {
-            bytes: BytesMut::new(),
-            plan: VecDeque::new(),
-            slots: Vec::new(),
-            evicted: 0,
-        };
-        on_server.start_batch();
-        let mut unnamed_parsed = false;
-        for m in batch {
-            match &m.kind {
-                Kind::Parse { name, .. } if name.is_empty() => {
-                    unnamed_parsed = true;
-                    m.frame.encode_into(&mut t.bytes);
-                    t.parse(true, None);
-                }
-                Kind::Parse { name, .. } => {
-                    if let Some(p) = self.named.get(name) {
-                        if on_server.has(&p.server_name) {
-                            t.plan.push_back(Step::SynthParse);
-                        } else {
-                            t.reparse(p, true, on_server);
-                        }
-                    }
-                }
-                Kind::Bind { statement, .. } => {
-                    let target = self.target(statement, &mut unnamed_parsed, &mut t, on_server);
-                    match target {
-                        Some(server) => wire::bind_renamed(&mut t.bytes, &m.frame.body, &server)?,
-                        None => m.frame.encode_into(&mut t.bytes),
-                    }
-                    t.plan.push_back(Step::Bind);
-                }
-                Kind::Describe { kind: b'S', name } => {
-                    match self.target(name, &mut unnamed_parsed, &mut t, on_server) {
-                        Some(server) => wire::describe(&mut t.bytes, b'S', &server),
-                        None => m.frame.encode_into(&mut t.bytes),
-                    }
-                    t.plan.push_back(Step::DescribeStatement);
-                }
-                Kind::Describe { .. } => {
-                    m.frame.encode_into(&mut t.bytes);
-                    t.plan.push_back(Step::DescribePortal);
-                }
-                Kind::Close { kind: b'S', name } if !name.is_empty() => {
-                    // Server statements are shared by SQL text: keep it
-                    // prepared for others, just forget the client's name.
-                    self.forget(name);
-                    t.plan.push_back(Step::SynthClose);
-                }
-                Kind::Close { .. } => {
-                    m.frame.encode_into(&mut t.bytes);
-                    t.plan.push_back(Step::Close);
-                }
-                Kind::Execute { .. } => {
-                    m.frame.encode_into(&mut t.bytes);
-                    t.plan.push_back(Step::Execute);
-                }
-                Kind::Sync => {
-                    m.frame.encode_into(&mut t.bytes);
-                    t.plan.push_back(Step::Sync);
-                }
-                Kind::Flush => m.frame.encode_into(&mut t.bytes),
-                _ => {}
+    /// Apply one message of a batch to the client's names, in the batch's
+    /// order; the statement the message names (see [`Uses`]). `parsed`:
+    /// the statement a Parse prepares.
+    pub fn apply(&mut self, m: &Message, parsed: Option<Prepared>) -> Option<Arc<Prepared>> {
+        match &m.kind {
+            Kind::Parse { name, .. } => {
+                let p = Arc::new(parsed?);
+                self.define(name, p.clone());
+                Some(p)
             }
+            Kind::Bind {
+                statement: name, ..
+            }
+            | Kind::Describe { kind: b'S', name } => self.get(name).cloned(),
+            Kind::Close { kind: b'S', name } => {
+                self.forget(name);
+                None
+            }
+            _ => None,
         }
-        // Syncs alone may be ending a server's skip after an error, when it
-        // ignores all but the Sync (Closes sent with them would go
-        // unanswered): they make no room.
-        if batch.iter().any(|m| m.kind != Kind::Sync) {
-            t.close_first(on_server.evict(cap));
-        }
-        Ok(t)
     }
+}
 
-    /// The server name a Bind/Describe of client statement `name` uses,
-    /// re-preparing it first when the connection lacks it. `None`: send the
-    /// message unchanged (the unnamed statement, or a name the client never
-    /// prepared, which the server then reports as PostgreSQL does).
-    fn target(
-        &self,
-        name: &str,
-        unnamed_parsed: &mut bool,
-        t: &mut Translated,
-        on_server: &mut ServerStatements,
-    ) -> Option<String> {
-        if name.is_empty() {
-            if !*unnamed_parsed {
-                if let Some(p) = &self.unnamed {
-                    wire::parse(&mut t.bytes, "", &p.text, &p.param_types);
-                    t.parse(false, None);
-                    *unnamed_parsed = true;
+/// What the server connection's unnamed statement holds, as far as this
+/// batch knows.
+enum Unnamed<'a> {
+    /// Whatever an earlier batch left, possibly another client's.
+    Unknown,
+    Empty,
+    Holds(&'a Arc<Prepared>),
+}
+
+/// Rewrite `batch` (its statements resolved in `uses`) for a connection that
+/// has prepared `on_server` (updated with what the rewritten batch
+/// prepares). Beyond `cap` statements there (0: no cap), the least recently
+/// used are closed in front of the batch. `sql_prepared`: the connection
+/// is the session's own and may hold statements it made with SQL `PREPARE`,
+/// which a name the client did not prepare here may mean. Leaves the
+/// client's statements alone, so the same batch can be translated again
+/// for another connection.
+pub fn translate(
+    batch: &[Message],
+    uses: &Uses,
+    on_server: &mut ServerStatements,
+    cap: usize,
+    sql_prepared: bool,
+) -> Result<Translated, WireError> {
+    let mut t = Translated {
+        bytes: BytesMut::new(),
+        plan: VecDeque::new(),
+        slots: Vec::new(),
+        evicted: 0,
+    };
+    on_server.start_batch();
+    let mut unnamed = Unnamed::Unknown;
+    for (m, used) in batch.iter().zip(uses) {
+        match (&m.kind, used) {
+            (Kind::Parse { name, .. }, Some(p)) if !name.is_empty() => {
+                if on_server.has(&p.server_name) {
+                    t.plan.push_back(Step::SynthParse);
+                } else {
+                    t.reparse(p, true, on_server);
                 }
             }
-            return None;
+            (Kind::Parse { name, .. }, _) if name.is_empty() => {
+                m.frame.encode_into(&mut t.bytes);
+                t.parse(true, None);
+                unnamed = used.as_ref().map_or(Unnamed::Empty, Unnamed::Holds);
+            }
+            // The session gives every Parse its statement.
+            (Kind::Parse { name, .. }, None) => {
+                return Err(WireError::Protocol(format!(
+                    "internal: statement \"{name}\" was not registered"
+                )))
+            }
+            (Kind::Bind { statement, .. }, _) => {
+                match t.target(statement, used, &mut unnamed, on_server, sql_prepared) {
+                    Some(server) => wire::bind_renamed(&mut t.bytes, &m.frame.body, server)?,
+                    None => m.frame.encode_into(&mut t.bytes),
+                }
+                t.plan.push_back(Step::Bind);
+            }
+            (Kind::Describe { kind: b'S', name }, _) => {
+                match t.target(name, used, &mut unnamed, on_server, sql_prepared) {
+                    Some(server) => wire::describe(&mut t.bytes, b'S', server),
+                    None => m.frame.encode_into(&mut t.bytes),
+                }
+                t.plan.push_back(Step::DescribeStatement);
+            }
+            (Kind::Describe { .. }, _) => {
+                m.frame.encode_into(&mut t.bytes);
+                t.plan.push_back(Step::DescribePortal);
+            }
+            // Server statements are shared by SQL text: keep it prepared
+            // for others; the client's name is already forgotten.
+            (Kind::Close { kind: b'S', name }, _) if !name.is_empty() => {
+                t.plan.push_back(Step::SynthClose);
+            }
+            (Kind::Close { kind, .. }, _) => {
+                if *kind == b'S' {
+                    unnamed = Unnamed::Empty;
+                }
+                m.frame.encode_into(&mut t.bytes);
+                t.plan.push_back(Step::Close);
+            }
+            (Kind::Execute { .. }, _) => {
+                m.frame.encode_into(&mut t.bytes);
+                t.plan.push_back(Step::Execute);
+            }
+            (Kind::Sync, _) => {
+                m.frame.encode_into(&mut t.bytes);
+                t.plan.push_back(Step::Sync);
+            }
+            (Kind::Flush, _) => m.frame.encode_into(&mut t.bytes),
+            _ => {}
         }
-        let p = self.named.get(name)?;
-        if !on_server.has(&p.server_name) {
-            t.reparse(p, false, on_server);
-        }
-        Some(p.server_name.clone())
     }
+    // Syncs alone may be ending a server's skip after an error, when it
+    // ignores all but the Sync (Closes sent with them would go
+    // unanswered): they make no room.
+    if batch.iter().any(|m| m.kind != Kind::Sync) {
+        t.close_first(on_server.evict(cap));
+    }
+    Ok(t)
 }
 
 impl Translated {
@@ -222,6 +245,58 @@ impl Translated {
             slot: self.slots.len() as u32,
         });
         self.slots.push(server_name);
+    }
+
+    /// The server name a Bind/Describe of client statement `name` (resolved
+    /// to `used`) uses, re-preparing it first when the connection lacks it.
+    /// `None`: send the message unchanged: the unnamed statement (made to
+    /// hold the client's), or a name the client does not have, which the
+    /// server then reports as PostgreSQL does.
+    fn target<'a>(
+        &mut self,
+        name: &str,
+        used: &'a Option<Arc<Prepared>>,
+        unnamed: &mut Unnamed<'a>,
+        on_server: &mut ServerStatements,
+        sql_prepared: bool,
+    ) -> Option<&'a str> {
+        match (name.is_empty(), used) {
+            (false, Some(p)) => {
+                if !on_server.has(&p.server_name) {
+                    self.reparse(p, false, on_server);
+                }
+                return Some(&p.server_name);
+            }
+            (true, Some(p)) => {
+                if !matches!(unnamed, Unnamed::Holds(q) if Arc::ptr_eq(p, q)) {
+                    wire::parse(&mut self.bytes, "", &p.text, &p.param_types);
+                    self.parse(false, None);
+                    *unnamed = Unnamed::Holds(p);
+                }
+            }
+            // What the server holds under a name the client lacks is not
+            // the client's (another client's unnamed statement, a shared
+            // server statement): close it, so the server reports it missing.
+            (true, None) if !matches!(unnamed, Unnamed::Empty) => {
+                self.close("", Step::Scrub);
+                *unnamed = Unnamed::Empty;
+            }
+            (false, None) if is_server_name(name) => {
+                // Tracked: if the server skips this Close after an error,
+                // the connection's statements are no longer known.
+                self.close(name, Step::CloseQuiet);
+                on_server.remove(name);
+            }
+            (false, None) if !sql_prepared => self.close(name, Step::Scrub),
+            (_, None) => {}
+        }
+        None
+    }
+
+    /// A Close of signalbox's own in the middle of the batch.
+    fn close(&mut self, name: &str, step: Step) {
+        wire::close(&mut self.bytes, b'S', name);
+        self.plan.push_back(step);
     }
 
     fn reparse(&mut self, p: &Prepared, forward: bool, on_server: &mut ServerStatements) {
@@ -256,6 +331,11 @@ pub fn server_name(text: &[u8], types: &[u8], encoding: &str) -> String {
     encoding.hash(&mut h);
     types.hash(&mut h);
     format!("sb_{:016x}", h.finish())
+}
+
+/// Whether `name` has the shape of a [`server_name`].
+pub fn is_server_name(name: &str) -> bool {
+    name.len() == 19 && name.starts_with("sb_") && name[3..].bytes().all(|b| b.is_ascii_hexdigit())
 }
 
 #[cfg(test)]
@@ -298,23 +378,37 @@ mod tests {
         })
     }
 
-    /// The client's view: define what its Parse messages define.
-    fn define(st: &mut Statements, batch: &[Message]) {
-        for m in batch {
-            if let Kind::Parse {
+    /// The client's view of a batch, as the session builds it.
+    fn apply(st: &mut Statements, batch: &[Message]) -> Vec<Option<Arc<Prepared>>> {
+        let prepared = |m: &Message| match &m.kind {
+            Kind::Parse {
                 name,
                 text,
                 param_types,
-            } = &m.kind
-            {
+            } => {
                 let class = Arc::new(Classified::nothing());
                 let sql = Arc::from(String::from_utf8_lossy(text).as_ref());
-                st.define(
-                    name,
-                    Prepared::new(name, sql, text.clone(), param_types.clone(), class, "UTF8"),
-                );
+                let (text, types) = (text.clone(), param_types.clone());
+                Some(Prepared::new(name, sql, text, types, class, "UTF8"))
             }
-        }
+            _ => None,
+        };
+        batch.iter().map(|m| st.apply(m, prepared(m))).collect()
+    }
+
+    fn define(st: &mut Statements, batch: &[Message]) {
+        apply(st, batch);
+    }
+
+    /// Apply `batch` and translate it for a connection that has `on_server`.
+    fn run(
+        st: &mut Statements,
+        batch: &[Message],
+        on_server: &mut ServerStatements,
+        cap: usize,
+    ) -> Result<Translated, WireError> {
+        let uses = apply(st, batch);
+        translate(batch, &uses, on_server, cap, false)
     }
 
     /// The (type, statement name) of each message signalbox would send.
@@ -377,13 +471,14 @@ mod tests {
                 ],
                 vec![injected(), Step::Bind, Step::Execute, Step::Sync],
             ),
-            // A name the client never prepared goes through as is (the
-            // server answers 26000 as PostgreSQL would).
+            // A name the client never prepared goes through as is, after a
+            // Close of whatever the server may hold under it (the server
+            // answers 26000 as PostgreSQL would).
             (
                 false,
                 vec![bind("nope"), sync()],
-                vec![('B', "nope".into()), ('S', "".into())],
-                vec![Step::Bind, Step::Sync],
+                vec![('C', "".into()), ('B', "nope".into()), ('S', "".into())],
+                vec![Step::Scrub, Step::Bind, Step::Sync],
             ),
         ];
         for (i, (has, batch, want_sent, want_plan)) in cases.into_iter().enumerate() {
@@ -393,7 +488,7 @@ mod tests {
             if has {
                 on_server.insert(server.clone());
             }
-            let t = st.translate(&batch, &mut on_server, 0).unwrap();
+            let t = run(&mut st, &batch, &mut on_server, 0).unwrap();
             assert_eq!(sent(&t), want_sent, "case {i}");
             assert_eq!(Vec::from(t.plan.clone()), want_plan, "case {i}");
             assert!(
@@ -408,18 +503,18 @@ mod tests {
         let mut st = Statements::default();
         define(&mut st, &[parse("", "SELECT 1")]);
         let mut on_server = ServerStatements::default();
-        let t = st
-            .translate(
-                &[bind(""), execute(), bind(""), execute(), sync()],
-                &mut on_server,
-                0,
-            )
-            .unwrap();
+        let t = run(
+            &mut st,
+            &[bind(""), execute(), bind(""), execute(), sync()],
+            &mut on_server,
+            0,
+        )
+        .unwrap();
         let parses = sent(&t).iter().filter(|(t, _)| *t == 'P').count();
         assert_eq!(parses, 1);
         define(&mut st, &[parse("s2", "SELECT 2")]);
         let close = msg(|o| wire::close(o, b'S', "s2"));
-        let t = st.translate(&[close, sync()], &mut on_server, 0).unwrap();
+        let t = run(&mut st, &[close, sync()], &mut on_server, 0).unwrap();
         assert_eq!(
             Vec::from(t.plan.clone()),
             vec![Step::SynthClose, Step::Sync]
@@ -443,15 +538,12 @@ mod tests {
         let mut on_server = ServerStatements::default();
         // s1, s2, s3 prepared in that order (cap 3: nothing closed yet).
         for n in ["s1", "s2", "s3"] {
-            let t = st.translate(&[bind(n), execute(), sync()], &mut on_server, 3);
+            let t = run(&mut st, &[bind(n), execute(), sync()], &mut on_server, 3);
             assert_eq!(t.unwrap().evicted, 0);
         }
         // s1 used again: now s2 is the least recently used.
-        st.translate(&[bind("s1"), execute(), sync()], &mut on_server, 3)
-            .unwrap();
-        let t = st
-            .translate(&[bind("s4"), execute(), sync()], &mut on_server, 3)
-            .unwrap();
+        run(&mut st, &[bind("s1"), execute(), sync()], &mut on_server, 3).unwrap();
+        let t = run(&mut st, &[bind("s4"), execute(), sync()], &mut on_server, 3).unwrap();
         assert_eq!(t.evicted, 1);
         // The Close goes first, and its answer is signalbox's own.
         let closes: Vec<_> = wire::frames(&t.bytes)
@@ -467,29 +559,139 @@ mod tests {
         assert!(!on_server.contains(&s2));
         assert!(on_server.contains(&s1) && on_server.contains(&s3) && on_server.contains(&s4));
         // A batch that uses more than the cap keeps all of its own.
-        let t = st
-            .translate(
-                &[
-                    bind("s1"),
-                    execute(),
-                    bind("s2"),
-                    execute(),
-                    bind("s3"),
-                    execute(),
-                    bind("s4"),
-                    execute(),
-                    sync(),
-                ],
-                &mut on_server,
-                3,
-            )
-            .unwrap();
+        let t = run(
+            &mut st,
+            &[
+                bind("s1"),
+                execute(),
+                bind("s2"),
+                execute(),
+                bind("s3"),
+                execute(),
+                bind("s4"),
+                execute(),
+                sync(),
+            ],
+            &mut on_server,
+            3,
+        )
+        .unwrap();
         assert_eq!(t.evicted, 0);
         assert_eq!(on_server.len(), 4);
         // No cap: nothing is ever closed.
-        let t = st
-            .translate(&[bind("s1"), execute(), sync()], &mut on_server, 0)
-            .unwrap();
+        let t = run(&mut st, &[bind("s1"), execute(), sync()], &mut on_server, 0).unwrap();
         assert_eq!(t.evicted, 0);
+    }
+
+    fn close(name: &str) -> Message {
+        msg(|o| wire::close(o, b'S', name))
+    }
+
+    /// The plan of `batch` for a connection that holds nothing of the
+    /// client's, and the names its Closes (of signalbox's own) name.
+    fn plan_of(
+        st: &mut Statements,
+        batch: &[Message],
+        sql_prepared: bool,
+    ) -> (Vec<Step>, Vec<String>) {
+        let uses = apply(st, batch);
+        let mut on_server = ServerStatements::default();
+        let t = translate(batch, &uses, &mut on_server, 0, sql_prepared).unwrap();
+        let closes = wire::frames(&t.bytes)
+            .filter(|(tag, _)| *tag == b'C')
+            .map(|(_, body)| String::from_utf8_lossy(&body[1..body.len() - 1]).into_owned())
+            .collect();
+        (Vec::from(t.plan), closes)
+    }
+
+    #[test]
+    fn names_resolve_in_batch_order_and_what_is_not_the_clients_is_closed_first() {
+        let injected = |slot| Step::Parse {
+            forward: false,
+            slot,
+        };
+        let forwarded = |slot| Step::Parse {
+            forward: true,
+            slot,
+        };
+        // Closed and prepared again: each Bind runs the statement its name
+        // meant at that point.
+        let mut st = Statements::default();
+        let batch = [
+            parse("s1", "SELECT 'A'"),
+            bind("s1"),
+            close("s1"),
+            parse("s1", "SELECT 'B'"),
+            bind("s1"),
+            sync(),
+        ];
+        let uses = apply(&mut st, &batch);
+        let a = uses[0].clone().unwrap();
+        let b = uses[3].clone().unwrap();
+        assert!(Arc::ptr_eq(uses[1].as_ref().unwrap(), &a));
+        assert!(Arc::ptr_eq(uses[4].as_ref().unwrap(), &b));
+        let mut on_server = ServerStatements::default();
+        let t = translate(&batch, &uses, &mut on_server, 0, false).unwrap();
+        assert_eq!(
+            sent(&t),
+            vec![
+                ('P', a.server_name.clone()),
+                ('B', a.server_name.clone()),
+                ('P', b.server_name.clone()),
+                ('B', b.server_name.clone()),
+                ('S', "".into()),
+            ]
+        );
+        assert!(Arc::ptr_eq(st.get("s1").unwrap(), &b));
+        // The unnamed statement from before the batch, then a new one.
+        let mut st = Statements::default();
+        apply(&mut st, &[parse("", "SELECT 'A'")]);
+        let batch = [bind(""), parse("", "SELECT 'B'"), bind(""), sync()];
+        let (plan, closes) = plan_of(&mut st, &batch, false);
+        assert_eq!(
+            plan,
+            vec![
+                injected(0),
+                Step::Bind,
+                forwarded(1),
+                Step::Bind,
+                Step::Sync
+            ]
+        );
+        assert!(closes.is_empty());
+        // No unnamed statement of the client's: what the server holds is
+        // closed first, once.
+        let mut st = Statements::default();
+        let (plan, closes) = plan_of(&mut st, &[bind(""), bind(""), sync()], false);
+        assert_eq!(plan, vec![Step::Scrub, Step::Bind, Step::Bind, Step::Sync]);
+        assert_eq!(closes, vec![String::new()]);
+        // A simple query (or a Close) ends the client's unnamed statement.
+        st.define(
+            "",
+            Arc::new(Prepared::new(
+                "",
+                Arc::from("SELECT 1"),
+                Bytes::from_static(b"SELECT 1"),
+                Bytes::new(),
+                Arc::new(Classified::nothing()),
+                "UTF8",
+            )),
+        );
+        assert!(st.forget(""));
+        let (plan, _) = plan_of(&mut st, &[bind(""), sync()], false);
+        assert_eq!(plan, vec![Step::Scrub, Step::Bind, Step::Sync]);
+        // A shared server statement's name: closed and no longer counted.
+        let shared = server_name(b"SELECT 'theirs'", &[0, 0], "UTF8");
+        let (plan, closes) = plan_of(&mut st, &[bind(&shared), sync()], false);
+        assert_eq!(plan, vec![Step::CloseQuiet, Step::Bind, Step::Sync]);
+        assert_eq!(closes, vec![shared]);
+        // Another name the client lacks: closed, unless the session's own
+        // connection may hold it from SQL PREPARE.
+        let (plan, closes) = plan_of(&mut st, &[bind("other"), sync()], false);
+        assert_eq!(plan, vec![Step::Scrub, Step::Bind, Step::Sync]);
+        assert_eq!(closes, vec!["other".to_string()]);
+        let (plan, closes) = plan_of(&mut st, &[bind("other"), sync()], true);
+        assert_eq!(plan, vec![Step::Bind, Step::Sync]);
+        assert!(closes.is_empty());
     }
 }

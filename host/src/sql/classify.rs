@@ -17,6 +17,10 @@ pub use crate::sql::walk::Name;
 use crate::sql::walk::{walk, Walk};
 
 /// What a statement does to the session beyond its result.
+/// Pin reasons for what neither a rollback nor an error undoes.
+const PIN_PREPARE: &str = "SQL-level PREPARE";
+const PIN_ADVISORY_LOCK: &str = "session-level advisory lock";
+
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum SessionEffect {
     /// `SET name ...` (not LOCAL); `sql` is the statement to replay.
@@ -36,6 +40,18 @@ pub enum SessionEffect {
     /// `SET`/`RESET`/`SHOW` of one of signalbox's own `signalbox.*`
     /// settings: answered by signalbox, never sent to a node.
     Own(OwnSetting),
+}
+
+impl SessionEffect {
+    /// The reason of a pin that holds however the transaction ends: a
+    /// prepared statement or a session-level advisory lock outlives a
+    /// rollback, and an error in a later statement.
+    pub fn lasting_pin(&self) -> Option<&'static str> {
+        match self {
+            SessionEffect::Pin(r) if *r == PIN_PREPARE || *r == PIN_ADVISORY_LOCK => Some(r),
+            _ => None,
+        }
+    }
 }
 
 /// A statement about a `signalbox.*` setting (name without the prefix).
@@ -651,8 +667,7 @@ fn session_calls(parsed: &pg_query::ParseResult, c: &mut Classified) {
         let name = f.to_ascii_lowercase();
         let name = name.strip_prefix("pg_catalog.").unwrap_or(&name);
         if SESSION_LOCKS.contains(&name) {
-            c.effects
-                .push(SessionEffect::Pin("session-level advisory lock"));
+            c.effects.push(SessionEffect::Pin(PIN_ADVISORY_LOCK));
         } else if name != "set_config" && !safe_function(name) && !NO_SESSION_STATE.contains(&name)
         {
             c.touches_session = true;
@@ -812,7 +827,7 @@ fn statement(node: &NodeEnum, text: &str, c: &mut Classified) -> (StatementKind,
         }
         NodeEnum::FetchStmt(_) | NodeEnum::ClosePortalStmt(_) => (K::Utility, true),
         NodeEnum::PrepareStmt(_) | NodeEnum::ExecuteStmt(_) => {
-            c.effects.push(SessionEffect::Pin("SQL-level PREPARE"));
+            c.effects.push(SessionEffect::Pin(PIN_PREPARE));
             (K::Utility, false)
         }
         NodeEnum::DeallocateStmt(d) => {

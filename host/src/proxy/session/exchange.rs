@@ -12,6 +12,7 @@ use crate::cluster::pool::Lease;
 use crate::config::UntrackedState;
 use crate::proxy::message::{Kind, Message};
 use crate::proxy::relay::{self, Outcome, RelayError, Step};
+use crate::proxy::statements::{is_server_name, translate, Uses};
 use crate::route::guardrails::Routed;
 use crate::route::{NodeId, RouteInput, Statement, Target, TxState};
 use crate::sql::classify::{Classified, SessionEffect};
@@ -25,7 +26,8 @@ const MAX_REPLAY_WAIT_MS: u32 = 10_000;
 #[derive(Clone, Copy)]
 pub(super) enum Work<'a> {
     Query(&'a [u8]),
-    Batch(&'a [Message]),
+    /// A batch, with the statement each message names.
+    Batch(&'a [Message], &'a Uses),
 }
 
 /// How an exchange lost its server connection.
@@ -489,10 +491,13 @@ impl Session {
             let mut translated;
             let (bytes, mut plan, slots): (&[u8], _, &[Option<String>]) = match work {
                 Work::Query(bytes) => (bytes, VecDeque::from([Step::Query]), &[]),
-                Work::Batch(batch) => {
+                Work::Batch(batch, uses) => {
+                    // With SQL PREPARE the session is pinned: only then can
+                    // its connection hold statements of the client's naming.
+                    let pinned = self.pin_reason.is_some();
                     let conn = self.lease.as_mut().expect("acquired").conn();
                     let cap = self.live.config.pool.max_prepared_statements;
-                    translated = match self.statements.translate(batch, conn.prepared_mut(), cap) {
+                    translated = match translate(batch, uses, conn.prepared_mut(), cap, pinned) {
                         Ok(t) => {
                             if t.evicted > 0 {
                                 self.shared.metrics.prepared_evicted.fetch_add(
@@ -533,7 +538,7 @@ impl Session {
             // the client's ReadyForQuery with no round trip of its own.
             let ends_with_sync = match work {
                 Work::Query(_) => true,
-                Work::Batch(b) => b.last().is_some_and(|m| m.kind == Kind::Sync),
+                Work::Batch(b, _) => b.last().is_some_and(|m| m.kind == Kind::Sync),
             };
             let pipelined = ryw
                 && (self.tx_wrote || writes)
@@ -555,7 +560,7 @@ impl Session {
             let exchanged = self.exchange(bytes, &mut plan, hold).await;
             self.client.defer_ready = false;
             match exchanged? {
-                Ok(outcome) if outcome.standby_refused && self.may_run_again(hold, mark, &work) => {
+                Ok(outcome) if outcome.standby_refused && self.may_run_again(hold, mark) => {
                     // A standby refused a read judged safe (catalog facts
                     // stale or missing, DDL made outside signalbox): nothing
                     // ran and nothing reached the client, so it runs on the
@@ -572,9 +577,7 @@ impl Session {
                     );
                     judged = false;
                 }
-                Ok(outcome)
-                    if outcome.recovery_conflict && self.may_run_again(hold, mark, &work) =>
-                {
+                Ok(outcome) if outcome.recovery_conflict && self.may_run_again(hold, mark) => {
                     // The standby replayed a change the read could not
                     // coexist with (its grace period spent, as after a
                     // pause or lag): nothing reached the client, so the
@@ -695,11 +698,10 @@ impl Session {
     /// Whether an attempt that a standby refused or cancelled may run again:
     /// a read outside a transaction, of which the client saw nothing, that
     /// ran on a standby. (Session mode's own connection is not where this
-    /// ran; a batch that closes a statement cannot be translated twice.)
-    fn may_run_again(&self, hold: bool, mark: u64, work: &Work<'_>) -> bool {
+    /// ran.) A batch is translated afresh for the next connection.
+    fn may_run_again(&self, hold: bool, mark: u64) -> bool {
         hold && !self.client.progressed_since(mark)
             && !self.offloading
-            && !closes_statements(work)
             && self
                 .lease
                 .as_ref()
@@ -910,6 +912,9 @@ impl Session {
                         }
                     }
                 }
+                // A statement of the session's own, or a shared one (then
+                // the connection no longer has it).
+                SessionEffect::Deallocate(Some(name)) => conn.prepared_mut().remove(name),
                 _ => {}
             }
         }
@@ -938,6 +943,17 @@ impl Session {
         let tag = match class.effects.first() {
             Some(SessionEffect::Deallocate(Some(name))) if self.statements.forget(name) => {
                 "DEALLOCATE"
+            }
+            // The name of a statement signalbox shares between clients:
+            // this client never prepared it (else it would be pinned).
+            Some(SessionEffect::Deallocate(Some(name)))
+                if is_server_name(name)
+                    && self.pin_reason.is_none()
+                    && self.tx == TxState::Idle =>
+            {
+                let message = format!("prepared statement \"{name}\" does not exist");
+                self.error("26000", &message).await?;
+                return Ok(true);
             }
             Some(SessionEffect::Deallocate(None)) if !holds_connection => {
                 self.statements.clear();
@@ -970,6 +986,11 @@ impl Session {
         effects: Vec<SessionEffect>,
         class_begins_ro: bool,
     ) {
+        // What neither a rollback nor an error undoes pins the session at
+        // once: its connection must never serve another client.
+        if let Some(reason) = effects.iter().find_map(SessionEffect::lasting_pin) {
+            self.pin_reason = Some(reason);
+        }
         let Some(status) = outcome.status else {
             return; // Flush without Sync: the exchange continues.
         };
@@ -1032,8 +1053,7 @@ impl Session {
 
     pub(super) fn release(&mut self, discard: bool) {
         if let Some(lease) = self.lease.take() {
-            self.cancel.clear();
-            if discard {
+            if self.cancel.clear() || discard {
                 lease.discard();
             }
         }
@@ -1044,7 +1064,7 @@ impl Session {
 /// so its statement was classified here: a portal bound earlier might be
 /// a `COPY ... FROM STDIN`, and then nothing of signalbox's own may follow.
 fn binds_what_it_executes(work: &Work<'_>) -> bool {
-    let Work::Batch(batch) = work else {
+    let Work::Batch(batch, _) = work else {
         return true;
     };
     let mut bound: Vec<&str> = Vec::new();
@@ -1056,10 +1076,4 @@ fn binds_what_it_executes(work: &Work<'_>) -> bool {
         }
     }
     true
-}
-
-/// Whether the work closes a prepared statement or portal: translating it
-/// forgets names, so it cannot be translated (and sent) a second time.
-fn closes_statements(work: &Work<'_>) -> bool {
-    matches!(work, Work::Batch(batch) if batch.iter().any(|m| matches!(m.kind, Kind::Close { .. })))
 }

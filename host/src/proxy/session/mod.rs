@@ -235,12 +235,17 @@ impl Session {
             Ok(()) => {}
         }
         s.shared.cancel.forget(s.key);
+        let cancelling = s.cancel.clear();
         if let Some(lease) = s.lease.take() {
             // A connection mid-transaction cannot be reused, nor one whose
-            // real cancel key a session-mode client was told.
-            if s.tx != TxState::Idle || s.pin_reason.is_some() || s.session_pooling {
+            // real cancel key a session-mode client was told, nor one a
+            // cancel of this session may still reach.
+            if s.tx != TxState::Idle || s.pin_reason.is_some() || s.session_pooling || cancelling {
                 lease.discard();
             }
+        }
+        if let Some(own) = s.parked.take() {
+            own.discard();
         }
     }
 
@@ -459,6 +464,8 @@ impl Session {
         readable: bool,
     ) -> Result<(), SessionError> {
         self.owes_ready = true;
+        // As in PostgreSQL, a simple query ends the unnamed statement.
+        self.statements.forget("");
         let class = self.classify(sql, readable);
         self.free_database(&class);
         if self.answer_locally(&class).await? {
@@ -489,12 +496,14 @@ impl Session {
             }
             self.skipping = false;
         }
-        // Register statements and classify what this batch prepares/executes.
+        // Apply the batch to the client's statements in order (a name can
+        // change meaning within it) and classify what it prepares/executes.
         let mut classes: Vec<Arc<Classified>> = Vec::new();
         let mut first_sql: Option<Arc<str>> = None;
         let mut effects = Vec::new();
+        let mut uses = Vec::with_capacity(batch.len());
         for m in &batch {
-            match &m.kind {
+            let parsed = match &m.kind {
                 Kind::Parse {
                     name,
                     text,
@@ -505,27 +514,27 @@ impl Session {
                     let sql: Arc<str> = Arc::from(sql);
                     first_sql.get_or_insert_with(|| sql.clone());
                     classes.push(class.clone());
-                    let p = Prepared::new(
+                    let (text, types) = (text.clone(), param_types.clone());
+                    Some(Prepared::new(
                         name,
                         sql,
-                        text.clone(),
-                        param_types.clone(),
+                        text,
+                        types,
                         class,
                         self.encoding.name,
-                    );
-                    self.statements.define(name, p);
+                    ))
                 }
-                Kind::Bind { statement, .. } => {
-                    if let Some(p) = self.statements.get(statement) {
-                        first_sql.get_or_insert_with(|| p.sql.clone());
-                        classes.push(p.class.clone());
-                        effects.extend(p.class.effects.iter().cloned());
-                    }
-                }
-                _ => {}
+                _ => None,
+            };
+            let used = self.statements.apply(m, parsed);
+            if let (Kind::Bind { .. }, Some(p)) = (&m.kind, &used) {
+                first_sql.get_or_insert_with(|| p.sql.clone());
+                classes.push(p.class.clone());
+                effects.extend(p.class.effects.iter().cloned());
             }
+            uses.push(used);
         }
-        if self.own_batch(&batch, &classes).await? {
+        if self.own_batch(&batch, &uses, &classes).await? {
             return Ok(());
         }
         for class in &classes {
@@ -535,7 +544,8 @@ impl Session {
         let mut merged = merge(&classes);
         merged.effects = effects;
         let sql = first_sql.unwrap_or_else(|| Arc::from(""));
-        self.run_routed(&merged, &sql, Work::Batch(&batch)).await
+        self.run_routed(&merged, &sql, Work::Batch(&batch, &uses))
+            .await
     }
 }
 

@@ -11,6 +11,7 @@ use std::sync::Arc;
 use super::{Session, SessionError};
 use crate::config::RywScope;
 use crate::proxy::message::{Kind, Message};
+use crate::proxy::statements::Uses;
 use crate::route::{NodeId, TxState};
 use crate::sql::classify::{Classified, OwnSetting, SessionEffect};
 use crate::wire;
@@ -193,6 +194,7 @@ impl Session {
     pub(super) async fn own_batch(
         &mut self,
         batch: &[Message],
+        uses: &Uses,
         classes: &[Arc<Classified>],
     ) -> Result<bool, SessionError> {
         let own = |c: &Classified| match c.effects.first() {
@@ -219,20 +221,20 @@ impl Session {
         }
         let mut bound: Option<OwnSetting> = None;
         let mut failed = false;
-        for m in batch {
+        for (m, used) in batch.iter().zip(uses) {
             if failed && m.kind != Kind::Sync {
                 continue;
             }
             match &m.kind {
                 Kind::Parse { .. } => wire::parse_complete(&mut self.client.out),
-                Kind::Bind { statement, .. } => {
-                    bound = self.statements.get(statement).and_then(|p| own(&p.class));
+                Kind::Bind { .. } => {
+                    bound = used.as_ref().and_then(|p| own(&p.class));
                     wire::bind_complete(&mut self.client.out);
                 }
-                Kind::Describe { kind, name } => {
+                Kind::Describe { kind, .. } => {
                     let setting = if *kind == b'S' {
                         wire::no_parameters(&mut self.client.out);
-                        self.statements.get(name).and_then(|p| own(&p.class))
+                        used.as_ref().and_then(|p| own(&p.class))
                     } else {
                         bound.clone()
                     };
