@@ -225,15 +225,18 @@ async fn a_terminated_server_connection_ends_the_client_connection() {
     assert!(b.try_next().await.is_none(), "the connection is closed");
 
     // Between transactions, a transaction-pooled client holds no server
-    // connection: terminating pooled backends costs it nothing.
-    // (A database of its own: other tests' connections are left alone.)
+    // connection: terminating pooled backends costs it nothing, once they
+    // are gone (the kill waits for that: a backend still dying when the
+    // statement reaches it sends its FATAL as the answer, and a write
+    // cannot be run again). (A database of its own: other tests'
+    // connections are left alone.)
     database("protocol_terminated");
     let mut d = Raw::connect(port, "postgres", "protocol_terminated").await;
     assert_eq!(tags(&d.simple("SELECT txid_current() > 0").await), "TDCZ");
     let killed = c
         .psql(
             primary,
-            "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity \
+            "SELECT count(pg_terminate_backend(pid, 10000)) FROM pg_stat_activity \
              WHERE datname = 'protocol_terminated'",
         )
         .unwrap();
@@ -1652,5 +1655,45 @@ async fn statements_prepared_with_sql_never_reach_another_client() {
             "{name}: executed by another client: {got:?}"
         );
         assert_eq!(sqlstate(&got[0].1), "26000");
+    }
+}
+
+/// Failed work that would have dropped statements (a `DEALLOCATE` or
+/// `DISCARD ALL` behind an error) leaves the connection's statements
+/// unknown: signalbox retires it rather than re-preparing a statement the
+/// server still has (which the server refuses with 42P05).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn statements_dropped_by_failed_work_are_not_forgotten() {
+    database("protocol_failed_drop");
+    let server = one_connection("").await;
+    let port = server.addr.port();
+    let prepare_and_run = || {
+        [
+            raw::parse("mine", "SELECT 'shared'"),
+            raw::bind("", "mine"),
+            raw::execute("", 0),
+            raw::sync(),
+        ]
+        .concat()
+    };
+    let mut a = Raw::connect(port, "postgres", "protocol_failed_drop").await;
+    a.send(&prepare_and_run()).await;
+    assert_eq!(tags(&a.until_ready().await), "12DCZ");
+    for drop_sql in ["DEALLOCATE ALL", "DISCARD ALL"] {
+        // In a transaction, so that the statement goes to the server.
+        let mut b = Raw::connect(port, "postgres", "protocol_failed_drop").await;
+        let got = b
+            .simple(&format!("BEGIN; SELECT 1/0; {drop_sql}; COMMIT"))
+            .await;
+        assert_eq!(
+            sqlstate(&got.iter().find(|m| m.0 == b'E').expect("error").1),
+            "22012"
+        );
+        assert_eq!(tags(&b.simple("ROLLBACK").await), "CZ");
+        drop(b);
+        let mut c = Raw::connect(port, "postgres", "protocol_failed_drop").await;
+        c.send(&prepare_and_run()).await;
+        let got = c.until_ready().await;
+        assert_eq!(tags(&got), "12DCZ", "after a failed {drop_sql}: {got:?}");
     }
 }

@@ -182,6 +182,8 @@ pub struct BackendConn {
     copy_in: bool,
     /// A protocol error or I/O failure happened: never reuse.
     broken: bool,
+    /// Serves its holder on, but goes back to no pool.
+    retiring: bool,
     created: Instant,
 }
 
@@ -222,6 +224,7 @@ impl BackendConn {
             status: b'I',
             copy_in: false,
             broken: false,
+            retiring: false,
             created: Instant::now(),
         };
         tokio::time::timeout(spec.connect_timeout, conn.startup(spec))
@@ -478,6 +481,12 @@ impl BackendConn {
         self.broken = true;
     }
 
+    /// Let the session holding it finish, then close it: what it holds is
+    /// no longer known (statements a failed DEALLOCATE may have left).
+    pub fn mark_retiring(&mut self) {
+        self.retiring = true;
+    }
+
     /// Transaction status of the last ReadyForQuery.
     pub fn status(&self) -> u8 {
         self.status
@@ -487,6 +496,7 @@ impl BackendConn {
     /// holds no unread bytes: the only state in which a pool may take it back.
     pub fn is_idle(&self) -> bool {
         !self.broken
+            && !self.retiring
             && self.quiet
             && self.owed == 0
             && self.status == b'I'

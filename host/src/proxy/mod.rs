@@ -229,6 +229,8 @@ struct Aim {
     /// Cancels sent to the backend that its server has not yet confirmed
     /// (by closing the cancel connection once the signal is delivered).
     in_flight: u32,
+    /// A cancel went unconfirmed (timed out or failed): it may still land.
+    doubt: bool,
 }
 
 impl CancelTarget {
@@ -246,7 +248,7 @@ impl CancelTarget {
     pub fn clear(&self) -> bool {
         let mut aim = self.lock();
         aim.backend = None;
-        aim.in_flight > 0
+        aim.in_flight > 0 || std::mem::take(&mut aim.doubt)
     }
 
     /// The backend to cancel, counted in flight until [`Self::done`].
@@ -257,9 +259,11 @@ impl CancelTarget {
         Some(backend)
     }
 
-    fn done(&self) {
+    /// A cancel from [`Self::start`] ended; `confirmed`: the server took it.
+    fn done(&self, confirmed: bool) {
         let mut aim = self.lock();
         aim.in_flight = aim.in_flight.saturating_sub(1);
+        aim.doubt |= !confirmed;
     }
 }
 
@@ -714,6 +718,11 @@ async fn cancel(shared: &Shared, key: (i32, i32)) {
         return;
     };
     shared.metrics.cancels.fetch_add(1, Ordering::Relaxed);
-    crate::cluster::cancel::send(addr, backend_key).await;
-    target.done();
+    // On a task of its own: the request counts as in flight until the
+    // server confirms it, even if this connection's handler is dropped.
+    let confirm = tokio::spawn(async move {
+        let ok = crate::cluster::cancel::send(addr, backend_key).await;
+        target.done(ok);
+    });
+    let _ = confirm.await;
 }

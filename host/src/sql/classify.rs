@@ -16,11 +16,11 @@ use crate::sql::hints;
 pub use crate::sql::walk::Name;
 use crate::sql::walk::{walk, Walk};
 
-/// What a statement does to the session beyond its result.
 /// Pin reasons for what neither a rollback nor an error undoes.
 const PIN_PREPARE: &str = "SQL-level PREPARE";
 const PIN_ADVISORY_LOCK: &str = "session-level advisory lock";
 
+/// What a statement does to the session beyond its result.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum SessionEffect {
     /// `SET name ...` (not LOCAL); `sql` is the statement to replay.

@@ -599,7 +599,7 @@ impl Session {
                     if let Some(lease) = self.lease.as_mut() {
                         if outcome.closes_unknown {
                             // Never reused: its statements are not known.
-                            lease.conn().mark_broken();
+                            lease.conn().mark_retiring();
                         }
                         for slot in &outcome.failed_parses {
                             if let Some(Some(name)) = slots.get(*slot as usize) {
@@ -893,6 +893,15 @@ impl Session {
         // Untracked changes, or tracked ones that may have half-applied.
         if class.touches_session || (outcome.error && !class.effects.is_empty()) {
             conn.mark_needs_reset();
+        }
+        // Whether a DEALLOCATE / DISCARD ALL in failed work ran is unknown,
+        // and so are the connection's statements: a statement believed
+        // gone but still there would fail the next Parse of it (42P05).
+        let drops = |e: &SessionEffect| {
+            matches!(e, SessionEffect::Deallocate(_) | SessionEffect::DiscardAll)
+        };
+        if outcome.error && class.effects.iter().any(drops) {
+            conn.mark_retiring();
         }
         for e in &class.effects {
             match e {
