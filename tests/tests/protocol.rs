@@ -1404,13 +1404,7 @@ async fn statement_names_mean_what_postgresql_says_at_each_point_of_a_batch() {
     let cat = |parts: &[Vec<u8>]| parts.concat();
     let run = |stmt: &str| cat(&[raw::bind("", stmt), raw::execute("", 0)]);
     // The server name signalbox gives the other client's `SELECT 'theirs'`.
-    let theirs = {
-        let mut h = std::collections::hash_map::DefaultHasher::new();
-        std::hash::Hash::hash(&b"SELECT 'theirs'"[..], &mut h);
-        std::hash::Hash::hash("UTF8", &mut h);
-        std::hash::Hash::hash(&[0u8, 0][..], &mut h);
-        format!("sb_{:016x}", std::hash::Hasher::finish(&h))
-    };
+    let theirs = signalbox::proxy::statements::server_name(b"SELECT 'theirs'", &[0, 0], "UTF8");
     let scenarios: Vec<(&str, Vec<Vec<u8>>)> = vec![
         (
             "a name closed and prepared again in one batch",
