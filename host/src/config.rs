@@ -113,6 +113,9 @@ pub struct ClientsConfig {
     pub buffer_budget_mb: usize,
     /// On SIGTERM/SIGINT, how long clients may finish their transaction.
     pub shutdown_drain_s: u64,
+    /// What one client's prepared statements may hold in signalbox (about
+    /// twice their text); a Parse beyond it fails with 53400 (0: no limit).
+    pub statement_memory_mb: usize,
 }
 
 impl Default for ClientsConfig {
@@ -125,6 +128,7 @@ impl Default for ClientsConfig {
             max_message_mb: 64,
             buffer_budget_mb: 256,
             shutdown_drain_s: 30,
+            statement_memory_mb: 64,
         }
     }
 }

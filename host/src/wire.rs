@@ -363,6 +363,23 @@ pub fn describe(out: &mut BytesMut, kind: u8, name: &str) {
     });
 }
 
+/// A `Bind` of `statement` to `portal` without parameters, text results.
+pub fn bind_plain(out: &mut BytesMut, portal: &str, statement: &str) {
+    message(out, b'B', |b| {
+        put_cstr(b, portal);
+        put_cstr(b, statement);
+        b.put_slice(&[0; 6]);
+    });
+}
+
+/// An `Execute` of `portal`, all rows.
+pub fn execute(out: &mut BytesMut, portal: &str) {
+    message(out, b'E', |b| {
+        put_cstr(b, portal);
+        b.put_i32(0);
+    });
+}
+
 /// A `Bind` message with its statement name replaced.
 pub fn bind_renamed(out: &mut BytesMut, body: &[u8], statement: &str) -> Result<(), WireError> {
     let mut f = Fields::new(body);

@@ -1392,7 +1392,8 @@ async fn run_batches(c: &mut Raw, batches: &[Vec<u8>]) -> Vec<Vec<String>> {
 /// Prepared statement names mean what PostgreSQL says they mean at each
 /// point of a batch: a name closed and prepared again within one batch, the
 /// unnamed statement replaced within one, closed, or ended by a simple
-/// query. Each scenario runs straight on PostgreSQL and through signalbox,
+/// query; a Parse or Close that failed, or that the server skipped after an
+/// error (up to the next Sync), changes no name. Each scenario runs straight on PostgreSQL and through signalbox,
 /// whose one server connection was last used by another client that left
 /// its own unnamed statement and shared server statements behind; the
 /// answers must be the same.
@@ -1485,7 +1486,66 @@ async fn statement_names_mean_what_postgresql_says_at_each_point_of_a_batch() {
             "a name the client never prepared",
             vec![cat(&[run("mine"), raw::sync()])],
         ),
+        (
+            "a Close skipped after an error",
+            vec![
+                cat(&[raw::parse("s1", "SELECT 1/0"), raw::sync()]),
+                cat(&[run("s1"), raw::close_statement("s1"), raw::sync()]),
+                cat(&[run("s1"), raw::sync()]),
+            ],
+        ),
+        (
+            "a Parse that failed",
+            vec![
+                cat(&[raw::parse("s1", "SELEC 1"), raw::sync()]),
+                cat(&[run("s1"), raw::sync()]),
+            ],
+        ),
+        (
+            "a Parse skipped after an error",
+            vec![
+                cat(&[
+                    raw::parse("", "SELECT 1/0"),
+                    run(""),
+                    raw::parse("s2", "SELECT 2"),
+                    raw::sync(),
+                ]),
+                cat(&[run("s2"), raw::sync()]),
+            ],
+        ),
+        (
+            "a failed Parse of the unnamed statement",
+            vec![
+                cat(&[raw::parse("", "SELECT 'A'"), raw::sync()]),
+                cat(&[raw::parse("", "SELEC"), raw::sync()]),
+                cat(&[run(""), raw::sync()]),
+            ],
+        ),
+        (
+            "a name prepared twice, behind a write in the same batch",
+            vec![
+                cat(&[raw::parse("s1", "SELECT 'A'"), raw::sync()]),
+                cat(&[
+                    raw::parse("", "INSERT INTO names_t VALUES (1)"),
+                    run(""),
+                    raw::parse("s1", "SELECT 'B'"),
+                    run("s1"),
+                    raw::sync(),
+                ]),
+                cat(&[run("s1"), raw::sync()]),
+                // The error rolled the implicit transaction back.
+                raw::query("SELECT count(*) FROM names_t"),
+            ],
+        ),
     ];
+    let mut setup = Raw::connect(cluster().primary.port, "postgres", "protocol_names").await;
+    let made = setup
+        .simple("CREATE TABLE IF NOT EXISTS names_t (v int)")
+        .await;
+    assert!(
+        !answer(&made).iter().any(|m| m.starts_with('E')),
+        "{made:?}"
+    );
     let mut differ = Vec::new();
     for (what, batches) in &scenarios {
         let mut direct = Raw::connect(cluster().primary.port, "postgres", "protocol_names").await;
@@ -1528,6 +1588,151 @@ async fn statement_names_mean_what_postgresql_says_at_each_point_of_a_batch() {
         );
     }
     assert!(differ.is_empty(), "{}", differ.join("\n"));
+}
+
+/// A batch of `signalbox.*` settings, which signalbox answers itself, is
+/// answered as a server would: a Bind or Describe of a statement the client
+/// lacks is an error (26000) that skips the rest up to Sync, and what was
+/// skipped prepared nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_of_signalbox_settings_answers_as_a_server_would() {
+    let server = one_connection("").await;
+    let mut c = Raw::connect(server.addr.port(), "postgres", "postgres").await;
+    let cat = |parts: &[Vec<u8>]| parts.concat();
+    c.send(&cat(&[
+        raw::parse("on", "SET signalbox.trace = on"),
+        raw::bind("", "nope"),
+        raw::execute("", 0),
+        raw::parse("show", "SHOW signalbox.trace"),
+        raw::sync(),
+    ]))
+    .await;
+    let msgs = c.until_ready().await;
+    assert_eq!(answer(&msgs), ["1", "E 26000", "Z I"], "{msgs:?}");
+    assert!(
+        signalbox::wire::error_fields(&msgs[1].1)
+            .1
+            .contains("\"nope\""),
+        "{msgs:?}"
+    );
+    c.send(&cat(&[raw::describe_statement("nope"), raw::sync()]))
+        .await;
+    assert_eq!(answer(&c.until_ready().await), ["E 26000", "Z I"]);
+    // The Parse before the error stands; the one after it never ran.
+    c.send(&cat(&[
+        raw::bind("", "on"),
+        raw::execute("", 0),
+        raw::sync(),
+    ]))
+    .await;
+    assert_eq!(answer(&c.until_ready().await), ["2", "C SET\0", "Z I"]);
+    c.send(&cat(&[
+        raw::bind("", "show"),
+        raw::execute("", 0),
+        raw::sync(),
+    ]))
+    .await;
+    // (Not a statement of signalbox's: the server answers, and the trace
+    // just turned on says where it ran.)
+    assert_eq!(answer(&c.until_ready().await), ["N", "E 26000", "Z I"]);
+    // An error in a batch ended by Flush: what follows up to the Sync is
+    // skipped, as on a server.
+    c.simple("SET signalbox.trace = off").await;
+    c.send(&cat(&[
+        raw::parse("x", "SHOW signalbox.trace"),
+        raw::bind("", "nope"),
+        raw::execute("", 0),
+        raw::flush(),
+    ]))
+    .await;
+    assert_eq!(answer(&[c.next().await, c.next().await]), ["1", "E 26000"]);
+    c.send(&cat(&[
+        raw::parse("", "SELECT 1"),
+        raw::bind("", ""),
+        raw::execute("", 0),
+        raw::sync(),
+    ]))
+    .await;
+    assert_eq!(answer(&c.until_ready().await), ["Z I"]);
+}
+
+/// One client cannot fill signalbox's memory with prepared statements: a
+/// Parse beyond `[clients] statement_memory_mb` fails with 53400 at its
+/// place in the batch (the server skips the rest, as after any error), the
+/// session goes on, and closing statements makes room again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn prepared_statements_beyond_the_clients_memory_limit_are_refused() {
+    let server = one_connection("[clients]\nstatement_memory_mb = 1\n").await;
+    let port = server.addr.port();
+    let mut c = Raw::connect(port, "postgres", "postgres").await;
+    // About 200 KB each in signalbox (text and its UTF-8 copy): the sixth
+    // would pass 1 MB.
+    let text = |i: usize| format!("SELECT {i}, '{}'", "x".repeat(100_000));
+    for i in 0..5 {
+        c.send(&[raw::parse(&format!("s{i}"), &text(i)), raw::sync()].concat())
+            .await;
+        assert_eq!(
+            answer(&c.until_ready().await),
+            ["1", "Z I"],
+            "statement {i}"
+        );
+    }
+    c.send(
+        &[
+            raw::parse("s5", &text(5)),
+            raw::bind("", "s0"),
+            raw::execute("", 1),
+            raw::sync(),
+        ]
+        .concat(),
+    )
+    .await;
+    let msgs = c.until_ready().await;
+    // (Tags only: a row here would be 100 KB of text.)
+    assert_eq!(tags(&msgs), "EZ");
+    assert_eq!(sqlstate(&msgs[0].1), "53400");
+    let message = signalbox::wire::error_fields(&msgs[0].1).1;
+    assert!(message.contains("statement_memory_mb"), "{message}");
+    // Still usable; and a Close makes room.
+    c.send(&[raw::bind("", "s4"), raw::execute("", 0), raw::sync()].concat())
+        .await;
+    assert_eq!(tags(&c.until_ready().await), "2DCZ");
+    c.send(
+        &[
+            raw::close_statement("s0"),
+            raw::parse("s5", &text(5)),
+            raw::sync(),
+        ]
+        .concat(),
+    )
+    .await;
+    assert_eq!(answer(&c.until_ready().await), ["3", "1", "Z I"]);
+    // A refused Parse of the unnamed statement ends the one before it, as
+    // a failed one does in PostgreSQL: it cannot run again behind it.
+    c.send(&[raw::parse("", "SELECT 'small'"), raw::sync()].concat())
+        .await;
+    assert_eq!(answer(&c.until_ready().await), ["1", "Z I"]);
+    c.send(
+        &[
+            raw::parse("", &text(6)),
+            raw::sync(),
+            raw::bind("", ""),
+            raw::execute("", 0),
+            raw::sync(),
+        ]
+        .concat(),
+    )
+    .await;
+    let msgs = c.until_ready().await;
+    assert_eq!(tags(&msgs), "EZ");
+    assert_eq!(sqlstate(&msgs[0].1), "53400");
+    assert_eq!(answer(&c.until_ready().await), ["E 26000", "Z I"]);
+    // Others have their own room.
+    let mut other = Raw::connect(port, "postgres", "postgres").await;
+    other
+        .send(&[raw::parse("s0", &text(0)), raw::sync()].concat())
+        .await;
+    assert_eq!(answer(&other.until_ready().await), ["1", "Z I"]);
 }
 
 /// A relay in front of the node at `target` that holds every cancel request

@@ -27,6 +27,8 @@ pub enum Step {
         slot: u32,
     },
     Bind,
+    /// A Bind signalbox sent itself: its `BindComplete` is not forwarded.
+    BindQuiet,
     DescribeStatement,
     DescribePortal,
     Execute,
@@ -56,6 +58,9 @@ pub struct Outcome {
     /// Parse slots skipped or failed because of an error: those statements
     /// are not prepared on the connection.
     pub failed_parses: Vec<u32>,
+    /// For each error, how many steps the plan still had, the failed one
+    /// included: where in the batch the server failed.
+    pub errors_left: Vec<usize>,
     /// A Close signalbox sent to make room went unanswered: the
     /// connection's statements are no longer known for sure.
     pub closes_unknown: bool,
@@ -569,6 +574,7 @@ fn handle(
             outcome.error = true;
             outcome.standby_refused |= refused_by_standby(&frame.body);
             outcome.recovery_conflict |= cancelled_by_recovery(&frame.body);
+            outcome.errors_left.push(plan.len());
             // After an error the backend skips to the next Sync; so must we.
             while let Some(s) = plan.front() {
                 match s {
@@ -606,6 +612,10 @@ fn handle(
         }
         b'2' if front == Some(Step::Bind) => {
             plan.pop_front();
+        }
+        b'2' if front == Some(Step::BindQuiet) => {
+            plan.pop_front();
+            forward = false;
         }
         b'3' if front == Some(Step::Close) => {
             plan.pop_front();
@@ -915,5 +925,10 @@ mod tests {
             &[error, ready],
         );
         assert_eq!(outcome.failed_parses, vec![0]);
+        assert_eq!(
+            outcome.errors_left,
+            vec![4],
+            "the error was the first step's"
+        );
     }
 }

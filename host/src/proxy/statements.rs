@@ -65,6 +65,21 @@ pub struct Translated {
     pub slots: Vec<Option<String>>,
     /// Server statements closed to stay within the cap.
     pub evicted: usize,
+    /// For each step of `plan`, the batch message it answers (`u32::MAX`:
+    /// none, a Close of signalbox's own in front of the batch).
+    pub owners: Vec<u32>,
+}
+
+/// The batch messages at which the server failed, from the
+/// [`Outcome::errors_left`](super::relay::Outcome) of an exchange of a
+/// batch whose plan had `plan_len` steps, answering messages `owners`
+/// ([`Translated::owners`]).
+pub fn failed_messages(owners: &[u32], plan_len: usize, errors_left: &[usize]) -> Vec<usize> {
+    errors_left
+        .iter()
+        .filter_map(|left| owners.get(plan_len.checked_sub(*left)?))
+        .map(|&m| if m == u32::MAX { 0 } else { m as usize })
+        .collect()
 }
 
 /// The client's statements by name ("" is the unnamed statement).
@@ -72,6 +87,54 @@ pub struct Translated {
 pub struct Statements {
     named: HashMap<String, Arc<Prepared>>,
     unnamed: Option<Arc<Prepared>>,
+    /// What they hold ([`cost`]), and at most how much (0: no limit).
+    bytes: usize,
+    limit: usize,
+}
+
+/// What a statement holds in signalbox, near enough.
+fn cost(p: &Prepared) -> usize {
+    p.sql.len() + p.text.len() + p.param_types.len() + 256
+}
+
+/// A Parse refused as PostgreSQL would fail it (its name is taken) or for
+/// signalbox's own limit. The server is made to fail at the same point, so
+/// that it too skips what follows up to Sync.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Refusal {
+    pub code: &'static str,
+    pub message: String,
+}
+
+impl Refusal {
+    /// The statement a server runs to fail with this error: an error in
+    /// the middle of a batch must be the server's, for it to skip the rest
+    /// of the batch and roll back its implicit transaction. (Quote marks
+    /// and dollar signs in the message are replaced: it is inside quotes.)
+    pub fn raise_sql(&self) -> String {
+        let message: String = self
+            .message
+            .chars()
+            .map(|c| match c {
+                '$' | '\\' => '?',
+                c if c.is_ascii() && !c.is_ascii_control() => c,
+                _ => '?',
+            })
+            .collect();
+        format!(
+            "DO $sb$BEGIN RAISE EXCEPTION USING ERRCODE = '{}', MESSAGE = $m${message}$m$; END$sb$",
+            self.code
+        )
+    }
+}
+
+/// A change message `at` of a batch made to the client's statements, kept
+/// until the server's answers show whether the message ran (PostgreSQL
+/// skips what follows an error up to the next Sync).
+#[derive(Debug)]
+pub struct Change {
+    at: usize,
+    before: Option<Arc<Prepared>>,
 }
 
 /// The statement each message of a batch names, resolved in the batch's
@@ -81,12 +144,49 @@ pub struct Statements {
 pub type Uses = [Option<Arc<Prepared>>];
 
 impl Statements {
-    pub fn define(&mut self, name: &str, p: Arc<Prepared>) {
-        if name.is_empty() {
-            self.unnamed = Some(p);
-        } else {
-            self.named.insert(name.to_owned(), p);
+    /// A client's statements, holding at most `limit` bytes (0: no limit).
+    pub fn new(limit: usize) -> Self {
+        Self {
+            limit,
+            ..Self::default()
         }
+    }
+
+    /// Name `p`; what the name held before.
+    pub fn define(&mut self, name: &str, p: Arc<Prepared>) -> Option<Arc<Prepared>> {
+        self.put(name, Some(p))
+    }
+
+    fn put(&mut self, name: &str, p: Option<Arc<Prepared>>) -> Option<Arc<Prepared>> {
+        self.bytes += p.as_deref().map_or(0, cost);
+        let before = match (name.is_empty(), p) {
+            (true, p) => std::mem::replace(&mut self.unnamed, p),
+            (false, Some(p)) => self.named.insert(name.to_owned(), p),
+            (false, None) => self.named.remove(name),
+        };
+        self.bytes -= before.as_deref().map_or(0, cost);
+        before
+    }
+
+    /// Whether a Parse of `p` as `name` fails, and how.
+    fn refusal(&self, name: &str, p: &Prepared) -> Option<Refusal> {
+        if !name.is_empty() && self.named.contains_key(name) {
+            return Some(Refusal {
+                code: "42P05",
+                message: format!("prepared statement \"{name}\" already exists"),
+            });
+        }
+        let replaced = self.get(name).map_or(0, |old| cost(old));
+        if self.limit > 0 && self.bytes - replaced + cost(p) > self.limit {
+            return Some(Refusal {
+                code: "53400",
+                message: format!(
+                    "this connection's prepared statements would hold more than clients.statement_memory_mb ({} MB) in signalbox: close some first",
+                    self.limit >> 20
+                ),
+            });
+        }
+        None
     }
 
     pub fn get(&self, name: &str) -> Option<&Arc<Prepared>> {
@@ -99,38 +199,132 @@ impl Statements {
 
     /// Forget a statement ("" the unnamed one); whether the client had it.
     pub fn forget(&mut self, name: &str) -> bool {
-        if name.is_empty() {
-            self.unnamed.take().is_some()
-        } else {
-            self.named.remove(name).is_some()
-        }
+        self.put(name, None).is_some()
     }
 
     pub fn clear(&mut self) {
         self.named.clear();
         self.unnamed = None;
+        self.bytes = 0;
     }
 
-    /// Apply one message of a batch to the client's names, in the batch's
-    /// order; the statement the message names (see [`Uses`]). `parsed`:
-    /// the statement a Parse prepares.
-    pub fn apply(&mut self, m: &Message, parsed: Option<Prepared>) -> Option<Arc<Prepared>> {
-        match &m.kind {
-            Kind::Parse { name, .. } => {
-                let p = Arc::new(parsed?);
-                self.define(name, p.clone());
-                Some(p)
-            }
-            Kind::Bind {
-                statement: name, ..
-            }
-            | Kind::Describe { kind: b'S', name } => self.get(name).cloned(),
-            Kind::Close { kind: b'S', name } => {
-                self.forget(name);
-                None
-            }
-            _ => None,
+    /// Apply message `at` of a batch to the client's names, in the batch's
+    /// order, noting what it changed in `changes`; the statement the
+    /// message names (see [`Uses`]), or why a Parse fails. `parsed`: the
+    /// statement a Parse prepares.
+    pub fn apply(
+        &mut self,
+        at: usize,
+        m: &Message,
+        parsed: Option<Prepared>,
+        changes: &mut Vec<Change>,
+    ) -> Result<Option<Arc<Prepared>>, Refusal> {
+        let (name, p) = match (&m.kind, parsed) {
+            (Kind::Parse { name, .. }, Some(p)) => match self.refusal(name, &p) {
+                Some(refusal) => {
+                    // A failed Parse of the unnamed statement still ends
+                    // the one before it.
+                    if name.is_empty() {
+                        self.note(at, name, None, changes);
+                    }
+                    return Err(refusal);
+                }
+                None => (name, Some(Arc::new(p))),
+            },
+            (
+                Kind::Bind {
+                    statement: name, ..
+                }
+                | Kind::Describe { kind: b'S', name },
+                _,
+            ) => return Ok(self.get(name).cloned()),
+            (Kind::Close { kind: b'S', name }, _) => (name, None),
+            _ => return Ok(None),
+        };
+        self.note(at, name, p.clone(), changes);
+        Ok(p)
+    }
+
+    /// Set `name` to `p` for message `at`, noting the change.
+    fn note(&mut self, at: usize, name: &str, p: Option<Arc<Prepared>>, changes: &mut Vec<Change>) {
+        let defines = p.is_some();
+        let before = self.put(name, p);
+        if defines || before.is_some() {
+            changes.push(Change { at, before });
         }
+    }
+
+    /// Bring the client's names to what PostgreSQL has after running
+    /// `batch` (applied with [`apply`](Self::apply), noting `changes`).
+    /// `failed`: the messages at which the server failed (each of them and
+    /// what follows it up to the next Sync did not run; a failed Parse of
+    /// the unnamed statement still ended the one before it), in order;
+    /// `None`: no server answered, so nothing ran.
+    pub fn settle(
+        &mut self,
+        batch: &[Message],
+        uses: &Uses,
+        changes: &mut Vec<Change>,
+        failed: Option<&[usize]>,
+    ) {
+        const RAN: u8 = 0;
+        const SKIPPED: u8 = 1;
+        const FAILED: u8 = 2;
+        let fate = match failed {
+            Some([]) => {
+                changes.clear();
+                return;
+            }
+            // (Each error is in a segment of its own: linear in all.)
+            Some(failed) => {
+                let mut fate = vec![RAN; batch.len()];
+                for &f in failed {
+                    let segment = batch.iter().enumerate().skip(f);
+                    for (i, _) in segment.take_while(|(_, m)| m.kind != Kind::Sync) {
+                        fate[i] = SKIPPED;
+                    }
+                    if let Some(x) = fate.get_mut(f) {
+                        *x = FAILED;
+                    }
+                }
+                fate
+            }
+            None => vec![SKIPPED; batch.len()],
+        };
+        if changes.iter().all(|c| fate.get(c.at) == Some(&RAN)) {
+            changes.clear();
+            return;
+        }
+        for c in changes.drain(..).rev() {
+            if let Some(name) = batch.get(c.at).and_then(named) {
+                self.put(name, c.before);
+            }
+        }
+        for (i, (m, used)) in batch.iter().zip(uses).enumerate() {
+            match (&m.kind, fate[i]) {
+                (Kind::Parse { name, .. }, FAILED) if name.is_empty() => {
+                    self.put("", None);
+                }
+                (_, SKIPPED | FAILED) => {}
+                (Kind::Parse { name, .. }, _) => {
+                    if let Some(p) = used {
+                        self.put(name, Some(p.clone()));
+                    }
+                }
+                (Kind::Close { kind: b'S', name }, _) => {
+                    self.put(name, None);
+                }
+                _ => {}
+            }
+        }
+    }
+}
+
+/// The statement name a Parse or statement Close changes.
+fn named(m: &Message) -> Option<&str> {
+    match &m.kind {
+        Kind::Parse { name, .. } | Kind::Close { kind: b'S', name } => Some(name),
+        _ => None,
     }
 }
 
@@ -154,6 +348,7 @@ enum Unnamed<'a> {
 pub fn translate(
     batch: &[Message],
     uses: &Uses,
+    refused: &[(usize, Refusal)],
     on_server: &mut ServerStatements,
     cap: usize,
     sql_prepared: bool,
@@ -163,10 +358,19 @@ pub fn translate(
         plan: VecDeque::new(),
         slots: Vec::new(),
         evicted: 0,
+        owners: Vec::with_capacity(batch.len() + 2),
     };
+    let mut refused = refused.iter().peekable();
     on_server.start_batch();
     let mut unnamed = Unnamed::Unknown;
-    for (m, used) in batch.iter().zip(uses) {
+    for (i, (m, used)) in batch.iter().zip(uses).enumerate() {
+        if let Some((_, refusal)) = refused.next_if(|r| r.0 == i) {
+            t.raise(refusal);
+            // (Holds the statement that raises it.)
+            unnamed = Unnamed::Unknown;
+            t.owners.resize(t.plan.len(), i as u32);
+            continue;
+        }
         match (&m.kind, used) {
             (Kind::Parse { name, .. }, Some(p)) if !name.is_empty() => {
                 if on_server.has(&p.server_name) {
@@ -227,6 +431,7 @@ pub fn translate(
             (Kind::Flush, _) => m.frame.encode_into(&mut t.bytes),
             _ => {}
         }
+        t.owners.resize(t.plan.len(), i as u32);
     }
     // Syncs alone may be ending a server's skip after an error, when it
     // ignores all but the Sync (Closes sent with them would go
@@ -293,6 +498,18 @@ impl Translated {
         None
     }
 
+    /// Make the server fail here as `refusal` says, with a statement of
+    /// signalbox's own in the unnamed statement and portal; only its error
+    /// reaches the client.
+    fn raise(&mut self, refusal: &Refusal) {
+        wire::parse(&mut self.bytes, "", refusal.raise_sql().as_bytes(), &[0, 0]);
+        self.parse(false, None);
+        wire::bind_plain(&mut self.bytes, "", "");
+        self.plan.push_back(Step::BindQuiet);
+        wire::execute(&mut self.bytes, "");
+        self.plan.push_back(Step::Execute);
+    }
+
     /// A Close of signalbox's own in the middle of the batch.
     fn close(&mut self, name: &str, step: Step) {
         wire::close(&mut self.bytes, b'S', name);
@@ -316,6 +533,7 @@ impl Translated {
             wire::close(&mut bytes, b'S', name);
             self.plan.push_front(Step::CloseQuiet);
         }
+        self.owners.splice(0..0, names.iter().map(|_| u32::MAX));
         bytes.extend_from_slice(&self.bytes);
         self.bytes = bytes;
         self.evicted = names.len();
@@ -380,6 +598,15 @@ mod tests {
 
     /// The client's view of a batch, as the session builds it.
     fn apply(st: &mut Statements, batch: &[Message]) -> Vec<Option<Arc<Prepared>>> {
+        let mut changes = Vec::new();
+        apply_noting(st, batch, &mut changes)
+    }
+
+    fn apply_noting(
+        st: &mut Statements,
+        batch: &[Message],
+        changes: &mut Vec<Change>,
+    ) -> Vec<Option<Arc<Prepared>>> {
         let prepared = |m: &Message| match &m.kind {
             Kind::Parse {
                 name,
@@ -393,7 +620,9 @@ mod tests {
             }
             _ => None,
         };
-        batch.iter().map(|m| st.apply(m, prepared(m))).collect()
+        let uses = batch.iter().enumerate();
+        uses.map(|(i, m)| st.apply(i, m, prepared(m), changes).unwrap_or(None))
+            .collect()
     }
 
     fn define(st: &mut Statements, batch: &[Message]) {
@@ -408,7 +637,7 @@ mod tests {
         cap: usize,
     ) -> Result<Translated, WireError> {
         let uses = apply(st, batch);
-        translate(batch, &uses, on_server, cap, false)
+        translate(batch, &uses, &[], on_server, cap, false)
     }
 
     /// The (type, statement name) of each message signalbox would send.
@@ -483,7 +712,13 @@ mod tests {
         ];
         for (i, (has, batch, want_sent, want_plan)) in cases.into_iter().enumerate() {
             let mut st = Statements::default();
-            define(&mut st, &[parse("s1", sql)]);
+            // (A Parse of a name the client has would be refused.)
+            let parses_s1 = batch
+                .iter()
+                .any(|m| matches!(&m.kind, Kind::Parse { name, .. } if name == "s1"));
+            if !parses_s1 {
+                define(&mut st, &[parse("s1", sql)]);
+            }
             let mut on_server = ServerStatements::default();
             if has {
                 on_server.insert(server.clone());
@@ -596,7 +831,7 @@ mod tests {
     ) -> (Vec<Step>, Vec<String>) {
         let uses = apply(st, batch);
         let mut on_server = ServerStatements::default();
-        let t = translate(batch, &uses, &mut on_server, 0, sql_prepared).unwrap();
+        let t = translate(batch, &uses, &[], &mut on_server, 0, sql_prepared).unwrap();
         let closes = wire::frames(&t.bytes)
             .filter(|(tag, _)| *tag == b'C')
             .map(|(_, body)| String::from_utf8_lossy(&body[1..body.len() - 1]).into_owned())
@@ -631,7 +866,7 @@ mod tests {
         assert!(Arc::ptr_eq(uses[1].as_ref().unwrap(), &a));
         assert!(Arc::ptr_eq(uses[4].as_ref().unwrap(), &b));
         let mut on_server = ServerStatements::default();
-        let t = translate(&batch, &uses, &mut on_server, 0, false).unwrap();
+        let t = translate(&batch, &uses, &[], &mut on_server, 0, false).unwrap();
         assert_eq!(
             sent(&t),
             vec![
@@ -693,5 +928,190 @@ mod tests {
         let (plan, closes) = plan_of(&mut st, &[bind("other"), sync()], true);
         assert_eq!(plan, vec![Step::Bind, Step::Sync]);
         assert!(closes.is_empty());
+    }
+
+    /// What the server skipped after an error, or refused, changes no name:
+    /// PostgreSQL runs nothing after an error up to the next Sync.
+    #[test]
+    fn what_follows_an_error_up_to_its_sync_leaves_the_names_alone() {
+        let sql = |p: Option<&Arc<Prepared>>| p.map(|p| p.sql.to_string());
+        let mut st = Statements::default();
+        define(
+            &mut st,
+            &[parse("s1", "SELECT 'A'"), parse("", "SELECT 'U'")],
+        );
+        // The Execute fails: the Close and the Parse behind it never ran;
+        // the Parse after the Sync did.
+        let batch = [
+            bind("s1"),
+            execute(),
+            close("s1"),
+            parse("s2", "SELECT 'B'"),
+            sync(),
+            parse("s3", "SELECT 'C'"),
+            sync(),
+        ];
+        let mut changes = Vec::new();
+        let uses = apply_noting(&mut st, &batch, &mut changes);
+        st.settle(&batch, &uses, &mut changes, Some(&[1]));
+        assert_eq!(sql(st.get("s1")).as_deref(), Some("SELECT 'A'"));
+        assert!(st.get("s2").is_none());
+        assert_eq!(sql(st.get("s3")).as_deref(), Some("SELECT 'C'"));
+        assert!(changes.is_empty());
+        // A failed Parse leaves the name as it was; of the unnamed
+        // statement, it ends the one before.
+        let batch = [parse("s1", "SELEC 'X'"), sync(), parse("", "SELEC"), sync()];
+        let uses = apply_noting(&mut st, &batch, &mut changes);
+        st.settle(&batch, &uses, &mut changes, Some(&[0, 2]));
+        assert_eq!(sql(st.get("s1")).as_deref(), Some("SELECT 'A'"));
+        assert!(st.get("").is_none());
+        // Without an error everything stands.
+        let batch = [close("s1"), parse("", "SELECT 'V'"), sync()];
+        let uses = apply_noting(&mut st, &batch, &mut changes);
+        st.settle(&batch, &uses, &mut changes, Some(&[]));
+        assert!(st.get("s1").is_none());
+        assert_eq!(sql(st.get("")).as_deref(), Some("SELECT 'V'"));
+        // No server answered (no node, the policy refused): nothing ran.
+        let batch = [parse("s9", "SELECT 9"), close(""), sync()];
+        let uses = apply_noting(&mut st, &batch, &mut changes);
+        st.settle(&batch, &uses, &mut changes, None);
+        assert!(st.get("s9").is_none());
+        assert_eq!(sql(st.get("")).as_deref(), Some("SELECT 'V'"));
+    }
+
+    /// An error is traced back to the client's message its step answers,
+    /// whatever signalbox put in front of it.
+    #[test]
+    fn an_error_is_traced_to_the_message_that_failed() {
+        let mut st = Statements::default();
+        let batch = [parse("s1", "SELECT 1"), sync()];
+        define(&mut st, &batch);
+        let batch = [bind("s1"), execute(), sync()];
+        let uses = apply(&mut st, &batch);
+        let mut on_server = ServerStatements::default();
+        let t = translate(&batch, &uses, &[], &mut on_server, 0, false).unwrap();
+        // Parse (re-prepared for the Bind), Bind, Execute, Sync.
+        assert_eq!(t.owners, vec![0, 0, 1, 2]);
+        let n = t.plan.len();
+        assert_eq!(failed_messages(&t.owners, n, &[n]), vec![0]);
+        assert_eq!(failed_messages(&t.owners, n, &[n - 1]), vec![0]);
+        assert_eq!(failed_messages(&t.owners, n, &[2]), vec![1]);
+        // Closes made to stay within the cap answer no message of the
+        // client's: an error there skips from the batch's start.
+        let mut on_server = ServerStatements::default();
+        for i in 0..3 {
+            let batch = [parse(&format!("c{i}"), &format!("SELECT {i}")), sync()];
+            let uses = apply(&mut st, &batch);
+            translate(&batch, &uses, &[], &mut on_server, 0, false).unwrap();
+        }
+        let t = translate(&batch, &uses, &[], &mut on_server, 2, false).unwrap();
+        let (n, closed) = (t.plan.len(), t.evicted);
+        assert!(closed > 0);
+        assert!(
+            t.owners[..closed].iter().all(|o| *o == u32::MAX),
+            "{:?}",
+            t.plan
+        );
+        assert_eq!(t.owners[closed], 0, "{:?}", t.plan);
+        assert_eq!(failed_messages(&t.owners, n, &[n]), vec![0]);
+    }
+
+    /// A Parse of a name the client has fails as in PostgreSQL (42P05), as
+    /// does one beyond the memory limit (53400); the server is made to fail
+    /// at the same point, and only its error reaches the client.
+    #[test]
+    fn refused_parses_fail_on_the_server_at_their_place() {
+        let mut st = Statements::new(2400);
+        let mut changes = Vec::new();
+        let first = [parse("s1", "SELECT 1"), sync()];
+        apply_noting(&mut st, &first, &mut changes);
+        let prepared = |name: &str, sql: &str| {
+            let class = Arc::new(Classified::nothing());
+            let text = Bytes::copy_from_slice(sql.as_bytes());
+            Prepared::new(
+                name,
+                Arc::from(sql),
+                text,
+                Bytes::from_static(&[0, 0]),
+                class,
+                "UTF8",
+            )
+        };
+        let again = parse("s1", "SELECT 2");
+        let refused = st
+            .apply(0, &again, Some(prepared("s1", "SELECT 2")), &mut changes)
+            .unwrap_err();
+        assert_eq!(refused.code, "42P05");
+        assert_eq!(refused.message, "prepared statement \"s1\" already exists");
+        assert_eq!(st.get("s1").map(|p| &*p.sql), Some("SELECT 1"));
+        let big = "SELECT '".to_owned() + &"x".repeat(1000) + "'";
+        let refused = st
+            .apply(
+                0,
+                &parse("s2", &big),
+                Some(prepared("s2", &big)),
+                &mut changes,
+            )
+            .unwrap_err();
+        assert_eq!(refused.code, "53400");
+        assert!(st.get("s2").is_none());
+        // A refused Parse of the unnamed statement ends the one before, as
+        // a failed one does in PostgreSQL.
+        let small = parse("", "SELECT 'U'");
+        st.apply(0, &small, Some(prepared("", "SELECT 'U'")), &mut changes)
+            .unwrap();
+        assert!(st.get("").is_some());
+        let refused = st
+            .apply(0, &parse("", &big), Some(prepared("", &big)), &mut changes)
+            .unwrap_err();
+        assert_eq!(refused.code, "53400");
+        assert!(st.get("").is_none());
+        // Closing makes room again.
+        st.forget("s1");
+        assert!(st
+            .apply(
+                0,
+                &parse("s2", &big),
+                Some(prepared("s2", &big)),
+                &mut changes
+            )
+            .is_ok());
+
+        let batch = [parse("s2", "SELECT 3"), bind("s2"), execute(), sync()];
+        let uses = vec![None, st.get("s2").cloned(), None, None];
+        let refusals = [(
+            0,
+            Refusal {
+                code: "42P05",
+                message: "prepared statement \"s2\" already exists".into(),
+            },
+        )];
+        let mut on_server = ServerStatements::default();
+        let t = translate(&batch, &uses, &refusals, &mut on_server, 0, false).unwrap();
+        let sent = sent(&t);
+        assert_eq!(
+            sent[..3],
+            [
+                ('P', String::new()),
+                ('B', String::new()),
+                ('E', String::new())
+            ]
+        );
+        let raise = wire::frames(&t.bytes)
+            .next()
+            .map(|(_, b)| String::from_utf8_lossy(b).into_owned());
+        assert!(
+            raise.as_deref().is_some_and(|r| r.contains("DO $sb$BEGIN RAISE EXCEPTION USING ERRCODE = '42P05', MESSAGE = $m$prepared statement \"s2\" already exists$m$")),
+            "{raise:?}"
+        );
+        let injected = Step::Parse {
+            forward: false,
+            slot: 0,
+        };
+        assert_eq!(
+            t.plan.iter().take(3).copied().collect::<Vec<_>>(),
+            [injected, Step::BindQuiet, Step::Execute]
+        );
+        assert_eq!(&t.owners[..3], &[0, 0, 0]);
     }
 }

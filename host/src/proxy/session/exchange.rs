@@ -12,7 +12,7 @@ use crate::cluster::pool::Lease;
 use crate::config::UntrackedState;
 use crate::proxy::message::{Kind, Message};
 use crate::proxy::relay::{self, Outcome, RelayError, Step};
-use crate::proxy::statements::{is_server_name, translate, Uses};
+use crate::proxy::statements::{failed_messages, is_server_name, translate, Uses};
 use crate::route::guardrails::Routed;
 use crate::route::{NodeId, RouteInput, Statement, Target, TxState};
 use crate::sql::classify::{Classified, SessionEffect};
@@ -489,15 +489,17 @@ impl Session {
             let read_only = self.lease_is_read_only(judged);
             // A batch is rewritten for each connection it lands on.
             let mut translated;
-            let (bytes, mut plan, slots): (&[u8], _, &[Option<String>]) = match work {
-                Work::Query(bytes) => (bytes, VecDeque::from([Step::Query]), &[]),
+            let (bytes, mut plan, slots, owners): (&[u8], _, &[Option<String>], &[u32]) = match work
+            {
+                Work::Query(bytes) => (bytes, VecDeque::from([Step::Query]), &[], &[]),
                 Work::Batch(batch, uses) => {
                     // With SQL PREPARE the session is pinned: only then can
                     // its connection hold statements of the client's naming.
                     let pinned = self.pin_reason.is_some();
                     let conn = self.lease.as_mut().expect("acquired").conn();
                     let cap = self.live.config.pool.max_prepared_statements;
-                    translated = match translate(batch, uses, conn.prepared_mut(), cap, pinned) {
+                    let on_server = conn.prepared_mut();
+                    let t = match translate(batch, uses, &self.refused, on_server, cap, pinned) {
                         Ok(t) => {
                             if t.evicted > 0 {
                                 self.shared.metrics.prepared_evicted.fetch_add(
@@ -512,10 +514,13 @@ impl Session {
                             return Err(SessionError::Client(e));
                         }
                     };
+                    translated = t;
                     let plan = std::mem::take(&mut translated.plan);
-                    (&translated.bytes[..], plan, &translated.slots[..])
+                    let t = &translated;
+                    (&t.bytes[..], plan, &t.slots[..], &t.owners[..])
                 }
             };
+            let plan_len = plan.len();
             let mark = self.client.sent;
             let hold = retriable && read_only;
             failed_node = self.lease.as_ref().map(Lease::node);
@@ -596,6 +601,8 @@ impl Session {
                     );
                 }
                 Ok(outcome) => {
+                    self.failed_messages = failed_messages(owners, plan_len, &outcome.errors_left);
+                    self.batch_answered = true;
                     if let Some(lease) = self.lease.as_mut() {
                         if outcome.closes_unknown {
                             // Never reused: its statements are not known.

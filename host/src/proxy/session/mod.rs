@@ -25,7 +25,7 @@ use super::encoding::ClientEncoding;
 use super::message::{Kind, Message};
 use super::relay::{ClientIo, RelayError};
 use super::state::{attribute_values, startup_sets, SessionState};
-use super::statements::{Prepared, Statements};
+use super::statements::{Change, Prepared, Refusal, Statements, Uses};
 use super::Shared;
 use crate::cluster::pool::Lease;
 use crate::route::{Session as RouteSession, TxState};
@@ -56,6 +56,15 @@ pub struct Session {
     session_pooling: bool,
     temp_tables: HashSet<String>,
     statements: Statements,
+    /// What the batch in hand changed in `statements`, until its answers
+    /// show which of its messages ran.
+    changes: Vec<Change>,
+    /// The messages of the batch in hand at which the server failed, in
+    /// order, once an answer to it came (`batch_answered`).
+    failed_messages: Vec<usize>,
+    batch_answered: bool,
+    /// The Parses of the batch in hand that fail, and how.
+    refused: Vec<(usize, Refusal)>,
     batch: Vec<Message>,
     /// An error ended an exchange that had no Sync: the server now ignores
     /// every message up to the next Sync, and so does signalbox (no reply
@@ -170,6 +179,7 @@ impl Session {
         let startup = startup_sets(&params);
         let state = SessionState::new(&startup);
         let session_pooling = live.config.session_pooling(&user, &database);
+        let statements = Statements::new(live.config.clients.statement_memory_mb << 20);
         let cancel = Arc::new(super::CancelTarget::default());
         shared.cancel.register(key, cancel.clone());
         let mut s = Session {
@@ -189,7 +199,11 @@ impl Session {
             pin_reason: None,
             session_pooling,
             temp_tables: HashSet::new(),
-            statements: Statements::default(),
+            statements,
+            changes: Vec::new(),
+            failed_messages: Vec::new(),
+            batch_answered: false,
+            refused: Vec::new(),
             batch: Vec::new(),
             skipping: false,
             owes_ready: true,
@@ -502,7 +516,11 @@ impl Session {
         let mut first_sql: Option<Arc<str>> = None;
         let mut effects = Vec::new();
         let mut uses = Vec::with_capacity(batch.len());
-        for m in &batch {
+        self.changes.clear();
+        self.failed_messages.clear();
+        self.batch_answered = false;
+        self.refused.clear();
+        for (i, m) in batch.iter().enumerate() {
             let parsed = match &m.kind {
                 Kind::Parse {
                     name,
@@ -526,7 +544,13 @@ impl Session {
                 }
                 _ => None,
             };
-            let used = self.statements.apply(m, parsed);
+            let used = match self.statements.apply(i, m, parsed, &mut self.changes) {
+                Ok(used) => used,
+                Err(refusal) => {
+                    self.refused.push((i, refusal));
+                    None
+                }
+            };
             if let (Kind::Bind { .. }, Some(p)) = (&m.kind, &used) {
                 first_sql.get_or_insert_with(|| p.sql.clone());
                 classes.push(p.class.clone());
@@ -535,6 +559,7 @@ impl Session {
             uses.push(used);
         }
         if self.own_batch(&batch, &uses, &classes).await? {
+            self.settle_statements(&batch, &uses);
             return Ok(());
         }
         for class in &classes {
@@ -544,8 +569,22 @@ impl Session {
         let mut merged = merge(&classes);
         merged.effects = effects;
         let sql = first_sql.unwrap_or_else(|| Arc::from(""));
-        self.run_routed(&merged, &sql, Work::Batch(&batch, &uses))
-            .await
+        let ran = self
+            .run_routed(&merged, &sql, Work::Batch(&batch, &uses))
+            .await;
+        self.settle_statements(&batch, &uses);
+        ran
+    }
+
+    /// The client's statements after a batch ran: what the server skipped
+    /// or refused (`failed_messages`) did not happen, and nothing did if
+    /// no answer came (no node, the policy refused, the connection lost).
+    fn settle_statements(&mut self, batch: &[Message], uses: &Uses) {
+        let failed = std::mem::take(&mut self.failed_messages);
+        let ran = self.batch_answered.then_some(&failed[..]);
+        self.statements.settle(batch, uses, &mut self.changes, ran);
+        self.changes.clear();
+        self.failed_messages = failed;
     }
 }
 

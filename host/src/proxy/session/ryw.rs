@@ -219,10 +219,33 @@ impl Session {
         {
             return Ok(false);
         }
+        self.batch_answered = true;
         let mut bound: Option<OwnSetting> = None;
         let mut failed = false;
-        for (m, used) in batch.iter().zip(uses) {
+        let refusals = std::mem::take(&mut self.refused);
+        let mut refused_at = refusals.iter().peekable();
+        for (i, (m, used)) in batch.iter().zip(uses).enumerate() {
             if failed && m.kind != Kind::Sync {
+                continue;
+            }
+            let missing = match &m.kind {
+                Kind::Bind { statement, .. } if used.is_none() => Some(statement),
+                Kind::Describe { kind: b'S', name } if used.is_none() => Some(name),
+                _ => None,
+            };
+            let refused = refused_at.next_if(|r| r.0 == i).map(|r| &r.1);
+            let error = match (missing, refused) {
+                (_, Some(r)) => Some((r.code, r.message.clone())),
+                (Some(name), _) => Some((
+                    "26000",
+                    format!("prepared statement \"{name}\" does not exist"),
+                )),
+                _ => None,
+            };
+            if let Some((code, message)) = error {
+                wire::error_response(&mut self.client.out, "ERROR", code, &message);
+                self.failed_messages.push(i);
+                failed = true;
                 continue;
             }
             match &m.kind {
@@ -249,6 +272,9 @@ impl Session {
                 Kind::Execute { .. } => {
                     if let Some(setting) = bound.clone() {
                         failed = !self.own_setting(&setting, false);
+                        if failed {
+                            self.failed_messages.push(i);
+                        }
                     }
                 }
                 Kind::Sync => {
@@ -259,6 +285,10 @@ impl Session {
                 _ => {}
             }
         }
+        self.refused = refusals;
+        // An error with no Sync after it: what follows up to the client's
+        // Sync is skipped, as a server would.
+        self.skipping = failed;
         self.client.flush().await.map_err(SessionError::Client)?;
         Ok(true)
     }
