@@ -566,11 +566,25 @@ impl Session {
             self.free_database(class);
         }
         self.owes_ready = batch.last().is_some_and(|m| m.kind == Kind::Sync);
-        let mut merged = merge(&classes);
-        merged.effects = effects;
+        // Most batches prepare and run one statement (or run it again):
+        // that statement's verdict, not a merged copy of it.
+        let merged;
+        let class = match classes.split_first() {
+            Some((first, rest))
+                if rest.iter().all(|c| Arc::ptr_eq(c, first)) && first.effects == effects =>
+            {
+                &**first
+            }
+            _ => {
+                let mut m = merge(&classes);
+                m.effects = effects;
+                merged = m;
+                &merged
+            }
+        };
         let sql = first_sql.unwrap_or_else(|| Arc::from(""));
         let ran = self
-            .run_routed(&merged, &sql, Work::Batch(&batch, &uses))
+            .run_routed(class, &sql, Work::Batch(&batch, &uses))
             .await;
         self.settle_statements(&batch, &uses);
         ran
