@@ -78,9 +78,13 @@ pub fn failed_messages(owners: &[u32], plan_len: usize, errors_left: &[usize]) -
     errors_left
         .iter()
         .filter_map(|left| owners.get(plan_len.checked_sub(*left)?))
-        .map(|&m| if m == u32::MAX { 0 } else { m as usize })
+        .map(|&m| if m == u32::MAX { BEFORE } else { m as usize })
         .collect()
 }
+
+/// In [`failed_messages`]: a Close signalbox put in front of the batch
+/// failed, so the server skipped the batch up to its first Sync.
+pub const BEFORE: usize = usize::MAX;
 
 /// The client's statements by name ("" is the unnamed statement).
 #[derive(Default)]
@@ -90,6 +94,13 @@ pub struct Statements {
     /// What they hold ([`cost`]), and at most how much (0: no limit).
     bytes: usize,
     limit: usize,
+    /// Room freed by the batch in hand in its current Sync segment, and in
+    /// earlier ones. A Parse may use the first (were what freed it skipped
+    /// after an error, so would the Parse), not the second until the
+    /// answers show it was freed: a skipped Close is undone. (The session
+    /// ends a batch at its first Sync, so today only the first applies.)
+    freed: usize,
+    held_back: usize,
 }
 
 /// What a statement holds in signalbox, near enough.
@@ -177,7 +188,7 @@ impl Statements {
             });
         }
         let replaced = self.get(name).map_or(0, |old| cost(old));
-        if self.limit > 0 && self.bytes - replaced + cost(p) > self.limit {
+        if self.limit > 0 && self.bytes + self.held_back - replaced + cost(p) > self.limit {
             return Some(Refusal {
                 code: "53400",
                 message: format!(
@@ -206,6 +217,8 @@ impl Statements {
         self.named.clear();
         self.unnamed = None;
         self.bytes = 0;
+        self.freed = 0;
+        self.held_back = 0;
     }
 
     /// Apply message `at` of a batch to the client's names, in the batch's
@@ -239,6 +252,10 @@ impl Statements {
                 _,
             ) => return Ok(self.get(name).cloned()),
             (Kind::Close { kind: b'S', name }, _) => (name, None),
+            (Kind::Sync, _) => {
+                self.held_back += std::mem::take(&mut self.freed);
+                return Ok(None);
+            }
             _ => return Ok(None),
         };
         self.note(at, name, p.clone(), changes);
@@ -249,6 +266,7 @@ impl Statements {
     fn note(&mut self, at: usize, name: &str, p: Option<Arc<Prepared>>, changes: &mut Vec<Change>) {
         let defines = p.is_some();
         let before = self.put(name, p);
+        self.freed += before.as_deref().map_or(0, cost);
         if defines || before.is_some() {
             changes.push(Change { at, before });
         }
@@ -270,6 +288,9 @@ impl Statements {
         const RAN: u8 = 0;
         const SKIPPED: u8 = 1;
         const FAILED: u8 = 2;
+        // What is left now stands for what ran.
+        self.freed = 0;
+        self.held_back = 0;
         let fate = match failed {
             Some([]) => {
                 changes.clear();
@@ -279,7 +300,8 @@ impl Statements {
             Some(failed) => {
                 let mut fate = vec![RAN; batch.len()];
                 for &f in failed {
-                    let segment = batch.iter().enumerate().skip(f);
+                    let start = if f == BEFORE { 0 } else { f };
+                    let segment = batch.iter().enumerate().skip(start);
                     for (i, _) in segment.take_while(|(_, m)| m.kind != Kind::Sync) {
                         fate[i] = SKIPPED;
                     }
@@ -1013,7 +1035,7 @@ mod tests {
             t.plan
         );
         assert_eq!(t.owners[closed], 0, "{:?}", t.plan);
-        assert_eq!(failed_messages(&t.owners, n, &[n]), vec![0]);
+        assert_eq!(failed_messages(&t.owners, n, &[n]), vec![BEFORE]);
     }
 
     /// A Parse of a name the client has fails as in PostgreSQL (42P05), as
@@ -1066,6 +1088,29 @@ mod tests {
             .unwrap_err();
         assert_eq!(refused.code, "53400");
         assert!(st.get("").is_none());
+        // Room a Close frees counts in its own Sync segment only: a Close
+        // the server skips after an error is undone, and a Parse after the
+        // Sync would then be beyond the limit.
+        for (same_segment, fits) in [(false, false), (true, true)] {
+            let mut st = Statements::new(2400);
+            let mut changes = Vec::new();
+            apply_noting(&mut st, &[parse("a", &big), sync()], &mut changes);
+            changes.clear();
+            let mut batch = vec![close("a"), sync(), parse("b", &big), sync()];
+            if same_segment {
+                batch.remove(1);
+            }
+            let last = batch.len() - 2;
+            let got: Vec<_> = batch
+                .iter()
+                .enumerate()
+                .map(|(i, m)| {
+                    let parsed = (i == last).then(|| prepared("b", &big));
+                    st.apply(i, m, parsed, &mut changes)
+                })
+                .collect();
+            assert_eq!(got[last].is_ok(), fits, "same segment: {same_segment}");
+        }
         // Closing makes room again.
         st.forget("s1");
         assert!(st

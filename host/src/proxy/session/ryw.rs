@@ -225,6 +225,8 @@ impl Session {
         let refusals = std::mem::take(&mut self.refused);
         let mut refused_at = refusals.iter().peekable();
         for (i, (m, used)) in batch.iter().zip(uses).enumerate() {
+            // (Refusals of messages skipped after an error go unanswered.)
+            while refused_at.next_if(|r| r.0 < i).is_some() {}
             if failed && m.kind != Kind::Sync {
                 continue;
             }
