@@ -348,9 +348,9 @@ fn misbehaving_new_version_is_rolled_back() {
 fn fifty_reloads_under_concurrent_load_fail_no_call() {
     // What fails a call here must be the reload, not the clock: on a
     // starved two-core machine (four callers, fifty compilations, a test
-    // suite beside them) a first call into a fresh instance once spent
-    // more than the default 2 ms deadline's share of its own CPU time and
-    // fell back ("fallback:timeout"). Deadlines have tests of their own.
+    // suite beside them) one call once spent more than the default 2 ms
+    // deadline's share of its own CPU time and fell back
+    // ("fallback:timeout"). Deadlines have tests of their own.
     let mut s = settings(Path::new(""));
     s.limits.deadline = Duration::from_millis(500);
     let live = start_with_settings(&example("rw-split"), s);
