@@ -479,39 +479,67 @@ impl DbCatalog {
             read_only: true,
             reasons: Vec::new(),
         };
-        let note = |v: &Verdict, j: &mut Judgement| {
+        self.visit(facts, &mut |v| {
             j.read_only &= v.safe;
             j.reasons.push(v.why.to_string());
+            true
+        });
+        j
+    }
+
+    /// Whether a statement's facts are read-only: [`Self::judge`] without
+    /// the reasons, allocating nothing (it runs on every routed statement).
+    pub fn read_only(&self, facts: &Facts) -> bool {
+        let mut safe = true;
+        self.visit(facts, &mut |v| {
+            safe &= v.safe;
+            safe
+        });
+        safe
+    }
+
+    /// Every verdict that bears on `facts`, in order, until `note` says stop.
+    fn visit(&self, facts: &Facts, note: &mut dyn FnMut(&Verdict) -> bool) {
+        let missing = |what: std::fmt::Arguments<'_>, note: &mut dyn FnMut(&Verdict) -> bool| {
+            note(&Verdict::unsafe_(format!("{what}: not in the catalog")))
         };
         for f in &facts.calls {
-            match lookup(&self.functions, f).as_slice() {
-                [] => note(
-                    &Verdict::unsafe_(format!("{}: not in the catalog", f.display())),
-                    &mut j,
-                ),
-                found => found.iter().for_each(|(_, v)| note(v, &mut j)),
+            let mut found = lookup(&self.functions, f).peekable();
+            if found.peek().is_none() {
+                if !missing(format_args!("{}", f.display()), note) {
+                    return;
+                }
+            } else if !found.all(|(_, v)| note(v)) {
+                return;
             }
         }
         // `t.name` is a column unless a function of that name exists; then
         // it may be a call `name(t)`, judged like one.
         for a in &facts.attributes {
-            for (_, v) in self.functions.get(a).into_iter().flatten() {
-                note(v, &mut j);
+            if !self
+                .functions
+                .get(a)
+                .into_iter()
+                .flatten()
+                .all(|(_, v)| note(v))
+            {
+                return;
             }
         }
         for r in &facts.relations {
-            match lookup(&self.relations, r).as_slice() {
-                [] => note(
-                    &Verdict::unsafe_(format!("{}: not in the catalog", r.display())),
-                    &mut j,
-                ),
-                found => found.iter().for_each(|(_, v)| note(v, &mut j)),
+            let mut found = lookup(&self.relations, r).peekable();
+            if found.peek().is_none() {
+                if !missing(format_args!("{}", r.display()), note) {
+                    return;
+                }
+            } else if !found.all(|(_, v)| note(v)) {
+                return;
             }
         }
         for op in &facts.operators {
             for (schema, v) in self.operators.get(&op.name).into_iter().flatten() {
-                if op.schema.as_ref().is_none_or(|s| s == schema) {
-                    note(v, &mut j);
+                if op.schema.as_ref().is_none_or(|s| s == schema) && !note(v) {
+                    return;
                 }
             }
             // A qualified operator outside pg_catalog must exist as a user one.
@@ -520,14 +548,11 @@ impl DbCatalog {
                     .operators
                     .get(&op.name)
                     .is_some_and(|v| v.iter().any(|(s, _)| Some(s) == op.schema.as_ref()))
+                && !missing(format_args!("operator {}", op.display()), note)
             {
-                note(
-                    &Verdict::unsafe_(format!("operator {}: not in the catalog", op.display())),
-                    &mut j,
-                );
+                return;
             }
         }
-        j
     }
 }
 
@@ -539,19 +564,17 @@ fn push_unique(list: &mut Vec<(String, Verdict)>, schema: &str, v: Verdict) {
     }
 }
 
+/// The verdicts of the objects `name` may mean.
 fn lookup<'a>(
     map: &'a HashMap<String, Vec<(String, Verdict)>>,
-    name: &Name,
-) -> Vec<&'a (String, Verdict)> {
-    let Some(all) = map.get(&name.name) else {
-        return Vec::new();
-    };
+    name: &'a Name,
+) -> impl Iterator<Item = &'a (String, Verdict)> + 'a {
     // The client's search_path is not known: an unqualified name may be
     // any schema's object of that name (a user overload of a built-in too).
-    match &name.schema {
-        Some(s) => all.iter().filter(|(schema, _)| schema == s).collect(),
-        None => all.iter().collect(),
-    }
+    map.get(&name.name)
+        .into_iter()
+        .flatten()
+        .filter(move |(schema, _)| name.schema.as_ref().is_none_or(|s| s == schema))
 }
 
 /// A relation whose partitions or inheritance children include an
@@ -829,7 +852,11 @@ mod tests {
     fn judge(cat: &DbCatalog, sql: &str) -> Judgement {
         let c = classify(sql);
         assert!(c.facts.catalog_candidate, "{sql}");
-        cat.judge(&c.facts)
+        let j = cat.judge(&c.facts);
+        // The routing path's verdict, which stops at the first unsafe fact
+        // and keeps no reasons, is the same.
+        assert_eq!(cat.read_only(&c.facts), j.read_only, "{sql}");
+        j
     }
 
     #[test]

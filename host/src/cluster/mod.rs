@@ -65,8 +65,8 @@ impl crate::route::LiveCounts for Counts {
         self.pools.in_flight(node)
     }
 
-    fn idle(&self) -> Vec<u32> {
-        self.pools.idle()
+    fn add_idle(&self, idle: &mut [u32]) {
+        self.pools.add_idle(idle)
     }
 
     fn latency_us(&self, node: NodeId) -> u32 {

@@ -288,10 +288,17 @@ impl Pools {
     /// Idle connections per node.
     pub fn idle(&self) -> Vec<u32> {
         let mut idle = vec![0u32; self.nodes.len()];
-        for (node, p) in self.listed.load().iter() {
-            idle[*node as usize] += p.status().available as u32;
-        }
+        self.add_idle(&mut idle);
         idle
+    }
+
+    /// [`Self::idle`] added into a slice (indexed by node).
+    pub fn add_idle(&self, idle: &mut [u32]) {
+        for (node, p) in self.listed.load().iter() {
+            if let Some(slot) = idle.get_mut(*node as usize) {
+                *slot += p.status().available as u32;
+            }
+        }
     }
 
     /// Close every pool: idle connections now, checked-out ones when they

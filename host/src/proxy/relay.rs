@@ -47,14 +47,22 @@ pub enum Step {
     Scrub,
 }
 
+/// The command tag of a `CommandComplete`, as far as the session needs it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LastTag {
+    Commit,
+    Rollback,
+    Other,
+}
+
 /// What the exchange ended with.
 #[derive(Debug, Default)]
 pub struct Outcome {
     /// Transaction status of the last `ReadyForQuery`, if one arrived.
     pub status: Option<u8>,
     pub error: bool,
-    /// Tag of the last `CommandComplete`, e.g. `COMMIT`.
-    pub last_tag: Option<String>,
+    /// Tag of the last `CommandComplete`.
+    pub last_tag: Option<LastTag>,
     /// Parse slots skipped or failed because of an error: those statements
     /// are not prepared on the connection.
     pub failed_parses: Vec<u32>,
@@ -630,7 +638,11 @@ fn handle(
         b'C' | b'I' | b's' => {
             if frame.tag == b'C' {
                 let tag = frame.body.strip_suffix(&[0]).unwrap_or(&frame.body);
-                outcome.last_tag = Some(String::from_utf8_lossy(tag).into_owned());
+                outcome.last_tag = Some(match tag {
+                    b"COMMIT" => LastTag::Commit,
+                    b"ROLLBACK" => LastTag::Rollback,
+                    _ => LastTag::Other,
+                });
             }
             if front == Some(Step::Execute) {
                 plan.pop_front();

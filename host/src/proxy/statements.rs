@@ -45,10 +45,14 @@ impl Prepared {
         } else {
             server_name(&text, &param_types, encoding)
         };
+        // Copied out of the client's read buffer, which the statement
+        // would otherwise keep alive whole (8 KiB or more for a few bytes,
+        // for as long as the name lives) and which could then not be
+        // reused for the client's next read.
         Self {
             sql,
-            text,
-            param_types,
+            text: Bytes::copy_from_slice(&text),
+            param_types: Bytes::copy_from_slice(&param_types),
             server_name,
             class,
         }
@@ -56,7 +60,7 @@ impl Prepared {
 }
 
 /// A batch rewritten for one connection.
-#[derive(Debug)]
+#[derive(Debug, Default)]
 pub struct Translated {
     pub bytes: BytesMut,
     /// The answers the server owes (or signalbox makes up), in order.
@@ -375,13 +379,27 @@ pub fn translate(
     cap: usize,
     sql_prepared: bool,
 ) -> Result<Translated, WireError> {
-    let mut t = Translated {
-        bytes: BytesMut::new(),
-        plan: VecDeque::new(),
-        slots: Vec::new(),
-        evicted: 0,
-        owners: Vec::with_capacity(batch.len() + 2),
-    };
+    let mut t = Translated::default();
+    translate_into(&mut t, batch, uses, refused, on_server, cap, sql_prepared)?;
+    Ok(t)
+}
+
+/// [`translate`] into `t`, reusing its buffers (the session keeps one).
+pub fn translate_into(
+    t: &mut Translated,
+    batch: &[Message],
+    uses: &Uses,
+    refused: &[(usize, Refusal)],
+    on_server: &mut ServerStatements,
+    cap: usize,
+    sql_prepared: bool,
+) -> Result<(), WireError> {
+    t.bytes.clear();
+    t.plan.clear();
+    t.slots.clear();
+    t.evicted = 0;
+    t.owners.clear();
+    t.owners.reserve(batch.len() + 2);
     let mut refused = refused.iter().peekable();
     on_server.start_batch();
     let mut unnamed = Unnamed::Unknown;
@@ -461,7 +479,7 @@ pub fn translate(
     if batch.iter().any(|m| m.kind != Kind::Sync) {
         t.close_first(on_server.evict(cap));
     }
-    Ok(t)
+    Ok(())
 }
 
 impl Translated {
@@ -616,6 +634,43 @@ mod tests {
             }
             .encode_into(o)
         })
+    }
+
+    #[test]
+    fn a_statement_keeps_none_of_the_clients_read_buffer() {
+        // A Parse decoded from a buffer that holds more than it: what the
+        // statement keeps must not point into that buffer, or each name
+        // would keep a whole read buffer alive (beyond what the statement
+        // memory limit counts) and the buffer could not be reused.
+        let mut buffer = BytesMut::new();
+        wire::parse(&mut buffer, "s1", b"SELECT $1::int", &[0, 1, 0, 0, 0, 23]);
+        buffer.extend_from_slice(&[0; 4096]);
+        let range = buffer.as_ptr() as usize..buffer.as_ptr() as usize + buffer.len();
+        let frame = wire::take_frame(&mut buffer, 1 << 20).unwrap().unwrap();
+        let Kind::Parse {
+            name,
+            text,
+            param_types,
+        } = Message::decode(frame).unwrap().kind
+        else {
+            panic!("not a Parse");
+        };
+        assert!(
+            range.contains(&(text.as_ptr() as usize)),
+            "the test's premise"
+        );
+        let p = Prepared::new(
+            &name,
+            Arc::from("SELECT $1::int"),
+            text,
+            param_types,
+            Arc::new(Classified::nothing()),
+            "UTF8",
+        );
+        assert_eq!(&p.text[..], b"SELECT $1::int");
+        assert_eq!(&p.param_types[..], &[0, 1, 0, 0, 0, 23]);
+        assert!(!range.contains(&(p.text.as_ptr() as usize)));
+        assert!(!range.contains(&(p.param_types.as_ptr() as usize)));
     }
 
     /// The client's view of a batch, as the session builds it.

@@ -135,9 +135,7 @@ mod tests {
                     (n + 1) % 3
                 }
             }
-            fn idle(&self) -> Vec<u32> {
-                vec![0; 3]
-            }
+            fn add_idle(&self, _: &mut [u32]) {}
             fn latency_us(&self, _: NodeId) -> u32 {
                 0
             }

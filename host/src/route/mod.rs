@@ -33,6 +33,12 @@ pub struct Statement {
 }
 
 impl Statement {
+    /// Empty text, shared: for a statement slot that holds none.
+    pub fn no_sql() -> Arc<str> {
+        static EMPTY: std::sync::LazyLock<Arc<str>> = std::sync::LazyLock::new(|| Arc::from(""));
+        EMPTY.clone()
+    }
+
     pub fn new(kind: StatementKind, read_only: bool, sql: &str) -> Self {
         Self {
             kind,
@@ -128,12 +134,15 @@ pub fn next_generation() -> u64 {
     NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
 }
 
+/// Clusters up to this size are described to a policy without allocating.
+pub const STACK_NODES: usize = 16;
+
 /// Counters that change with every statement (pool use, exchange times):
 /// read from their source when asked, not copied into each view.
 pub trait LiveCounts: Send + Sync + std::fmt::Debug {
     fn in_flight(&self, node: NodeId) -> u32;
-    /// Idle connections of every node.
-    fn idle(&self) -> Vec<u32>;
+    /// Add every node's idle connections to `idle` (indexed by node).
+    fn add_idle(&self, idle: &mut [u32]);
     fn latency_us(&self, node: NodeId) -> u32;
 }
 
@@ -170,11 +179,17 @@ impl ClusterView {
         }
     }
 
-    /// Idle pooled connections of every node.
-    pub fn idle(&self) -> Vec<u32> {
+    /// Idle pooled connections of every node, into `idle` (indexed by
+    /// node, zeroed first).
+    pub fn idle_into(&self, idle: &mut [u32]) {
+        idle.fill(0);
         match &self.live {
-            Some(l) => l.idle(),
-            None => self.states.iter().map(|s| s.idle).collect(),
+            Some(l) => l.add_idle(idle),
+            None => {
+                for (slot, s) in idle.iter_mut().zip(&self.states) {
+                    *slot = s.idle;
+                }
+            }
         }
     }
 
@@ -206,25 +221,43 @@ impl ClusterView {
 
     /// Every node's live state as the policy contract carries it.
     pub fn contract_states(&self, session: &Session) -> Vec<signalbox_policy::packed::State> {
-        let idle = self.idle();
-        self.states
-            .iter()
-            .enumerate()
-            .map(|(i, s)| {
-                let id = i as NodeId;
-                signalbox_policy::packed::State {
-                    id,
-                    role: s.role,
-                    healthy: s.healthy,
-                    replayed_last_write: self.replayed(id, session),
-                    lag_ms: s.lag_ms,
-                    latency_us: self.latency_us(id),
-                    lag_bytes: s.lag_bytes,
-                    in_flight: self.in_flight(id),
-                    idle: idle.get(i).copied().unwrap_or(0),
-                }
-            })
-            .collect()
+        let mut states = Vec::with_capacity(self.states.len());
+        self.each_contract_state(session, |s| states.push(s));
+        states
+    }
+
+    /// [`Self::contract_states`] one by one, allocating nothing for the
+    /// clusters of up to [`STACK_NODES`] nodes (a policy call asks for them
+    /// on every statement).
+    pub fn each_contract_state(
+        &self,
+        session: &Session,
+        mut each: impl FnMut(signalbox_policy::packed::State),
+    ) {
+        let mut stack = [0u32; STACK_NODES];
+        let mut heap = Vec::new();
+        let idle = match stack.get_mut(..self.states.len()) {
+            Some(idle) => idle,
+            None => {
+                heap.resize(self.states.len(), 0);
+                &mut heap[..]
+            }
+        };
+        self.idle_into(idle);
+        for (i, s) in self.states.iter().enumerate() {
+            let id = i as NodeId;
+            each(signalbox_policy::packed::State {
+                id,
+                role: s.role,
+                healthy: s.healthy,
+                replayed_last_write: self.replayed(id, session),
+                lag_ms: s.lag_ms,
+                latency_us: self.latency_us(id),
+                lag_bytes: s.lag_bytes,
+                in_flight: self.in_flight(id),
+                idle: idle[i],
+            });
+        }
     }
 
     /// Whether node `id` has replayed `session`'s last write.
@@ -243,4 +276,58 @@ pub struct RouteInput {
     pub statement: Arc<Statement>,
     pub session: Arc<Session>,
     pub cluster: Arc<ClusterView>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Live counters where node `n` has `10 * n` idle connections, spread
+    /// over two pools each.
+    #[derive(Debug)]
+    struct Counted;
+
+    impl LiveCounts for Counted {
+        fn in_flight(&self, node: NodeId) -> u32 {
+            node + 1
+        }
+        fn add_idle(&self, idle: &mut [u32]) {
+            for _pool in 0..2 {
+                for (n, slot) in idle.iter_mut().enumerate() {
+                    *slot += 5 * n as u32;
+                }
+            }
+        }
+        fn latency_us(&self, node: NodeId) -> u32 {
+            100 + node
+        }
+    }
+
+    fn view(nodes: usize) -> ClusterView {
+        let info = (0..nodes)
+            .map(|i| NodeInfo::new(&format!("n{i}"), 1, []))
+            .collect();
+        let mut states = vec![NodeState::up(Role::Replica); nodes];
+        states[0] = NodeState::up(Role::Primary);
+        let mut v = ClusterView::fixed(1, Arc::new(info), states);
+        v.live = Some(Arc::new(Counted));
+        v
+    }
+
+    #[test]
+    fn each_node_is_described_with_its_own_live_counts_at_any_cluster_size() {
+        // Up to STACK_NODES the idle counts are gathered on the stack;
+        // beyond, on the heap: both must describe every node.
+        for nodes in [1, 3, STACK_NODES, STACK_NODES + 1, 40] {
+            let states = view(nodes).contract_states(&Session::default());
+            assert_eq!(states.len(), nodes);
+            for (i, s) in states.iter().enumerate() {
+                assert_eq!(s.id, i as NodeId);
+                assert_eq!(s.idle, 10 * i as u32, "{nodes} nodes, node {i}");
+                assert_eq!(s.in_flight, i as u32 + 1);
+                assert_eq!(s.latency_us, 100 + i as u32);
+            }
+            assert_eq!(states[0].role, Role::Primary);
+        }
+    }
 }

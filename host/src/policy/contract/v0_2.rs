@@ -73,9 +73,9 @@ impl host::Host for HostState {
         self.with_input(|input| {
             let cluster = &input.cluster;
             let mut words = Vec::with_capacity(cluster.states.len() * packed::WORDS);
-            for s in cluster.contract_states(&input.session) {
+            cluster.each_contract_state(&input.session, |s| {
                 words.extend_from_slice(&packed::encode(&s));
-            }
+            });
             words
         })
     }

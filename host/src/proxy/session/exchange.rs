@@ -11,8 +11,8 @@ use super::{Session, SessionError};
 use crate::cluster::pool::Lease;
 use crate::config::UntrackedState;
 use crate::proxy::message::{Kind, Message};
-use crate::proxy::relay::{self, Outcome, RelayError, Step};
-use crate::proxy::statements::{failed_messages, is_server_name, translate, Uses};
+use crate::proxy::relay::{self, LastTag, Outcome, RelayError, Step};
+use crate::proxy::statements::{failed_messages, is_server_name, translate_into, Translated, Uses};
 use crate::route::guardrails::Routed;
 use crate::route::{NodeId, RouteInput, Statement, Target, TxState};
 use crate::sql::classify::{Classified, SessionEffect};
@@ -25,9 +25,35 @@ const MAX_REPLAY_WAIT_MS: u32 = 10_000;
 /// extended-protocol messages to rewrite for the connection.
 #[derive(Clone, Copy)]
 pub(super) enum Work<'a> {
-    Query(&'a [u8]),
+    Query(&'a Frame),
     /// A batch, with the statement each message names.
     Batch(&'a [Message], &'a Uses),
+}
+
+/// What an exchange writes and expects, kept by the session between
+/// statements: the common path then allocates nothing.
+#[derive(Default)]
+pub(super) struct Scratch {
+    translated: Translated,
+    plan: VecDeque<Step>,
+}
+
+impl Scratch {
+    /// A large batch's buffer is not kept by an idle session.
+    fn keep_small(&mut self) {
+        const KEEP: usize = 16 << 10;
+        if self.translated.bytes.capacity() > KEEP {
+            self.translated.bytes = bytes::BytesMut::new();
+        }
+        if self.plan.capacity() > 256 {
+            self.plan = VecDeque::new();
+        }
+        let t = &mut self.translated;
+        if t.owners.capacity() > 256 || t.slots.capacity() > 256 || t.plan.capacity() > 256 {
+            *t = Translated::default();
+        }
+        t.slots.clear();
+    }
 }
 
 /// How an exchange lost its server connection.
@@ -218,8 +244,17 @@ impl Session {
             functions: class.functions.clone(),
             hints: class.hints.clone(),
         };
+        // The last statement's allocation is reused: nothing keeps the
+        // routing input once routed (a shadow sample copies what it needs).
+        let statement = match Arc::get_mut(&mut self.route_statement) {
+            Some(slot) => {
+                *slot = statement;
+                self.route_statement.clone()
+            }
+            None => Arc::new(statement),
+        };
         let input = RouteInput {
-            statement: Arc::new(statement),
+            statement,
             session: self.route_session.clone(),
             cluster: self.live.cluster.view(),
         };
@@ -472,9 +507,26 @@ impl Session {
     async fn run_routed_here(
         &mut self,
         class: &Classified,
+        judged: bool,
+        sql: &Arc<str>,
+        work: Work<'_>,
+    ) -> Result<(), SessionError> {
+        let mut scratch = std::mem::take(&mut self.scratch);
+        let ran = self
+            .run_routed_with(class, judged, sql, work, &mut scratch)
+            .await;
+        scratch.keep_small();
+        self.scratch = scratch;
+        ran
+    }
+
+    async fn run_routed_with(
+        &mut self,
+        class: &Classified,
         mut judged: bool,
         sql: &Arc<str>,
         work: Work<'_>,
+        scratch: &mut Scratch,
     ) -> Result<(), SessionError> {
         let mut failed_node = None;
         // A connection held from earlier work (a transaction, a pin, a
@@ -488,10 +540,15 @@ impl Session {
             }
             let read_only = self.lease_is_read_only(judged);
             // A batch is rewritten for each connection it lands on.
-            let mut translated;
-            let (bytes, mut plan, slots, owners): (&[u8], _, &[Option<String>], &[u32]) = match work
-            {
-                Work::Query(bytes) => (bytes, VecDeque::from([Step::Query]), &[], &[]),
+            let Scratch { translated, plan } = scratch;
+            plan.clear();
+            let (bytes, slots, owners): (&[u8], &[Option<String>], &[u32]) = match work {
+                Work::Query(frame) => {
+                    translated.bytes.clear();
+                    frame.encode_into(&mut translated.bytes);
+                    plan.push_back(Step::Query);
+                    (&translated.bytes[..], &[], &[])
+                }
                 Work::Batch(batch, uses) => {
                     // With SQL PREPARE the session is pinned: only then can
                     // its connection hold statements of the client's naming.
@@ -499,25 +556,23 @@ impl Session {
                     let conn = self.lease.as_mut().expect("acquired").conn();
                     let cap = self.live.config.pool.max_prepared_statements;
                     let on_server = conn.prepared_mut();
-                    let t = match translate(batch, uses, &self.refused, on_server, cap, pinned) {
-                        Ok(t) => {
+                    let t = &mut *translated;
+                    match translate_into(t, batch, uses, &self.refused, on_server, cap, pinned) {
+                        Ok(()) => {
                             if t.evicted > 0 {
                                 self.shared.metrics.prepared_evicted.fetch_add(
                                     t.evicted as u64,
                                     std::sync::atomic::Ordering::Relaxed,
                                 );
                             }
-                            t
                         }
                         Err(e) => {
                             self.fatal("08P01", &e.to_string()).await;
                             return Err(SessionError::Client(e));
                         }
                     };
-                    translated = t;
-                    let plan = std::mem::take(&mut translated.plan);
-                    let t = &translated;
-                    (&t.bytes[..], plan, &t.slots[..], &t.owners[..])
+                    std::mem::swap(plan, &mut t.plan);
+                    (&t.bytes[..], &t.slots[..], &t.owners[..])
                 }
             };
             let plan_len = plan.len();
@@ -562,7 +617,7 @@ impl Session {
             } else {
                 bytes
             };
-            let exchanged = self.exchange(bytes, &mut plan, hold).await;
+            let exchanged = self.exchange(bytes, plan, hold).await;
             self.client.defer_ready = false;
             match exchanged? {
                 Ok(outcome) if outcome.standby_refused && self.may_run_again(hold, mark) => {
@@ -627,7 +682,7 @@ impl Session {
                         // hide a commit; a needless record costs a wait).
                         // (`COMMIT AND CHAIN` commits and opens the next.)
                         let chained = outcome.status == Some(b'T')
-                            && outcome.last_tag.as_deref() == Some("COMMIT");
+                            && outcome.last_tag == Some(LastTag::Commit);
                         // (`COMMIT PREPARED` makes a prepared transaction's
                         // writes visible now, whoever wrote them.)
                         let prepared = outcome.status == Some(b'I') && class.commits_prepared;
@@ -643,8 +698,7 @@ impl Session {
                             }
                         }
                     }
-                    if outcome.status == Some(b'I') || outcome.last_tag.as_deref() == Some("COMMIT")
-                    {
+                    if outcome.status == Some(b'I') || outcome.last_tag == Some(LastTag::Commit) {
                         self.tx_wrote = false;
                     }
                     // An error with no Sync after it: the server skips to
@@ -730,8 +784,11 @@ impl Session {
         }
         match self.shared.catalogs.get(&self.database) {
             Some(cat) => {
-                let j = cat.judge(&class.facts);
-                if !j.read_only || class.read_only != j.read_only {
+                let read_only = cat.read_only(&class.facts);
+                if (!read_only || class.read_only != read_only)
+                    && tracing::enabled!(tracing::Level::DEBUG)
+                {
+                    let j = cat.judge(&class.facts);
                     tracing::debug!(
                         session = self.id,
                         read_only = j.read_only,
@@ -739,7 +796,7 @@ impl Session {
                         "catalog verdict"
                     );
                 }
-                j.read_only
+                read_only
             }
             None => class.read_only,
         }
@@ -1030,7 +1087,7 @@ impl Session {
         if self.tx == TxState::Idle {
             // A transaction that ended in ROLLBACK undoes its SETs, including
             // those sent in the same message as the ROLLBACK.
-            let committed = outcome.last_tag.as_deref() != Some("ROLLBACK");
+            let committed = outcome.last_tag != Some(LastTag::Rollback);
             let mut all = std::mem::take(&mut self.pending_effects);
             all.extend(effects);
             if !committed {

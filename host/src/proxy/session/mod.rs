@@ -19,8 +19,6 @@ use std::collections::HashSet;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
-use bytes::BytesMut;
-
 use super::encoding::ClientEncoding;
 use super::message::{Kind, Message};
 use super::relay::{ClientIo, RelayError};
@@ -66,6 +64,9 @@ pub struct Session {
     /// The Parses of the batch in hand that fail, and how.
     refused: Vec<(usize, Refusal)>,
     batch: Vec<Message>,
+    /// The statement each message of the batch in hand names, and the
+    /// verdicts it runs under: vectors kept for the next batch.
+    batch_scratch: (Vec<Option<Arc<Prepared>>>, Vec<Arc<Classified>>),
     /// An error ended an exchange that had no Sync: the server now ignores
     /// every message up to the next Sync, and so does signalbox (no reply
     /// is owed for them).
@@ -98,6 +99,11 @@ pub struct Session {
     /// see (a function, procedure or DO block): no more reads elsewhere.
     untracked_state: bool,
     route_session: Arc<RouteSession>,
+    /// The policy-visible statement: one allocation per session, refilled
+    /// for each statement routed.
+    route_statement: Arc<crate::route::Statement>,
+    /// Buffers of the exchange in hand, kept for the next.
+    scratch: exchange::Scratch,
     /// Pool handles by node, looked up once per session.
     pools: Vec<Option<crate::cluster::pool::Pool>>,
     application_name: String,
@@ -205,6 +211,7 @@ impl Session {
             batch_answered: false,
             refused: Vec::new(),
             batch: Vec::new(),
+            batch_scratch: Default::default(),
             skipping: false,
             owes_ready: true,
             catalog_dirty: false,
@@ -218,6 +225,12 @@ impl Session {
             trace: false,
             untracked_state: false,
             route_session: Arc::default(),
+            scratch: exchange::Scratch::default(),
+            route_statement: Arc::new(crate::route::Statement::new(
+                crate::route::StatementKind::Utility,
+                false,
+                "",
+            )),
             pools: Vec::new(),
             application_name,
             client_addr: peer,
@@ -318,6 +331,10 @@ impl Session {
             if self.batch.is_empty() {
                 // Every message read so far has been run or dropped.
                 self.client.release_held();
+                if let Some(slot) = Arc::get_mut(&mut self.route_statement) {
+                    // An idle session keeps no statement text alive.
+                    slot.sql = crate::route::Statement::no_sql();
+                }
             }
             // What the held connection sent along with its last answer
             // (a notification of the client's own NOTIFY) goes out first.
@@ -451,10 +468,10 @@ impl Session {
     /// Statement text in the client encoding as UTF-8, and whether it could
     /// be read; if not, the text is a lossy copy, good for nothing but the
     /// primary.
-    fn readable(&self, text: &[u8]) -> (String, bool) {
+    fn readable<'a>(&self, text: &'a [u8]) -> (std::borrow::Cow<'a, str>, bool) {
         match self.encoding.decode(text) {
-            Some(sql) => (sql.into_owned(), true),
-            None => (String::from_utf8_lossy(text).into_owned(), false),
+            Some(sql) => (sql, true),
+            None => (String::from_utf8_lossy(text), false),
         }
     }
 
@@ -486,8 +503,7 @@ impl Session {
             return Ok(());
         }
         let sql: Arc<str> = Arc::from(sql);
-        let bytes = frame_bytes(frame);
-        self.run_routed(&class, &sql, Work::Query(&bytes)).await
+        self.run_routed(&class, &sql, Work::Query(frame)).await
     }
 
     /// Our idle connections must not block DROP DATABASE, CREATE DATABASE
@@ -501,6 +517,25 @@ impl Session {
     /// Route and run the extended-protocol messages received up to Sync/Flush.
     async fn run_batch(&mut self) -> Result<(), SessionError> {
         let mut batch = std::mem::take(&mut self.batch);
+        let (mut uses, mut classes) = std::mem::take(&mut self.batch_scratch);
+        let ran = self.run_batch_of(&mut batch, &mut uses, &mut classes).await;
+        // The vectors are kept for the next batch (not a long one's).
+        batch.clear();
+        uses.clear();
+        classes.clear();
+        if batch.capacity() <= 64 && uses.capacity() <= 64 && classes.capacity() <= 64 {
+            self.batch = batch;
+            self.batch_scratch = (uses, classes);
+        }
+        ran
+    }
+
+    async fn run_batch_of(
+        &mut self,
+        batch: &mut Vec<Message>,
+        uses: &mut Vec<Option<Arc<Prepared>>>,
+        classes: &mut Vec<Arc<Classified>>,
+    ) -> Result<(), SessionError> {
         if self.skipping {
             // Only the Sync counts (PostgreSQL discards the rest unanswered);
             // a Flush-ended batch has nothing to send at all.
@@ -512,10 +547,8 @@ impl Session {
         }
         // Apply the batch to the client's statements in order (a name can
         // change meaning within it) and classify what it prepares/executes.
-        let mut classes: Vec<Arc<Classified>> = Vec::new();
         let mut first_sql: Option<Arc<str>> = None;
         let mut effects = Vec::new();
-        let mut uses = Vec::with_capacity(batch.len());
         self.changes.clear();
         self.failed_messages.clear();
         self.batch_answered = false;
@@ -558,11 +591,11 @@ impl Session {
             }
             uses.push(used);
         }
-        if self.own_batch(&batch, &uses, &classes).await? {
-            self.settle_statements(&batch, &uses);
+        if self.own_batch(batch, uses, classes).await? {
+            self.settle_statements(batch, uses);
             return Ok(());
         }
-        for class in &classes {
+        for class in classes.iter() {
             self.free_database(class);
         }
         self.owes_ready = batch.last().is_some_and(|m| m.kind == Kind::Sync);
@@ -576,17 +609,15 @@ impl Session {
                 &**first
             }
             _ => {
-                let mut m = merge(&classes);
+                let mut m = merge(classes);
                 m.effects = effects;
                 merged = m;
                 &merged
             }
         };
         let sql = first_sql.unwrap_or_else(|| Arc::from(""));
-        let ran = self
-            .run_routed(class, &sql, Work::Batch(&batch, &uses))
-            .await;
-        self.settle_statements(&batch, &uses);
+        let ran = self.run_routed(class, &sql, Work::Batch(batch, uses)).await;
+        self.settle_statements(batch, uses);
         ran
     }
 
@@ -600,12 +631,6 @@ impl Session {
         self.changes.clear();
         self.failed_messages = failed;
     }
-}
-
-fn frame_bytes(f: &Frame) -> BytesMut {
-    let mut b = BytesMut::with_capacity(f.body.len() + 5);
-    f.encode_into(&mut b);
-    b
 }
 
 /// The verdict for a batch: read-only only if every statement is.
