@@ -488,7 +488,8 @@ impl DbCatalog {
     }
 
     /// Whether a statement's facts are read-only: [`Self::judge`] without
-    /// the reasons, allocating nothing (it runs on every routed statement).
+    /// the reasons (it runs on every routed statement): allocates nothing
+    /// unless a name is missing from the catalog.
     pub fn read_only(&self, facts: &Facts) -> bool {
         let mut safe = true;
         self.visit(facts, &mut |v| {

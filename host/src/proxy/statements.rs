@@ -52,7 +52,11 @@ impl Prepared {
         Self {
             sql,
             text: Bytes::copy_from_slice(&text),
-            param_types: Bytes::copy_from_slice(&param_types),
+            param_types: match &param_types[..] {
+                // (No parameter types given: the common case.)
+                [0, 0] => Bytes::from_static(&[0, 0]),
+                types => Bytes::copy_from_slice(types),
+            },
             server_name,
             class,
         }

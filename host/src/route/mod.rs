@@ -33,10 +33,16 @@ pub struct Statement {
 }
 
 impl Statement {
-    /// Empty text, shared: for a statement slot that holds none.
-    pub fn no_sql() -> Arc<str> {
-        static EMPTY: std::sync::LazyLock<Arc<str>> = std::sync::LazyLock::new(|| Arc::from(""));
-        EMPTY.clone()
+    /// Let go of the text and the names (shared, empty ones instead): for
+    /// a statement slot kept between statements.
+    pub fn forget(&mut self) {
+        type Empty = (Arc<str>, Arc<[String]>, Arc<[(String, String)]>);
+        static EMPTY: std::sync::LazyLock<Empty> =
+            std::sync::LazyLock::new(|| (Arc::from(""), Arc::default(), Arc::default()));
+        self.sql = EMPTY.0.clone();
+        self.tables = EMPTY.1.clone();
+        self.functions = EMPTY.1.clone();
+        self.hints = EMPTY.2.clone();
     }
 
     pub fn new(kind: StatementKind, read_only: bool, sql: &str) -> Self {

@@ -12,7 +12,9 @@ use crate::cluster::pool::Lease;
 use crate::config::UntrackedState;
 use crate::proxy::message::{Kind, Message};
 use crate::proxy::relay::{self, LastTag, Outcome, RelayError, Step};
-use crate::proxy::statements::{failed_messages, is_server_name, translate_into, Translated, Uses};
+use crate::proxy::statements::{
+    failed_messages, is_server_name, translate_into, Prepared, Translated, Uses,
+};
 use crate::route::guardrails::Routed;
 use crate::route::{NodeId, RouteInput, Statement, Target, TxState};
 use crate::sql::classify::{Classified, SessionEffect};
@@ -30,29 +32,86 @@ pub(super) enum Work<'a> {
     Batch(&'a [Message], &'a Uses),
 }
 
-/// What an exchange writes and expects, kept by the session between
-/// statements: the common path then allocates nothing.
+/// The buffers a statement uses while it runs: lent by a per-thread pool
+/// and given back when it is done, so the common path allocates nothing
+/// and an idle session holds none of them.
 #[derive(Default)]
 pub(super) struct Scratch {
     translated: Translated,
     plan: VecDeque<Step>,
+    /// A batch's messages, the statement each names and the verdicts it
+    /// runs under (see `Session::run_batch`).
+    pub batch: Vec<Message>,
+    pub uses: Vec<Option<Arc<Prepared>>>,
+    pub classes: Vec<Arc<Classified>>,
+}
+
+/// Scratch buffers kept per thread: as many as statements ran at once on
+/// it, up to this.
+const POOLED: usize = 64;
+
+thread_local! {
+    static POOL: std::cell::RefCell<Vec<Scratch>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
 impl Scratch {
-    /// A large batch's buffer is not kept by an idle session.
-    fn keep_small(&mut self) {
-        const KEEP: usize = 16 << 10;
-        if self.translated.bytes.capacity() > KEEP {
-            self.translated.bytes = bytes::BytesMut::new();
-        }
-        if self.plan.capacity() > 256 {
-            self.plan = VecDeque::new();
-        }
+    /// Buffers from this thread's pool (or new ones).
+    pub(super) fn lend() -> Scratch {
+        POOL.try_with(|p| p.borrow_mut().pop())
+            .ok()
+            .flatten()
+            .unwrap_or_default()
+    }
+
+    /// An empty vector for a batch's messages, from the pool when it has one.
+    pub(super) fn batch_vec() -> Vec<Message> {
+        POOL.try_with(|p| {
+            p.borrow_mut()
+                .last_mut()
+                .map(|s| std::mem::take(&mut s.batch))
+        })
+        .ok()
+        .flatten()
+        .unwrap_or_default()
+    }
+
+    /// Back to the pool, emptied (nothing of the statement stays: its
+    /// messages hold the client's read buffer), unless it grew large.
+    pub(super) fn give_back(mut self) {
+        const LARGE: usize = 16 << 10;
+        const MANY: usize = 256;
         let t = &mut self.translated;
-        if t.owners.capacity() > 256 || t.slots.capacity() > 256 || t.plan.capacity() > 256 {
-            *t = Translated::default();
-        }
+        t.bytes.clear();
+        t.plan.clear();
         t.slots.clear();
+        t.owners.clear();
+        self.plan.clear();
+        self.batch.clear();
+        self.uses.clear();
+        self.classes.clear();
+        if t.bytes.capacity() > LARGE
+            || [
+                t.plan.capacity(),
+                self.plan.capacity(),
+                t.slots.capacity(),
+                t.owners.capacity(),
+            ]
+            .into_iter()
+            .chain([
+                self.batch.capacity(),
+                self.uses.capacity(),
+                self.classes.capacity(),
+            ])
+            .any(|c| c > MANY)
+        {
+            return;
+        }
+        let _ = POOL.try_with(|p| {
+            let mut p = p.borrow_mut();
+            if p.len() < POOLED {
+                p.push(self);
+            }
+        });
     }
 }
 
@@ -511,12 +570,11 @@ impl Session {
         sql: &Arc<str>,
         work: Work<'_>,
     ) -> Result<(), SessionError> {
-        let mut scratch = std::mem::take(&mut self.scratch);
+        let mut scratch = Scratch::lend();
         let ran = self
             .run_routed_with(class, judged, sql, work, &mut scratch)
             .await;
-        scratch.keep_small();
-        self.scratch = scratch;
+        scratch.give_back();
         ran
     }
 
@@ -540,7 +598,9 @@ impl Session {
             }
             let read_only = self.lease_is_read_only(judged);
             // A batch is rewritten for each connection it lands on.
-            let Scratch { translated, plan } = scratch;
+            let Scratch {
+                translated, plan, ..
+            } = scratch;
             plan.clear();
             let (bytes, slots, owners): (&[u8], &[Option<String>], &[u32]) = match work {
                 Work::Query(frame) => {

@@ -64,9 +64,6 @@ pub struct Session {
     /// The Parses of the batch in hand that fail, and how.
     refused: Vec<(usize, Refusal)>,
     batch: Vec<Message>,
-    /// The statement each message of the batch in hand names, and the
-    /// verdicts it runs under: vectors kept for the next batch.
-    batch_scratch: (Vec<Option<Arc<Prepared>>>, Vec<Arc<Classified>>),
     /// An error ended an exchange that had no Sync: the server now ignores
     /// every message up to the next Sync, and so does signalbox (no reply
     /// is owed for them).
@@ -102,8 +99,6 @@ pub struct Session {
     /// The policy-visible statement: one allocation per session, refilled
     /// for each statement routed.
     route_statement: Arc<crate::route::Statement>,
-    /// Buffers of the exchange in hand, kept for the next.
-    scratch: exchange::Scratch,
     /// Pool handles by node, looked up once per session.
     pools: Vec<Option<crate::cluster::pool::Pool>>,
     application_name: String,
@@ -211,7 +206,6 @@ impl Session {
             batch_answered: false,
             refused: Vec::new(),
             batch: Vec::new(),
-            batch_scratch: Default::default(),
             skipping: false,
             owes_ready: true,
             catalog_dirty: false,
@@ -225,7 +219,6 @@ impl Session {
             trace: false,
             untracked_state: false,
             route_session: Arc::default(),
-            scratch: exchange::Scratch::default(),
             route_statement: Arc::new(crate::route::Statement::new(
                 crate::route::StatementKind::Utility,
                 false,
@@ -332,8 +325,8 @@ impl Session {
                 // Every message read so far has been run or dropped.
                 self.client.release_held();
                 if let Some(slot) = Arc::get_mut(&mut self.route_statement) {
-                    // An idle session keeps no statement text alive.
-                    slot.sql = crate::route::Statement::no_sql();
+                    // An idle session keeps nothing of its last statement.
+                    slot.forget();
                 }
             }
             // What the held connection sent along with its last answer
@@ -416,9 +409,15 @@ impl Session {
                         .await;
                         return Ok(());
                     }
+                    if self.batch.capacity() == 0 {
+                        self.batch = exchange::Scratch::batch_vec();
+                    }
                     self.batch.push(msg);
                 }
                 Kind::Flush | Kind::Sync => {
+                    if self.batch.capacity() == 0 {
+                        self.batch = exchange::Scratch::batch_vec();
+                    }
                     self.batch.push(msg);
                     Box::pin(self.run_batch()).await?;
                 }
@@ -516,17 +515,16 @@ impl Session {
 
     /// Route and run the extended-protocol messages received up to Sync/Flush.
     async fn run_batch(&mut self) -> Result<(), SessionError> {
-        let mut batch = std::mem::take(&mut self.batch);
-        let (mut uses, mut classes) = std::mem::take(&mut self.batch_scratch);
-        let ran = self.run_batch_of(&mut batch, &mut uses, &mut classes).await;
-        // The vectors are kept for the next batch (not a long one's).
-        batch.clear();
-        uses.clear();
-        classes.clear();
-        if batch.capacity() <= 64 && uses.capacity() <= 64 && classes.capacity() <= 64 {
-            self.batch = batch;
-            self.batch_scratch = (uses, classes);
-        }
+        let mut scratch = exchange::Scratch::lend();
+        scratch.batch = std::mem::take(&mut self.batch);
+        let exchange::Scratch {
+            batch,
+            uses,
+            classes,
+            ..
+        } = &mut scratch;
+        let ran = self.run_batch_of(batch, uses, classes).await;
+        scratch.give_back();
         ran
     }
 
