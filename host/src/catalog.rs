@@ -504,13 +504,17 @@ impl DbCatalog {
         let missing = |what: std::fmt::Arguments<'_>, note: &mut dyn FnMut(&Verdict) -> bool| {
             note(&Verdict::unsafe_(format!("{what}: not in the catalog")))
         };
+        // A call or relation must be in the catalog, and every object it may
+        // mean safe.
+        let known = |map, name: &Name, note: &mut dyn FnMut(&Verdict) -> bool| {
+            let mut found = lookup(map, name).peekable();
+            match found.peek() {
+                None => missing(format_args!("{}", name.display()), note),
+                Some(_) => found.all(|(_, v)| note(v)),
+            }
+        };
         for f in &facts.calls {
-            let mut found = lookup(&self.functions, f).peekable();
-            if found.peek().is_none() {
-                if !missing(format_args!("{}", f.display()), note) {
-                    return;
-                }
-            } else if !found.all(|(_, v)| note(v)) {
+            if !known(&self.functions, f, note) {
                 return;
             }
         }
@@ -528,12 +532,7 @@ impl DbCatalog {
             }
         }
         for r in &facts.relations {
-            let mut found = lookup(&self.relations, r).peekable();
-            if found.peek().is_none() {
-                if !missing(format_args!("{}", r.display()), note) {
-                    return;
-                }
-            } else if !found.all(|(_, v)| note(v)) {
+            if !known(&self.relations, r, note) {
                 return;
             }
         }
