@@ -1,9 +1,12 @@
 #!/usr/bin/env bash
-# Heap allocations signalbox makes per transaction, counted with uprobes on
-# glibc's malloc, calloc and realloc (`perf probe`, needs root), under
-# `pgbench -S` in each protocol mode. With SITES=1 it also prints where
-# they are made (call stacks of one short run, grouped by the innermost
-# signalbox frame and the allocation size).
+# Heap allocations signalbox makes per transaction, counted with uprobes
+# (`perf probe`, needs root) on the allocator's entry points, under
+# `pgbench -S` in each protocol mode. A build with jemalloc (the default)
+# is probed in the binary itself (malloc, calloc, realloc and jemalloc's
+# mallocx/rallocx, which Rust uses for over-aligned memory); a build with the
+# system allocator (`--no-default-features`) in glibc. With SITES=1 it also
+# prints where they are made (call stacks of one short run, grouped by the
+# innermost signalbox frame and the allocation size).
 #
 #   bench/allocs.sh                            # this tree's release build
 #   BASELINE=/path/to/older/signalbox bench/allocs.sh   # and that binary
@@ -22,13 +25,33 @@ LIBC=$(ldconfig -p | awk '/libc\.so\.6 .*x86-64/ {print $NF; exit}')
 [ "$(id -u)" = 0 ] || { echo "bench/allocs.sh needs root (perf probe)" >&2; exit 1; }
 command -v perf >/dev/null || { echo "missing perf (apt-get install linux-perf)" >&2; exit 1; }
 cargo build -q --release -p signalbox
-for fn in malloc calloc realloc; do
-  perf probe -l 2>/dev/null | grep -q "probe_libc:$fn " ||
-    perf probe -q -x "$LIBC" -a "$fn size=%di:u64" 2>/dev/null ||
-    perf probe -q -x "$LIBC" -a "$fn" ||
-    { echo "cannot place a uprobe on $fn in $LIBC" >&2; exit 1; }
-done
-EVENTS=probe_libc:malloc,probe_libc:calloc,probe_libc:realloc
+
+place() { # place PREFIX FILE FUNCTION...: a uprobe on each, named allocs:PREFIX_FUNCTION
+  local prefix=$1 file=$2 fn arg
+  shift 2
+  for fn in "$@"; do
+    # Stale ones go first: they name offsets in a file that may have been rebuilt.
+    perf probe -q -d "allocs:${prefix}_$fn" >/dev/null 2>&1 || true
+    case $fn in malloc | mallocx) arg="size=%di:u64" ;; *) arg="size=%si:u64" ;; esac
+    perf probe -q -x "$file" -a "allocs:${prefix}_$fn=$fn $arg" 2>/dev/null ||
+      perf probe -q -x "$file" -a "allocs:${prefix}_$fn=$fn" ||
+      { echo "cannot place a uprobe on $fn in $file" >&2; exit 1; }
+  done
+}
+probes_for() { # probes_for PREFIX BINARY: place the probes, print the event list
+  local prefix=$1 bin=$2 fns
+  # (awk reads to the end: `grep -q` would stop nm with SIGPIPE under pipefail)
+  if nm -g --defined-only "$bin" 2>/dev/null | awk '$3 == "mallocx" { f = 1 } END { exit !f }'; then
+    fns="malloc calloc realloc mallocx rallocx"
+    place "$prefix" "$bin" $fns >&2
+  else
+    fns="malloc calloc realloc"
+    place "$prefix" "$LIBC" $fns >&2
+  fi
+  local events="" fn
+  for fn in $fns; do events="$events${events:+,}allocs:${prefix}_$fn"; done
+  echo "$events"
+}
 RUNNING=()
 stop() { # the demo (SIGINT: it removes its cluster) and its directory
   [ ${#RUNNING[@]} -eq 2 ] || return 0
@@ -37,10 +60,15 @@ stop() { # the demo (SIGINT: it removes its cluster) and its directory
   rm -rf "${RUNNING[1]}"
   RUNNING=()
 }
-trap stop EXIT
+unplace() {
+  stop
+  perf probe -q -d 'allocs:*' >/dev/null 2>&1 || true  # they name offsets of files that may change
+}
+trap unplace EXIT
 
 measure() { # measure LABEL BINARY
-  local label=$1 bin=$2 work sb p total
+  local label=$1 bin=$2 work sb p total events
+  events=$(probes_for "${label//-/_}" "$bin")
   work=$(mktemp -d /tmp/signalbox-allocs-XXXX)
   chmod 777 "$work"
   "$bin" demo --port "$PORT" --admin-port $((PORT + 1)) >"$work/demo.log" 2>&1 &
@@ -54,7 +82,7 @@ measure() { # measure LABEL BINARY
   for mode in $MODES; do
     # Warm: sessions, pools and the classifier's cache.
     pgbench -n -S -M "$mode" -c "$CLIENTS" -t 200 -h 127.0.0.1 -p "$PORT" -U postgres postgres >/dev/null 2>&1
-    perf stat -x, -e "$EVENTS" -p "$sb" -o "$work/stat" &
+    perf stat -x, -e "$events" -p "$sb" -o "$work/stat" &
     local st=$!
     sleep 0.5
     pgbench -n -S -M "$mode" -c "$CLIENTS" -t "$TRANSACTIONS" -h 127.0.0.1 -p "$PORT" -U postgres postgres >/dev/null 2>&1
@@ -62,16 +90,18 @@ measure() { # measure LABEL BINARY
     wait "$st" 2>/dev/null || true
     total=$((CLIENTS * TRANSACTIONS))
     awk -F, -v t="$total" -v l="$label" -v m="$mode" '
-      /probe_libc/ { n[$3] += $1; sum += $1 }
-      END { printf "%-16s %-9s %8.2f  (malloc %.2f, calloc %.2f, realloc %.2f)\n", l, m, sum / t,
-            n["probe_libc:malloc"] / t, n["probe_libc:calloc"] / t, n["probe_libc:realloc"] / t }' "$work/stat"
+      $3 ~ /^allocs:/ { fn = $3; sub(/.*_/, "", fn); n[fn] += $1; sum += $1 }
+      END { printf "%-16s %-9s %8.2f  (malloc %.2f, calloc %.2f, realloc %.2f", l, m, sum / t,
+            n["malloc"] / t, n["calloc"] / t, n["realloc"] / t
+            if ("mallocx" in n) printf ", mallocx %.2f, rallocx %.2f", n["mallocx"] / t, n["rallocx"] / t
+            printf ")\n" }' "$work/stat"
   done
   if [ -n "${SITES:-}" ]; then
     local mode=${MODES%% *}
     pgbench -n -S -M "$mode" -c "$CLIENTS" -T 6 -h 127.0.0.1 -p "$PORT" -U postgres postgres >/dev/null 2>&1 &
     local pg=$!
     sleep 1
-    timeout -s INT 2 perf record -q -e "$EVENTS" --call-graph dwarf,8192 -p "$sb" -o "$work/perf.data" >/dev/null 2>&1 || true
+    timeout -s INT 2 perf record -q -e "$events" --call-graph dwarf,8192 -p "$sb" -o "$work/perf.data" >/dev/null 2>&1 || true
     wait "$pg" || true
     perf script -i "$work/perf.data" -F event,trace,ip,sym 2>/dev/null | python3 -c '
 import collections, re, sys

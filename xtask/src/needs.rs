@@ -51,6 +51,14 @@ const WASM_TARGET: &str = "wasm32-unknown-unknown";
 /// In install order: the tools a later check or fix relies on come first.
 const NEEDS: &[Need] = &[
     Need {
+        what: "a C compiler and make",
+        why:
+            "libpg_query (the SQL classifier) and jemalloc (the allocator) are built from C sources",
+        demo: true,
+        present: |_| runs("cc", &["--version"]) && runs("make", &["--version"]),
+        fix: Fix::Apt(&["gcc", "make"]),
+    },
+    Need {
         what: "libclang",
         why: "the SQL classifier's build (pg_query) generates its bindings with libclang",
         demo: true,
