@@ -1768,6 +1768,103 @@ async fn slow_cancel_relay(target: u16, delay: Duration) -> u16 {
     port
 }
 
+/// A relay to `target` that drops every connection it carries, with no
+/// word to either side, each time the returned sender is bumped (it keeps
+/// accepting new ones): a server connection lost without a FATAL, as when
+/// a network path or a server process dies.
+async fn cutting_relay(target: u16) -> (u16, tokio::sync::watch::Sender<u32>) {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("relay listens");
+    let port = listener.local_addr().expect("relay address").port();
+    listener
+        .set_nonblocking(true)
+        .expect("nonblocking listener");
+    let (cut, cuts) = tokio::sync::watch::channel(0u32);
+    // On a runtime of its own: nothing the test's runtime does delays a cut.
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("relay runtime");
+    std::thread::spawn(move || {
+        runtime.block_on(async move {
+            let listener = tokio::net::TcpListener::from_std(listener).expect("relay listener");
+            while let Ok((mut client, _)) = listener.accept().await {
+                let mut cuts = cuts.clone();
+                cuts.mark_unchanged();
+                tokio::spawn(async move {
+                    let Ok(mut server) =
+                        tokio::net::TcpStream::connect(("127.0.0.1", target)).await
+                    else {
+                        return;
+                    };
+                    tokio::select! {
+                        _ = tokio::io::copy_bidirectional(&mut client, &mut server) => {}
+                        _ = cuts.changed() => {}
+                    }
+                });
+            }
+        })
+    });
+    (port, cut)
+}
+
+/// A server connection lost part-way through a batch: the client is told
+/// (`08006`) and goes on, and the statements the server prepared before
+/// the loss, whose ParseComplete the client received, still exist for it
+/// (signalbox prepares them again on the next connection). A Parse the
+/// server never answered did not happen.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn statements_answered_before_a_lost_connection_still_exist() {
+    let (relay, cut) = cutting_relay(cluster().primary.port).await;
+    let server = one_connection_to(relay, "").await;
+    let mut c = Raw::connect(server.addr.port(), "postgres", "postgres").await;
+    // (The server holds its answers back until a Sync or Flush, or until
+    // its send buffer fills: the second statement's first row, larger than
+    // the buffer, pushes out what came before it, then the statement
+    // sleeps while its second row is made.)
+    let mut bytes = raw::parse("kept", "SELECT 'kept'");
+    bytes.extend(raw::bind("", "kept"));
+    bytes.extend(raw::execute("", 0));
+    bytes.extend(raw::parse(
+        "",
+        "SELECT repeat('x', 100000) UNION ALL SELECT pg_sleep(5)::text",
+    ));
+    bytes.extend(raw::bind("", ""));
+    bytes.extend(raw::execute("", 0));
+    bytes.extend(raw::parse("never", "SELECT 'never answered'"));
+    bytes.extend(raw::sync());
+    c.send(&bytes).await;
+    let mut got = Vec::new();
+    for _ in 0..6 {
+        got.push(c.next().await);
+    }
+    assert_eq!(tags(&got), "12DC12", "{got:?}");
+    cut.send_modify(|n| *n += 1);
+    let rest = c.until_ready().await;
+    assert_eq!(tags(&rest), "EZ", "{rest:?}");
+    assert_eq!(sqlstate(&rest[0].1), "08006", "{rest:?}");
+    assert_eq!(rest[1].1, b"I");
+
+    // The statement the client was told is prepared runs, on a new
+    // server connection.
+    let mut bytes = raw::bind("", "kept");
+    bytes.extend(raw::execute("", 0));
+    bytes.extend(raw::sync());
+    c.send(&bytes).await;
+    let after = c.until_ready().await;
+    assert_eq!(tags(&after), "2DCZ", "{after:?}");
+    assert_eq!(data_row(&after[1].1), vec![Some("kept".to_owned())]);
+
+    // The Parse the server never answered left no statement behind.
+    let mut bytes = raw::parse("never", "SELECT 'parsed again'");
+    bytes.extend(raw::bind("", "never"));
+    bytes.extend(raw::execute("", 0));
+    bytes.extend(raw::sync());
+    c.send(&bytes).await;
+    let again = c.until_ready().await;
+    assert_eq!(tags(&again), "12DCZ", "{again:?}");
+    assert_eq!(data_row(&again[2].1), vec![Some("parsed again".to_owned())]);
+}
+
 /// A cancel that reaches the server late stops nothing but the statement
 /// of the client that asked: the connection it was aimed at serves no other
 /// client until the server has taken it. (A relay holds cancel requests

@@ -475,17 +475,19 @@ const HOLD: std::time::Duration = std::time::Duration::from_millis(20);
 /// answer is left in the client buffer: the caller returns the server
 /// connection first (a client slow to read holds only itself up), unless
 /// it must act first (`defer_ready`) or run a refused read elsewhere.
+/// `outcome` gathers what the answers showed, also when the connection is
+/// lost part-way (`plan` then starts at the first step left unanswered).
 pub async fn relay(
     conn: &mut BackendConn,
     client: &mut ClientIo,
     plan: &mut VecDeque<Step>,
     mut hold: bool,
-) -> Result<Outcome, RelayError> {
-    let mut outcome = Outcome::default();
+    outcome: &mut Outcome,
+) -> Result<(), RelayError> {
     loop {
         emit_synthetic(plan, &mut client.out);
         if plan.is_empty() {
-            return Ok(outcome);
+            return Ok(());
         }
         while let Some(frame) = conn.take_frame().map_err(RelayError::Backend)? {
             if frame.tag == b'E' && wire::is_fatal(&frame.body) {
@@ -494,7 +496,7 @@ pub async fn relay(
             }
             emit_synthetic(plan, &mut client.out);
             let alias = client.pid_alias;
-            let copy_in = handle(&frame, plan, &mut outcome, &mut client.out, alias);
+            let copy_in = handle(&frame, plan, outcome, &mut client.out, alias);
             if copy_in {
                 // An extended-protocol COPY (its Execute still first, then
                 // the batch's Sync): the server ignores that Sync while it
@@ -506,7 +508,7 @@ pub async fn relay(
                 pump_copy_in(conn, client, sync_swallowed).await?;
             }
             if plan.is_empty() {
-                return Ok(outcome);
+                return Ok(());
             }
             if client.out.len() > 64 * 1024 {
                 client.flush_holding().await.map_err(RelayError::Client)?;

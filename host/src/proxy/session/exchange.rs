@@ -798,12 +798,20 @@ impl Session {
                     flushed.map_err(SessionError::Client)?;
                     return Ok(());
                 }
-                Err(e) if hold && !self.client.progressed_since(mark) => {
+                Err((e, _)) if hold && !self.client.progressed_since(mark) => {
                     // Held-back partial answers are dropped with the attempt.
                     self.client.out.clear();
                     tracing::debug!(error = ?e, "read retried on a fresh connection");
                 }
-                Err(e) => {
+                Err((e, so_far)) => {
+                    // What the server answered before the loss reaches the
+                    // client (flushed with the error): the statements it
+                    // prepared or closed stand, as the client was told; the
+                    // first unanswered message failed, the rest were skipped.
+                    let mut errors_left = so_far.errors_left;
+                    errors_left.push(plan.len());
+                    self.failed_messages = failed_messages(owners, plan_len, &errors_left);
+                    self.batch_answered = true;
                     // The connection died after the work was sent: it may
                     // have committed (a COMMIT answered, then a FATAL).
                     if let (true, Some(node)) = (ryw && (self.tx_wrote || writes), failed_node) {
@@ -887,18 +895,20 @@ impl Session {
 
     /// Send `bytes` on the leased connection and relay the answers. A failed
     /// node connection is discarded and returned as the inner error, for the
-    /// caller to retry or report.
+    /// caller to retry or report, with what the answers before the loss
+    /// showed (`plan` then starts at the first step left unanswered).
     pub(super) async fn exchange(
         &mut self,
         bytes: &[u8],
         plan: &mut VecDeque<Step>,
         hold: bool,
-    ) -> Result<Result<Outcome, Lost>, SessionError> {
+    ) -> Result<Result<Outcome, (Lost, Outcome)>, SessionError> {
         let started = Instant::now();
         let lease = self.lease.as_mut().expect("exchange needs a lease");
         let conn = lease.conn();
+        let mut outcome = Outcome::default();
         let result = match conn.send_batch(bytes).await {
-            Ok(()) => relay::relay(conn, &mut self.client, plan, hold).await,
+            Ok(()) => relay::relay(conn, &mut self.client, plan, hold, &mut outcome).await,
             Err(e) => Err(RelayError::Backend(e)),
         };
         if let Some(l) = self.lease.as_ref() {
@@ -907,14 +917,14 @@ impl Session {
                 .observe_latency(l.node(), started.elapsed());
         }
         match result {
-            Ok(o) => Ok(Ok(o)),
+            Ok(()) => Ok(Ok(outcome)),
             Err(RelayError::Backend(e)) => {
                 self.release(true);
-                Ok(Err(Lost::Io(e)))
+                Ok(Err((Lost::Io(e), outcome)))
             }
             Err(RelayError::Terminated(frame)) => {
                 self.release(true);
-                Ok(Err(Lost::Fatal(frame)))
+                Ok(Err((Lost::Fatal(frame), outcome)))
             }
             Err(e) => Err(e.into()),
         }

@@ -621,7 +621,8 @@ impl Session {
 
     /// The client's statements after a batch ran: what the server skipped
     /// or refused (`failed_messages`) did not happen, and nothing did if
-    /// no answer came (no node, the policy refused, the connection lost).
+    /// no answer came (no node, the policy refused). A connection lost
+    /// part-way leaves what was answered before the loss.
     fn settle_statements(&mut self, batch: &[Message], uses: &Uses) {
         let failed = std::mem::take(&mut self.failed_messages);
         let ran = self.batch_answered.then_some(&failed[..]);
