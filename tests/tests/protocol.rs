@@ -1839,10 +1839,15 @@ async fn statements_answered_before_a_lost_connection_still_exist() {
     }
     assert_eq!(tags(&got), "12DC12", "{got:?}");
     cut.send_modify(|n| *n += 1);
+    // (A server that sends a row larger than its buffer in one piece, as
+    // PostgreSQL 17 does, lets that row through before the cut.)
     let rest = c.until_ready().await;
-    assert_eq!(tags(&rest), "EZ", "{rest:?}");
-    assert_eq!(sqlstate(&rest[0].1), "08006", "{rest:?}");
-    assert_eq!(rest[1].1, b"I");
+    assert_eq!(tags(&rest).trim_start_matches('D'), "EZ", "{rest:?}");
+    let [.., e, z] = &rest[..] else {
+        unreachable!()
+    };
+    assert_eq!(sqlstate(&e.1), "08006", "{rest:?}");
+    assert_eq!(z.1, b"I");
 
     // The statement the client was told is prepared runs, on a new
     // server connection.
@@ -1863,6 +1868,45 @@ async fn statements_answered_before_a_lost_connection_still_exist() {
     let again = c.until_ready().await;
     assert_eq!(tags(&again), "12DCZ", "{again:?}");
     assert_eq!(data_row(&again[2].1), vec![Some("parsed again".to_owned())]);
+}
+
+/// A Flush-ended batch whose last messages signalbox answers itself (a
+/// Close of a named statement, a Parse the connection already has) gets
+/// those answers at once, inside a transaction too, where nothing is held
+/// back: the server owes nothing more, so nothing may wait for it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn answers_signalbox_makes_at_the_end_of_a_flushed_batch_are_sent() {
+    let server = start(POOL1).await;
+    let mut c = Raw::connect(server.addr.port(), "postgres", "postgres").await;
+    assert_eq!(tags(&c.simple("BEGIN").await), "CZ");
+    let mut bytes = raw::parse("s1", "SELECT 'closed after use'");
+    bytes.extend(raw::sync());
+    c.send(&bytes).await;
+    assert_eq!(tags(&c.until_ready().await), "1Z");
+    // Run it, close it, and ask for the answers so far.
+    let mut bytes = raw::bind("", "s1");
+    bytes.extend(raw::execute("", 0));
+    bytes.extend(raw::close_statement("s1"));
+    bytes.extend(raw::flush());
+    c.send(&bytes).await;
+    let mut got = Vec::new();
+    for _ in 0..4 {
+        match c.try_next().await {
+            Some(m) => got.push(m),
+            None => panic!("no answer within 10 s after {got:?}"),
+        }
+    }
+    assert_eq!(tags(&got), "2DC3", "{got:?}");
+    // Prepared again (the connection still has it), then Flush.
+    let mut bytes = raw::parse("s2", "SELECT 'closed after use'");
+    bytes.extend(raw::flush());
+    c.send(&bytes).await;
+    let m = c.try_next().await;
+    assert_eq!(m.as_ref().map(|m| m.0), Some(b'1'), "{m:?}");
+    c.send(&raw::sync()).await;
+    let z = c.until_ready().await;
+    assert_eq!((tags(&z).as_str(), z[0].1.as_slice()), ("Z", &b"T"[..]));
+    assert_eq!(tags(&c.simple("COMMIT").await), "CZ");
 }
 
 /// A cancel that reaches the server late stops nothing but the statement

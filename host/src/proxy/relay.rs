@@ -494,9 +494,12 @@ pub async fn relay(
                 conn.mark_broken();
                 return Err(RelayError::Terminated(frame));
             }
-            emit_synthetic(plan, &mut client.out);
             let alias = client.pid_alias;
             let copy_in = handle(&frame, plan, outcome, &mut client.out, alias);
+            // What signalbox answers itself next (a Close or a Parse) goes
+            // out now, not when the server speaks again: at the end of a
+            // Flush-ended batch the server owes nothing more.
+            emit_synthetic(plan, &mut client.out);
             if copy_in {
                 // An extended-protocol COPY (its Execute still first, then
                 // the batch's Sync): the server ignores that Sync while it
