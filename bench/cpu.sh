@@ -29,10 +29,15 @@
 #   MODES="select-simple tpcb-simple" bench/cpu.sh
 #   BASELINE=/path/to/older/signalbox bench/cpu.sh   # adds `signalbox-base`:
 #                                     # that binary with the demo's config
+#   BASELINE_POLICY=old.wasm bench/cpu.sh   # `signalbox-base` runs this policy
+#                                     # (with BASELINE's binary, or this one)
 #   TARGETS="direct signalbox signalbox-base pgbouncer" SKIP_IDLE=1 bench/cpu.sh
 #   MODES= bench/cpu.sh               # idle and connect cycles only
 set -euo pipefail
+# A policy build to compare with the demo's: the baseline runs it.
+BASELINE_POLICY=${BASELINE_POLICY:+$(realpath -e "$BASELINE_POLICY")}
 source "$(dirname "$0")/setup.sh"
+[ -n "${BASELINE_POLICY:-}" ] && BASELINE=${BASELINE:-./target/release/signalbox}
 MODES=${MODES-select-simple select-extended select-prepared tpcb-simple}
 IDLE_SECONDS=${IDLE_SECONDS:-10}
 TCK=$(getconf CLK_TCK)
@@ -132,6 +137,7 @@ BASE_PORT=$((SB_PORT + 40))
 if [ -n "${BASELINE:-}" ]; then
   sed -E -e "s/^listen = .*/listen = \"127.0.0.1:$BASE_PORT\"/" \
     -e "s/^admin_listen = .*/admin_listen = \"127.0.0.1:$((BASE_PORT + 1))\"/" \
+    ${BASELINE_POLICY:+-e "/^\[policy\]$/,/^\[/s|^path = .*|path = \"$BASELINE_POLICY\"|"} \
     "$CLUSTER_DIR/signalbox.toml" >"$WORK/base.toml"
   "$BASELINE" serve --config "$WORK/base.toml" >"$WORK/base.log" 2>&1 &
   BASE_PID=$!

@@ -27,7 +27,8 @@ use bindings::signalbox::policy::types as wit;
 thread_local! {
     static POLICY: RefCell<Option<Box<dyn Policy>>> = const { RefCell::new(None) };
     /// Static node descriptions, refetched only when the cluster generation moves.
-    static NODES: RefCell<(u64, Vec<Rc<NodeInfo>>)> = const { RefCell::new((u64::MAX, Vec::new())) };
+    /// Each with the hash of its name (see `Backend::name_hash`).
+    static NODES: RefCell<(u64, Vec<(Rc<NodeInfo>, u64)>)> = const { RefCell::new((u64::MAX, Vec::new())) };
 }
 
 pub(crate) fn log(level: Level, message: &str) {
@@ -110,7 +111,9 @@ fn kind_from(kind: wit::StatementKind) -> StatementKind {
     }
 }
 
-fn nodes() -> Vec<Rc<NodeInfo>> {
+/// `f` of the static node descriptions, refetched only when the cluster
+/// generation moved (borrowed: a policy call copies none of them).
+fn with_nodes<T>(f: impl FnOnce(&[(Rc<NodeInfo>, u64)]) -> T) -> T {
     let generation = host::cluster_generation();
     NODES.with(|cache| {
         let mut cache = cache.borrow_mut();
@@ -118,17 +121,19 @@ fn nodes() -> Vec<Rc<NodeInfo>> {
             let fresh = host::nodes()
                 .into_iter()
                 .map(|n| {
-                    Rc::new(NodeInfo {
+                    let hash = crate::select::stable_hash(n.name.as_bytes());
+                    let info = NodeInfo {
                         id: n.id,
                         name: n.name,
                         weight: n.weight,
                         tags: n.tags,
-                    })
+                    };
+                    (Rc::new(info), hash)
                 })
                 .collect();
             *cache = (generation, fresh);
         }
-        cache.1.clone()
+        f(&cache.1)
     })
 }
 
@@ -165,9 +170,12 @@ pub(crate) mod fetch {
     }
 
     pub(crate) fn backends() -> Vec<Backend> {
-        use crate::packed;
-        let nodes = nodes();
         let words = host::backend_states();
+        with_nodes(|nodes| decode(&words, nodes))
+    }
+
+    fn decode(words: &[u64], nodes: &[(Rc<NodeInfo>, u64)]) -> Vec<Backend> {
+        use crate::packed;
         words
             .chunks_exact(packed::WORDS)
             .map(|w| {
@@ -175,17 +183,18 @@ pub(crate) mod fetch {
                 chunk.copy_from_slice(w);
                 let s = packed::decode(&chunk);
                 // Nodes come in id order: the id is the index when it fits.
-                let info = nodes
+                let (info, name_hash) = nodes
                     .get(s.id as usize)
-                    .filter(|n| n.id == s.id)
-                    .or_else(|| nodes.iter().find(|n| n.id == s.id))
+                    .filter(|n| n.0.id == s.id)
+                    .or_else(|| nodes.iter().find(|n| n.0.id == s.id))
                     .cloned()
                     .unwrap_or_else(|| {
-                        Rc::new(NodeInfo {
+                        let info = NodeInfo {
                             id: s.id,
                             weight: 1,
                             ..NodeInfo::default()
-                        })
+                        };
+                        (Rc::new(info), crate::select::stable_hash(b""))
                     });
                 Backend {
                     id: s.id,
@@ -198,6 +207,7 @@ pub(crate) mod fetch {
                     idle: s.idle,
                     latency_us: s.latency_us,
                     info,
+                    name_hash,
                 }
             })
             .collect()

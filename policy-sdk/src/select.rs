@@ -77,11 +77,7 @@ pub trait BackendIterExt<'a>: Iterator<Item = &'a Backend> + Sized {
     /// long as that node is a candidate, and removing a node only moves the keys
     /// that were on it. Weights are honoured.
     fn consistent_hash(self, key: &str) -> Option<&'a Backend> {
-        let key_hash = stable_hash(key.as_bytes());
-        self.filter(|b| b.weight() > 0)
-            .map(|b| (rendezvous_score(key_hash, b), b))
-            .max_by(|(x, _), (y, _)| x.total_cmp(y))
-            .map(|(_, b)| b)
+        rendezvous(self, stable_hash(key.as_bytes()))
     }
 
     /// Session affinity: the node this client session keeps using while
@@ -90,21 +86,78 @@ pub trait BackendIterExt<'a>: Iterator<Item = &'a Backend> + Sized {
     /// Each client then reuses the same warm server connections and
     /// caches instead of rotating over every node.
     fn sticky(self, session: &crate::Session) -> Option<&'a Backend> {
-        let key_hash = mix(session.id ^ 0x5bd1_e995_0000_0000);
-        self.filter(|b| b.weight() > 0)
-            .map(|b| (rendezvous_score(key_hash, b), b))
-            .max_by(|(x, _), (y, _)| x.total_cmp(y))
-            .map(|(_, b)| b)
+        rendezvous(self, mix(session.id ^ 0x5bd1_e995_0000_0000))
     }
 }
 
 impl<'a, I: Iterator<Item = &'a Backend>> BackendIterExt<'a> for I {}
 
-fn rendezvous_score(key_hash: u64, backend: &Backend) -> f64 {
-    let h = mix(key_hash ^ stable_hash(backend.name().as_bytes()));
-    // Map to (0, 1) and apply weighted rendezvous: score = -w / ln(u).
-    let unit = ((h >> 11) as f64 + 0.5) / (1u64 << 53) as f64;
-    -f64::from(backend.weight()) / unit.ln()
+/// The candidate with the highest weighted rendezvous score for `key_hash`
+/// (on a tie, the later one).
+fn rendezvous<'a>(
+    candidates: impl Iterator<Item = &'a Backend>,
+    key_hash: u64,
+) -> Option<&'a Backend> {
+    let mut best: Option<(Draw, &'a Backend)> = None;
+    for b in candidates.filter(|b| b.weight() > 0) {
+        let mut draw = Draw::new(key_hash, b);
+        let wins = match best.as_mut() {
+            None => true,
+            Some((top, _)) => draw.cmp(top) != std::cmp::Ordering::Less,
+        };
+        if wins {
+            best = Some((draw, b));
+        }
+    }
+    best.map(|(_, b)| b)
+}
+
+/// A node's draw for one key: a point `unit` in (0, 1) and the node's weight.
+/// Its weighted rendezvous score is `-weight / ln(unit)`.
+struct Draw {
+    unit: f64,
+    weight: u32,
+    score: Option<f64>,
+}
+
+impl Draw {
+    fn new(key_hash: u64, backend: &Backend) -> Self {
+        let h = mix(key_hash ^ backend.name_hash);
+        Self {
+            unit: ((h >> 11) as f64 + 0.5) / (1u64 << 53) as f64,
+            weight: backend.weight(),
+            score: None,
+        }
+    }
+
+    /// Order by score. The score grows with `unit` for a given weight, so
+    /// draws of equal weight (the common case) compare their points: the
+    /// logarithm, which a policy pays in software in wasm, is taken only
+    /// between different weights, and at most once per draw.
+    fn cmp(&mut self, other: &mut Self) -> std::cmp::Ordering {
+        if self.weight == other.weight {
+            self.point().total_cmp(&other.point())
+        } else {
+            self.score().total_cmp(&other.score())
+        }
+    }
+
+    /// `unit`, ordered as the score orders it: a point rounded up to 1.0
+    /// scores `-w / 0 = -inf`, the lowest.
+    fn point(&self) -> f64 {
+        if self.unit < 1.0 {
+            self.unit
+        } else {
+            f64::NEG_INFINITY
+        }
+    }
+
+    fn score(&mut self) -> f64 {
+        let (weight, unit) = (self.weight, self.unit);
+        *self
+            .score
+            .get_or_insert_with(|| -f64::from(weight) / unit.ln())
+    }
 }
 
 /// A stable 64-bit hash (FNV-1a, finalised), identical natively and in wasm and
@@ -210,6 +263,75 @@ mod tests {
                 assert_ne!(now, 2);
             }
         }
+    }
+
+    /// The placement rule as first released, written out on its own: the
+    /// node with the highest `-w / ln(u)`, the later one on a tie.
+    fn reference(nodes: &Backends, key_hash: u64) -> Option<u32> {
+        nodes
+            .iter()
+            .filter(|b| b.weight() > 0)
+            .map(|b| {
+                let h = mix(key_hash ^ stable_hash(b.name().as_bytes()));
+                let unit = ((h >> 11) as f64 + 0.5) / (1u64 << 53) as f64;
+                (-f64::from(b.weight()) / unit.ln(), b.id)
+            })
+            .max_by(|x, y| x.0.total_cmp(&y.0))
+            .map(|(_, id)| id)
+    }
+
+    #[test]
+    fn placement_is_the_highest_weighted_score() {
+        // Equal weights skip the logarithm; the pick must still be the one
+        // the score names, with equal and with mixed weights.
+        for weights in [[1, 1, 1, 1], [2, 2, 2, 2], [1, 3, 1, 2], [5, 1, 1, 5]] {
+            let b = Backends::new(
+                (1..=4)
+                    .map(|i| {
+                        Backend::replica(i, &format!("r{i}")).with_weight(weights[i as usize - 1])
+                    })
+                    .collect(),
+            );
+            for k in 0..2000u64 {
+                let key = mix(k);
+                let pick = rendezvous(b.iter(), key).map(|n| n.id);
+                assert_eq!(pick, reference(&b, key), "{weights:?} {k}");
+            }
+        }
+        // A session whose draw on replica-1 rounds up to exactly 1.0: its
+        // score is -inf, so replica-2 wins although its point is lower.
+        let b = crate::testing::cluster();
+        let id = 7_083_681_630_133_794_235;
+        let pick = b.healthy_replicas().sticky(&crate::Session::new(id));
+        assert_eq!(pick.map(|n| n.id), Some(2));
+        assert_eq!(reference(&b, mix(id ^ 0x5bd1_e995_0000_0000)), Some(2));
+    }
+
+    /// Computed by the release before equal weights skipped the logarithm.
+    const PINNED_KEYS: [u32; 12] = [2, 2, 1, 2, 2, 2, 2, 1, 2, 2, 1, 2];
+    const PINNED_SESSIONS: [u32; 12] = [1, 2, 1, 2, 1, 1, 1, 2, 1, 2, 2, 2];
+
+    #[test]
+    fn placements_are_pinned() {
+        // Where keys and sessions land on the testing cluster. A change here
+        // moves tenants and sessions between replicas on upgrade.
+        let b = crate::testing::cluster();
+        let keys: Vec<u32> = (0..12)
+            .map(|i| {
+                b.healthy_replicas()
+                    .consistent_hash(&format!("tenant-{i}"))
+                    .map_or(0, |n| n.id)
+            })
+            .collect();
+        let sessions: Vec<u32> = (1..=12)
+            .map(|id| {
+                b.healthy_replicas()
+                    .sticky(&crate::Session::new(id))
+                    .map_or(0, |n| n.id)
+            })
+            .collect();
+        assert_eq!(keys, PINNED_KEYS);
+        assert_eq!(sessions, PINNED_SESSIONS);
     }
 
     #[test]

@@ -340,6 +340,9 @@ pub struct Backend {
     pub idle: u32,
     pub latency_us: u32,
     pub(crate) info: Rc<NodeInfo>,
+    /// [`crate::select::stable_hash`] of the name, which the hashing
+    /// helpers mix per call: computed once per node, not per statement.
+    pub(crate) name_hash: u64,
 }
 
 impl Backend {
@@ -360,6 +363,7 @@ impl Backend {
                 weight: 1,
                 tags: Vec::new(),
             }),
+            name_hash: crate::select::stable_hash(name.as_bytes()),
         }
     }
 

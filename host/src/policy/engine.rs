@@ -61,6 +61,10 @@ fn build(kind: EngineKind) -> Result<Engine, wasmtime::Error> {
     let mut config = Config::new();
     config.wasm_component_model(true);
     config.epoch_interruption(true);
+    // Names guest functions for `perf` (writes /tmp/perf-PID.map).
+    if std::env::var_os("SIGNALBOX_PERF_MAP").is_some() {
+        config.profiler(wasmtime::ProfilingStrategy::PerfMap);
+    }
     match kind {
         EngineKind::Service => {
             let mut pool = PoolingAllocationConfig::default();

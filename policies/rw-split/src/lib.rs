@@ -55,30 +55,32 @@ impl Policy for RwSplit {
         if stmt.hint("route") == Some("primary") {
             return Decision::primary().because("hint");
         }
-        let pool: Vec<&Backend> = backends
-            .iter()
-            .filter(|b| b.healthy)
-            .filter(|b| match b.role {
-                Role::Replica => {
-                    self.config.read.is_empty() || self.config.read.iter().any(|n| n == b.name())
+        let readable = |b: &&Backend| {
+            b.healthy
+                && match b.role {
+                    Role::Replica => {
+                        self.config.read.is_empty()
+                            || self.config.read.iter().any(|n| n == b.name())
+                    }
+                    Role::Primary => self.config.primary_reads,
+                    Role::Unknown => false,
                 }
-                Role::Primary => self.config.primary_reads,
-                Role::Unknown => false,
-            })
-            .collect();
-        if pool.is_empty() {
-            return Decision::primary().because("no replica");
-        }
+        };
+        let pool = || backends.iter().filter(readable);
         let pick = match self.config.spread {
-            Spread::Session => match pool.iter().copied().sticky(session) {
-                Some(b) => b,
-                None => pool[0],
-            },
+            // `sticky` skips nodes of weight 0; with only those, the first readable one.
+            Spread::Session => pool().sticky(session).or_else(|| pool().next()),
             Spread::Statement => {
-                let pick = pool[self.next % pool.len()];
-                self.next = self.next.wrapping_add(1);
+                let count = pool().count();
+                let pick = pool().nth(self.next % count.max(1));
+                if pick.is_some() {
+                    self.next = self.next.wrapping_add(1);
+                }
                 pick
             }
+        };
+        let Some(pick) = pick else {
+            return Decision::primary().because("no replica");
         };
         match pick.role {
             Role::Primary => Decision::primary().because("read"),
